@@ -1,0 +1,112 @@
+"""``lmselect`` command line: one verb per pipeline stage.
+
+Each verb lives in its own module, which defines::
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None: ...
+    def run(args: argparse.Namespace) -> int | None: ...
+
+Modules are imported lazily so ``lmselect --help`` stays fast. Errors derived from ``LmselectError`` (and config
+errors) are printed as one line, ``lmselect: error: ...``, with exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Sequence
+
+# verb -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("lmselect.data.prepare", "tokenize and pack a corpus into a sharded token pool"),
+    "train": ("lmselect.train.cli", "pretrain a model preset on a pool, shard or selection"),
+    "score": ("lmselect.score", "score every sequence of a pool (or a .jsonl file) with a score model"),
+    "select": ("lmselect.select.cli", "pick the top fraction (or Gumbel-top-k) of scored sequences"),
+    "run": ("lmselect.pipeline", "run a multi-round data-selection recipe (resumable)"),
+    "demo": ("lmselect.pipeline_demo", "run the bundled demo recipe end to end"),
+    "compare": ("lmselect.compare", "run several methods on one recipe and seeds, tabulate and plot"),
+    "eval": ("lmselect.eval.cli", "zero-shot downstream evaluation with lm-evaluation-harness"),
+    "report": ("lmselect.report", "write report.html and figures for a run directory"),
+    "inspect": ("lmselect.inspect", "summarise a pool or run directory: manifest, samples, lineage"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmselect",
+        description="Choose which data a language model is pretrained on (BLISS, BLADE, RHO-1, MATES, random).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for verb, (_, help_) in COMMANDS.items():
+        sub.add_parser(verb, help=help_, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    from lmselect import __version__
+
+    return __version__
+
+
+def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
+    mod_name, help_ = COMMANDS[verb]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lmselect"):
+            raise SystemExit(f"lmselect: error: the '{verb}' command is not available in this build ({e.name})")
+        raise
+    p = argparse.ArgumentParser(prog=f"lmselect {verb}", description=(mod.__doc__ or help_).strip().split("\n\n")[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on error")
+    mod.add_arguments(p)
+    return p, mod
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    # find the verb: first non-option argument
+    verb_idx = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if verb_idx is None or argv[verb_idx] not in COMMANDS:
+        if verb_idx is not None:
+            top.error(f"unknown command '{argv[verb_idx]}' (choose from {', '.join(COMMANDS)})")
+        top.parse_args(argv)
+        top.print_help()
+        return 0
+    debug = "--debug" in argv[:verb_idx]
+    verb = argv[verb_idx]
+    parser, mod = _verb_parser(verb)
+    args, rest = parser.parse_known_args(argv[verb_idx + 1 :])
+    # --key.sub=value overrides pass through to config loading; anything else unknown is an error
+    bad = [a for a in rest if not (a.startswith("--") and ("." in a.split("=")[0] or "=" in a))]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = rest
+    debug = debug or getattr(args, "debug", False) or os.environ.get("LMSELECT_DEBUG") == "1"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from lmselect.artifacts import LmselectError
+    from lmselect.config import ConfigError
+
+    try:
+        rc = mod.run(args)  # type: ignore[attr-defined]
+    except (LmselectError, ConfigError) as e:
+        if debug:
+            raise
+        print(f"lmselect {verb}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmselect {verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

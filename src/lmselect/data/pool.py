@@ -1,0 +1,210 @@
+"""The packed token pool: fixed-length sequences in a numpy memmap plus an index.
+
+Layout of a pool directory (written by ``lmselect prepare`` through :func:`write_pool`)::
+
+    pool/
+      tokens.bin          raw memmap, dtype uint16 (vocab <= 65535) or uint32, shape [n_sequences, seq_len]
+      sequences.parquet   one row per sequence: seq_id (= row of tokens.bin), shard (-1 = validation hold-out),
+                          source (label of the document contributing most tokens), n_docs
+      docs.parquet        one row per (sequence, document) span: seq_id, doc_id, source, start, length
+      tokenizer/          HF tokenizer directory (AutoTokenizer.from_pretrained works on it)
+      config.yaml         resolved prepare config
+      manifest.json       kind="pool"; written last (see lmselect.artifacts)
+
+A **sequence id** is the row in ``tokens.bin``; it never changes, so score sidecars and selections refer to it.
+A **shard** is one round's candidate pool (METHODS §1.3); shards are assigned deterministically from the seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from lmselect.artifacts import ArtifactError, Manifest, atomic_path, read_manifest, write_manifest
+
+VAL_SHARD = -1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+class TokenPool:
+    """Read-only view of a complete pool directory."""
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, kind="pool")
+        info = self.manifest["extra"]
+        self.seq_len: int = int(info["seq_len"])
+        self.vocab_size: int = int(info["vocab_size"])
+        self.eos_id: int = int(info["eos_id"])
+        self.dtype = np.dtype(info["dtype"])
+        self.n_sequences: int = int(self.manifest["counts"]["sequences"])
+        self.n_shards: int = int(info["n_shards"])
+        self.tokenizer_dir = self.path / "tokenizer"
+        self.tokenizer_fingerprint: str = info.get("tokenizer_fingerprint", "")
+        tb = self.path / "tokens.bin"
+        expected = self.n_sequences * self.seq_len * self.dtype.itemsize
+        if not tb.is_file() or tb.stat().st_size != expected:
+            raise ArtifactError(f"{tb}: size does not match the manifest ({self.n_sequences} x {self.seq_len})")
+        self.tokens = np.memmap(tb, dtype=self.dtype, mode="r", shape=(self.n_sequences, self.seq_len))
+        seqs = pq.read_table(self.path / "sequences.parquet")
+        self.shard: np.ndarray = seqs.column("shard").to_numpy().astype(np.int32)
+        src = seqs.column("source").to_pylist()
+        self.source_names: list[str] = sorted(set(src))
+        lookup = {s: i for i, s in enumerate(self.source_names)}
+        self.source_code: np.ndarray = np.fromiter((lookup[s] for s in src), dtype=np.int32, count=len(src))
+        self.n_docs: np.ndarray = seqs.column("n_docs").to_numpy()
+
+    # ---- selection helpers -------------------------------------------------------------------------------------
+    def ids(self, shard: int | str | None = None) -> np.ndarray:
+        """Sequence ids of one shard (``"val"`` or -1 for the hold-out), or of all training shards when None."""
+        if shard is None:
+            return np.flatnonzero(self.shard >= 0).astype(np.int64)
+        if shard == "val":
+            shard = VAL_SHARD
+        return np.flatnonzero(self.shard == int(shard)).astype(np.int64)
+
+    def sources(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """Source label (majority of tokens) of each sequence, as an array of str."""
+        names = np.array(self.source_names, dtype=object)
+        codes = self.source_code if ids is None else self.source_code[np.asarray(ids)]
+        return names[codes]
+
+    def batch(self, ids: Sequence[int] | np.ndarray) -> "Any":
+        """LongTensor [len(ids), seq_len] of the given sequences (sorted reads are faster on disk)."""
+        import torch
+
+        arr = np.asarray(self.tokens[np.asarray(ids, dtype=np.int64)], dtype=np.int64)
+        return torch.from_numpy(arr)
+
+    def load_tokenizer(self) -> Any:
+        from lmselect.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_dir)
+
+    def doc_spans(self) -> Any:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path / "docs.parquet")
+
+    def decode(self, seq_id: int, max_tokens: int | None = None) -> str:
+        tok = self.load_tokenizer()
+        ids = self.tokens[int(seq_id)][: max_tokens or self.seq_len].tolist()
+        return tok.decode(ids)
+
+    def __len__(self) -> int:
+        return self.n_sequences
+
+    def __repr__(self) -> str:
+        return f"TokenPool({self.path}, n={self.n_sequences}, seq_len={self.seq_len}, shards={self.n_shards})"
+
+
+def write_pool(
+    path: str | Path,
+    tokens: np.ndarray,
+    shard: np.ndarray,
+    source: Sequence[str],
+    tokenizer: Any,
+    doc_spans: dict[str, Iterable[Any]] | None = None,
+    config: dict[str, Any] | None = None,
+    seed: int | None = None,
+    counts: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    parents: list[dict[str, str]] | None = None,
+) -> Path:
+    """Write a complete pool directory atomically (built in a temp dir, renamed into place).
+
+    ``tokens`` [N, L] integer array; ``shard`` [N] (-1 = validation); ``source`` [N] labels; ``tokenizer`` an HF
+    tokenizer object (saved with ``save_pretrained``) or a tokenizer directory to copy. ``doc_spans`` columns
+    seq_id, doc_id, source, start, length (defaults to one span per sequence).
+    """
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ArtifactError(f"{path}: a pool needs at least one sequence (got shape {tokens.shape})")
+    n, seq_len = tokens.shape
+    if isinstance(tokenizer, (str, Path)):
+        tok_obj = load_tokenizer(tokenizer)
+    else:
+        tok_obj = tokenizer
+    vocab_size = len(tok_obj)
+    dtype = token_dtype(vocab_size)
+    eos_id = tok_obj.eos_token_id if tok_obj.eos_token_id is not None else vocab_size - 1
+    shard = np.asarray(shard, dtype=np.int32)
+    source = [str(s) for s in source]
+    if len(shard) != n or len(source) != n:
+        raise ArtifactError(f"{path}: shard/source arrays must have one entry per sequence")
+    if doc_spans is None:
+        doc_spans = {
+            "seq_id": np.arange(n),
+            "doc_id": [str(i) for i in range(n)],
+            "source": source,
+            "start": np.zeros(n, dtype=np.int64),
+            "length": np.full(n, seq_len, dtype=np.int64),
+        }
+    n_docs = np.bincount(np.asarray(list(doc_spans["seq_id"]), dtype=np.int64), minlength=n)
+
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        mm = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="w+", shape=(n, seq_len))
+        mm[:] = tokens.astype(dtype)
+        mm.flush()
+        del mm
+        pq.write_table(
+            pa.table({"seq_id": np.arange(n, dtype=np.int64), "shard": shard, "source": source, "n_docs": n_docs}),
+            tmp / "sequences.parquet",
+        )
+        pq.write_table(
+            pa.table(
+                {
+                    "seq_id": pa.array(np.asarray(list(doc_spans["seq_id"]), dtype=np.int64)),
+                    "doc_id": pa.array([str(x) for x in doc_spans["doc_id"]]),
+                    "source": pa.array([str(x) for x in doc_spans["source"]]),
+                    "start": pa.array(np.asarray(list(doc_spans["start"]), dtype=np.int64)),
+                    "length": pa.array(np.asarray(list(doc_spans["length"]), dtype=np.int64)),
+                }
+            ),
+            tmp / "docs.parquet",
+        )
+        if isinstance(tokenizer, (str, Path)):
+            shutil.copytree(tokenizer, tmp / "tokenizer")
+        else:
+            tok_obj.save_pretrained(str(tmp / "tokenizer"))
+        if config is not None:
+            import yaml
+
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        shards_present = sorted(int(s) for s in np.unique(shard) if s >= 0)
+        all_counts = {
+            "sequences": int(n),
+            "tokens": int(n * seq_len),
+            "sequences_per_shard": {str(s): int((shard == s).sum()) for s in shards_present},
+            "validation_sequences": int((shard == VAL_SHARD).sum()),
+        }
+        all_counts.update(counts or {})
+        info = {
+            "seq_len": int(seq_len),
+            "vocab_size": int(vocab_size),
+            "eos_id": int(eos_id),
+            "dtype": dtype.name,
+            "n_shards": len(shards_present),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok_obj),
+        }
+        info.update(extra or {})
+        write_manifest(
+            tmp, Manifest(kind="pool", config=config or {}, seed=seed, counts=all_counts, extra=info, parents=parents or [])
+        )
+    return path

@@ -1,0 +1,130 @@
+"""Validation sets: the text whose loss defines "good data".
+
+Two kinds (METHODS §1.1):
+
+* ``lambada``: one passage per record; the loss counts only the tokens of the **final word** (the passage's last
+  whitespace-separated word, encoded with its leading space, exactly how lm-evaluation-harness splits
+  lambada_openai into context and continuation).
+* ``text``: plain documents; the loss counts every token.
+
+Records are read from ``.jsonl`` (field ``text``) or ``.txt`` (one document per line). A ValidationSet is a padded
+tensor ``input_ids`` [N, L] with ``loss_mask`` [N, L-1] marking which next-token predictions count.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lmselect.artifacts import LmselectError
+
+
+@dataclass
+class ValidationSet:
+    input_ids: torch.Tensor  # [N, L] long
+    loss_mask: torch.Tensor  # [N, L-1] bool
+    kind: str
+    source: str
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batches(self, batch_size: int, device: Any = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self), batch_size):
+            ids = self.input_ids[i : i + batch_size]
+            m = self.loss_mask[i : i + batch_size]
+            # trim shared right padding so short sets run fast
+            last = int(m.any(0).nonzero().max()) + 2 if m.any() else ids.shape[1]
+            yield ids[:, :last].to(device), m[:, : last - 1].to(device)
+
+    def subset(self, idx: Any) -> "ValidationSet":
+        return ValidationSet(self.input_ids[idx], self.loss_mask[idx], self.kind, self.source)
+
+
+def _read_texts(path: Path, field: str = "text") -> list[str]:
+    if not path.is_file():
+        raise LmselectError(f"{path}: validation file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts: list[str] = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        if ".jsonl" in path.name:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LmselectError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or field not in rec:
+                    raise LmselectError(f"{path}:{n}: record has no '{field}' field")
+                texts.append(str(rec[field]))
+        else:
+            texts = [ln.rstrip("\n") for ln in f if ln.strip()]
+    if not texts:
+        raise LmselectError(f"{path}: validation file is empty")
+    return texts
+
+
+def load_validation(
+    path: str | Path,
+    tokenizer: Any,
+    kind: str = "lambada",
+    seq_len: int = 256,
+    max_items: int | None = None,
+    field: str = "text",
+) -> ValidationSet:
+    path = Path(path)
+    if kind not in ("lambada", "text"):
+        raise LmselectError(f"unknown validation kind '{kind}' (lambada, text)")
+    texts = _read_texts(path, field)[: max_items or None]
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows: list[list[int]] = []
+    masks: list[list[bool]] = []
+    for t in texts:
+        if kind == "lambada":
+            ctx, _, word = t.rstrip().rpartition(" ")
+            if not ctx:
+                continue
+            c = tokenizer.encode(ctx, add_special_tokens=False)
+            w = tokenizer.encode(" " + word, add_special_tokens=False)
+            ids = (c + w)[-seq_len:]
+            n_w = min(len(w), len(ids) - 1)
+            m = [False] * (len(ids) - 1 - n_w) + [True] * n_w
+        else:
+            ids = tokenizer.encode(t, add_special_tokens=False)[:seq_len]
+            if len(ids) < 2:
+                continue
+            m = [True] * (len(ids) - 1)
+        rows.append(ids)
+        masks.append(m)
+    if not rows:
+        raise LmselectError(f"{path}: no usable validation records")
+    L = max(len(r) for r in rows)
+    ids_t = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask_t = torch.zeros((len(rows), L - 1), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids_t[i, : len(r)] = torch.tensor(r)
+        mask_t[i, : len(m)] = torch.tensor(m)
+    return ValidationSet(ids_t, mask_t, kind, str(path))
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, vset: ValidationSet, batch_size: int = 32, device: Any = None) -> float:
+    """Token-weighted mean CE over the masked positions of the whole set (eval mode, no grad)."""
+    from lmselect.models.losses import token_ce
+
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids, m in vset.batches(batch_size, device):
+        ce = token_ce(model(input_ids=ids).logits, ids)
+        total += float((ce * m).sum())
+        count += int(m.sum())
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,45 @@
+"""Token-level losses shared by training, selection methods and evaluation.
+
+Convention: for ``input_ids`` [B, L] the model predicts tokens 1..L-1, so per-token quantities are [B, L-1] and
+position t scores token t+1. Masks use the same [B, L-1] layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy [B, L-1] (float32 accumulation even for bf16 logits)."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return ce.view(targets.shape)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over ``mask`` (all positions when None); dim=None -> scalar, dim=1 -> per sequence."""
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim=dim)
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp_min(1)
+    return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp_min(1)
+
+
+def sequence_ce(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CE_i: mean next-token cross-entropy of each sequence [B] (over ``mask`` positions when given)."""
+    logits = model(input_ids=input_ids).logits
+    return masked_mean(token_ce(logits, input_ids), mask, dim=1)
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) summed over the vocabulary, averaged over positions: Σ_v q (log q − log p).
+
+    The teacher is the frozen target (METHODS §1.1): gradients flow only into the student.
+    """
+    q_log = F.log_softmax(teacher_logits.float(), dim=-1)
+    p_log = F.log_softmax(student_logits.float(), dim=-1)
+    kl = (q_log.exp() * (q_log - p_log)).sum(-1)
+    return masked_mean(kl, mask)
