@@ -10,24 +10,42 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from lmselect.artifacts import LmselectError
 
 
 def load_tokenizer(path: str | Path) -> Any:
     """Load an HF tokenizer directory as ``PreTrainedTokenizerFast``; one-line error when it does not load."""
-    from transformers import AutoTokenizer
-
     p = Path(path)
     if not p.exists():
         raise LmselectError(f"{p}: tokenizer directory not found")
     try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        if _plain_fast_tokenizer_dir(p):
+            # same class AutoTokenizer would pick, without importing the auto-class registry (~2 s per process)
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # transformers raises many types here
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LmselectError(f"{p}: not a loadable Hugging Face tokenizer directory ({msg[:200]})") from None
     return tok
+
+
+def _plain_fast_tokenizer_dir(p: Path) -> bool:
+    """True for a directory holding a generic fast tokenizer (e.g. the BPE that ``prepare`` trains)."""
+    cfg = p / "tokenizer_config.json"
+    if not (p / "tokenizer.json").is_file() or not cfg.is_file():
+        return False
+    try:
+        cls = json.loads(cfg.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return cls in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -51,3 +69,61 @@ def check_same_tokenizer(a: Any, b: Any, what_a: str = "proxy", what_b: str = "t
             f"tokenizer mismatch: {what_a} ({a if isinstance(a, (str, Path)) else fa}) and "
             f"{what_b} ({b if isinstance(b, (str, Path)) else fb}) must share one tokenizer"
         )
+
+
+EOS_TOKEN = "<|endoftext|>"
+MIN_BPE_VOCAB = 257  # 256 byte symbols + <|endoftext|>
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, model_max_length: int | None = None) -> Any:
+    """Train a byte-level BPE (GPT-2 style) on ``texts``; returns a ``PreTrainedTokenizerFast``.
+
+    ``<|endoftext|>`` is the only special token and serves as EOS, BOS, PAD and UNK (byte-level BPE never needs UNK,
+    but lm-evaluation-harness and some collators expect the attributes to be set). Save it with
+    ``save_pretrained(dir)``; ``AutoTokenizer.from_pretrained(dir)`` loads it back.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < MIN_BPE_VOCAB:
+        raise LmselectError(f"config key 'vocab_size' must be >= {MIN_BPE_VOCAB} for a byte-level BPE (got {vocab_size})")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # trim_offsets=False keeps offsets byte-exact; the post-processor adds no special tokens
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    kwargs: dict[str, Any] = {}
+    if model_max_length:
+        kwargs["model_max_length"] = int(model_max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=EOS_TOKEN, **kwargs
+    )
+
+
+def batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
+    """A function ``texts -> token id lists`` without special tokens, using the fastest path available.
+
+    For fast tokenizers this calls the Rust backend directly (``encode_batch_fast`` skips offset bookkeeping and is
+    parallel across threads when ``TOKENIZERS_PARALLELISM`` allows); slow tokenizers fall back to ``__call__``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        fn = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in fn(texts, add_special_tokens=False)]
+
+        return encode
+
+    def encode_slow(texts: list[str]) -> list[list[int]]:
+        return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+    return encode_slow

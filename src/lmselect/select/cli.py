@@ -1,0 +1,263 @@
+"""``lmselect select``: keep a fraction of scored sequences (deterministic top, seeded Gumbel-top-k, or random).
+
+    lmselect select --scores scores/ --pool POOL --fraction 0.2 --out selection/
+    lmselect select --scores scores/ --fraction 0.2 --method gumbel --temperature 0.5 --seed 1 --lowest --out sel/
+
+Writes (DESIGN "Selection") ``selected.npy`` (sorted int64 seq ids), ``summary.json`` (method, fraction, k,
+n_candidates, threshold, 50-bin histograms of candidate and selected scores, per-source candidates/selected/rate),
+``score_hist.png`` (with the threshold line), ``source_rates.png``, ``config.yaml`` and manifest kind="selection".
+The directory is built in a temporary place and renamed, so it is all or nothing; the same command twice gives a
+byte-identical ``selected.npy``. ``write_selection`` is the writer every selection method of the pipeline uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lmselect.artifacts import (
+    LmselectError,
+    Manifest,
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    parent_ref,
+    read_manifest,
+    write_manifest,
+)
+from lmselect.select.topk import gumbel_topk, random_fraction, top_fraction
+
+log = logging.getLogger("lmselect.select")
+
+METHODS = ("top", "gumbel", "random")
+_OWN_FILES = {"selected.npy", "summary.json", "score_hist.png", "source_rates.png", "config.yaml", "manifest.json"}
+
+
+@dataclass
+class SelectConfig:
+    """Resolved ``lmselect select`` configuration (saved as ``config.yaml``)."""
+
+    scores: str = ""
+    pool: str | None = None  # default: the pool the scores were computed on (their manifest's parent)
+    fraction: float = 0.2
+    method: str = "top"  # top | gumbel | random
+    temperature: float = 0.5  # gumbel only
+    seed: int = 0  # gumbel noise / random draw
+    lowest: bool = False  # keep the lowest scores (MATES: lowest predicted loss)
+    pool_shard: str | None = None  # restrict candidates to these pool shard(s), e.g. "1" or "0,2"
+    out: str = ""
+
+
+def check_fraction(fraction: Any) -> float:
+    """``fraction`` as a float in (0, 1], or a one-line error naming ``fraction``."""
+    try:
+        f = float(fraction)
+    except (TypeError, ValueError):
+        raise LmselectError(f"--fraction must be a number in (0, 1], got {fraction!r}") from None
+    if math.isnan(f) or not 0.0 < f <= 1.0:
+        raise LmselectError(f"--fraction must be in (0, 1], got {fraction}")
+    return f
+
+
+def select_ids(
+    method: str,
+    cand_ids: np.ndarray,
+    scores: np.ndarray | None,
+    fraction: float,
+    *,
+    temperature: float = 0.5,
+    seed: int = 0,
+    largest: bool = True,
+) -> np.ndarray:
+    """Sorted selected ids. ``top``: deterministic, ties by lower seq id; ``gumbel``: seeded Gumbel-top-k at
+    ``temperature``; ``random``: seeded uniform (scores ignored)."""
+    fraction = check_fraction(fraction)
+    if method == "random":
+        return random_fraction(cand_ids, fraction, seed)
+    if method not in METHODS:
+        raise LmselectError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if scores is None:
+        raise LmselectError(f"--method {method} needs scores")
+    if method == "top":
+        return top_fraction(cand_ids, scores, fraction, largest=largest)
+    if not temperature > 0:
+        raise LmselectError(f"--temperature must be > 0 for Gumbel-top-k, got {temperature}")
+    return gumbel_topk(cand_ids, scores, fraction, temperature, seed, largest=largest)
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse to replace a directory that is not a (possibly incomplete) selection: it may be someone's data."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LmselectError(f"{out}: exists and is not a directory")
+    if is_complete(out):
+        kind = read_manifest(out).get("kind")
+        if kind != "selection":
+            raise LmselectError(f"{out}: holds a '{kind}' artifact; choose another --out")
+        return
+    foreign = [p.name for p in out.iterdir() if p.name not in _OWN_FILES and not p.name.startswith(".")]
+    if foreign:
+        raise LmselectError(f"{out}: not empty and not a selection (contains {foreign[0]}); choose another --out")
+
+
+def write_selection(
+    out_dir: str | Path,
+    pool: Any,
+    cand_ids: np.ndarray,
+    scores_or_None: np.ndarray | None,
+    selected: np.ndarray,
+    method: str,
+    fraction: float,
+    extra: dict[str, Any] | None = None,
+    parents: list[dict[str, str]] | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+    seed: int | None = None,
+    largest: bool | None = None,
+    plots: bool = True,
+) -> Path:
+    """Write a complete selection artifact atomically (all files, then the manifest, then one rename).
+
+    ``scores_or_None`` are aligned with ``cand_ids``; ``largest`` defaults to ``not extra["lowest"]``; ``extra`` is
+    merged into ``summary.json`` and the manifest's ``extra``. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    cand_ids = np.asarray(cand_ids, dtype=np.int64)
+    sel = np.unique(np.asarray(selected, dtype=np.int64))  # sorted, unique
+    if len(sel) != len(np.asarray(selected)):
+        raise LmselectError(f"{out}: selection has duplicate ids")
+    if not np.all(np.isin(sel, cand_ids)):
+        raise LmselectError(f"{out}: selection contains ids that are not candidates")
+    extra = dict(extra or {})
+    if largest is None:
+        largest = not bool(extra.get("lowest", False))
+    if seed is None and extra.get("seed") is not None:
+        seed = int(extra["seed"])
+    from lmselect.select.summary import build_summary, plot_score_hist, plot_source_rates
+
+    summary = build_summary(pool, cand_ids, scores_or_None, sel, method, fraction, largest=largest, extra=extra)
+    cfg = config if config is not None else {"method": method, "fraction": float(fraction), **extra}
+    cfg = json.loads(json.dumps(cfg, default=str))
+    _check_out_dir(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        atomic_save_npy(tmp / "selected.npy", sel)
+        atomic_write_json(tmp / "summary.json", summary)
+        if plots:
+            plot_score_hist(summary, tmp / "score_hist.png")
+            plot_source_rates(summary, tmp / "source_rates.png")
+        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        write_manifest(
+            tmp,
+            Manifest(
+                kind="selection", config=cfg, seed=seed, parents=list(parents or []),
+                counts={"candidates": int(len(cand_ids)), "selected": int(len(sel))},
+                extra={"method": method, "fraction": float(fraction), "threshold": summary["threshold"],
+                       "largest": bool(largest), "pool": str(getattr(pool, "path", "")), **extra},
+            ),
+        )
+    log.info("selection: %s (%s, %d of %d)", out, method, len(sel), len(cand_ids))
+    return out
+
+
+def read_selection(sel_dir: str | Path) -> np.ndarray:
+    """Selected ids (sorted int64) of a complete selection artifact."""
+    d = Path(sel_dir)
+    read_manifest(d, kind="selection")
+    try:
+        ids = np.load(d / "selected.npy")
+    except (OSError, ValueError) as e:
+        raise LmselectError(f"{d / 'selected.npy'}: unreadable ({str(e).splitlines()[0][:200]})") from None
+    return np.asarray(ids, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scores", required=True, help="scores sidecar directory (lmselect score)")
+    parser.add_argument("--pool", help="pool the scores refer to (default: the scores' parent pool)")
+    parser.add_argument("--fraction", type=float, required=True, help="fraction of candidates to keep, in (0, 1]")
+    parser.add_argument("--method", default="top", help="top (deterministic), gumbel (seeded Gumbel-top-k), random")
+    parser.add_argument("--temperature", type=float, default=0.5, help="Gumbel temperature tau (gumbel only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Gumbel noise / random draw")
+    parser.add_argument("--lowest", action="store_true", help="keep the lowest scores instead of the highest")
+    parser.add_argument("--pool-shard", help="only candidates from these pool shard(s), e.g. 1 or 0,2")
+    parser.add_argument("--out", required=True, help="output selection directory")
+
+
+def _scores_pool(scores_dir: Path, man: dict[str, Any], pool_arg: str | None) -> Any:
+    from lmselect.data.pool import TokenPool
+
+    pool_parents = [p for p in man.get("parents", []) if p.get("kind") == "pool"]
+    if pool_arg is None:
+        if not pool_parents:
+            raise LmselectError(f"{scores_dir}: the manifest names no pool; pass --pool")
+        pool_arg = pool_parents[0]["path"]
+    pool = TokenPool(pool_arg)
+    if pool_parents and pool_parents[0].get("uuid") != pool.manifest.get("uuid"):
+        raise LmselectError(
+            f"{scores_dir}: scores were computed on pool {pool_parents[0].get('path')} "
+            f"(uuid {pool_parents[0].get('uuid')}), not {pool_arg}"
+        )
+    return pool
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmselect.config import load_config, to_dict
+    from lmselect.score import read_scores
+
+    fraction = check_fraction(args.fraction)  # before any I/O: a typo should fail fast
+    base = {f.name: getattr(args, f.name) for f in dataclasses.fields(SelectConfig) if hasattr(args, f.name)}
+    base["fraction"] = fraction
+    cfg = load_config(SelectConfig, None, getattr(args, "overrides", []) or [], base=base)
+    cfg.fraction = check_fraction(cfg.fraction)
+    if cfg.method not in METHODS:
+        raise LmselectError(f"--method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
+    if cfg.method == "gumbel" and not cfg.temperature > 0:
+        raise LmselectError(f"--temperature must be > 0 for Gumbel-top-k, got {cfg.temperature}")
+    scores_dir = Path(cfg.scores)
+    man = read_manifest(scores_dir, kind="scores")
+    if man.get("extra", {}).get("input") == "jsonl":
+        raise LmselectError(f"{scores_dir}: scores of a .jsonl file (windows, not pool sequences); select needs pool scores")
+    pool = _scores_pool(scores_dir, man, cfg.pool)
+    cand, scores = read_scores(scores_dir)
+    if len(cand) and (cand[0] < 0 or cand[-1] >= len(pool)):
+        raise LmselectError(f"{scores_dir}: seq_id {int(cand[-1] if cand[-1] >= len(pool) else cand[0])} is not in {pool.path}")
+    if cfg.pool_shard is not None:
+        from lmselect.score import pool_ids
+
+        keep = np.isin(cand, pool_ids(pool, cfg.pool_shard))
+        cand, scores = cand[keep], scores[keep]
+    if len(cand) == 0:
+        raise LmselectError(f"{scores_dir}: no candidate sequences to select from")
+    bad = ~np.isfinite(scores)
+    if cfg.method != "random" and bad.any():
+        raise LmselectError(f"{scores_dir}: {int(bad.sum())} scores are NaN/inf (e.g. seq_id {int(cand[bad][0])})")
+    sel = select_ids(cfg.method, cand, scores, cfg.fraction, temperature=cfg.temperature, seed=cfg.seed,
+                     largest=not cfg.lowest)
+    extra: dict[str, Any] = {"lowest": cfg.lowest, "seed": cfg.seed, "scores": str(scores_dir)}
+    if cfg.method == "gumbel":
+        extra["temperature"] = cfg.temperature
+    out = write_selection(cfg.out, pool, cand, scores, sel, cfg.method, cfg.fraction, extra=extra,
+                          parents=[parent_ref(scores_dir), parent_ref(pool.path)], config=to_dict(cfg),
+                          seed=cfg.seed, largest=not cfg.lowest)
+    summary = json.loads((out / "summary.json").read_text())
+    thr = summary["threshold"]
+    rates = ", ".join(f"{k} {v['rate']:.2f}" for k, v in summary["per_source"].items())
+    print(f"selected {summary['k']} of {summary['n_candidates']} ({cfg.method}"
+          + (f", threshold {thr:.6g}" if thr is not None else "") + f") -> {out}; rate per source: {rates}")
+    return 0

@@ -1,0 +1,37 @@
+"""The bundled demo data: the formats prepare accepts, labelled sources, validation files disjoint from the pool."""
+
+from __future__ import annotations
+
+import json
+
+from lmselect.data.readers import ReadStats, iter_documents, resolve_inputs
+from lmselect.paths import DEMO_DIR
+
+SOURCES = {"wikipedia", "news", "speeches", "reviews", "forum", "web", "email_ham", "email_spam"}
+
+
+def test_demo_corpus_reads_with_sources_and_fits_budget():
+    specs = resolve_inputs([str(DEMO_DIR / "corpus" / "*.jsonl.gz")])
+    assert {s.default_source for s in specs} == SOURCES  # one file per source
+    stats = ReadStats()
+    chars: dict[str, int] = {}
+    wiki_text = []
+    for d in iter_documents(specs, strict=True, stats=stats):
+        chars[d.source] = chars.get(d.source, 0) + len(d.text)
+        if d.source == "wikipedia":
+            wiki_text.append(d.text)
+    assert set(chars) == SOURCES and stats.n_skipped == 0
+    assert 4_000_000 < sum(chars.values()) < 9_000_000  # ~1-2 M BPE tokens
+    assert sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file()) < 4_500_000
+    assert (DEMO_DIR / "SOURCE.md").is_file()
+
+    # clean_val paragraphs come from articles held out of the pool
+    clean = [json.loads(line)["text"] for line in open(DEMO_DIR / "clean_val.jsonl", encoding="utf-8")]
+    assert 200 <= len(clean) <= 500
+    pool_wiki = "\n".join(wiki_text)
+    assert not any(p in pool_wiki for p in clean)
+
+
+def test_lambada_slice():
+    recs = [json.loads(line) for line in open(DEMO_DIR / "lambada_val.jsonl", encoding="utf-8")]
+    assert len(recs) == 500 and all(isinstance(r["text"], str) and len(r["text"].split()) > 5 for r in recs)
