@@ -18,7 +18,39 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmselect.artifacts import LmselectError
+
 log = logging.getLogger("lmselect")
+
+BACKENDS: tuple[str, ...] = ("stdout", "jsonl", "tensorboard", "wandb")
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    """A tensorboard ``SummaryWriter`` (the ``tensorboard`` extra), or a one-line error naming the extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        raise LmselectError("tensorboard logging needs the extra: pip install 'lmselect[tensorboard]'") from None
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _wandb_run(name: str | None, base: Path, project: str | None, config: dict[str, Any] | None) -> Any:
+    """A wandb run in offline mode unless ``WANDB_MODE`` is set (nothing touches the network by default)."""
+    import os
+
+    try:
+        import wandb
+    except Exception:
+        raise LmselectError("wandb logging needs the extra: pip install 'lmselect[wandb]'") from None
+    mode = os.environ.get("WANDB_MODE", "offline")
+    base.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project or "lmselect", name=name, dir=str(base), mode=mode, config=config or {},
+                      reinit=True)
 
 
 def _fmt(v: Any) -> str:
@@ -39,32 +71,30 @@ class MetricLogger:
         backends: Sequence[str] = (),
         run_name: str | None = None,
         append: bool = True,
+        tb_dir: str | Path | None = None,
+        wandb_project: str | None = None,
+        wandb_config: dict[str, Any] | None = None,
     ) -> None:
+        """``backends``: any of ``stdout``, ``jsonl`` (always on when ``jsonl_path`` is given; stdout honours
+        ``stdout_every``), ``tensorboard`` (event files in ``tb_dir``, default ``<jsonl dir>/tb``) and ``wandb``
+        (offline unless ``WANDB_MODE`` says otherwise; files under the jsonl directory)."""
         self.path = Path(jsonl_path) if jsonl_path else None
         self.stdout_every = max(1, int(stdout_every))
         self.prefix = prefix
         self._fh = None
+        base = self.path.parent if self.path is not None else Path(".")
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise LmselectError(f"unknown logging backend '{unknown[0]}' (choose from {', '.join(BACKENDS)})")
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a" if append else "w", buffering=1)
         self._tb = None
         self._wandb = None
-        for b in backends:
-            if b == "tensorboard":
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except Exception as e:  # pragma: no cover - optional extra
-                    raise RuntimeError("tensorboard logging needs `pip install lmselect[tensorboard]`") from e
-                self._tb = SummaryWriter(log_dir=str((self.path.parent if self.path else Path(".")) / "tb"))
-            elif b == "wandb":  # pragma: no cover - optional extra
-                import os
-
-                import wandb
-
-                os.environ.setdefault("WANDB_MODE", "offline")
-                self._wandb = wandb.init(name=run_name, dir=str(self.path.parent if self.path else "."), reinit=True)
-            elif b not in ("stdout", "jsonl"):
-                raise ValueError(f"unknown logging backend '{b}' (stdout, jsonl, tensorboard, wandb)")
+        if "tensorboard" in backends:
+            self._tb = _tensorboard_writer(Path(tb_dir) if tb_dir is not None else base / "tb")
+        if "wandb" in backends:
+            self._wandb = _wandb_run(run_name, base, wandb_project, wandb_config)
 
     def log(self, step: int, **metrics: Any) -> None:
         rec = {"step": int(step), "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
@@ -73,12 +103,13 @@ class MetricLogger:
         if step % self.stdout_every == 0:
             body = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if v is not None)
             log.info("%sstep %d %s", self.prefix, step, body)
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:  # pragma: no cover
-            self._wandb.log(metrics, step=step)
+        if self._tb is not None or self._wandb is not None:
+            scalars = {k: float(v) for k, v in rec.items() if k not in ("step", "time") and _is_scalar(v)}
+            if self._tb is not None:
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, int(step))
+            if self._wandb is not None:
+                self._wandb.log(scalars, step=int(step))
 
     def close(self) -> None:
         if self._fh is not None:
@@ -86,8 +117,10 @@ class MetricLogger:
             self._fh = None
         if self._tb is not None:
             self._tb.close()
-        if self._wandb is not None:  # pragma: no cover
+            self._tb = None
+        if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "MetricLogger":
         return self

@@ -1,0 +1,583 @@
+"""Provenance of a run directory: lineage tree, stage status and changed-parent flags, from manifests alone.
+
+Everything here reads files under the run directory (``manifest.json``, ``config.yaml``); nothing touches live state,
+so ``lmselect inspect`` and ``lmselect report`` work on a finished run, a run in progress, or a copy of either.
+
+* :func:`stage_status` -- per method / seed / round (and per stage inside a round): ``done`` (complete manifest),
+  ``partial`` (directory exists but has no manifest, an unreadable one, or one marked ``partial``), ``missing``
+  (expected by the run's plan -- methods x seeds x rounds -- but absent).
+* :func:`lineage` -- a tree of the artifact directories below a path, each node with kind, uuid, status and its
+  recorded parents checked against the parents' *current* manifests: a parent whose uuid differs from the one the
+  child recorded was rebuilt after the child was made (``changed``); a parent that is gone is ``missing``; one whose
+  directory exists without a complete manifest is ``incomplete``. Such nodes are *stale*.
+* :func:`print_lineage` -- what ``lmselect inspect RUN_DIR`` prints.
+
+The run's plan is read from ``RUN/config.yaml`` (keys ``methods``, ``seeds``, ``rounds`` at top level or under
+``pipeline:`` / ``run:``), falling back to ``RUN/manifest.json`` ``extra.{methods,seeds,rounds}``.
+Rounds are numbered 1..R (METHODS §1.3) unless the directory already holds a ``round0``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmselect.artifacts import MANIFEST, LmselectError
+
+DONE, PARTIAL, MISSING = "done", "partial", "missing"
+
+#: methods in display order
+METHODS: tuple[str, ...] = ("random", "bliss", "mates", "rho1", "blade")
+
+#: stage directories a round of each method is expected to have (a round manifest may override this with
+#: ``extra.stages``); methods not listed here are expected to have ``target`` and ``eval``.
+STAGES: dict[str, tuple[str, ...]] = {
+    "random": ("selection", "target", "eval"),
+    "bliss": ("bilevel", "scores", "selection", "target", "eval"),
+    "mates": ("influence", "scores", "selection", "target", "eval"),
+    "rho1": ("target", "eval"),
+    "blade": ("target", "eval"),
+}
+DEFAULT_STAGES: tuple[str, ...] = ("target", "eval")
+STAGE_ORDER: tuple[str, ...] = ("reference", "bilevel", "influence", "scores", "selection", "target", "eval")
+
+# directories never descended into when looking for artifacts
+_SKIP_DIRS = {"tokenizer", "tb", "wandb", "figures", "__pycache__"}
+_SEED_RE = re.compile(r"^seed(-?\d+)$")
+_ROUND_RE = re.compile(r"^round(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small readers
+
+
+def _read_manifest_loose(d: Path) -> dict[str, Any] | None:
+    """The manifest of ``d`` whatever its status, or None when absent / unreadable."""
+    p = d / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def dir_status(d: str | Path) -> str:
+    """``done`` / ``partial`` / ``missing`` for one artifact directory (see module docstring)."""
+    d = Path(d)
+    if not d.is_dir():
+        return MISSING
+    m = _read_manifest_loose(d)
+    if m is None:
+        return PARTIAL
+    return DONE if m.get("status", "complete") == "complete" else PARTIAL
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN/config.yaml`` as a dict ({} when absent); a malformed file is a one-line LmselectError."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LmselectError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise LmselectError(f"{p}: top level must be a mapping")
+    return data
+
+
+def _lookup(cfg: dict[str, Any], key: str) -> Any:
+    if key in cfg:
+        return cfg[key]
+    for section in ("pipeline", "run"):
+        sub = cfg.get(section)
+        if isinstance(sub, dict) and key in sub:
+            return sub[key]
+    return None
+
+
+def _method_sort_key(name: str) -> tuple[int, str]:
+    return (METHODS.index(name) if name in METHODS else len(METHODS), name)
+
+
+@dataclass
+class RunPlan:
+    """What a run directory is expected to contain: methods x seeds x rounds."""
+
+    methods: list[str]
+    seeds: list[int]
+    rounds: list[int]
+
+
+def run_plan(run_dir: str | Path) -> RunPlan:
+    """The expected methods / seeds / rounds (``config.yaml`` first, then the run manifest's ``extra``).
+
+    ``seeds`` is a list of seed values (a bare int n means n seeds ``seed, seed+1, ...``); ``rounds`` an int R
+    (rounds 1..R, or 0..R-1 when a ``round0`` directory exists) or an explicit list."""
+    run_dir = Path(run_dir)
+    m = _read_manifest_loose(run_dir) or {}
+    extra = m.get("extra") if isinstance(m.get("extra"), dict) else {}
+    cfg = read_run_config(run_dir)
+
+    def pick(key: str) -> Any:  # config.yaml (what a resumed run will do) first, then the run manifest
+        v = _lookup(cfg, key)
+        return v if v is not None else (extra.get(key) if extra else None)
+
+    methods_v = pick("methods")
+    if isinstance(methods_v, str):
+        methods_v = [s for s in methods_v.split(",") if s]
+    methods = [str(x) for x in (methods_v or [])]
+
+    seeds_v = pick("seeds")
+    base_seed = _lookup(cfg, "seed")
+    base_seed = int(base_seed) if isinstance(base_seed, int) and not isinstance(base_seed, bool) else 0
+    if isinstance(seeds_v, (list, tuple)):
+        seeds = [int(s) for s in seeds_v]
+    elif isinstance(seeds_v, int) and not isinstance(seeds_v, bool):
+        seeds = [base_seed + i for i in range(seeds_v)]  # a count of seeds
+    else:
+        seeds = [base_seed] if methods else []
+
+    rounds_v = pick("rounds")
+    first = 0 if any(run_dir.glob("*/seed*/round0")) else 1
+    if isinstance(rounds_v, (list, tuple)):
+        rounds = [int(r) for r in rounds_v]
+    elif isinstance(rounds_v, int) and not isinstance(rounds_v, bool):
+        rounds = list(range(first, first + rounds_v))
+    else:
+        rounds = []
+    return RunPlan(methods=methods, seeds=seeds, rounds=rounds)
+
+
+def pool_dir(run_dir: str | Path) -> Path | None:
+    """The run's pool: ``RUN/pool`` or ``config.yaml`` ``pool.path`` (relative to the run dir or the cwd)."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    pool = cfg.get("pool")
+    ref = pool.get("path") if isinstance(pool, dict) else pool if isinstance(pool, str) else None
+    if ref:
+        p = Path(str(ref)).expanduser()
+        for cand in ([p] if p.is_absolute() else [run_dir / p, Path.cwd() / p]):
+            if cand.is_dir():
+                return cand
+        return p if p.is_absolute() else run_dir / p
+    if (run_dir / "pool").is_dir():
+        return run_dir / "pool"
+    return None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a run directory: manifest kind=run, or config.yaml naming methods, or method/seed*/ dirs."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    m = _read_manifest_loose(path)
+    if m is not None:
+        return m.get("kind") == "run"
+    if (path / "warmup").is_dir() or any(path.glob("*/seed*/round*")):
+        return True
+    try:
+        return bool(run_plan(path).methods)
+    except LmselectError:
+        return False
+
+
+def _discovered(run_dir: Path) -> tuple[list[str], dict[str, list[int]], dict[tuple[str, int], list[int]]]:
+    """Methods, seeds per method and rounds per (method, seed) present on disk."""
+    methods: list[str] = []
+    seeds: dict[str, list[int]] = {}
+    rounds: dict[tuple[str, int], list[int]] = {}
+    if not run_dir.is_dir():
+        return methods, seeds, rounds
+    for mdir in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        sdirs = [(int(mm.group(1)), s) for s in mdir.iterdir() if s.is_dir() and (mm := _SEED_RE.match(s.name))]
+        if not sdirs and mdir.name not in METHODS:
+            continue
+        methods.append(mdir.name)
+        seeds[mdir.name] = sorted(k for k, _ in sdirs)
+        for k, sdir in sdirs:
+            rounds[(mdir.name, k)] = sorted(
+                int(mm.group(1)) for r in sdir.iterdir() if r.is_dir() and (mm := _ROUND_RE.match(r.name))
+            )
+    return methods, seeds, rounds
+
+
+def round_dir(run_dir: str | Path, method: str, seed: int, rnd: int) -> Path:
+    return Path(run_dir) / method / f"seed{seed}" / f"round{rnd}"
+
+
+def expected_stages(method: str, rdir: Path | None = None) -> list[str]:
+    """Stages a round of ``method`` should have (``extra.stages`` of the round manifest overrides the default)."""
+    if rdir is not None:
+        m = _read_manifest_loose(rdir)
+        st = (m or {}).get("extra", {}).get("stages") if isinstance((m or {}).get("extra"), dict) else None
+        if isinstance(st, (list, tuple)) and st:
+            return [str(s) for s in st]
+    return list(STAGES.get(method, DEFAULT_STAGES))
+
+
+def _stage_key(name: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
+
+
+def stage_status(run_dir: str | Path) -> dict[str, Any]:
+    """Status of every stage of a run directory.
+
+    Returns::
+
+        {"run": s, "pool": s, "warmup": {"target": s, "proxy": s},
+         "rounds": {method: {seed: {round: {"status": s, "stages": {stage: s, ...}}}}},
+         "counts": {"done": n, "partial": n, "missing": n}}        # over rounds
+
+    with ``s`` in ``done`` / ``partial`` / ``missing``. Expected = the run plan (:func:`run_plan`) united with what is
+    on disk; stages of a round = :func:`expected_stages` plus any other sub-directory present.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LmselectError(f"{run_dir}: no such run directory")
+    plan = run_plan(run_dir)
+    d_methods, d_seeds, d_rounds = _discovered(run_dir)
+    methods = sorted(set(plan.methods) | set(d_methods), key=_method_sort_key)
+    pool = pool_dir(run_dir)
+    out: dict[str, Any] = {
+        "run": dir_status(run_dir) if (run_dir / MANIFEST).is_file() else PARTIAL,
+        "pool": dir_status(pool) if pool is not None else MISSING,
+        "warmup": {w: dir_status(run_dir / "warmup" / w) for w in ("target", "proxy")},
+        "rounds": {},
+        "counts": {DONE: 0, PARTIAL: 0, MISSING: 0},
+    }
+    for method in methods:
+        seeds = sorted(set(plan.seeds) | set(d_seeds.get(method, [])))
+        per_seed: dict[int, dict[int, dict[str, Any]]] = {}
+        for seed in seeds:
+            rounds = sorted(set(plan.rounds) | set(d_rounds.get((method, seed), [])))
+            per_round: dict[int, dict[str, Any]] = {}
+            for r in rounds:
+                rdir = round_dir(run_dir, method, seed, r)
+                stages = expected_stages(method, rdir)
+                if rdir.is_dir():
+                    extra = [
+                        p.name
+                        for p in rdir.iterdir()
+                        if p.is_dir() and not p.name.startswith(".") and p.name not in stages and p.name not in _SKIP_DIRS
+                    ]
+                    stages = stages + extra
+                stages = sorted(stages, key=_stage_key)
+                rstat = dir_status(rdir)
+                per_round[r] = {"status": rstat, "stages": {s: dir_status(rdir / s) for s in stages}}
+                out["counts"][rstat] += 1
+            per_seed[seed] = per_round
+        out["rounds"][method] = per_seed
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lineage
+
+
+@dataclass
+class ParentCheck:
+    """One recorded parent of an artifact, checked against the parent's current manifest."""
+
+    uuid: str
+    kind: str
+    path: str  # as recorded
+    resolved: Path | None  # where it was found now (None = not found)
+    current_uuid: str | None
+    state: str  # "ok" | "changed" | "missing" | "incomplete"
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+    def describe(self) -> str:
+        short = self.uuid[:8] if self.uuid else "?"
+        if self.state == "changed":
+            return f"parent {self.kind} {short} changed (now {str(self.current_uuid)[:8]}): {self.resolved}"
+        if self.state == "missing":
+            return f"parent {self.kind} {short} missing: {self.path}"
+        if self.state == "incomplete":
+            return f"parent {self.kind} {short} incomplete (no complete manifest): {self.resolved}"
+        return f"parent {self.kind} {short} ok"
+
+
+@dataclass
+class Node:
+    """An artifact directory (or a structural directory such as ``bliss/`` or ``seed0/``) in the lineage tree."""
+
+    path: Path
+    rel: str
+    kind: str | None
+    uuid: str | None
+    status: str  # done / partial / missing, or "" for structural dirs
+    parents: list[ParentCheck] = field(default_factory=list)
+    children: list["Node"] = field(default_factory=list)
+
+    @property
+    def is_artifact(self) -> bool:
+        return self.kind is not None or self.status in (PARTIAL, MISSING)
+
+    @property
+    def stale(self) -> bool:
+        return any(not p.ok for p in self.parents)
+
+    def walk(self) -> Iterator["Node"]:
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def find(self, rel: str) -> "Node | None":
+        """The node whose path relative to the root is ``rel`` (``"."`` = root)."""
+        return next((n for n in self.walk() if n.rel == rel), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "rel": self.rel,
+            "kind": self.kind,
+            "uuid": self.uuid,
+            "status": self.status,
+            "stale": self.stale,
+            "parents": [
+                {"uuid": p.uuid, "kind": p.kind, "path": p.path, "state": p.state, "current_uuid": p.current_uuid}
+                for p in self.parents
+            ],
+            "children": [c.to_dict() for c in self.children],
+        }
+
+
+def _resolve_parent(recorded: str, child_dir: Path, run_dir: Path | None) -> Path | None:
+    """Find a recorded parent directory now.
+
+    A path that points into a run directory (a suffix of it starts at one of the run directory's entries: ``pool``,
+    ``warmup``, a method) is looked up in the *current* run directory only, so a moved or copied run directory is
+    checked against its own artifacts; any other path as recorded (absolute, or relative to the run directory,
+    the cwd or the child)."""
+    p = Path(recorded)
+    if run_dir is not None and run_dir.is_dir():
+        top = {e.name for e in run_dir.iterdir() if e.is_dir()}
+        idx = [i for i, part in enumerate(p.parts) if part in top]
+        if idx:  # the last match: /home/random/runs/RUN/random/seed0/... -> RUN/random/seed0/...
+            c = run_dir.joinpath(*p.parts[idx[-1] :])
+            return c if c.is_dir() else None
+    cands: list[Path] = []
+    if p.is_absolute():
+        cands.append(p)
+    else:
+        if run_dir is not None:
+            cands.append(run_dir / p)
+        cands += [Path.cwd() / p, child_dir / p]
+    for c in cands:
+        if c.is_dir():
+            return c
+    return None
+
+
+def check_parents(manifest: dict[str, Any], artifact_dir: Path, run_dir: Path | None = None) -> list[ParentCheck]:
+    """Compare each recorded parent uuid with the parent's current manifest."""
+    out = []
+    for ref in manifest.get("parents") or []:
+        if not isinstance(ref, dict):
+            continue
+        rec_uuid = str(ref.get("uuid") or "")
+        rec_path = str(ref.get("path") or "")
+        kind = str(ref.get("kind") or "?")
+        where = _resolve_parent(rec_path, artifact_dir, run_dir) if rec_path else None
+        if where is None:
+            out.append(ParentCheck(rec_uuid, kind, rec_path, None, None, "missing"))
+            continue
+        pm = _read_manifest_loose(where)
+        if pm is None or pm.get("status", "complete") != "complete":
+            out.append(ParentCheck(rec_uuid, kind, rec_path, where, (pm or {}).get("uuid"), "incomplete"))
+            continue
+        cur = str(pm.get("uuid") or "")
+        out.append(ParentCheck(rec_uuid, kind, rec_path, where, cur, "ok" if cur == rec_uuid else "changed"))
+    return out
+
+
+def _child_sort_key(p: Path) -> tuple[int, int, str]:
+    name = p.name
+    if name == "pool":
+        return (0, 0, name)
+    if name == "warmup":
+        return (1, 0, name)
+    if name in METHODS:
+        return (2, METHODS.index(name), name)
+    if (mm := _SEED_RE.match(name)) or (mm := _ROUND_RE.match(name)):
+        return (3, int(mm.group(1)), name)
+    if name in STAGE_ORDER:
+        return (4, STAGE_ORDER.index(name), name)
+    return (5, 0, name)
+
+
+def _build(d: Path, root: Path, run_dir: Path | None, depth: int) -> Node | None:
+    m = _read_manifest_loose(d)
+    children: list[Node] = []
+    if depth < 8:
+        try:
+            subdirs = sorted(
+                (p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in _SKIP_DIRS),
+                key=_child_sort_key,
+            )
+        except OSError:
+            subdirs = []
+        for s in subdirs:
+            n = _build(s, root, run_dir, depth + 1)
+            if n is not None:
+                children.append(n)
+    rel = "." if d == root else d.relative_to(root).as_posix()
+    is_stage = d.name in STAGE_ORDER or _ROUND_RE.match(d.name) is not None or d.parent.name == "warmup"
+    if m is None and not children and not is_stage:
+        return None
+    if m is not None:
+        status = DONE if m.get("status", "complete") == "complete" else PARTIAL
+        return Node(d, rel, m.get("kind"), m.get("uuid"), status, check_parents(m, d, run_dir), children)
+    if is_stage:
+        return Node(d, rel, None, None, PARTIAL, [], children)
+    return Node(d, rel, None, None, "", [], children)
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    for p in [path, *path.parents]:
+        if (p / MANIFEST).is_file() and (_read_manifest_loose(p) or {}).get("kind") == "run":
+            return p
+        if (p / "config.yaml").is_file() and ((p / "warmup").is_dir() or any(p.glob("*/seed*"))):
+            return p
+    return None
+
+
+def lineage(path: str | Path) -> Node:
+    """The tree of artifact directories under ``path`` (a run directory or any artifact), parents checked.
+
+    Structural directories (``bliss/``, ``seed0/``) appear as nodes with ``kind=None`` and status ``""``; a stage
+    or round directory without a manifest is ``partial``. For a run directory the configured pool is attached
+    under the root when it lives outside the run directory.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise LmselectError(f"{path}: no such directory")
+    run_dir = path if is_run_dir(path) else _enclosing_run(path.resolve())
+    root = _build(path, path, run_dir, 0)
+    if root is None:
+        root = Node(path, ".", None, None, "", [], [])
+    if run_dir is not None and Path(run_dir) == path:
+        pool = pool_dir(path)
+        if pool is not None and not (path / "pool").is_dir():
+            pm = _read_manifest_loose(pool)
+            pn = Node(pool, str(pool), (pm or {}).get("kind"), (pm or {}).get("uuid"), dir_status(pool),
+                      check_parents(pm, pool, None) if pm else [], [])
+            root.children.insert(0, pn)
+    return root
+
+
+def stale_artifacts(path: str | Path) -> list[tuple[Node, ParentCheck]]:
+    """(node, parent) for every artifact below ``path`` whose recorded parent changed, vanished or is incomplete."""
+    return [(n, p) for n in lineage(path).walk() for p in n.parents if not p.ok]
+
+
+def ancestry(path: str | Path, max_depth: int = 12) -> list[str]:
+    """Lines of the parent chain of one artifact (each parent indented under its child)."""
+    path = Path(path)
+    run_dir = _enclosing_run(path.resolve())
+    lines: list[str] = []
+    seen: set[str] = set()
+
+    def rec(d: Path, depth: int) -> None:
+        m = _read_manifest_loose(d)
+        if m is None or depth > max_depth:
+            return
+        for pc in check_parents(m, d, run_dir):
+            mark = "" if pc.ok else f"  !! {pc.state.upper()}"
+            where = pc.resolved if pc.resolved is not None else pc.path
+            lines.append(f"{'  ' * depth}<- {pc.kind:<10} {pc.uuid[:8]:<8}  {where}{mark}")
+            if pc.resolved is not None and pc.uuid not in seen:
+                seen.add(pc.uuid)
+                rec(pc.resolved, depth + 1)
+
+    rec(path, 1)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# printing
+
+
+def _node_line(n: Node) -> str:
+    if n.kind is None and n.status == "":
+        return f"{n.path.name}/"
+    kind = n.kind or "?"
+    short = (n.uuid or "-")[:8]
+    label = n.rel if n.rel != "." else str(n.path)
+    line = f"{kind:<10} {short:<8}  {label}  [{n.status}]"
+    bad = [p for p in n.parents if not p.ok]
+    if bad:
+        line += "  !! STALE: " + "; ".join(p.describe() for p in bad)
+    return line
+
+
+def format_tree(root: Node) -> list[str]:
+    lines = [_node_line(root)]
+
+    def rec(n: Node, prefix: str) -> None:
+        for i, c in enumerate(n.children):
+            last = i == len(n.children) - 1
+            lines.append(prefix + ("└── " if last else "├── ") + _node_line(c))
+            rec(c, prefix + ("    " if last else "│   "))
+
+    rec(root, "")
+    return lines
+
+
+def format_status(status: dict[str, Any]) -> list[str]:
+    """The stage-status table as text lines."""
+    lines = [
+        f"run: {status['run']}   pool: {status['pool']}   "
+        f"warmup target: {status['warmup']['target']}   warmup proxy: {status['warmup']['proxy']}"
+    ]
+    rows = []
+    for method, seeds in status["rounds"].items():
+        for seed, rounds in seeds.items():
+            for r, info in rounds.items():
+                stages = " ".join(f"{s}={v}" for s, v in info["stages"].items())
+                rows.append((method, f"seed{seed}", f"round{r}", info["status"], stages))
+    if rows:
+        w = [max(len(r[i]) for r in rows + [("method", "seed", "round", "status", "")]) for i in range(4)]
+        lines.append(f"{'method':<{w[0]}}  {'seed':<{w[1]}}  {'round':<{w[2]}}  {'status':<{w[3]}}  stages")
+        lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d:<{w[3]}}  {e}" for a, b, c, d, e in rows]
+    else:
+        lines.append("no method rounds planned or found")
+    c = status["counts"]
+    lines.append(f"rounds: {c[DONE]} done, {c[PARTIAL]} partial, {c[MISSING]} missing")
+    return lines
+
+
+def format_lineage(path: str | Path) -> str:
+    """Everything :func:`print_lineage` prints, as one string."""
+    path = Path(path)
+    root = lineage(path)
+    out = ["Lineage (kind, uuid, path, status):", *format_tree(root)]
+    if root.kind is not None and root.kind != "run":
+        anc = ancestry(path)
+        out += ["", "Parents:", *(anc or ["  (none recorded)"])]
+    if is_run_dir(path):
+        out += ["", "Stage status:", *format_status(stage_status(path))]
+    stale = [(n, p) for n in root.walk() for p in n.parents if not p.ok]
+    out.append("")
+    if stale:
+        out.append(f"{len(stale)} artifact parent link(s) changed since the artifact was made:")
+        out += [f"  {n.rel}: {p.describe()}" for n, p in stale]
+    else:
+        out.append("all recorded parents match their current manifests")
+    return "\n".join(out)
+
+
+def print_lineage(path: str | Path) -> None:
+    """Print the lineage tree, stage status and changed-parent flags of a run or artifact directory."""
+    print(format_lineage(path))
