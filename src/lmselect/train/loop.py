@@ -1,0 +1,378 @@
+"""The pretraining loop: ``train(cfg, pool, ids, out_dir)``.
+
+One optimizer step = one global batch of ``global_batch`` sequences. Each of the ``world_size`` ranks takes its own
+contiguous slice of the global batch and feeds it in ``accum`` micro-batches of ``micro_batch`` sequences, so
+global_batch = micro_batch · accum · world_size, and the union over ranks is exactly the single-process batch.
+
+Data order: epoch e is ``permutation(ids)`` under seed ``cfg.seed + e``, consumed in order; the position (epoch,
+offset) is part of the training state, so a resumed run sees exactly the batches the uninterrupted run would have.
+
+Loss: per micro-batch, per-token CE [B, L-1] under a keep mask from the token selector (all true for plain
+training), averaged over kept tokens; micro-batch losses are averaged over accumulation steps and ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+from lmselect.artifacts import LmselectError, atomic_write_text, parent_ref, read_manifest
+from lmselect.config import replace, save_config, to_dict
+from lmselect.data.pool import TokenPool
+from lmselect.log import MetricLogger, read_jsonl
+from lmselect.models.losses import token_ce
+from lmselect.models.presets import build_model, count_params, flops_per_token, get_preset
+from lmselect.train import checkpoint as ckpt_io
+from lmselect.train import distributed as D
+from lmselect.train.hooks import TokenSelector
+from lmselect.train.schedules import OptimConfig, apply_hparams, build_optimizer, lr_at, validate_schedule
+
+log = logging.getLogger("lmselect.train")
+
+SIDE_STREAM_TAG = 1  # next_batch() draws use the seed sequence [seed, SIDE_STREAM_TAG, rank, draw]
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "debug"
+    steps: int = 100
+    tokens: int | None = None  # when set, steps = ceil(tokens / (global_batch * seq_len)) and `steps` is ignored
+    global_batch: int = 32  # sequences per optimizer step, all ranks together
+    micro_batch: int = 8  # sequences per forward pass on one device; accumulation = global / (micro · world)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0  # model init = seed; epoch e's data order = seed + e
+    log_every: int = 10
+    save_every: int = 0  # periodic checkpoints (for resume); 0 = only the final one
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    compile: bool = False
+    attn: str = "sdpa"
+    backends: list[str] = field(default_factory=list)  # extra loggers: tensorboard, wandb
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    continue_optimizer: bool = False  # with init_from: also continue its AdamW moments (multi-round target)
+    peak_tflops: float | None = None  # bf16 dense peak per GPU for MFU; None = look the GPU up
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pieces of the loop (also used by bench/train_throughput.py)
+
+
+def resolve_steps(cfg: TrainConfig, seq_len: int) -> int:
+    if cfg.tokens is not None:
+        return max(1, math.ceil(cfg.tokens / (cfg.global_batch * seq_len)))
+    if cfg.steps <= 0:
+        raise LmselectError(f"steps must be > 0, got {cfg.steps}")
+    return cfg.steps
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.micro_batch * world_size
+    if cfg.micro_batch <= 0 or cfg.global_batch <= 0 or cfg.global_batch % per_step:
+        raise LmselectError(
+            f"global_batch ({cfg.global_batch}) must be a positive multiple of micro_batch ({cfg.micro_batch}) "
+            f"x world size ({world_size}) = {per_step}"
+        )
+    return cfg.global_batch // per_step
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (weights and optimizer stay fp32) on CUDA by default or when asked; plain fp32 otherwise."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def micro_step(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    selector: TokenSelector,
+    accum: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> torch.Tensor:
+    """Forward + backward of one micro-batch; returns its (detached) masked-mean loss."""
+    with autocast():
+        logits = model(input_ids=x).logits
+    ce = token_ce(logits, x)  # [B, L-1], fp32
+    mask = selector.keep_mask(x, ce.detach())
+    loss = (ce * mask).sum() / mask.sum().clamp_min(1)
+    (loss / accum).backward()  # accumulated gradients = mean over micro-batches
+    return loss.detach()
+
+
+def clip_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global grad norm (no-op when max_norm <= 0) and return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+
+
+def gpu_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of one GPU (for MFU), or None when unknown / not a GPU."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
+    return next((f for key, f in table if key in name), None)
+
+
+class DataOrder:
+    """Global batches of ids: epoch e is a permutation under seed + e, consumed in order, wrapping into the next."""
+
+    def __init__(self, ids: np.ndarray, seed: int, epoch: int = 0, offset: int = 0) -> None:
+        self.ids, self.seed, self.epoch, self.offset = ids, seed, epoch, offset
+        self._perm_epoch, self._perm = -1, ids
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng(self.seed + self.epoch).permutation(self.ids)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next(self, n: int) -> np.ndarray:
+        out: list[np.ndarray] = []
+        while n > 0:
+            perm = self._permutation()
+            take = perm[self.offset : self.offset + n]
+            out.append(take)
+            n -= len(take)
+            self.offset += len(take)
+            if self.offset >= len(perm):
+                self.epoch, self.offset = self.epoch + 1, 0
+        return np.concatenate(out)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+class SideStream:
+    """``next_batch()`` for token selectors: random micro-batches from the same ids, independent of the data order.
+
+    Draw k of rank r uses the seed sequence [seed, SIDE_STREAM_TAG, r, k], so the stream resumes from a counter.
+    """
+
+    def __init__(self, pool: TokenPool, ids: np.ndarray, seed: int, rank: int, batch: int, device: torch.device) -> None:
+        self.pool, self.ids, self.seed, self.rank, self.batch, self.device = pool, ids, seed, rank, batch, device
+        self.draws = 0
+
+    def __call__(self) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, SIDE_STREAM_TAG, self.rank, self.draws])
+        self.draws += 1
+        pick = rng.choice(len(self.ids), size=self.batch, replace=len(self.ids) < self.batch)
+        return self.pool.batch(self.ids[pick]).to(self.device)
+
+
+def _check_ids(ids: np.ndarray, pool: TokenPool) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise LmselectError(f"training ids must be a non-empty 1-D integer array (got shape {ids.shape}, {ids.dtype})")
+    if ids.min() < 0 or ids.max() >= pool.n_sequences:
+        raise LmselectError(f"training ids out of range for {pool.path} ({pool.n_sequences} sequences)")
+    return ids.astype(np.int64)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log records written after the checkpoint we resume from (they will be redone)."""
+    if path.is_file():
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _summary(out_dir: Path, manifest_extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "step": int(manifest_extra["step"]),
+        "tokens_seen": int(manifest_extra["tokens_seen"]),
+        "loss": manifest_extra.get("loss"),
+        "out_dir": str(out_dir),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    cfg: TrainConfig,
+    pool: TokenPool,
+    ids: np.ndarray,
+    out_dir: str | Path,
+    *,
+    init_from: str | Path | None = None,
+    token_selector: TokenSelector | None = None,
+    model: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """Pretrain ``cfg.preset`` (or ``model``, or the checkpoint ``init_from``) on ``ids`` of ``pool``.
+
+    Resumes exactly from the newest complete checkpoint in ``out_dir`` (which then wins over ``model`` /
+    ``init_from``); returns at once if that one is at the final step. ``cfg.continue_optimizer`` also loads the AdamW
+    moments of ``init_from`` (the step counter, data order and LR schedule of this stage start afresh). Returns ``{"step", "tokens_seen", "loss", "out_dir"}`` (loss = the final step's training loss).
+    """
+    out_dir = Path(out_dir)
+    info = D.init_distributed(cfg.device)
+    device = info.device
+    ids = _check_ids(ids, pool)
+    steps = resolve_steps(cfg, pool.seq_len)
+    accum = grad_accum_steps(cfg, info.world_size)
+    validate_schedule(cfg.optim, steps)
+    preset = get_preset(cfg.preset)
+    if pool.seq_len > preset.max_position_embeddings:
+        raise LmselectError(f"pool seq_len {pool.seq_len} exceeds preset '{cfg.preset}' context {preset.max_position_embeddings}")
+    if init_from is not None and model is not None:
+        raise LmselectError("pass either init_from (a checkpoint) or model, not both")
+    resolved = replace(cfg, steps=steps, tokens=None)  # recorded next to every output
+    selector = token_selector if token_selector is not None else TokenSelector()
+    tokens_per_step = cfg.global_batch * pool.seq_len
+
+    # ---- resume from out_dir, or start fresh ----
+    resume_dir = ckpt_io.latest_checkpoint(out_dir)
+    state = ckpt_io.load_training_state(resume_dir) if resume_dir is not None else None
+    if state is not None and state["step"] >= steps:
+        if info.is_main and resume_dir != out_dir:  # crashed while publishing the final checkpoint: finish that
+            ckpt_io.publish_checkpoint(resume_dir, out_dir)
+            ckpt_io.prune_checkpoints(out_dir, keep=None)
+        D.barrier(info)
+        log.info("%s: already trained to step %d; nothing to do", out_dir, state["step"])
+        return _summary(out_dir, read_manifest(out_dir, kind="checkpoint")["extra"])
+
+    torch.manual_seed(cfg.seed)
+    if state is not None:
+        model = ckpt_io.load_checkpoint_model(resume_dir, attn_implementation=cfg.attn)
+    elif init_from is not None:
+        init_extra = read_manifest(init_from, kind="checkpoint")["extra"]
+        fp = init_extra.get("tokenizer_fingerprint")
+        if fp and pool.tokenizer_fingerprint and fp != pool.tokenizer_fingerprint:
+            raise LmselectError(f"{init_from}: checkpoint tokenizer differs from the pool's ({pool.path})")
+        model = ckpt_io.load_checkpoint_model(init_from, attn_implementation=cfg.attn)
+    elif model is None:
+        model = build_model(cfg.preset, pool.vocab_size, seed=cfg.seed, attn_implementation=cfg.attn, eos_token_id=pool.eos_id)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
+    if model.config.vocab_size < pool.vocab_size:
+        raise LmselectError(f"model vocabulary ({model.config.vocab_size}) is smaller than the pool's ({pool.vocab_size})")
+    raw_model = model.to(device)
+    raw_model.train()
+    selector.setup(raw_model, device)
+    dmodel = D.wrap_model(raw_model, info, fsdp=cfg.fsdp)  # DDP / FSDP2 / itself
+    if cfg.compile:
+        dmodel = torch.compile(dmodel)
+    optimizer = build_optimizer(raw_model, cfg.optim)  # FSDP2 shards raw_model's parameters in place: build after
+
+    data = DataOrder(ids, cfg.seed)
+    side = SideStream(pool, ids, cfg.seed, info.rank, cfg.micro_batch, device)
+    step, tokens_seen = 0, 0
+    if state is not None:
+        _load_optimizer(raw_model, optimizer, state["optimizer"], fsdp=cfg.fsdp and info.enabled)
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        data = DataOrder(ids, cfg.seed, **state["data"])
+        side.draws = int(state["side_draws"])
+        selector.load_state_dict(state["selector"])
+        ckpt_io.set_rng_state(state["rng"])
+    elif init_from is not None and cfg.continue_optimizer:
+        prev = ckpt_io.load_training_state(init_from)  # moments only: the step, data and schedule start afresh
+        _load_optimizer(raw_model, optimizer, prev["optimizer"], fsdp=cfg.fsdp and info.enabled)
+        apply_hparams(optimizer, cfg.optim)
+
+    parents = [parent_ref(pool.path)] + ([parent_ref(init_from)] if init_from is not None else [])
+    logger = None
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(resolved, out_dir / "config.yaml")
+        if state is not None:
+            _truncate_log(out_dir / "train_log.jsonl", step)
+        logger = MetricLogger(out_dir / "train_log.jsonl", backends=cfg.backends)
+        logger.log(
+            step, event="resume" if state is not None else "start", tokens_per_step=tokens_per_step, steps=steps,
+            global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, grad_accum=accum, world_size=info.world_size,
+            params=count_params(raw_model), device=str(device), selector=selector.name,
+        )
+
+    def save(step_loss: float) -> Path:
+        """Periodic checkpoint of the current state (a collective under FSDP; rank 0 writes)."""
+        fsdp = cfg.fsdp and info.enabled
+        full_sd = D.full_model_state(raw_model) if fsdp else None
+        opt_sd = D.full_optimizer_state(raw_model, optimizer) if fsdp else optimizer.state_dict()
+        path = ckpt_io.step_dir(out_dir, step)
+        if info.is_main:
+            training_state = {
+                "step": step, "tokens_seen": tokens_seen, "data": data.state(), "side_draws": side.draws,
+                "optimizer": opt_sd, "schedule": to_dict(cfg.optim), "rng": ckpt_io.rng_state(),
+                "selector": selector.state_dict(), "world_size": info.world_size,
+            }
+            extra = {
+                "preset": cfg.preset, "step": step, "tokens_seen": tokens_seen, "loss": step_loss,
+                "tokenizer_fingerprint": pool.tokenizer_fingerprint, "pool": str(pool.path),
+            }
+            ckpt_io.save_checkpoint(
+                path, raw_model, tokenizer_dir=pool.tokenizer_dir, training_state=training_state,
+                config=to_dict(resolved), extra=extra, parents=parents, seed=cfg.seed, state_dict=full_sd,
+            )
+            ckpt_io.prune_checkpoints(out_dir, keep=path)  # only the newest is needed to resume
+        D.barrier(info)
+        return path
+
+    autocast = lambda: autocast_context(device, cfg.dtype)  # noqa: E731
+    flops_tok = flops_per_token(preset, raw_model.config.vocab_size, pool.seq_len)
+    peak = gpu_peak_flops(device, cfg.peak_tflops)
+    per_rank = cfg.micro_batch * accum
+    last_loss = float("nan")
+    t_last, steps_since = time.perf_counter(), 0
+    while step < steps:
+        selector.on_step_start(step, raw_model, side)
+        lr = lr_at(step, cfg.optim, steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        rows = data.next(cfg.global_batch)[info.rank * per_rank : (info.rank + 1) * per_rank]  # this rank's slice
+        loss_sum = torch.zeros((), device=device)
+        for i in range(accum):
+            x = pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]).to(device, non_blocking=True)
+            with D.grad_sync(dmodel, enabled=i == accum - 1):  # all-reduce gradients once, on the last micro-step
+                loss_sum += micro_step(dmodel, x, selector, accum, autocast)
+        grad_norm = clip_grads(raw_model, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        steps_since += 1
+
+        saving = step == steps or (cfg.save_every > 0 and step % cfg.save_every == 0)
+        if step % max(1, cfg.log_every) == 0 or saving:
+            last_loss = float(D.all_reduce_mean(loss_sum / accum, info))  # every rank joins (collective)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t_last
+            tps = steps_since * tokens_per_step / max(dt, 1e-9)
+            t_last, steps_since = time.perf_counter(), 0
+            if logger is not None:
+                mfu = flops_tok * tps / (peak * info.world_size) if peak else None
+                sel = {f"sel_{k}": v for k, v in selector.stats().items()}
+                logger.log(step, loss=last_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tps, mfu=mfu,
+                           tokens_seen=tokens_seen, **sel)
+        if saving:
+            last_path = save(last_loss)
+
+    # the final checkpoint becomes out_dir itself (what the pipeline, eval and from_pretrained read)
+    if info.is_main:
+        ckpt_io.publish_checkpoint(last_path, out_dir)
+        ckpt_io.prune_checkpoints(out_dir, keep=None)
+        logger.close()
+    D.barrier(info)
+    return {"step": step, "tokens_seen": tokens_seen, "loss": last_loss, "out_dir": str(out_dir)}
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any], fsdp: bool) -> None:
+    try:
+        if fsdp:
+            D.load_full_optimizer_state(model, optimizer, sd)
+        else:
+            optimizer.load_state_dict(sd)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LmselectError(f"optimizer state does not match this model / parallelism ({str(e).splitlines()[0]})") from None
