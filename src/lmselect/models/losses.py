@@ -10,9 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half / bf16 to float32 for the loss; float64 stays float64 (oracle checks in double precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-token next-token cross-entropy [B, L-1] (float32 accumulation even for bf16 logits)."""
-    logits = logits[:, :-1].float()
+    logits = _at_least_fp32(logits[:, :-1])
     targets = input_ids[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     return ce.view(targets.shape)
@@ -39,7 +44,7 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: t
 
     The teacher is the frozen target (METHODS §1.1): gradients flow only into the student.
     """
-    q_log = F.log_softmax(teacher_logits.float(), dim=-1)
-    p_log = F.log_softmax(student_logits.float(), dim=-1)
+    q_log = F.log_softmax(_at_least_fp32(teacher_logits), dim=-1)
+    p_log = F.log_softmax(_at_least_fp32(student_logits), dim=-1)
     kl = (q_log.exp() * (q_log - p_log)).sum(-1)
     return masked_mean(kl, mask)

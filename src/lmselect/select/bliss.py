@@ -1,0 +1,684 @@
+"""BLISS bilevel solver (METHODS §1.1–1.2): learn a score model whose soft reweighting of the training stream
+minimises the proxy's validation loss.
+
+Objective (upper / lower level)::
+
+    min_θs  F(θ_p*(θ_s))                                   F = masked CE of the proxy on the validation set
+    θ_p*(θ_s) = argmin_θp  G(θ_p, θ_s)
+    G = Σ_i P_i · CE_i(θ_p) + γ · KL(target ‖ proxy) + λ · ‖θ_p‖²
+    P = softmax(s_1 … s_B) over the *global* batch,  s_i = sigmoid(w · meanpool(h_s(x_i)) + b)
+
+Three models: the **target** (KL teacher: frozen, eval mode, no grad), the **proxy** θ_p (trained by the inner
+steps) and the **score model** θ_s (:class:`lmselect.models.scorer.SequenceScorer`).
+
+One outer step (approximate implicit differentiation):
+
+1. K inner AdamW steps on θ_p, each on a fresh training batch (P detached: the inner level does not move θ_s).
+2. v = ∇_θp F on one validation batch.
+3. z ≈ (H + λ_z I)⁻¹ v, H = ∇²_θp G on the outer training batch, by ``z_steps`` updates
+   z ← z − η_z (H z + λ_z z − v) (each tensor's update clipped to unit norm), z re-initialised to ``z_init``;
+   Hessian-vector products by double backward through the *math* attention path (fused SDPA is not twice
+   differentiable). Under torchrun each rank solves with its own batch and the z are averaged.
+4. c_i = ⟨∇_θp CE_i, z⟩ for every sequence of the outer batch.
+5. Hypergradient  ∇Φ(θ_s) ≈ −∇_θs Σ_i P_i(θ_s) c_i  with c held constant.
+6. AdamW step on θ_s (per-tensor gradient clip to unit norm, cosine schedule with warm-up).
+
+Steps 4–5 have two implementations (``BlissConfig.hypergrad_impl``), both in :mod:`lmselect.select.bilevel_math`:
+``per_sample`` (one backward per sequence through the proxy and one through the score model, as in the released
+code; the test oracle and benchmark baseline) and ``batched`` (all c_i as one forward-mode directional derivative or
+one double-backward pass, one backward through the score model). ``auto`` = ``batched``: it was faster in every
+configuration we measured (``bench/bliss_step.py``), and the two agree to floating-point tolerance (tests).
+
+Distributed (torchrun): no DDP wrapper; gradients are summed by explicit all-reduce. Each rank holds B/W sequences;
+scores are all-gathered so P is the global softmax; the inner loss on rank r is Σ_{i∈r} P_i CE_i + (γ KL_r + λ‖θ‖²)/W
+so that the summed gradient is ∇G of the global batch. For the local z solve rank r uses the unbiased local estimate
+G_r = W Σ_{i∈r} P_i CE_i + γ KL_r + λ‖θ‖² (W = 1: exactly G). Rank 0 writes all files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, write_manifest
+from lmselect.config import save_config, to_dict
+from lmselect.data.tokenizer import check_same_tokenizer, tokenizer_fingerprint
+from lmselect.data.valset import ValidationSet
+from lmselect.log import MetricLogger, read_jsonl
+from lmselect.models.losses import masked_mean, token_ce, token_kl
+from lmselect.models.scorer import SequenceScorer
+from lmselect.select import bilevel_math as bm
+
+STATE_FILE = "solver_state.pt"
+LOG_FILE = "bilevel_log.jsonl"
+SCORE_MODEL_DIR = "score_model"
+# derived seeds: cfg.seed + offset
+SEED_TRAIN_STREAM = 1
+SEED_VAL_STREAM = 2
+
+
+@dataclass
+class BlissConfig:
+    """Every constant of METHODS §1.2; defaults are the released code's."""
+
+    gamma: float = 1e-2  # KL(target ‖ proxy) weight in G
+    lam: float = 1e-7  # L2 weight λ‖θ_p‖² in G
+    inner_steps: int = 1  # K
+    outer_steps: int = 3000  # T per round
+    z_steps: int = 3  # gradient steps of the linear-system solve
+    z_lr: float = 1e-2  # η_z
+    z_damping: float = 1e-2  # λ_z
+    z_init: float = 1e-3  # constant z is re-initialised to every outer step
+    z_clip: float = 1.0  # per-tensor norm cap of each z update
+    proxy_lr: float = 1e-5
+    score_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1  # AdamW, matrices (≥2-D) only, like lmselect.train
+    proxy_clip: float = 1.0  # global grad-norm clip of the inner steps
+    score_clip: float = 1.0  # per-tensor grad-norm clip of the score model
+    warmup_ratio: float = 0.1  # linear warm-up fraction, then cosine to 0 (both optimizers)
+    batch_size: int = 32  # global outer / inner batch, in sequences
+    micro_batch: int | None = None  # per-rank chunk for memory (None = whole local batch)
+    val_batch_size: int = 32  # validation sequences per rank per outer step
+    hypergrad_impl: Literal["auto", "per_sample", "batched"] = "auto"  # auto = batched (see module docstring)
+    batched_dots: Literal["jvp", "double_backward"] = "jvp"  # how the batched path gets all c_i
+    cache_teacher: bool = True  # keep target logits of the outer batch across the z steps (memory B·L·V)
+    seed: int = 0
+    log_every: int = 10  # stdout cadence (every step goes to the jsonl)
+    save_every: int = 100  # solver-state checkpoint cadence (outer steps)
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = "auto"  # autocast dtype; auto = bf16 on CUDA
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small utilities: distributed, schedules, attention path, data streams
+
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _dist() else (0, 1)
+
+
+def all_gather_cat(t: Tensor) -> Tensor:
+    """Concatenate equal-sized tensors of all ranks along dim 0 (no gradient: callers re-insert their own slice)."""
+    if not _dist():
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_(tensors: Sequence[Tensor], mean: bool = False) -> None:
+    if not _dist():
+        return
+    w = torch.distributed.get_world_size()
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        if mean:
+            t.div_(w)
+
+
+def warmup_cosine(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR multiplier of optimizer step s (0-based): (s+1)/W during warm-up, then cosine from 1 to 0 at the end."""
+    total = max(1, int(total))
+    warm = max(1, int(round(warmup_ratio * total))) if warmup_ratio > 0 else 0
+
+    def fn(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+
+    return fn
+
+
+def _adamw(params: Sequence[nn.Parameter], lr: float, cfg: BlissConfig) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=tuple(cfg.betas),
+    )
+
+
+@contextlib.contextmanager
+def math_attention(*models: nn.Module) -> Iterator[None]:
+    """Twice-differentiable attention for HVPs / forward-mode AD: SDPA restricted to the math backend, and models
+    configured with a fused non-SDPA kernel (flash-attention) temporarily switched to eager attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    switched: list[tuple[nn.Module, str]] = []
+    try:
+        for m in models:
+            impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
+            if impl not in (None, "sdpa", "eager"):
+                m.set_attn_implementation("eager")
+                switched.append((m, impl))
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for m, impl in switched:
+            m.set_attn_implementation(impl)
+
+
+class IndexStream:
+    """Deterministic, resumable batches of rows: epoch e is ``default_rng(seed + e).permutation(n)`` cut into global
+    batches (last partial batch dropped); rank r takes rows [r·b, (r+1)·b) of each global batch. ``batch(k)`` is a
+    pure function of k, so a resumed run recomputes its position instead of storing iterator state."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if n < 1:
+            raise LmselectError("bilevel solver: no sequences to draw batches from")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.global_batch = min(global_batch, n - n % world) if global_batch > n else global_batch
+        if self.global_batch < world:
+            raise LmselectError(f"bilevel solver: {n} sequences cannot feed {world} ranks")
+        self.local = self.global_batch // world
+        self.per_epoch = n // self.global_batch
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def batch(self, k: int) -> np.ndarray:
+        epoch, j = divmod(int(k), self.per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
+            self._perm_epoch = epoch
+        assert self._perm is not None
+        g = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
+        return g[self.rank * self.local : (self.rank + 1) * self.local]
+
+
+def _sq_norm(params: Sequence[Tensor]) -> Tensor:
+    """‖θ‖² accumulated in float32 at least (float64 stays float64)."""
+    return sum(p.to(torch.promote_types(p.dtype, torch.float32)).pow(2).sum() for p in params)  # type: ignore[return-value]
+
+
+_FP = re.compile(r"[0-9a-f]{16}")
+
+
+def _fingerprint(x: Any) -> str:
+    if isinstance(x, str) and _FP.fullmatch(x) and not Path(x).exists():
+        return x
+    return tokenizer_fingerprint(x)
+
+
+def check_compatible(
+    proxy: nn.Module, target: nn.Module, scorer: SequenceScorer | None = None, *,
+    proxy_tokenizer: Any = None, target_tokenizer: Any = None,
+) -> None:
+    """Raise LmselectError before any compute unless proxy, target (and score model) share one tokenizer.
+
+    Tokenizers may be given as tokenizer objects, HF tokenizer directories or 16-hex fingerprints
+    (``lmselect.data.tokenizer.tokenizer_fingerprint``). Independently, the models' vocabulary sizes must agree: the
+    KL term compares the two output distributions token by token.
+    """
+    if proxy_tokenizer is not None and target_tokenizer is not None:
+        if any(isinstance(t, str) and _FP.fullmatch(t) and not Path(t).exists() for t in (proxy_tokenizer, target_tokenizer)):
+            fa, fb = _fingerprint(proxy_tokenizer), _fingerprint(target_tokenizer)
+            if fa != fb:
+                raise LmselectError(f"tokenizer mismatch: proxy ({fa}) and target ({fb}) must share one tokenizer")
+        else:
+            check_same_tokenizer(proxy_tokenizer, target_tokenizer, "proxy", "target")
+    vp = proxy.get_output_embeddings().weight.shape[0]
+    vt = target.get_output_embeddings().weight.shape[0]
+    if vp != vt:
+        raise LmselectError(
+            f"tokenizer mismatch: proxy vocabulary has {vp} entries, target {vt}; BLISS needs one shared tokenizer "
+            "(the KL term compares the two models token by token)"
+        )
+    if scorer is not None:
+        vs = scorer.lm.get_input_embeddings().weight.shape[0]
+        if vs != vp:
+            raise LmselectError(f"tokenizer mismatch: score model vocabulary has {vs} entries, proxy {vp}")
+
+
+def init_score_model(proxy: nn.Module, seed: int) -> SequenceScorer:
+    """Round-1 score model: backbone deep-copied from the warm-up proxy, head ~ normal(0, 0.02), bias 0 (seeded)."""
+    return SequenceScorer.from_causal_lm(proxy, activation="sigmoid", seed=seed)
+
+
+@dataclass
+class Hypergradient:
+    """Everything one hypergradient evaluation produced (grads are *before* clipping)."""
+
+    grads: tuple[Tensor, ...]
+    c: Tensor  # [B_local]
+    scores: Tensor  # [B_global] detached
+    weights: Tensor  # [B_global] P
+    upper_loss: float
+    z_norm: float
+    v_norm: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the solver
+
+
+class BilevelSolver:
+    """Holds the three models and both optimizers; ``outer_step`` runs steps 1–6 of METHODS §1.2 once."""
+
+    def __init__(
+        self,
+        cfg: BlissConfig,
+        proxy: nn.Module,
+        target: nn.Module,
+        scorer: SequenceScorer,
+        valset: ValidationSet,
+        device: torch.device | str | None = None,
+        *,
+        proxy_tokenizer: Any = None,
+        target_tokenizer: Any = None,
+    ):
+        check_compatible(proxy, target, scorer, proxy_tokenizer=proxy_tokenizer, target_tokenizer=target_tokenizer)
+        if cfg.hypergrad_impl not in ("auto", "per_sample", "batched"):
+            raise LmselectError(f"config key 'hypergrad_impl' must be auto, per_sample or batched, got {cfg.hypergrad_impl!r}")
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else next(proxy.parameters()).device
+        self.rank, self.world = rank_world()
+        if cfg.batch_size % self.world:
+            raise LmselectError(f"bliss batch_size {cfg.batch_size} is not divisible by the world size {self.world}")
+        self.local_batch = cfg.batch_size // self.world
+        self.proxy = proxy.to(self.device).train()
+        # the KL teacher: frozen, eval mode, never differentiated
+        self.target = target.to(self.device).eval().requires_grad_(False)
+        self.scorer = scorer.to(self.device).train()
+        self.valset = valset
+
+        self.p_names = [n for n, p in proxy.named_parameters() if p.requires_grad]
+        self.p_params: tuple[nn.Parameter, ...] = tuple(p for _, p in proxy.named_parameters() if p.requires_grad)
+        # score parameters: everything that reaches s (the scorer's LM head is saved with it but never used)
+        unused = {id(p) for p in scorer.lm.get_output_embeddings().parameters()}
+        named = [(n, p) for n, p in scorer.named_parameters() if p.requires_grad and id(p) not in unused]
+        self.s_names = [n for n, _ in named]
+        self.s_params: tuple[nn.Parameter, ...] = tuple(p for _, p in named)
+
+        self.p_opt = _adamw(self.p_params, cfg.proxy_lr, cfg)
+        self.s_opt = _adamw(self.s_params, cfg.score_lr, cfg)
+        self.p_sched = torch.optim.lr_scheduler.LambdaLR(self.p_opt, warmup_cosine(cfg.outer_steps * cfg.inner_steps, cfg.warmup_ratio))
+        self.s_sched = torch.optim.lr_scheduler.LambdaLR(self.s_opt, warmup_cosine(cfg.outer_steps, cfg.warmup_ratio))
+        self.step = 0
+        self.elapsed = 0.0
+        self.val_stream = IndexStream(len(valset), cfg.val_batch_size * self.world, cfg.seed + SEED_VAL_STREAM, self.rank, self.world)
+        self.last: Hypergradient | None = None
+
+    # ---- configuration helpers --------------------------------------------------------------------------------
+    @property
+    def impl(self) -> str:
+        return "batched" if self.cfg.hypergrad_impl == "auto" else self.cfg.hypergrad_impl
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        d = self.cfg.dtype
+        if d == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(d)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dt = self._amp_dtype()
+        return torch.autocast(self.device.type, dtype=dt) if dt is not None else contextlib.nullcontext()
+
+    # ---- closures over parameter tuples (what bilevel_math differentiates) --------------------------------------
+    def proxy_logits(self, params: Sequence[Tensor], ids: Tensor) -> Tensor:
+        return functional_call(self.proxy, dict(zip(self.p_names, params)), (), {"input_ids": ids}).logits
+
+    def ce_fn(self, ids: Tensor) -> bm.PerSeqFn:
+        """CE_i(θ_p) of rows ``sl`` of ``ids``: mean next-token CE per sequence."""
+
+        def fn(params: bm.Params, sl: slice) -> Tensor:
+            x = ids[sl]
+            return token_ce(self.proxy_logits(params, x), x).mean(1)
+
+        return fn
+
+    def score_fn(self, ids: Tensor) -> bm.PerSeqFn:
+        def fn(params: bm.Params, sl: slice) -> Tensor:
+            return functional_call(self.scorer, dict(zip(self.s_names, params)), (ids[sl],))
+
+        return fn
+
+    def lower_fn(self, ids: Tensor, weights: Tensor, sl: slice, teacher_logits: Tensor | None, *,
+                 ce_scale: float, reg_scale: float, with_l2: bool) -> bm.ScalarFn:
+        """The part of G contributed by rows ``sl``: ce_scale·Σ P_i CE_i + reg_scale·(γ KL·|sl|/B + [λ‖θ‖²])."""
+        x = ids[sl]
+        frac = x.shape[0] / ids.shape[0]
+
+        def fn(params: bm.Params) -> Tensor:
+            logits = self.proxy_logits(params, x)
+            ce = token_ce(logits, x).mean(1)
+            teacher = teacher_logits if teacher_logits is not None else self.teacher_logits(x)
+            loss = ce_scale * (weights[sl].to(ce.dtype) * ce).sum()
+            loss = loss + reg_scale * self.cfg.gamma * frac * token_kl(teacher, logits)
+            if with_l2 and self.cfg.lam:
+                loss = loss + reg_scale * self.cfg.lam * _sq_norm(params)
+            return loss
+
+        return fn
+
+    @torch.no_grad()
+    def teacher_logits(self, ids: Tensor) -> Tensor:
+        with self.autocast():
+            return self.target(input_ids=ids).logits
+
+    @torch.no_grad()
+    def scores(self, ids: Tensor) -> Tensor:
+        """Local scores [B_local] (no grad) in chunks."""
+        fn = self.score_fn(ids)
+        with self.autocast():
+            return torch.cat([fn(self.s_params, sl) for sl in bm.chunks(ids.shape[0], self.cfg.micro_batch)]).float()
+
+    def global_weights(self, s_local: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(all scores, P over the global batch, this rank's P slice); P in float32 at least."""
+        s_all = all_gather_cat(s_local.detach())
+        p_all = torch.softmax(s_all.to(torch.promote_types(s_all.dtype, torch.float32)), 0)
+        off = self.rank * s_local.shape[0]
+        return s_all, p_all, p_all[off : off + s_local.shape[0]]
+
+    # ---- step 1: inner step -----------------------------------------------------------------------------------
+    def inner_step(self, ids: Tensor) -> dict[str, float]:
+        ids = ids.to(self.device)
+        _, _, p_loc = self.global_weights(self.scores(ids))
+        self.p_opt.zero_grad(set_to_none=True)
+        tot = torch.zeros(3, dtype=torch.float64, device=self.device)  # G, KL, weighted CE (local contributions)
+        for i, sl in enumerate(bm.chunks(ids.shape[0], self.cfg.micro_batch)):
+            x = ids[sl]
+            teacher = self.teacher_logits(x)
+            with self.autocast():
+                logits = self.proxy_logits(self.p_params, x)
+                ce = token_ce(logits, x).mean(1)
+                wce = (p_loc[sl].to(ce.dtype) * ce).sum()
+                kl = token_kl(teacher, logits) * (x.shape[0] / ids.shape[0])
+                loss = wce + (self.cfg.gamma * kl) / self.world
+                if i == 0 and self.cfg.lam:
+                    loss = loss + self.cfg.lam * _sq_norm(self.p_params) / self.world
+            loss.backward()
+            tot += torch.stack([loss.detach().double(), kl.detach().double() / self.world, wce.detach().double()])
+        all_reduce_([p.grad for p in self.p_params if p.grad is not None])
+        all_reduce_([tot])
+        gnorm = torch.nn.utils.clip_grad_norm_(self.p_params, self.cfg.proxy_clip if self.cfg.proxy_clip > 0 else float("inf"))
+        self.p_opt.step()
+        self.p_sched.step()
+        self.p_opt.zero_grad(set_to_none=True)
+        return {"lower_loss": float(tot[0]), "kl": float(tot[1]), "weighted_ce": float(tot[2]), "proxy_grad_norm": float(gnorm)}
+
+    # ---- steps 2–5: hypergradient ------------------------------------------------------------------------------
+    def next_val_batch(self) -> tuple[Tensor, Tensor]:
+        sub = self.valset.subset(torch.as_tensor(self.val_stream.batch(self.step)))
+        return next(iter(sub.batches(len(sub), self.device)))
+
+    def validation_grad(self, val_ids: Tensor, val_mask: Tensor) -> tuple[bm.Params, float]:
+        """v = ∇_θp F: token-weighted masked CE of one validation batch."""
+        with self.autocast():
+            f = masked_mean(token_ce(self.proxy_logits(self.p_params, val_ids), val_ids), val_mask)
+        v = torch.autograd.grad(f, self.p_params, allow_unused=True)
+        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.p_params, v)), float(f.detach())
+
+    def lower_hvp(self, ids: Tensor, weights: Tensor, vec: Sequence[Tensor], teachers: list[Tensor] | None = None) -> bm.Params:
+        """H·vec with H = ∇²_θp G_r on this rank's batch (G_r: the local estimate, see module docstring)."""
+        ids = ids.to(self.device)
+        out: list[Tensor] | None = None
+        for i, sl in enumerate(bm.chunks(ids.shape[0], self.cfg.micro_batch)):
+            fn = self.lower_fn(ids, weights, sl, teachers[i] if teachers is not None else None,
+                               ce_scale=float(self.world), reg_scale=1.0, with_l2=(i == 0))
+            with math_attention(self.proxy), self.autocast():
+                hv = bm.hvp(fn, self.p_params, vec)
+            out = list(hv) if out is None else [a + b for a, b in zip(out, hv)]
+        assert out is not None
+        return tuple(out)
+
+    def compute_c(self, ids: Tensor, z: Sequence[Tensor], impl: str | None = None) -> Tensor:
+        """c_i = ⟨∇_θp CE_i, z⟩ for this rank's sequences [B_local]."""
+        impl = impl or self.impl
+        n = ids.shape[0]
+        fn = self.ce_fn(ids)
+        if impl == "per_sample":
+            with self.autocast():  # first-order only: the fused attention path is fine here
+                return bm.dots_per_sample(fn, self.p_params, z, n)
+        with math_attention(self.proxy), self.autocast():
+            if self.cfg.batched_dots == "jvp":
+                return bm.dots_jvp(fn, self.p_params, z, n, self.cfg.micro_batch)
+            return bm.dots_double_backward(fn, self.p_params, z, n, self.cfg.micro_batch)
+
+    def score_grads(self, ids: Tensor, s_all: Tensor, c_local: Tensor, impl: str | None = None) -> bm.Params:
+        """∇_θs of −Σ_i P_i(θ_s) c_i over the global batch (c constant), summed over ranks."""
+        impl = impl or self.impl
+        c_all = all_gather_cat(c_local.to(s_all.dtype))
+        off = self.rank * ids.shape[0]
+        fn = self.score_fn(ids)
+        with self.autocast():
+            if impl == "per_sample":
+                ds = bm.softmax_weight_grad(s_all, c_all)[off : off + ids.shape[0]]
+                grads = bm.hypergrad_per_sample(fn, self.s_params, ds)
+            else:
+                ds = bm.softmax_weight_grad_autograd(s_all, c_all)[off : off + ids.shape[0]]
+                grads = bm.hypergrad_batched(fn, self.s_params, ds, self.cfg.micro_batch)
+        all_reduce_(grads)
+        return grads
+
+    def hypergradient(self, ids: Tensor, val_ids: Tensor, val_mask: Tensor, impl: str | None = None) -> Hypergradient:
+        """Steps 2–5 of METHODS §1.2 on the outer batch ``ids`` (this rank's rows); does not update anything."""
+        cfg, t = self.cfg, {}
+        ids = ids.to(self.device)
+        t0 = time.perf_counter()
+        v, f_val = self.validation_grad(val_ids, val_mask)
+        t["t_val"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        s_loc = self.scores(ids)
+        s_all, p_all, p_loc = self.global_weights(s_loc)
+        teachers = None
+        if cfg.cache_teacher:
+            teachers = [self.teacher_logits(ids[sl]) for sl in bm.chunks(ids.shape[0], cfg.micro_batch)]
+        z = bm.solve_z(lambda vec: self.lower_hvp(ids, p_loc, vec, teachers), v, steps=cfg.z_steps, lr=cfg.z_lr,
+                       damping=cfg.z_damping, init=cfg.z_init, clip=cfg.z_clip)
+        del teachers
+        all_reduce_(z, mean=True)
+        t["t_z"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        c = self.compute_c(ids, z, impl)
+        t["t_c"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grads = self.score_grads(ids, s_all, c, impl)
+        t["t_hyper"] = time.perf_counter() - t0
+        return Hypergradient(grads=grads, c=c, scores=s_all, weights=p_all, upper_loss=f_val,
+                             z_norm=float(bm.tree_norm(z)), v_norm=float(bm.tree_norm(v)), timings=t)
+
+    # ---- step 6 + the whole outer step ------------------------------------------------------------------------
+    def score_update(self, grads: Sequence[Tensor]) -> float:
+        """AdamW step on θ_s with the per-tensor clipped hypergradient; returns the unclipped global norm."""
+        norm = float(bm.tree_norm(grads))
+        for p, g in zip(self.s_params, grads):
+            p.grad = g.detach().to(p.dtype).clone()
+        bm.clip_per_tensor_([p.grad for p in self.s_params], self.cfg.score_clip)
+        self.s_opt.step()
+        self.s_sched.step()
+        self.s_opt.zero_grad(set_to_none=True)
+        return norm
+
+    def outer_step(self, train_batches: Iterator[Tensor]) -> dict[str, float]:
+        """One outer step; draws K + 1 batches ([B_local, L] LongTensors) from ``train_batches``:
+        K for the inner steps, one fresh outer batch for the HVPs, the c_i and the hypergradient."""
+        t_start = time.perf_counter()
+        lr_p, lr_s = self.p_opt.param_groups[0]["lr"], self.s_opt.param_groups[0]["lr"]
+        inner: dict[str, float] = {}
+        for _ in range(self.cfg.inner_steps):
+            inner = self.inner_step(next(train_batches))
+        t_inner = time.perf_counter() - t_start
+        outer_ids = next(train_batches).to(self.device)
+        val_ids, val_mask = self.next_val_batch()
+        hg = self.hypergradient(outer_ids, val_ids, val_mask)
+        t0 = time.perf_counter()
+        hnorm = self.score_update(hg.grads)
+        self.last = hg
+        self.step += 1
+        s, p, c = hg.scores.double(), hg.weights.double(), hg.c.double()
+        secs = time.perf_counter() - t_start
+        self.elapsed += secs
+        return {
+            "upper_loss": hg.upper_loss, **inner, "hypergrad_norm": hnorm, "z_norm": hg.z_norm, "v_norm": hg.v_norm,
+            "c_mean": float(c.mean()), "c_std": float(c.std()) if c.numel() > 1 else 0.0,
+            "score_mean": float(s.mean()), "score_std": float(s.std()) if s.numel() > 1 else 0.0,
+            "score_min": float(s.min()), "score_max": float(s.max()), "weight_ratio": float(p.max() / p.min()),
+            "lr_proxy": lr_p, "lr_score": lr_s, "seconds": secs, "t_inner": t_inner,
+            **hg.timings, "t_update": time.perf_counter() - t0,
+        }
+
+    # ---- resumable state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step, "elapsed": self.elapsed,
+            "proxy": self.proxy.state_dict(), "scorer": self.scorer.state_dict(),
+            "proxy_opt": self.p_opt.state_dict(), "score_opt": self.s_opt.state_dict(),
+            "proxy_sched": self.p_sched.state_dict(), "score_sched": self.s_sched.state_dict(), "rng": rng,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.proxy.load_state_dict(d["proxy"])
+        self.scorer.load_state_dict(d["scorer"])
+        self.p_opt.load_state_dict(d["proxy_opt"])
+        self.s_opt.load_state_dict(d["score_opt"])
+        self.p_sched.load_state_dict(d["proxy_sched"])
+        self.s_sched.load_state_dict(d["score_sched"])
+        self.step, self.elapsed = int(d["step"]), float(d.get("elapsed", 0.0))
+        rng = d.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "numpy" in rng:
+            np.random.set_state(rng["numpy"])
+        if "python" in rng:
+            random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one round: stream, log, checkpoint, resume, finalise
+
+
+def _save_state(solver: BilevelSolver, out_dir: Path) -> None:
+    if solver.rank == 0:
+        with atomic_path(out_dir / STATE_FILE) as tmp:
+            torch.save(solver.state_dict(), tmp)
+    if _dist():
+        torch.distributed.barrier()
+
+
+def solve_round(
+    cfg: BlissConfig,
+    proxy: nn.Module,
+    target: nn.Module,
+    scorer: SequenceScorer,
+    train_ids: np.ndarray,
+    pool: Any,
+    valset: ValidationSet,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    proxy_tokenizer: Any = None,
+    target_tokenizer: Any = None,
+    parents: list[dict[str, str]] | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> SequenceScorer:
+    """Run the bilevel solver for ``cfg.outer_steps`` on batches of ``pool.batch(ids)`` from ``train_ids``.
+
+    Writes ``out_dir/bilevel_log.jsonl`` (one record per outer step), ``out_dir/score_model/`` and, last,
+    ``manifest.json`` (kind="bilevel"). Solver state (proxy + scorer weights, both optimizers and schedules, step,
+    RNG) goes to ``out_dir/solver_state.pt`` every ``cfg.save_every`` steps; a rerun continues from it. If the
+    artifact is already complete, the saved score model is loaded into ``scorer`` and returned without compute.
+    ``stop_after``: return (state saved, no manifest) once this many outer steps are done — for time-sliced jobs.
+    ``proxy_tokenizer``: defaults to the pool's tokenizer fingerprint (the proxy was trained on the pool).
+    """
+    out_dir = Path(out_dir)
+    if is_complete(out_dir, "bilevel"):
+        loaded = SequenceScorer.load(out_dir / SCORE_MODEL_DIR)
+        scorer.load_state_dict(loaded.state_dict())
+        return scorer
+    if proxy_tokenizer is None and getattr(pool, "tokenizer_fingerprint", ""):
+        proxy_tokenizer = pool.tokenizer_fingerprint
+    if target_tokenizer is not None and getattr(pool, "tokenizer_fingerprint", ""):
+        fp_t = _fingerprint(target_tokenizer)
+        if fp_t != pool.tokenizer_fingerprint:
+            raise LmselectError(f"tokenizer mismatch: target ({fp_t}) and pool {pool.path} ({pool.tokenizer_fingerprint})")
+    train_ids = np.asarray(train_ids, dtype=np.int64)
+    solver = BilevelSolver(cfg, proxy, target, scorer, valset, device,
+                           proxy_tokenizer=proxy_tokenizer, target_tokenizer=target_tokenizer)
+    if int(train_ids.max(initial=-1)) >= 0 and pool.vocab_size > proxy.get_input_embeddings().weight.shape[0]:
+        raise LmselectError(f"pool {pool.path} has {pool.vocab_size} token ids, the proxy only {proxy.get_input_embeddings().weight.shape[0]}")
+    if len(train_ids) < cfg.batch_size:
+        raise LmselectError(f"bliss: {len(train_ids)} training sequences are fewer than one batch of {cfg.batch_size}")
+    rank, world = solver.rank, solver.world
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / STATE_FILE
+    if state_path.is_file():
+        solver.load_state_dict(torch.load(state_path, map_location=solver.device, weights_only=False))
+        if rank == 0:  # drop log records written after the last checkpoint (a crash between saves)
+            from lmselect.artifacts import atomic_write_text
+            import json
+
+            keep = [r for r in read_jsonl(out_dir / LOG_FILE) if int(r.get("step", 0)) <= solver.step]
+            atomic_write_text(out_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in keep))
+    elif rank == 0:
+        (out_dir / LOG_FILE).unlink(missing_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+    if rank == 0:
+        save_config(cfg, out_dir / "config.yaml")
+
+    stream = IndexStream(len(train_ids), cfg.batch_size, cfg.seed + SEED_TRAIN_STREAM, rank, world)
+    per_step = cfg.inner_steps + 1
+
+    def batches(k0: int) -> Iterator[Tensor]:
+        k = k0
+        while True:
+            yield pool.batch(train_ids[stream.batch(k)])
+            k += 1
+
+    logger = MetricLogger(out_dir / LOG_FILE if rank == 0 else None, stdout_every=cfg.log_every, prefix="bliss ")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.outer_steps, initial=solver.step, desc="bliss", disable=not progress or rank != 0)
+    last: dict[str, float] = {}
+    try:
+        while solver.step < cfg.outer_steps:
+            last = solver.outer_step(batches(solver.step * per_step))
+            logger.log(solver.step, **last)
+            bar.update(1)
+            bar.set_postfix(F=f"{last['upper_loss']:.3f}", G=f"{last['lower_loss']:.3f}")
+            stopping = stop_after is not None and solver.step >= stop_after and solver.step < cfg.outer_steps
+            if solver.step % max(1, cfg.save_every) == 0 or stopping:
+                _save_state(solver, out_dir)
+            if stopping:
+                return scorer
+    finally:
+        bar.close()
+        logger.close()
+
+    if rank == 0:
+        scorer.save_pretrained(out_dir / SCORE_MODEL_DIR, extra={"tokenizer_fingerprint": getattr(pool, "tokenizer_fingerprint", "")})
+        write_manifest(out_dir, Manifest(
+            kind="bilevel", config=to_dict(cfg), seed=cfg.seed, parents=parents or [],
+            counts={"outer_steps": solver.step, "train_candidates": int(len(train_ids)),
+                    "sequences_seen": int(solver.step * per_step * cfg.batch_size)},
+            timings={"solve_s": solver.elapsed},
+            extra={"hypergrad_impl": solver.impl, "world_size": world, "final": last,
+                   "tokenizer_fingerprint": getattr(pool, "tokenizer_fingerprint", "")},
+        ))
+        state_path.unlink(missing_ok=True)  # the manifest marks completion; the large state is no longer needed
+    if _dist():
+        torch.distributed.barrier()
+    return scorer
