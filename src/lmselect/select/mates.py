@@ -1,0 +1,556 @@
+"""MATES: model-aware data selection with a data-influence model (Yu et al., NeurIPS 2024; METHODS §2).
+
+Objective. The oracle influence of a training sequence x on the current target θ (with optimizer state s) is the
+validation loss after one optimizer step on x alone (the paper's locally probed oracle influence):
+
+    I_θ(x) = L(D_val | A(θ, s, ∇_θ L(x)))          A = the target's own optimizer step (AdamW here)
+
+A small influence model Θ is regressed onto z-normalised oracle values of N probe sequences (MSE),
+
+    Θ* = argmin_Θ  Σ_x ( Θ(x) − (I_θ(x) − μ) / σ )²
+
+and the next shard D is selected by Gumbel-top-k on the predictions, keeping the *smallest* predicted post-step loss
+keys = −Θ(x)/τ + Gumbel noise, top k = fraction · |D| keys, τ = 0.5, noise seeded.
+
+Implementation notes.
+* Probe step = exactly one ``optimizer.step()`` on the mean token CE of the single sequence, from the target's
+  checkpoint **with its optimizer state**: Adam moments, step counts and the current (scheduled) lr of each group.
+  ``probe_lr`` overrides the lr; ``clip_grad_norm`` (default None = off) clips the single-sequence gradient like
+  ``torch.nn.utils.clip_grad_norm_``. The model runs in eval mode for both the step and the validation loss (the
+  presets have no dropout, and it keeps the probe deterministic).
+* :func:`probe_oracle` has two implementations that compute the same numbers:
+  ``method="loop"`` (the oracle): per sequence, backward + ``optimizer.step()`` + validation loss, then an exact
+  restore (parameters copied back, optimizer ``load_state_dict`` of a deep copy, gradients reset);
+  ``method="batched"``: per chunk of C sequences, per-sample gradients with ``torch.func.vmap(grad(...))`` over a
+  ``functional_call``, a functional AdamW step per sample from the optimizer's ``exp_avg`` / ``exp_avg_sq`` /
+  ``step`` (the same arithmetic as ``torch.optim.AdamW``'s single-tensor path), and the validation loss of the C
+  stepped parameter sets with ``vmap`` over the stacked parameters. Memory is ~C × (parameters + Adam state)
+  plus C × val batch × L × vocab logits; ``probe_chunk`` bounds it.
+  Parameters that receive no gradient at all in a plain backward (unused in the forward) would be skipped by
+  ``torch.optim`` but get a zero-gradient step here; every parameter of our presets is used, so the two agree.
+* Influence-model backbone: **copied from the target** (``influence_init="target"``, default): it has the pool's
+  tokenizer, is already trained on the pool and is "model-aware"; MATES uses a pretrained BERT-base, which we do not
+  use (nothing external). ``influence_init="preset"`` builds a fresh ``influence_preset`` with the target's vocabulary
+  instead (seed + 1). The head is a ``SequenceScorer(activation="identity")`` (mean-pooled hidden states → Linear).
+* The influence model is trained with AdamW on MSE against z-normalised targets on 90 % of the probes; every
+  ``influence_eval_every`` steps the Spearman correlation on the 10 % held-out split is measured and the best
+  checkpoint is kept (the split uses seed + 2, minibatches seed + 3, Gumbel noise seed + 4).
+
+Outputs of :func:`run_mates_round` in ``out_dir`` (each written atomically; finished pieces are reused on rerun):
+``oracle.parquet`` (seq_id, val_loss), ``influence_model/`` (SequenceScorer dir, with the z-normalisation),
+``influence_log.jsonl``, ``predictions.parquet`` (seq_id, pred), ``selected.npy`` (sorted int64 ids),
+``config.yaml`` and last ``manifest.json`` (kind="influence").
+"""
+
+from __future__ import annotations
+
+import copy
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmselect.artifacts import (
+    LmselectError,
+    Manifest,
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_text,
+    is_complete,
+    read_manifest,
+    write_manifest,
+)
+from lmselect.models.losses import token_ce
+
+
+@dataclass
+class MatesConfig:
+    n_probe: int = 1000  # paper: 80k probe sequences per round
+    probe_lr: float | None = None  # None = the lr stored in the target's optimizer state (the scheduled lr)
+    clip_grad_norm: float | None = None  # clip the single-sequence gradient before the probe step
+    probe_method: Literal["batched", "loop"] = "batched"
+    probe_chunk: int = 8  # sequences probed together by the batched method
+    probe_attn_implementation: str | None = "eager"  # vmap has a batching rule for eager attention; None = keep
+    val_items: int | None = 1024  # LAMBADA items in the probe validation loss (paper 1,024); None = all
+    val_batch_size: int = 32
+    # influence model
+    influence_init: Literal["target", "preset"] = "target"
+    influence_preset: str = "pythia-14m"
+    influence_steps: int = 500
+    influence_lr: float = 5e-5
+    influence_batch_size: int = 16
+    influence_weight_decay: float = 0.0
+    influence_eval_every: int = 25
+    holdout: float = 0.1
+    predict_batch_size: int = 64
+    # selection
+    temperature: float = 0.5
+    fraction: float = 0.2
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# oracle probe
+
+
+@contextlib.contextmanager
+def _attn_impl(model: nn.Module, impl: str | None) -> Iterator[None]:
+    old = getattr(model.config, "_attn_implementation", None)
+    if impl is None or old == impl or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+def _opt_hparams(optimizer: torch.optim.Optimizer) -> tuple[bool, dict[nn.Parameter, dict[str, Any]]]:
+    """(decoupled weight decay?, per-parameter group settings); only Adam/AdamW without amsgrad are supported."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        decoupled = True
+    elif isinstance(optimizer, torch.optim.Adam):
+        decoupled = bool(optimizer.defaults.get("decoupled_weight_decay", False))
+    else:
+        raise LmselectError(f"MATES probe: unsupported optimizer {type(optimizer).__name__} (Adam / AdamW)")
+    per: dict[nn.Parameter, dict[str, Any]] = {}
+    for g in optimizer.param_groups:
+        if g.get("amsgrad") or g.get("maximize"):
+            raise LmselectError("MATES probe: amsgrad / maximize are not supported")
+        for p in g["params"]:
+            per[p] = g
+    return decoupled, per
+
+
+def _validation_loss(model: nn.Module, valset: Any, batch_size: int) -> float:
+    from lmselect.data.valset import validation_loss
+
+    return validation_loss(model, valset, batch_size=batch_size)
+
+
+def probe_oracle_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    probe_batch: torch.Tensor,
+    valset: Any,
+    *,
+    lr: float | None = None,
+    clip_grad_norm: float | None = None,
+    val_batch_size: int = 32,
+) -> np.ndarray:
+    """The plain oracle: step on each sequence with the real optimizer, measure, restore exactly."""
+    params = [p for p in model.parameters()]
+    saved_params = [p.detach().clone() for p in params]
+    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    was = model.training
+    dev = params[0].device
+    out = np.empty(probe_batch.shape[0], dtype=np.float64)
+    model.eval()
+    try:
+        for i in range(probe_batch.shape[0]):
+            x = probe_batch[i : i + 1].to(dev)
+            optimizer.zero_grad(set_to_none=True)
+            token_ce(model(input_ids=x).logits, x).mean().backward()
+            if clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            if lr is not None:
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+            optimizer.step()
+            out[i] = _validation_loss(model, valset, val_batch_size)
+            # exact restore: values copied in place, optimizer state from a deep copy (load_state_dict copies again)
+            with torch.no_grad():
+                for p, s in zip(params, saved_params):
+                    p.copy_(s)
+            optimizer.load_state_dict(copy.deepcopy(saved_opt))
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = None if g is None else g.clone()
+        model.train(was)
+    return out
+
+
+def _functional_adam_step(
+    params: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    named: dict[str, nn.Parameter],
+    lr: float | None,
+) -> dict[str, torch.Tensor]:
+    """New parameters [C, ...] after one Adam(W) step per sample (grads [C, ...]), from the optimizer's state.
+
+    Same operation order as ``torch.optim.adam._single_tensor_adam`` (non-capturable): weight decay, lerp of the first
+    moment, second moment, bias corrections, ``p − (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps)``.
+    """
+    decoupled, per = _opt_hparams(optimizer)
+    new: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        g = grads[name]
+        grp = per.get(named[name])
+        if grp is None:  # not optimised: unchanged
+            new[name] = p.unsqueeze(0).expand_as(g)
+            continue
+        st = optimizer.state.get(named[name], {})
+        b1, b2 = grp["betas"]
+        eps, wd = grp["eps"], grp["weight_decay"]
+        step_lr = grp["lr"] if lr is None else lr
+        step_lr = float(step_lr)
+        m0 = st.get("exp_avg")
+        v0 = st.get("exp_avg_sq")
+        t = float(st["step"]) + 1.0 if "step" in st else 1.0
+        p_ = p.unsqueeze(0)
+        if wd != 0:
+            if decoupled:
+                p_ = p_ * (1 - step_lr * wd)
+            else:
+                g = g + wd * p.unsqueeze(0)
+        m = (torch.zeros_like(p) if m0 is None else m0).unsqueeze(0)
+        m = torch.lerp(m.expand_as(g), g, 1 - b1)
+        v = (torch.zeros_like(p) if v0 is None else v0).unsqueeze(0) * b2 + (1 - b2) * g * g
+        bc1 = 1 - b1**t
+        bc2 = 1 - b2**t
+        denom = v.sqrt() / (bc2**0.5) + eps
+        new[name] = p_ - (step_lr / bc1) * (m / denom)
+    return new
+
+
+def probe_oracle_batched(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    probe_batch: torch.Tensor,
+    valset: Any,
+    *,
+    lr: float | None = None,
+    clip_grad_norm: float | None = None,
+    val_batch_size: int = 32,
+    chunk_size: int = 8,
+) -> np.ndarray:
+    """The same values as :func:`probe_oracle_loop`, vectorised with ``torch.func`` over chunks of sequences.
+
+    Does not modify the model, its gradients or the optimizer.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    named = dict(model.named_parameters())
+    params = {n: p.detach() for n, p in named.items()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    dev = next(iter(params.values())).device
+    was = model.training
+    model.eval()
+
+    def seq_loss(ps: dict[str, torch.Tensor], seq: torch.Tensor) -> torch.Tensor:
+        ids = seq.unsqueeze(0)
+        return token_ce(functional_call(model, (ps, buffers), args=(), kwargs={"input_ids": ids}).logits, ids).mean()
+
+    per_sample_grad = vmap(grad(seq_loss), in_dims=(None, 0))
+    val_batches = list(valset.batches(val_batch_size, dev))
+
+    def val_ce_sum(ps: dict[str, torch.Tensor], ids: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        ce = token_ce(functional_call(model, (ps, buffers), args=(), kwargs={"input_ids": ids}).logits, ids)
+        return (ce * m).sum()
+
+    batched_val = vmap(val_ce_sum, in_dims=(0, None, None))
+    count = sum(int(m.sum()) for _, m in val_batches)
+    out = np.empty(probe_batch.shape[0], dtype=np.float64)
+    try:
+        with torch.no_grad():  # torch.func.grad computes its own gradients inside
+            for s in range(0, probe_batch.shape[0], chunk_size):
+                x = probe_batch[s : s + chunk_size].to(dev)
+                with torch.enable_grad():
+                    grads = per_sample_grad(params, x)
+                if clip_grad_norm:
+                    norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
+                    coef = (clip_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+                    grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for n, g in grads.items()}
+                stepped = _functional_adam_step(params, grads, optimizer, named, lr)
+                del grads
+                total = torch.zeros(x.shape[0], dtype=torch.float64, device=dev)
+                for ids, m in val_batches:
+                    total += batched_val(stepped, ids, m).double()
+                out[s : s + x.shape[0]] = (total / max(count, 1)).cpu().numpy()
+                del stepped
+    finally:
+        model.train(was)
+    return out
+
+
+def probe_oracle(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    probe_batch: torch.Tensor,
+    valset: Any,
+    *,
+    method: Literal["batched", "loop"] = "batched",
+    lr: float | None = None,
+    clip_grad_norm: float | None = None,
+    val_batch_size: int = 32,
+    chunk_size: int = 8,
+    attn_implementation: str | None = "eager",
+) -> np.ndarray:
+    """Oracle influence [N]: validation loss after one optimizer step on each row of ``probe_batch`` [N, L] alone.
+
+    ``method="batched"`` (torch.func, chunks of ``chunk_size``) or ``"loop"`` (the real optimizer, restored exactly
+    after each probe). Both leave the model parameters, gradients and optimizer state as they found them.
+    ``attn_implementation`` temporarily switches the model's attention (vmap batches eager attention natively).
+    """
+    with _attn_impl(model, attn_implementation):
+        if method == "loop":
+            return probe_oracle_loop(
+                model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm, val_batch_size=val_batch_size
+            )
+        if method == "batched":
+            return probe_oracle_batched(
+                model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm,
+                val_batch_size=val_batch_size, chunk_size=chunk_size,
+            )
+    raise LmselectError(f"unknown MATES probe method '{method}' (batched, loop)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# influence model
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x), dtype=np.float64)
+        r[order] = np.arange(len(x), dtype=np.float64)
+        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, weights=r)
+        return (sums / counts)[inv]
+
+    ra, rb = ranks(a), ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+@torch.no_grad()
+def predict(scorer: nn.Module, pool: Any, ids: np.ndarray, batch_size: int = 64, device: Any = None) -> np.ndarray:
+    """Influence-model outputs for pool rows ``ids`` (eval mode, no grad, batched)."""
+    was = scorer.training
+    scorer.eval()
+    dev = device or next(scorer.parameters()).device
+    out = np.empty(len(ids), dtype=np.float64)
+    for i in range(0, len(ids), batch_size):
+        x = pool.batch(ids[i : i + batch_size]).to(dev)
+        out[i : i + len(x)] = scorer(x).double().cpu().numpy()
+    scorer.train(was)
+    return out
+
+
+def train_influence_model(
+    cfg: MatesConfig, target_model: nn.Module, tokens: torch.Tensor, values: np.ndarray, vocab_size: int, device: Any = None
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
+    """Regress z-normalised ``values`` from ``tokens`` [N, L]; returns (best scorer, info, log records)."""
+    from lmselect.models.presets import build_model
+    from lmselect.models.scorer import SequenceScorer
+
+    n = len(values)
+    if n < 4:
+        raise LmselectError(f"MATES: need at least 4 probe sequences to fit the influence model, got {n}")
+    dev = torch.device(device) if device is not None else next(target_model.parameters()).device
+    y = np.asarray(values, dtype=np.float64)
+    mu, sd = float(y.mean()), float(y.std())
+    z = torch.from_numpy((y - mu) / (sd if sd > 0 else 1.0)).float()
+    perm = np.random.default_rng(cfg.seed + 2).permutation(n)
+    n_hold = min(max(1, int(round(cfg.holdout * n))), n - 2)
+    hold, train = perm[:n_hold], perm[n_hold:]
+
+    if cfg.influence_init == "target":
+        lm = copy.deepcopy(target_model)
+    else:
+        lm = build_model(cfg.influence_preset, vocab_size, seed=cfg.seed + 1)
+    scorer = SequenceScorer(lm.to(dev), activation="identity", seed=cfg.seed + 1).to(dev).float()
+    for p in scorer.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.influence_lr, weight_decay=cfg.influence_weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    x_hold = tokens[hold]
+    z_hold = z[hold].numpy()
+
+    def evaluate() -> float:
+        scorer.eval()
+        with torch.no_grad():
+            preds = np.concatenate(
+                [scorer(x_hold[i : i + cfg.predict_batch_size].to(dev)).double().cpu().numpy() for i in range(0, len(hold), cfg.predict_batch_size)]
+            )
+        scorer.train()
+        return spearman(preds, z_hold)
+
+    best = evaluate()
+    best = best if np.isfinite(best) else -np.inf
+    best_state = {k: v.detach().clone() for k, v in scorer.state_dict().items()}
+    best_step = 0
+    log: list[dict[str, Any]] = [{"step": 0, "holdout_spearman": best}]
+    scorer.train()
+    for step in range(1, cfg.influence_steps + 1):
+        rows = torch.from_numpy(train)[torch.randint(0, len(train), (min(cfg.influence_batch_size, len(train)),), generator=gen)]
+        pred = scorer(tokens[rows].to(dev))
+        loss = torch.mean((pred.float() - z[rows].to(dev)) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.influence_eval_every == 0 or step == cfg.influence_steps:
+            rho = evaluate()
+            log.append({"step": step, "mse": float(loss.detach()), "holdout_spearman": rho})
+            if np.isfinite(rho) and rho > best:
+                best, best_step = rho, step
+                best_state = {k: v.detach().clone() for k, v in scorer.state_dict().items()}
+    scorer.load_state_dict(best_state)
+    scorer.eval()
+    info = {"best_spearman": float(best), "best_step": best_step, "y_mean": mu, "y_std": sd, "n_train": len(train), "n_holdout": len(hold)}
+    return scorer, info, log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one round
+
+
+def _as_optimizer(model: nn.Module, optimizer_state: Any) -> torch.optim.Optimizer:
+    """An optimizer over ``model``'s parameters carrying ``optimizer_state``.
+
+    Accepts a live Adam(W) optimizer whose params are ``model``'s, or an AdamW ``state_dict``. For a state dict the
+    group structure is rebuilt from its ``param_names`` when present (optimizers built from ``named_parameters()``),
+    else the saved parameter indices are taken to enumerate ``model.parameters()`` in order.
+    """
+    if isinstance(optimizer_state, torch.optim.Optimizer):
+        return optimizer_state
+    sd = optimizer_state
+    named = dict(model.named_parameters())
+    plist = list(model.parameters())
+    groups = []
+    for g in sd["param_groups"]:
+        if g.get("param_names"):
+            ps = [named[n] for n in g["param_names"]]
+        else:
+            ps = [plist[i] for i in g["params"]]
+        groups.append({"params": ps})
+    opt = torch.optim.AdamW(groups)
+    opt.load_state_dict(sd)  # restores lr, betas, eps, weight_decay and the moments
+    return opt
+
+
+def _write_parquet(path: Path, cols: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+
+
+def _read_parquet(path: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    return {c: t.column(c).to_numpy() for c in t.column_names}
+
+
+def run_mates_round(
+    cfg: MatesConfig,
+    target_model: nn.Module,
+    optimizer_state: Any,
+    pool: Any,
+    probe_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    valset: Any,
+    out_dir: str | Path,
+    device: Any = None,
+) -> np.ndarray:
+    """One MATES round: oracle probe -> influence model -> predictions over ``candidate_ids`` -> Gumbel-top-k.
+
+    ``target_model`` is deep-copied onto ``device`` (the caller's model is untouched); ``optimizer_state`` is the
+    target's AdamW state dict (or optimizer). The first ``cfg.n_probe`` of ``probe_ids`` are probed. Returns the
+    selected sequence ids (sorted int64). Resumable: finished sub-steps in ``out_dir`` are reused.
+    """
+    from lmselect.config import dump_yaml, to_dict
+    from lmselect.models.scorer import SequenceScorer
+    from lmselect.select.topk import gumbel_topk
+
+    out = Path(out_dir)
+    if is_complete(out, kind="influence"):
+        return np.load(out / "selected.npy")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    dev = torch.device(device) if device is not None else next(target_model.parameters()).device
+    timings: dict[str, float] = {}
+    probe_ids = np.asarray(probe_ids, dtype=np.int64)[: cfg.n_probe]
+    candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+    vset = valset.subset(slice(0, cfg.val_items)) if cfg.val_items else valset
+
+    # 1. oracle probe
+    if (out / "oracle.parquet").is_file():
+        oracle = _read_parquet(out / "oracle.parquet")
+        if not np.array_equal(oracle["seq_id"], probe_ids):
+            raise LmselectError(f"{out / 'oracle.parquet'}: probe ids differ from this round's; remove the directory")
+        values = oracle["val_loss"].astype(np.float64)
+    else:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(target_model).to(dev)
+        opt = _as_optimizer(model, optimizer_state if not isinstance(optimizer_state, torch.optim.Optimizer) else optimizer_state.state_dict())
+        values = probe_oracle(
+            model, opt, pool.batch(probe_ids), vset, method=cfg.probe_method, lr=cfg.probe_lr,
+            clip_grad_norm=cfg.clip_grad_norm, val_batch_size=cfg.val_batch_size, chunk_size=cfg.probe_chunk,
+            attn_implementation=cfg.probe_attn_implementation,
+        )
+        del model, opt
+        _write_parquet(out / "oracle.parquet", {"seq_id": probe_ids, "val_loss": values})
+        timings["oracle_s"] = time.perf_counter() - t0
+
+    # 2. influence model
+    if (out / "influence_model" / "scorer.json").is_file():
+        scorer = SequenceScorer.load(out / "influence_model", device=dev)
+        info = json.loads((out / "influence_model" / "scorer.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        scorer, info, log = train_influence_model(cfg, target_model, pool.batch(probe_ids), values, pool.vocab_size, dev)
+        atomic_write_text(out / "influence_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
+        scorer.save_pretrained(out / "influence_model", extra={**info, "method": "mates", "tokenizer_fingerprint": pool.tokenizer_fingerprint})
+        timings["influence_s"] = time.perf_counter() - t0
+
+    # 3. predictions over the next shard
+    if (out / "predictions.parquet").is_file():
+        preds = _read_parquet(out / "predictions.parquet")
+        if not np.array_equal(preds["seq_id"], candidate_ids):
+            raise LmselectError(f"{out / 'predictions.parquet'}: candidate ids differ from this round's")
+        pred = preds["pred"].astype(np.float64)
+    else:
+        t0 = time.perf_counter()
+        pred = predict(scorer, pool, candidate_ids, cfg.predict_batch_size, dev)
+        _write_parquet(out / "predictions.parquet", {"seq_id": candidate_ids, "pred": pred})
+        timings["predict_s"] = time.perf_counter() - t0
+
+    # 4. Gumbel-top-k, keeping the smallest predicted post-step loss
+    selected = gumbel_topk(candidate_ids, pred, cfg.fraction, cfg.temperature, cfg.seed + 4, largest=False)
+    atomic_save_npy(out / "selected.npy", selected)
+    write_manifest(
+        out,
+        Manifest(
+            kind="influence",
+            config=to_dict(cfg),
+            seed=cfg.seed,
+            counts={"probes": len(probe_ids), "candidates": len(candidate_ids), "selected": len(selected), "val_items": len(vset)},
+            timings=timings,
+            extra={
+                "method": "mates",
+                "best_spearman": info.get("best_spearman"),
+                "best_step": info.get("best_step"),
+                "oracle_mean": float(np.mean(values)),
+                "oracle_std": float(np.std(values)),
+            },
+        ),
+    )
+    return selected
