@@ -88,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = rest
     debug = debug or getattr(args, "debug", False) or os.environ.get("LMSELECT_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not debug:
+        _quiet_third_party()
     from lmselect.artifacts import LmselectError
     from lmselect.config import ConfigError
 
@@ -102,6 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmselect {verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _quiet_third_party() -> None:
+    """Keep lmselect's own progress bars and logs readable: the libraries underneath log every task they build and
+    draw a bar for every checkpoint they load. ``--debug`` keeps them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' and datasets' tqdm bars
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if "transformers" in sys.modules:  # already imported: the env var above came too late for it
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _one_line(msg: str) -> str:

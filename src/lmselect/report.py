@@ -123,6 +123,11 @@ class RoundData:
         return p if "selection" in self.stage_manifests and p.is_file() else None
 
     def selection_seconds(self) -> float | None:
+        # The pipeline measures the whole selection wall time of a round (bilevel + scoring + select, or MATES
+        # probes + influence model) in the round manifest; stage manifests are the fallback for partial rounds.
+        t = (self.manifest or {}).get("timings", {}).get("selection")
+        if isinstance(t, (int, float)):
+            return float(t)
         vals = [stage_seconds(self.stage_manifests[s].get("timings")) for s in SELECTION_STAGES
                 if s in self.stage_manifests]
         vals = [v for v in vals if v is not None]
@@ -285,7 +290,14 @@ def results(data: RunData) -> dict[str, Any]:
             rows.append(row)
             mrows.append(row)
         vl_keys = sorted({k for r in mrows for k in r["val_loss"]}, key=_val_key)
+        rates: dict[str, list[float]] = {}
+        for seed, rounds in sorted(seeds.items()):
+            for _, rd in sorted(rounds.items()):
+                for src, d in ((rd.summary or {}).get("per_source") or {}).items():
+                    if isinstance(d, dict) and isinstance(d.get("rate"), (int, float)):
+                        rates.setdefault(src, []).append(float(d["rate"]))
         methods[method] = {
+            "rate_per_source": {k: _mean(v) for k, v in sorted(rates.items())},
             "n_seeds": len(mrows),
             "tokens": _mean([r["tokens"] for r in mrows]),
             "val_loss": {k: _mean([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
@@ -382,6 +394,15 @@ def _task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _rate_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    srcs = sorted({s for m in res["methods"].values() for s in m.get("rate_per_source", {})})
+    if not srcs:
+        return None
+    rows = [[m, *[("–" if agg["rate_per_source"].get(s) is None else f"{agg['rate_per_source'][s]:.2f}") for s in srcs]]
+            for m, agg in res["methods"].items()]
+    return ["method", *srcs], rows
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -399,6 +420,10 @@ def results_markdown(res: dict[str, Any]) -> str:
     out += ["Final = last round with a complete evaluation. 9-task average: acc_norm where a task reports it, else "
             "acc; ± standard error (mean rows: standard error of the mean over seeds). Selection time: wall time "
             "of the selection stages (reference, bilevel, influence, scores, selection) summed over rounds.", ""]
+    rate_table = _rate_table(res)
+    if rate_table:
+        out += ["## Selection rate per source (fraction of each source's candidates kept, mean over rounds and seeds)",
+                "", _md_table(*rate_table), ""]
     if res["tasks"]:
         th, tr = _task_table(res)
         out += ["## Per-task accuracy (final round, %, mean over seeds)", "", _md_table(th, tr), ""]
@@ -865,6 +890,10 @@ def render_html(data: RunData, res: dict[str, Any], figs: list[FigureEntry], exs
         parts.append("<p>No method rounds found.</p>")
     parts.append("<p class=\"meta\">Final = last round with a complete evaluation; 9-task average uses acc_norm where "
                  "a task reports it, else acc; selection time sums the selection stages over rounds.</p>")
+    rate_table = _rate_table(res)
+    if rate_table:
+        parts += ["<h3>Selection rate per source (fraction of each source's candidates kept, mean over rounds and "
+                  "seeds)</h3>", _html_table(*rate_table)]
     if res["tasks"]:
         th, tr = _task_table(res)
         parts += ["<h3>Per-task accuracy (final round, %, mean over seeds)</h3>", _html_table(th, tr)]

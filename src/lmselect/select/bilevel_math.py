@@ -103,12 +103,14 @@ def solve_z(
     which converges to the exact solve when 0 < η_z < 2 / λ_max(H + λ_z I).
     ``init``: a constant fill value (the code re-initialises z to a small constant every outer step) or tensors.
     """
+    zero_start = isinstance(init, (int, float)) and float(init) == 0.0
     if isinstance(init, (int, float)):
         z = tuple(torch.full_like(vi, float(init)) for vi in v)
     else:
         z = tuple(t.detach().clone() for t in init)
-    for _ in range(steps):
-        hz = hvp_fn(z)
+    for k in range(steps):
+        # H·0 = 0 exactly: from a zero start the first step needs no Hessian-vector product.
+        hz = tuple(torch.zeros_like(zi) for zi in z) if (k == 0 and zero_start) else hvp_fn(z)
         new = []
         for zi, hi, vi in zip(z, hz, v):
             upd = lr * (hi + damping * zi - vi)

@@ -9,6 +9,9 @@ offset) is part of the training state, so a resumed run sees exactly the batches
 
 Loss: per micro-batch, per-token CE [B, L-1] under a keep mask from the token selector (all true for plain
 training), averaged over kept tokens; micro-batch losses are averaged over accumulation steps and ranks.
+
+``optimizer: lordo`` (train/lordo.py, METHODS §5): the model is not wrapped in DDP, each rank steps on its own slice,
+and ``optimizer.maybe_sync(step)`` averages the parameters every ``lordo.sync_every`` steps.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lmselect.models.presets import build_model, count_params, flops_per_token, 
 from lmselect.train import checkpoint as ckpt_io
 from lmselect.train import distributed as D
 from lmselect.train.hooks import TokenSelector
+from lmselect.train.lordo import LordoConfig, LordoOptimizer
 from lmselect.train.schedules import OptimConfig, apply_hparams, build_optimizer, lr_at, validate_schedule
 
 log = logging.getLogger("lmselect.train")
@@ -49,6 +53,8 @@ class TrainConfig:
     global_batch: int = 32  # sequences per optimizer step, all ranks together
     micro_batch: int = 8  # sequences per forward pass on one device; accumulation = global / (micro · world)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    optimizer: Literal["adamw", "lordo"] = "adamw"  # lordo: local steps, parameters averaged every lordo.sync_every
+    lordo: LordoConfig = field(default_factory=LordoConfig)  # METHODS §5; train/lordo.py documents every key
     seed: int = 0  # model init = seed; epoch e's data order = seed + e
     log_every: int = 10
     save_every: int = 0  # periodic checkpoints (for resume); 0 = only the final one
@@ -261,10 +267,15 @@ def train(
     raw_model = model.to(device)
     raw_model.train()
     selector.setup(raw_model, device)
-    dmodel = D.wrap_model(raw_model, info, fsdp=cfg.fsdp)  # DDP / FSDP2 / itself
+    lordo = cfg.optimizer == "lordo"
+    if lordo and cfg.fsdp:
+        raise LmselectError("optimizer 'lordo' keeps full local replicas; it cannot be combined with fsdp")
+    # LoRDO: no DDP, so no per-step gradient all-reduce; each rank steps on its own slice and the optimizer averages
+    dmodel = raw_model if lordo else D.wrap_model(raw_model, info, fsdp=cfg.fsdp)  # DDP / FSDP2 / itself
     if cfg.compile:
         dmodel = torch.compile(dmodel)
-    optimizer = build_optimizer(raw_model, cfg.optim)  # FSDP2 shards raw_model's parameters in place: build after
+    # FSDP2 shards raw_model's parameters in place: build after
+    optimizer = LordoOptimizer(raw_model, cfg.optim, cfg.lordo) if lordo else build_optimizer(raw_model, cfg.optim)
 
     data = DataOrder(ids, cfg.seed)
     side = SideStream(pool, ids, cfg.seed, info.rank, cfg.micro_batch, device)
@@ -299,6 +310,8 @@ def train(
         """Periodic checkpoint of the current state (a collective under FSDP; rank 0 writes)."""
         fsdp = cfg.fsdp and info.enabled
         full_sd = D.full_model_state(raw_model) if fsdp else None
+        if lordo and info.enabled:  # the model file holds the workers' mean; training_state their local states
+            full_sd = optimizer.average_model_state(raw_model)
         opt_sd = D.full_optimizer_state(raw_model, optimizer) if fsdp else optimizer.state_dict()
         path = ckpt_io.step_dir(out_dir, step)
         if info.is_main:
@@ -342,6 +355,8 @@ def train(
         step += 1
         tokens_seen += tokens_per_step
         steps_since += 1
+        if lordo:  # outer step (parameter averaging) every lordo.sync_every steps; no other training collective
+            optimizer.maybe_sync(step)
 
         saving = step == steps or (cfg.save_every > 0 and step % cfg.save_every == 0)
         if step % max(1, cfg.log_every) == 0 or saving:

@@ -1,0 +1,186 @@
+"""The multi-round runner: every method end to end on the debug preset, resume after a crash, recipe errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import _TEXT, make_pool, make_tokenizer
+from lmselect.artifacts import is_complete, read_manifest
+from lmselect.config import ConfigError
+
+
+def _write_val(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+TINY = """
+name: tiny
+seed: 0
+pool: {{path: {pool}}}
+validation: {{lambada: {lam}, clean: {clean}, max_items: 8, seq_len: 32, batch_size: 8}}
+target: {{preset: debug}}
+proxy: {{preset: debug}}
+warmup: {{fraction: 0.5, steps: 3}}
+rounds: 2
+select_fraction: 0.25
+round_steps: 2
+methods: [random, bliss]
+seeds: [0]
+train: {{global_batch: 4, micro_batch: 2, log_every: 1, optim: {{lr: 1.0e-3, warmup_steps: 1}}}}
+decay: {{steps: 2, halve_every: 1}}
+eval: {{downstream: false}}
+bliss: {{outer_steps: 2, batch_size: 4, val_batch_size: 4, log_every: 1, save_every: 1, proxy_lr: 1.0e-4, score_lr: 1.0e-3}}
+mates: {{n_probe: 6, influence_steps: 3, influence_batch_size: 2, influence_eval_every: 1, val_items: 4, val_batch_size: 4, probe_chunk: 3}}
+rho1: {{steps: 2, batch_size: 2, seq_len: 32}}
+blade: {{tau: 2, ref_steps: 1, ref_batch_size: 2}}
+score_batch_size: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("recipe")
+    tok = make_tokenizer()
+    pool = make_pool(d / "pool", tok, n_per_shard=12, n_shards=3, n_val=4, seq_len=32)
+    lam = _write_val(d / "lambada.jsonl", [t for t in _TEXT[:8]])
+    clean = _write_val(d / "clean.jsonl", [t for t in _TEXT[8:16]])
+    p = d / "tiny.yaml"
+    p.write_text(TINY.format(pool=pool, lam=lam, clean=clean))
+    return p
+
+
+def _selections(run_dir: Path, method: str, rounds: int = 2) -> list[np.ndarray]:
+    return [np.load(run_dir / method / "seed0" / f"round{r}" / "selection" / "selected.npy") for r in range(1, rounds + 1)]
+
+
+def test_every_method_runs_end_to_end(tiny_recipe, tmp_path):
+    from lmselect.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(tiny_recipe), "--methods", "random,bliss,mates,rho1,blade", "--seeds", "1",
+               "--out", str(out), "--no-report"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"random", "bliss", "mates", "rho1", "blade"}
+    for m in res["methods"]:
+        for r in (1, 2):
+            assert is_complete(out / m / "seed0" / f"round{r}", kind="round"), (m, r)
+        ev = json.loads((out / m / "seed0" / "round2" / "eval" / "results.json").read_text())
+        assert np.isfinite(ev["val_loss"]["lambada"]) and np.isfinite(ev["val_loss"]["clean"])
+    # equal token budget: every method trained the target for the same number of tokens
+    tokens = {m: read_manifest(out / m / "seed0" / "round2" / "target")["extra"]["tokens_seen"] for m in res["methods"]}
+    assert len(set(tokens.values())) == 1, tokens
+    # sequence-level methods keep 25 % of a 12-sequence shard; token-level ones see the whole shard
+    for m, k in (("random", 3), ("bliss", 3), ("mates", 3), ("rho1", 12), ("blade", 12)):
+        assert [len(s) for s in _selections(out, m)] == [k, k], m
+    # round r draws from shard r only
+    from lmselect.data.pool import TokenPool
+
+    pool = TokenPool(Path(read_manifest(out)["config"]["pool"]["path"]))
+    for m in ("random", "bliss", "mates"):
+        for r, sel in enumerate(_selections(out, m), start=1):
+            assert set(pool.shard[sel]) == {r}
+    # the BLISS score model is inherited across rounds, the proxy reset: round 2's solve starts from round 1's scorer
+    assert (out / "bliss" / "seed0" / "round2" / "bilevel" / "score_model").is_dir()
+    # token-level methods logged their kept fraction
+    log = [json.loads(x) for x in (out / "rho1" / "seed0" / "round1" / "target" / "train_log.jsonl").read_text().splitlines()]
+    kept = [r.get("sel_kept_fraction", r.get("kept_fraction")) for r in log if "loss" in r]
+    assert kept and all(abs(k - 0.6) < 0.05 for k in kept if k is not None)
+    assert (out / "comparison.md").is_file() and (out / "comparison.png").stat().st_size > 1000
+    table = (out / "comparison.md").read_text()
+    for m in res["methods"]:
+        assert f"| {m} |" in table
+
+
+def test_interrupted_run_resumes_to_same_selection(tiny_recipe, tmp_path, monkeypatch):
+    from lmselect import pipeline
+    from lmselect.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe)
+    ref_dir, _ = pipeline.run_recipe(recipe, tmp_path / "ref", report=False)
+
+    # crash in round 2's training of BLISS (after round 2's bilevel solve, scoring and selection were written)
+    orig = pipeline.Runner.stage_train
+
+    def crashing(self, method, seed, rnd, selected):
+        if method == "bliss" and rnd == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return orig(self, method, seed, rnd, selected)
+
+    monkeypatch.setattr(pipeline.Runner, "stage_train", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(load_recipe(tiny_recipe), tmp_path / "run", report=False)
+    assert not is_complete(tmp_path / "run" / "bliss" / "seed0" / "round2", kind="round")
+    assert not is_complete(tmp_path / "run", kind="run")
+    monkeypatch.setattr(pipeline.Runner, "stage_train", orig)
+
+    # rerunning finishes only what is missing: round 1 is not redone
+    r1 = tmp_path / "run" / "bliss" / "seed0" / "round1" / "manifest.json"
+    before = r1.stat().st_mtime_ns
+    pipeline.run_recipe(load_recipe(tiny_recipe), tmp_path / "run", report=False)
+    assert r1.stat().st_mtime_ns == before
+    for m in ("random", "bliss"):
+        for a, b in zip(_selections(ref_dir, m), _selections(tmp_path / "run", m)):
+            assert np.array_equal(a, b), m
+    ea = json.loads((ref_dir / "bliss" / "seed0" / "round2" / "eval" / "results.json").read_text())["val_loss"]
+    eb = json.loads((tmp_path / "run" / "bliss" / "seed0" / "round2" / "eval" / "results.json").read_text())["val_loss"]
+    assert ea == pytest.approx(eb, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--target.preset=pythia-7b", "target.preset"),
+        ("--methods=random,magic", "methods"),
+        ("--select_fraction=1.5", "select_fraction"),
+        ("--select_fraction=0", "select_fraction"),
+        ("--validation.lambada=/nonexistent/val.jsonl", "validation.lambada"),
+        ("--rounds=0", "rounds"),
+        ("--bliss.z_stepz=3", "bliss.z_stepz"),
+    ],
+)
+def test_bad_recipe_fails_at_load_naming_the_key(tiny_recipe, override, key):
+    from lmselect.recipe import load_recipe
+
+    with pytest.raises(ConfigError) as e:
+        load_recipe(tiny_recipe, [override])
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_reports_bad_recipe_in_one_line(tiny_recipe, capsys):
+    from lmselect.cli import main
+
+    assert main(["run", str(tiny_recipe), "--select_fraction=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "select_fraction" in err
+
+
+def test_tokenizer_mismatch_is_refused_before_compute(tiny_recipe, tmp_path):
+    from lmselect.artifacts import LmselectError
+    from lmselect.models import build_model
+    from lmselect.pipeline import Runner
+    from lmselect.recipe import load_recipe
+
+    other = make_tokenizer(vocab_size=300)
+    other.add_tokens(["<extra_token>"])
+    ck = tmp_path / "foreign"
+    build_model("debug", len(other)).save_pretrained(ck)
+    other.save_pretrained(ck)
+    r = load_recipe(tiny_recipe, [f"--proxy.init_from={ck}"])
+    runner = Runner(r, tmp_path / "run")
+    with pytest.raises(LmselectError, match="tokenizer mismatch"):
+        runner.check_tokenizers()
+
+
+def test_embedded_demo_recipe_is_valid():
+    from lmselect.recipe import load_recipe
+
+    r = load_recipe("demo")
+    assert r.methods == ["random", "bliss"] and r.rounds == 2
+    assert r.pool.prepare.n_shards == r.rounds + 1
+    assert Path(r.validation.lambada).is_file() and Path(r.validation.clean).is_file()
