@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
+from lmselect.testing import SAMPLE_TEXT, make_pool, make_tokenizer  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,58 +15,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-_TEXT = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A language model predicts the next token from the tokens before it.",
-    "Selecting good pretraining data lowers the validation loss of the model.",
-    "Buy cheap pills now!!! Click here for a free offer, limited time only.",
-    "The committee met on Tuesday to discuss the budget for the coming year.",
-    "Rain is expected in the north, with sunshine in the south later today.",
-    "She opened the door and saw the garden covered in snow.",
-    "Subscribe to our mailing list to win a prize of one million dollars.",
-] * 8
-
-
-def make_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE trained in memory on a few sentences, wrapped as PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(_TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()
-
-
-def make_pool(path: Path, tokenizer, n_per_shard: int = 16, n_shards: int = 2, n_val: int = 8, seq_len: int = 32, seed: int = 0) -> Path:
-    """A pool of real tokenized sentences, two sources ('clean', 'spam'), shards 0..n_shards-1 plus a val hold-out."""
-    from lmselect.data.pool import write_pool
-
-    rng = np.random.default_rng(seed)
-    clean = [t for t in _TEXT if "!!!" not in t and "prize" not in t]
-    spam = [t for t in _TEXT if "!!!" in t or "prize" in t]
-    n = n_per_shard * n_shards + n_val
-    rows, sources = [], []
-    eos = tokenizer.eos_token_id
-    for i in range(n):
-        src = "spam" if rng.random() < 0.3 else "clean"
-        pool_txt = spam if src == "spam" else clean
-        ids: list[int] = []
-        while len(ids) < seq_len:
-            ids += tokenizer.encode(pool_txt[rng.integers(len(pool_txt))]) + [eos]
-        rows.append(ids[:seq_len])
-        sources.append(src)
-    shard = np.concatenate([np.repeat(np.arange(n_shards), n_per_shard), np.full(n_val, -1)]).astype(np.int32)
-    return write_pool(path, np.array(rows), shard, sources, tokenizer, seed=seed, config={"test": True})
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import _TEXT, make_pool, make_tokenizer
+from lmselect.testing import SAMPLE_TEXT as _TEXT, make_pool, make_tokenizer
 from lmselect.artifacts import is_complete, read_manifest
 from lmselect.config import ConfigError
 

@@ -51,10 +51,12 @@ def selection_flops(r: Recipe, vocab: int, seq_len: int, shard_size: int) -> dic
     )
     bliss = b.outer_steps * per_outer + shard_size * T * 2 * npx
     m = r.mates
-    mates = m.n_probe * T * 6 * nt + m.n_probe * r.validation.max_items * T * 2 * nt \
-        + m.influence_steps * m.influence_batch_size * T * 6 * npx + shard_size * T * 2 * npx
+    val_items = min(m.val_items or r.validation.max_items, r.validation.max_items)
+    n_inf = nt if m.influence_init == "target" else _n_params(m.influence_preset, vocab)  # influence-model backbone
+    mates = m.n_probe * T * 6 * nt + m.n_probe * val_items * T * 2 * nt \
+        + m.influence_steps * m.influence_batch_size * T * 6 * n_inf + shard_size * T * 2 * n_inf
     tokens_per_round = r.round_steps * r.train.global_batch * T
-    rho1 = tokens_per_round * 2 * nt + r.rho1.ref_steps * r.rho1.ref_batch_size * T * 6 * nt
+    rho1 = tokens_per_round * 2 * nt + r.rho1.steps * r.rho1.batch_size * T * 6 * nt
     bl = r.blade
     syncs = max(1, int(np.ceil(r.round_steps / bl.tau))) if bl.tau else 1
     blade = tokens_per_round * 2 * nt + syncs * bl.ref_steps * bl.ref_batch_size * T * (6 * nt + 2 * nt)

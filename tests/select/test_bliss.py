@@ -300,7 +300,7 @@ def test_solve_round_writes_artifact_and_resumes_to_identical_weights(tiny_pool,
 
 
 def test_mismatched_tokenizers_raise_before_compute(tiny_tokenizer, tiny_pool, tmp_path):
-    from conftest import make_tokenizer
+    from lmselect.testing import make_tokenizer
 
     other = make_tokenizer(vocab_size=300)
     calls = []

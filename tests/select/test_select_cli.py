@@ -121,7 +121,7 @@ def test_same_command_twice_gives_identical_selection(tmp_path, tiny_pool, score
 
 
 def test_pool_mismatch_and_foreign_out_dir_are_refused(tmp_path, tiny_pool, tiny_tokenizer, scored, capsys):
-    from conftest import make_pool
+    from lmselect.testing import make_pool
 
     d, _, _ = scored
     other = make_pool(tmp_path / "other_pool", tiny_tokenizer, seed=1)

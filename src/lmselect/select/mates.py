@@ -419,17 +419,27 @@ def train_influence_model(
 # one round
 
 
-def _as_optimizer(model: nn.Module, optimizer_state: Any) -> torch.optim.Optimizer:
+def _as_optimizer(model: nn.Module, optimizer_state: Any, source_model: nn.Module | None = None) -> torch.optim.Optimizer:
     """An optimizer over ``model``'s parameters carrying ``optimizer_state``.
 
     Accepts a live Adam(W) optimizer whose params are ``model``'s, or an AdamW ``state_dict``. For a state dict the
     group structure is rebuilt from its ``param_names`` when present (optimizers built from ``named_parameters()``),
     else the saved parameter indices are taken to enumerate ``model.parameters()`` in order.
     """
-    if isinstance(optimizer_state, torch.optim.Optimizer):
-        return optimizer_state
-    sd = optimizer_state
     named = dict(model.named_parameters())
+    if isinstance(optimizer_state, torch.optim.Optimizer):
+        live = optimizer_state
+        if source_model is None or all(p is named.get(n) for n, p in source_model.named_parameters()):
+            return live
+        # The live optimizer holds ``source_model``'s tensors and ``model`` is a copy: rebuild the same groups over
+        # the copy by parameter *name*. (State-dict indices number the parameters group by group, which is not
+        # ``model.parameters()`` order once weight decay splits them into groups.)
+        src_names = {id(p): n for n, p in source_model.named_parameters()}
+        groups = [{"params": [named[src_names[id(p)]] for p in g["params"]]} for g in live.param_groups]
+        opt = torch.optim.AdamW(groups)
+        opt.load_state_dict(live.state_dict())
+        return opt
+    sd = optimizer_state
     plist = list(model.parameters())
     groups = []
     for g in sd["param_groups"]:
@@ -440,6 +450,11 @@ def _as_optimizer(model: nn.Module, optimizer_state: Any) -> torch.optim.Optimiz
         groups.append({"params": ps})
     opt = torch.optim.AdamW(groups)
     opt.load_state_dict(sd)  # restores lr, betas, eps, weight_decay and the moments
+    # Without param_names the index -> parameter mapping is an assumption; a shape check catches a wrong one.
+    for p, st in opt.state.items():
+        if "exp_avg" in st and st["exp_avg"].shape != p.shape:
+            raise LmselectError("MATES probe: optimizer state does not line up with the model's parameters "
+                                "(pass the live optimizer, or a state dict saved with param_names)")
     return opt
 
 
@@ -500,7 +515,7 @@ def run_mates_round(
     else:
         t0 = time.perf_counter()
         model = copy.deepcopy(target_model).to(dev)
-        opt = _as_optimizer(model, optimizer_state if not isinstance(optimizer_state, torch.optim.Optimizer) else optimizer_state.state_dict())
+        opt = _as_optimizer(model, optimizer_state, source_model=target_model)
         values = probe_oracle(
             model, opt, pool.batch(probe_ids), vset, method=cfg.probe_method, lr=cfg.probe_lr,
             clip_grad_norm=cfg.clip_grad_norm, val_batch_size=cfg.val_batch_size, chunk_size=cfg.probe_chunk,
