@@ -184,3 +184,16 @@ def test_embedded_demo_recipe_is_valid():
     assert r.methods == ["random", "bliss"] and r.rounds == 2
     assert r.pool.prepare.n_shards == r.rounds + 1
     assert Path(r.validation.lambada).is_file() and Path(r.validation.clean).is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_parses(name):
+    """Recipes are typed: a stale key in a shipped recipe fails here, not on a user's cluster."""
+    from lmselect.config import load_config
+    from lmselect.models.presets import get_preset
+    from lmselect.paths import RECIPES_DIR
+    from lmselect.recipe import METHODS, Recipe
+
+    r = load_config(Recipe, RECIPES_DIR / name)
+    get_preset(r.target.preset), get_preset(r.proxy.preset)
+    assert set(r.methods) <= set(METHODS) and 0 < r.select_fraction <= 1

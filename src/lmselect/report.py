@@ -233,6 +233,11 @@ def _mean(vals: Sequence[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
+def _sum_or_none(vals: Sequence[Any]) -> float | None:
+    v = [float(x) for x in vals if isinstance(x, (int, float))]
+    return round(sum(v), 3) if v else None
+
+
 def _se_of_mean(ses: Sequence[float | None]) -> float | None:
     """Standard error of the mean of independent estimates with standard errors ``ses``."""
     v = [x for x in ses if x is not None]
@@ -266,6 +271,9 @@ def results(data: RunData) -> dict[str, Any]:
                 "downstream_average": None,
                 "downstream_stderr": None,
                 "selection_seconds": round(sum(sel_v), 3) if sel_v else None,
+                # target training wall time; for token-level methods it includes their online selection overhead
+                "train_seconds": _sum_or_none([(rd.stage_manifests.get("target") or {}).get("extra", {}).get("train_seconds")
+                                               for _, rd in sorted(rounds.items())]),
                 "config_hash": (final or last).config_hash() if (final or last) else None,
             }
             if final is not None:
@@ -304,6 +312,7 @@ def results(data: RunData) -> dict[str, Any]:
             "downstream_average": _mean([r["downstream_average"] for r in mrows]),
             "downstream_stderr": _se_of_mean([r["downstream_stderr"] for r in mrows if r["downstream_average"] is not None]),
             "selection_seconds": _mean([r["selection_seconds"] for r in mrows]),
+            "train_seconds": _mean([r["train_seconds"] for r in mrows]),
         }
         if task_vals:
             tasks[method] = {

@@ -279,10 +279,11 @@ def train(
 
     data = DataOrder(ids, cfg.seed)
     side = SideStream(pool, ids, cfg.seed, info.rank, cfg.micro_batch, device)
-    step, tokens_seen = 0, 0
+    step, tokens_seen, seconds_before = 0, 0, 0.0  # seconds_before: training wall time of earlier (resumed) runs
     if state is not None:
         _load_optimizer(raw_model, optimizer, state["optimizer"], fsdp=cfg.fsdp and info.enabled)
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        seconds_before = float(state.get("train_seconds", 0.0))
         data = DataOrder(ids, cfg.seed, **state["data"])
         side.draws = int(state["side_draws"])
         selector.load_state_dict(state["selector"])
@@ -319,9 +320,11 @@ def train(
                 "step": step, "tokens_seen": tokens_seen, "data": data.state(), "side_draws": side.draws,
                 "optimizer": opt_sd, "schedule": to_dict(cfg.optim), "rng": ckpt_io.rng_state(),
                 "selector": selector.state_dict(), "world_size": info.world_size,
+                "train_seconds": seconds_before + time.perf_counter() - t_begin,
             }
             extra = {
                 "preset": cfg.preset, "step": step, "tokens_seen": tokens_seen, "loss": step_loss,
+                "train_seconds": training_state["train_seconds"],
                 "tokenizer_fingerprint": pool.tokenizer_fingerprint, "pool": str(pool.path),
             }
             ckpt_io.save_checkpoint(
@@ -338,6 +341,7 @@ def train(
     per_rank = cfg.micro_batch * accum
     last_loss = float("nan")
     t_last, steps_since = time.perf_counter(), 0
+    t_begin = t_last
     while step < steps:
         selector.on_step_start(step, raw_model, side)
         lr = lr_at(step, cfg.optim, steps)
