@@ -20,26 +20,14 @@ import numpy as np
 
 from lmselect.artifacts import atomic_write_json, atomic_write_text
 from lmselect.config import replace
+from lmselect.models.presets import matmul_params
 from lmselect.pipeline import results_markdown, run_recipe
 from lmselect.recipe import METHODS, Recipe, load_recipe
 
 
-def _n_params(preset: str, vocab: int) -> float:
-    from lmselect.models.presets import get_preset
-
-    p = get_preset(preset)
-    d, L = p.hidden_size, p.num_layers
-    if p.family == "llama":
-        kv = (p.num_kv_heads or p.num_heads) / p.num_heads
-        per = 2 * d * d + 2 * d * d * kv + 3 * d * p.intermediate_size
-    else:
-        per = 4 * d * d + 2 * d * p.intermediate_size
-    return float(L * per + vocab * d)
-
-
 def selection_flops(r: Recipe, vocab: int, seq_len: int, shard_size: int) -> dict[str, float]:
     """Estimated FLOPs spent on *selection* per round (not on training the target), per method."""
-    nt, npx = _n_params(r.target.preset, vocab), _n_params(r.proxy.preset, vocab)
+    nt, npx = matmul_params(r.target.preset, vocab), matmul_params(r.proxy.preset, vocab)
     T = seq_len
     b = r.bliss
     per_outer = (
@@ -52,7 +40,7 @@ def selection_flops(r: Recipe, vocab: int, seq_len: int, shard_size: int) -> dic
     bliss = b.outer_steps * per_outer + shard_size * T * 2 * npx
     m = r.mates
     val_items = min(m.val_items or r.validation.max_items, r.validation.max_items)
-    n_inf = nt if m.influence_init == "target" else _n_params(m.influence_preset, vocab)  # influence-model backbone
+    n_inf = nt if m.influence_init == "target" else matmul_params(m.influence_preset, vocab)  # influence-model backbone
     mates = m.n_probe * T * 6 * nt + m.n_probe * val_items * T * 2 * nt \
         + m.influence_steps * m.influence_batch_size * T * 6 * n_inf + shard_size * T * 2 * n_inf
     tokens_per_round = r.round_steps * r.train.global_batch * T

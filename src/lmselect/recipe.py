@@ -24,7 +24,7 @@ from lmselect.select.blade import BladeConfig
 from lmselect.select.bliss import BlissConfig
 from lmselect.select.mates import MatesConfig
 from lmselect.select.rho1 import Rho1Config
-from lmselect.train.loop import OptimConfig, TrainConfig
+from lmselect.train.loop import TrainConfig
 
 METHODS = ("random", "bliss", "mates", "rho1", "blade")
 TOKEN_LEVEL = ("rho1", "blade")

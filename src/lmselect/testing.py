@@ -56,3 +56,28 @@ def make_pool(path: Path, tokenizer, n_per_shard: int = 16, n_shards: int = 2, n
         sources.append(src)
     shard = np.concatenate([np.repeat(np.arange(n_shards), n_per_shard), np.full(n_val, -1)]).astype(np.int32)
     return write_pool(path, np.array(rows), shard, sources, tokenizer, seed=seed, config={"test": True})
+
+
+SAMPLE_LAMBADA = [
+    "The quick brown fox jumps over the lazy dog",
+    "A language model predicts the next token from the tokens before it",
+    "She opened the door and saw the garden covered in snow",
+    "The committee met on Tuesday to discuss the budget for the coming year",
+    "Rain is expected in the north, with sunshine in the south later today",
+    "Selecting good pretraining data lowers the validation loss of the model",
+]
+
+
+def write_jsonl_texts(path: Path, texts: list[str]) -> Path:
+    """One ``{"text": ...}`` record per line."""
+    import json
+
+    Path(path).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return Path(path)
+
+
+def make_valset(path: Path, tokenizer, texts: list[str] | None = None, kind: str = "lambada", seq_len: int = 32):
+    """Write ``texts`` (default: six LAMBADA-style passages) to ``path`` and load them as a ValidationSet."""
+    from lmselect.data.valset import load_validation
+
+    return load_validation(write_jsonl_texts(path, texts or SAMPLE_LAMBADA), tokenizer, kind=kind, seq_len=seq_len)

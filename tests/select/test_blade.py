@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -11,26 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from lmselect.data.valset import load_validation, validation_loss
+from lmselect.data.valset import validation_loss
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model
+from lmselect.testing import SAMPLE_LAMBADA
+from lmselect.testing import make_valset as _make_valset
 from lmselect.select.blade import BladeConfig, BladeSelector
 from lmselect.select.rho1 import Rho1Selector
 
-LAMBADA = [
-    "The quick brown fox jumps over the lazy dog",
-    "A language model predicts the next token from the tokens before it",
-    "She opened the door and saw the garden covered in snow",
-    "The committee met on Tuesday to discuss the budget for the coming year",
-    "Rain is expected in the north, with sunshine in the south later today",
-    "Selecting good pretraining data lowers the validation loss of the model",
-]
+LAMBADA = SAMPLE_LAMBADA[:6]
 
 
 def make_valset(tmp_path: Path, tokenizer, seq_len: int = 32):
-    p = tmp_path / "val.jsonl"
-    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
-    return load_validation(p, tokenizer, kind="lambada", seq_len=seq_len)
+    return _make_valset(tmp_path / "val.jsonl", tokenizer, LAMBADA, seq_len=seq_len)
 
 
 class Stream:

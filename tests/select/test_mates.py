@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,10 @@ import pytest
 import torch
 
 from lmselect.artifacts import read_manifest
-from lmselect.data.valset import load_validation
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model
+from lmselect.testing import SAMPLE_LAMBADA
+from lmselect.testing import make_valset as _make_valset
 from lmselect.select import mates as mates_mod
 from lmselect.select.mates import (
     MatesConfig,
@@ -26,19 +26,11 @@ from lmselect.select.mates import (
 )
 from lmselect.select.topk import gumbel_topk, top_fraction
 
-LAMBADA = [
-    "The quick brown fox jumps over the lazy dog",
-    "A language model predicts the next token from the tokens before it",
-    "She opened the door and saw the garden covered in snow",
-    "The committee met on Tuesday to discuss the budget for the coming year",
-    "Rain is expected in the north, with sunshine in the south later today",
-]
+LAMBADA = SAMPLE_LAMBADA[:5]
 
 
 def make_valset(tmp_path: Path, tokenizer, seq_len: int = 32):
-    p = tmp_path / "val.jsonl"
-    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
-    return load_validation(p, tokenizer, kind="lambada", seq_len=seq_len)
+    return _make_valset(tmp_path / "val.jsonl", tokenizer, LAMBADA, seq_len=seq_len)
 
 
 def trained_target(pool, dtype=torch.float32, opt_cls=torch.optim.AdamW, steps: int = 2, **opt_kw):

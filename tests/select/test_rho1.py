@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from lmselect.artifacts import read_manifest
-from lmselect.data.valset import load_validation, validation_loss
+from lmselect.data.valset import validation_loss
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model
+from lmselect.testing import SAMPLE_LAMBADA
+from lmselect.testing import make_valset as _make_valset
 from lmselect.select.rho1 import (
     ReferenceLossCache,
     Rho1Config,
@@ -22,20 +22,11 @@ from lmselect.select.rho1 import (
     train_reference,
 )
 
-LAMBADA = [
-    "The quick brown fox jumps over the lazy dog",
-    "A language model predicts the next token from the tokens before it",
-    "She opened the door and saw the garden covered in snow",
-    "The committee met on Tuesday to discuss the budget for the coming year",
-    "Rain is expected in the north, with sunshine in the south later today",
-    "Selecting good pretraining data lowers the validation loss of the model",
-]
+LAMBADA = SAMPLE_LAMBADA[:6]
 
 
 def make_valset(tmp_path: Path, tokenizer, seq_len: int = 32):
-    p = tmp_path / "val.jsonl"
-    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
-    return load_validation(p, tokenizer, kind="lambada", seq_len=seq_len)
+    return _make_valset(tmp_path / "val.jsonl", tokenizer, LAMBADA, seq_len=seq_len)
 
 
 def brute_force_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -169,8 +169,9 @@ def count_params(model: Any, non_embedding: bool = False) -> int:
     return n
 
 
-def flops_per_token(preset: str | Preset, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 6N + attention 12·L·d·T), the PaLM/Chinchilla convention."""
+def matmul_params(preset: str | Preset, vocab_size: int) -> float:
+    """Parameters that take part in matrix multiplies: every layer's weights plus the output projection (the input
+    embedding is a lookup). N in the 2N (forward) / 6N (training) FLOPs-per-token convention."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     d, L = p.hidden_size, p.num_layers
     if p.family == "llama":
@@ -178,8 +179,13 @@ def flops_per_token(preset: str | Preset, vocab_size: int, seq_len: int) -> floa
         per_layer = 2 * d * d + 2 * d * d * kv + 3 * d * p.intermediate_size
     else:
         per_layer = 4 * d * d + 2 * d * p.intermediate_size
-    n = L * per_layer + vocab_size * d  # output projection counts; the input embedding lookup does not
-    return 6.0 * n + 12.0 * L * d * seq_len
+    return float(L * per_layer + vocab_size * d)
+
+
+def flops_per_token(preset: str | Preset, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 6N + attention 12·L·d·T), the PaLM/Chinchilla convention."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    return 6.0 * matmul_params(p, vocab_size) + 12.0 * p.num_layers * p.hidden_size * seq_len
 
 
 class _nullcontext:

@@ -63,7 +63,6 @@ from lmselect.artifacts import (
     atomic_save_npy,
     atomic_write_text,
     is_complete,
-    read_manifest,
     write_manifest,
 )
 from lmselect.models.losses import token_ce
