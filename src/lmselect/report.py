@@ -325,9 +325,28 @@ def results(data: RunData) -> dict[str, Any]:
         "run_uuid": run_m.get("uuid"),
         "config_hash": run_m.get("config_hash"),
         "rows": rows,
+        "curves": _eval_curves(data),
         "methods": methods,
         "tasks": tasks,
     }
+
+
+def _eval_curves(data: RunData) -> list[dict[str, Any]]:
+    """Every evaluated round (decay branch) of every method and seed: the eval-vs-tokens table."""
+    out = []
+    for method, seeds in data.rounds.items():
+        for seed, rounds in sorted(seeds.items()):
+            for rnd, rd in sorted(rounds.items()):
+                ev = rd.eval
+                if not ev:
+                    continue
+                ds = ev.get("downstream") if isinstance(ev.get("downstream"), dict) else {}
+                out.append({
+                    "method": method, "seed": seed, "round": rnd, "tokens": ev.get("tokens"),
+                    "val_loss": {k: float(v) for k, v in (ev.get("val_loss") or {}).items() if isinstance(v, (int, float))},
+                    "downstream_average": ds.get("average"), "downstream_stderr": ds.get("average_stderr"),
+                })
+    return out
 
 
 def _val_key(k: str) -> tuple[int, str]:
@@ -435,6 +454,14 @@ def results_markdown(res: dict[str, Any]) -> str:
     if res["tasks"]:
         th, tr = _task_table(res)
         out += ["## Per-task accuracy (final round, %, mean over seeds)", "", _md_table(th, tr), ""]
+    curves = res.get("curves") or []
+    if curves:
+        vl = sorted({k for c in curves for k in c["val_loss"]}, key=_val_key)
+        header = ["method", "seed", "round", "tokens", *[f"val loss ({k})" for k in vl], "9-task avg ± se (%)"]
+        rows = [[c["method"], str(c["seed"]), str(c["round"]), fmt_tokens(c["tokens"]),
+                 *[_fmt_loss(c["val_loss"].get(k)) for k in vl], _fmt_acc(c["downstream_average"], c["downstream_stderr"])]
+                for c in curves]
+        out += ["## Evaluation vs tokens (each round's decay branch)", "", _md_table(header, rows), ""]
     return "\n".join(out)
 
 

@@ -112,6 +112,13 @@ def test_results_md_and_json(reported_run):
     for m in METHODS:
         assert f"| {m} | mean of 2 |" in md
     assert "## Per-task accuracy" in md and "| winogrande | acc_norm |" in md
+    # eval-vs-tokens: one row per evaluated round, values from that round's eval/results.json
+    curves = {(c["method"], c["seed"], c["round"]): c for c in res["curves"]}
+    r1 = read_json(reported_run / "bliss/seed0/round1/eval/results.json")
+    assert curves[("bliss", 0, 1)]["tokens"] == r1["tokens"] < curves[("bliss", 0, 2)]["tokens"]
+    assert curves[("bliss", 0, 1)]["val_loss"] == pytest.approx(r1["val_loss"])
+    section = md[md.index("## Evaluation vs tokens"):]
+    assert sum(1 for line in section.splitlines() if line.startswith("| bliss |")) == 4  # 2 seeds x 2 rounds
     # the markdown table is in the report too
     assert "results.md" in (reported_run / "report.html").read_text()
     assert "| bliss | 0 | 2/2 |" in (reported_run / "report.html").read_text()
