@@ -197,3 +197,44 @@ def test_every_shipped_recipe_parses(name):
     r = load_config(Recipe, RECIPES_DIR / name)
     get_preset(r.target.preset), get_preset(r.proxy.preset)
     assert set(r.methods) <= set(METHODS) and 0 < r.select_fraction <= 1
+
+
+def test_bliss_rounds_reset_proxy_inherit_scorer_and_use_previous_target(tiny_recipe, tmp_path, monkeypatch):
+    """METHODS §1.3a: proxy reset to the warm-up proxy each round; score model inherited from round r-1 (round 1:
+    the warm-up proxy's backbone); KL teacher = the target at the end of round r-1. Checked on the objects the
+    solver actually receives, against the checkpoints on disk."""
+    import torch
+
+    from lmselect import pipeline
+    from lmselect.models.scorer import SequenceScorer
+    from lmselect.recipe import load_recipe
+    from lmselect.select import bliss
+    from lmselect.train.checkpoint import load_checkpoint_model
+
+    seen: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    real = bliss.solve_round
+
+    def spy(cfg, proxy, target, scorer, train_ids, pool, valset, out_dir, **kw):
+        rnd = int(Path(out_dir).parent.name.removeprefix("round"))
+        clone = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+        seen[rnd] = {"proxy": clone(proxy), "target": clone(target), "scorer": clone(scorer)}
+        return real(cfg, proxy, target, scorer, train_ids, pool, valset, out_dir, **kw)
+
+    monkeypatch.setattr(bliss, "solve_round", spy)
+    run = tmp_path / "run"
+    pipeline.run_recipe(load_recipe(tiny_recipe, ["--methods=bliss"]), run, report=False)
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    warm_proxy = load_checkpoint_model(run / "warmup" / "proxy").state_dict()
+    for rnd in (1, 2):
+        assert same(seen[rnd]["proxy"], warm_proxy), f"round {rnd}: proxy not reset to the warm-up proxy"
+    assert same(seen[1]["target"], load_checkpoint_model(run / "warmup" / "target").state_dict())
+    assert same(seen[2]["target"], load_checkpoint_model(run / "bliss/seed0/round1/target").state_dict())
+    # round 1: scorer backbone = warm-up proxy; round 2: the score model round 1 ended with
+    backbone1 = {k.removeprefix("lm."): v for k, v in seen[1]["scorer"].items() if k.startswith("lm.")}
+    assert same(backbone1, warm_proxy)
+    r1_scorer = SequenceScorer.load(run / "bliss/seed0/round1/bilevel/score_model").state_dict()
+    assert same(seen[2]["scorer"], r1_scorer)
+    assert not same(seen[2]["scorer"], seen[1]["scorer"])  # the solve really changed it
