@@ -18,7 +18,8 @@ One outer step (approximate implicit differentiation):
 3. z ≈ (H + λ_z I)⁻¹ v, H = ∇²_θp G on the outer training batch, by ``z_steps`` updates
    z ← z − η_z (H z + λ_z z − v) (each tensor's update clipped to unit norm), z re-initialised to ``z_init``;
    Hessian-vector products by double backward through the *math* attention path (fused SDPA is not twice
-   differentiable). Under torchrun each rank solves with its own batch and the z are averaged.
+   differentiable). Under torchrun every z step uses the *global* H·z (per-rank HVPs all-reduced), so z is the
+   single-process z of the global batch (see "Distributed" below).
 4. c_i = ⟨∇_θp CE_i, z⟩ for every sequence of the outer batch.
 5. Hypergradient  ∇Φ(θ_s) ≈ −∇_θs Σ_i P_i(θ_s) c_i  with c held constant.
 6. AdamW step on θ_s (per-tensor gradient clip to unit norm, cosine schedule with warm-up).
@@ -31,8 +32,20 @@ configuration we measured (``bench/bliss_step.py``), and the two agree to floati
 
 Distributed (torchrun): no DDP wrapper; gradients are summed by explicit all-reduce. Each rank holds B/W sequences;
 scores are all-gathered so P is the global softmax; the inner loss on rank r is Σ_{i∈r} P_i CE_i + (γ KL_r + λ‖θ‖²)/W
-so that the summed gradient is ∇G of the global batch. For the local z solve rank r uses the unbiased local estimate
-G_r = W Σ_{i∈r} P_i CE_i + γ KL_r + λ‖θ‖² (W = 1: exactly G). Rank 0 writes all files.
+so that the summed gradient is ∇G of the global batch. The single-process solver on the global batch is the
+reference, and every collective below exists so that W ranks compute the same numbers (to rounding):
+
+* v = ∇F of the *global* validation batch (``val_batch_size`` rows per rank): each rank divides its masked CE sum by
+  the all-reduced token count and the gradients are summed, i.e. the token-weighted mean one process would take.
+* H·z: rank r differentiates the unbiased local estimate G_r = W Σ_{i∈r} P_i CE_i + γ KL_r + λ‖θ‖² (W = 1: exactly
+  G) and the HVPs are averaged across ranks *inside every z step*; mean_r G_r = G (equal local batches), so this is
+  the global H·z. (Solving z per rank with its local H_r and v_r and averaging the z afterwards — the released
+  code's and METHODS' "average of z across ranks" — is not the same: z_{k+1} depends on H_r z_k,r, and mean_r(H_r z_r)
+  ≠ H mean_r(z_r) once the per-rank z differ; the update clip is nonlinear too.) Every rank then holds the same v
+  and the same H·z, hence the same z, so the average of z across ranks is z itself and needs no collective.
+* c_i on each rank's own rows with that z; c all-gathered for ∇_θs; score gradients summed.
+
+Rank 0 writes all files.
 """
 
 from __future__ import annotations
@@ -56,7 +69,7 @@ from lmselect.config import save_config, to_dict
 from lmselect.data.tokenizer import check_same_tokenizer, tokenizer_fingerprint
 from lmselect.data.valset import ValidationSet
 from lmselect.log import MetricLogger, read_jsonl
-from lmselect.models.losses import masked_mean, token_ce, token_kl
+from lmselect.models.losses import token_ce, token_kl
 from lmselect.models.scorer import SequenceScorer
 from lmselect.select import bilevel_math as bm
 
@@ -377,10 +390,12 @@ class BilevelSolver:
 
     @torch.no_grad()
     def scores(self, ids: Tensor) -> Tensor:
-        """Local scores [B_local] (no grad) in chunks."""
+        """Local scores [B_local] (no grad) in chunks, in float32 at least (a float64 score model stays float64:
+        rounding s to float32 would cap the precision of P, ds and the hypergradient in float64 oracle checks)."""
         fn = self.score_fn(ids)
         with self.autocast():
-            return torch.cat([fn(self.s_params, sl) for sl in bm.chunks(ids.shape[0], self.cfg.micro_batch)]).float()
+            s = torch.cat([fn(self.s_params, sl) for sl in bm.chunks(ids.shape[0], self.cfg.micro_batch)])
+        return s.to(torch.promote_types(s.dtype, torch.float32))
 
     def global_weights(self, s_local: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(all scores, P over the global batch, this rank's P slice); P in float32 at least."""
@@ -422,14 +437,24 @@ class BilevelSolver:
         return next(iter(sub.batches(len(sub), self.device)))
 
     def validation_grad(self, val_ids: Tensor, val_mask: Tensor) -> tuple[bm.Params, float]:
-        """v = ∇_θp F: token-weighted masked CE of one validation batch."""
+        """v = ∇_θp F: token-weighted masked CE of one validation batch — the global one under torchrun (each
+        rank's rows together), so every rank gets the same v and F as one process on the concatenated batch."""
+        n_tok = val_mask.sum().to(device=self.device, dtype=torch.float64).reshape(1)
+        all_reduce_([n_tok])  # global token count: a mean of per-rank means would over-weight short-masked ranks
         with self.autocast():
-            f = masked_mean(token_ce(self.proxy_logits(self.p_params, val_ids), val_ids), val_mask)
+            ce = token_ce(self.proxy_logits(self.p_params, val_ids), val_ids)
+            m = val_mask.to(ce.dtype)
+            f = (ce * m).sum() / n_tok.clamp_min(1).to(ce.dtype).squeeze(0)
         v = torch.autograd.grad(f, self.p_params, allow_unused=True)
-        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.p_params, v)), float(f.detach())
+        v = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.p_params, v))
+        all_reduce_(v)  # Σ_r ∇(local sum / global count) = ∇F of the global batch
+        f_all = f.detach().to(torch.float64).reshape(1)
+        all_reduce_([f_all])
+        return v, float(f_all)
 
     def lower_hvp(self, ids: Tensor, weights: Tensor, vec: Sequence[Tensor], teachers: list[Tensor] | None = None) -> bm.Params:
-        """H·vec with H = ∇²_θp G_r on this rank's batch (G_r: the local estimate, see module docstring)."""
+        """H·vec with H = ∇²_θp G of the global batch: each rank's HVP of its local estimate G_r (module docstring),
+        averaged across ranks. A collective under torchrun: every rank must call it with the same ``vec``."""
         ids = ids.to(self.device)
         out: list[Tensor] | None = None
         for i, sl in enumerate(bm.chunks(ids.shape[0], self.cfg.micro_batch)):
@@ -439,6 +464,7 @@ class BilevelSolver:
                 hv = bm.hvp(fn, self.p_params, vec)
             out = list(hv) if out is None else [a + b for a, b in zip(out, hv)]
         assert out is not None
+        all_reduce_(out, mean=True)  # mean_r ∇²G_r = ∇²G: the z solve then sees the global Hessian
         return tuple(out)
 
     def compute_c(self, ids: Tensor, z: Sequence[Tensor], impl: str | None = None) -> Tensor:
@@ -484,10 +510,10 @@ class BilevelSolver:
         teachers = None
         if cfg.cache_teacher:
             teachers = [self.teacher_logits(ids[sl]) for sl in bm.chunks(ids.shape[0], cfg.micro_batch)]
+        # v and every H·z are global (all-reduced), so each rank computes the same z: nothing left to average
         z = bm.solve_z(lambda vec: self.lower_hvp(ids, p_loc, vec, teachers), v, steps=cfg.z_steps, lr=cfg.z_lr,
                        damping=cfg.z_damping, init=cfg.z_init, clip=cfg.z_clip)
         del teachers
-        all_reduce_(z, mean=True)
         t["t_z"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -527,7 +553,8 @@ class BilevelSolver:
         hnorm = self.score_update(hg.grads)
         self.last = hg
         self.step += 1
-        s, p, c = hg.scores.double(), hg.weights.double(), hg.c.double()
+        # log statistics of the whole global batch (hg.c holds only this rank's rows)
+        s, p, c = hg.scores.double(), hg.weights.double(), all_gather_cat(hg.c.double())
         secs = time.perf_counter() - t_start
         self.elapsed += secs
         return {

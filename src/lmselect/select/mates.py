@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
+from tqdm.auto import tqdm
 import torch
 from torch import nn
 
@@ -154,7 +155,7 @@ def probe_oracle_loop(
     out = np.empty(probe_batch.shape[0], dtype=np.float64)
     model.eval()
     try:
-        for i in range(probe_batch.shape[0]):
+        for i in tqdm(range(probe_batch.shape[0]), desc="mates probes", unit="seq", leave=False):
             x = probe_batch[i : i + 1].to(dev)
             optimizer.zero_grad(set_to_none=True)
             token_ce(model(input_ids=x).logits, x).mean().backward()
@@ -261,7 +262,7 @@ def probe_oracle_batched(
     out = np.empty(probe_batch.shape[0], dtype=np.float64)
     try:
         with torch.no_grad():  # torch.func.grad computes its own gradients inside
-            for s in range(0, probe_batch.shape[0], chunk_size):
+            for s in tqdm(range(0, probe_batch.shape[0], chunk_size), desc=f"mates probes (x{chunk_size})", leave=False):
                 x = probe_batch[s : s + chunk_size].to(dev)
                 with torch.enable_grad():
                     grads = per_sample_grad(params, x)
@@ -395,7 +396,7 @@ def train_influence_model(
     best_step = 0
     log: list[dict[str, Any]] = [{"step": 0, "holdout_spearman": best}]
     scorer.train()
-    for step in range(1, cfg.influence_steps + 1):
+    for step in tqdm(range(1, cfg.influence_steps + 1), desc="influence model", leave=False):
         rows = torch.from_numpy(train)[torch.randint(0, len(train), (min(cfg.influence_batch_size, len(train)),), generator=gen)]
         pred = scorer(tokens[rows].to(dev))
         loss = torch.mean((pred.float() - z[rows].to(dev)) ** 2)

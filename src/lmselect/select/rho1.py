@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 import torch
 from torch import nn
 
@@ -154,7 +155,7 @@ def train_reference(
     log: list[str] = []
     t0 = time.perf_counter()
     loss_val = float("nan")
-    for step in range(cfg.steps):
+    for step in tqdm(range(cfg.steps), desc="rho1 reference", leave=False):
         rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
         x, m = ids[rows].to(device), mask[rows].to(device)
         ce = token_ce(model(input_ids=x).logits, x)
