@@ -15,15 +15,24 @@ Every method gets the same warm-up, the same number of target steps per round (e
 learning-rate schedule. Each stage writes an artifact directory whose manifest is written last; rerunning the same
 command skips complete stages and resumes partial ones (training and the bilevel solve checkpoint themselves), so an
 interrupted run ends with the same selections as an uninterrupted one.
+
+Data parallel: ``torchrun --nproc_per_node N -m lmselect.cli run RECIPE``. The runner joins the process group once
+(``train.distributed.init_distributed``; ``train()`` reuses it) and every rank walks the same stages in the same
+order. Distributed-aware stages run on every rank and write their own artifacts from rank 0: training (DDP), the
+BLISS solve (global-batch math, see ``select/bliss.py``) and scoring (one part per rank). Everything else — pool
+preparation, selections, MATES / RHO-1 artifacts (single-process code), validation loss and lm-eval, eval / round /
+run manifests, results — runs on rank 0 alone while the other ranks wait, then read what rank 0 wrote, so all ranks
+continue from the same files. A failure on rank 0 in such a step is re-raised on every rank (no rank hangs).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -42,36 +51,85 @@ from lmselect.report import results_markdown
 from lmselect.recipe import TOKEN_LEVEL, Recipe, load_recipe, recipe_summary
 
 log = logging.getLogger("lmselect.pipeline")
+T = TypeVar("T")
+# Non-zero ranks wait for rank-0-only work (lm-eval on a large model takes hours) on a gloo group with this timeout;
+# the default collective timeout (10 min for NCCL) would kill them. torchrun tears the peers down if a rank dies.
+RANK0_WAIT = datetime.timedelta(hours=24)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
 
 
-def _device(name: str = "auto") -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 class Runner:
-    """Runs one recipe into one run directory. Each ``stage_*`` method is idempotent."""
+    """Runs one recipe into one run directory. Each ``stage_*`` method is idempotent.
+
+    Under torchrun it joins the process group (``close()`` leaves it again if the runner created it)."""
 
     def __init__(self, recipe: Recipe, run_dir: str | Path):
+        import torch.distributed as dist
+
+        from lmselect.train.distributed import init_distributed
+
         self.r = recipe
         self.run_dir = Path(run_dir)
-        self.device = _device(recipe.train.device)
+        self._owns_group = not (dist.is_available() and dist.is_initialized())
+        self.dist = init_distributed(recipe.train.device)  # no-op without torchrun's env; this rank's device
+        self._owns_group = self._owns_group and self.dist.enabled
+        self.device = self.dist.device
+        # a CPU (gloo) group for waiting on rank 0: long timeout, and no NCCL watchdog while the GPU ranks idle
+        self._wait_group = dist.new_group(backend="gloo", timeout=RANK0_WAIT) if self.dist.enabled else None
         self.timings: dict[str, float] = {}
         self._pool = None
         self._valsets: dict[str, Any] = {}
+
+    # ---- rank coordination ------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def _main_only(self, fn: Callable[[], T]) -> T | None:
+        """Run ``fn`` on rank 0 alone while the other ranks wait (they get None); a failure on rank 0 is raised on
+        every rank instead of leaving them blocked. Single process: just ``fn()``."""
+        if not self.dist.enabled:
+            return fn()
+        import torch.distributed as dist
+
+        out: T | None = None
+        err: BaseException | None = None
+        if self.is_main:
+            try:
+                out = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised below after telling the other ranks
+                err = e
+        box: list[Any] = [None if err is None else f"{type(err).__name__}: {err}"]
+        dist.broadcast_object_list(box, src=0, group=self._wait_group)
+        if err is not None:
+            raise err
+        if box[0] is not None:
+            raise LmselectError(f"rank 0 failed: {box[0]}")
+        return out
+
+    def _main_first(self, fn: Callable[[], T]) -> T:
+        """For an idempotent stage that is not distributed-aware (it writes an artifact and returns early when the
+        artifact is complete): rank 0 computes and writes, then every other rank runs ``fn`` too and only reads."""
+        out = self._main_only(fn)
+        return out if self.is_main else fn()  # type: ignore[return-value]
+
+    def _sync(self) -> None:
+        """Barrier: every rank sees the artifacts written before it (on the long-timeout wait group)."""
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._wait_group)
+
+    def close(self) -> None:
+        """Leave the process group if this runner joined it (clean torchrun shutdown)."""
+        if self._owns_group:
+            from lmselect.train.distributed import cleanup
+
+            cleanup()
+            self._owns_group = False
 
     # ---- shared inputs ----------------------------------------------------------------------------------------
     @property
@@ -122,6 +180,9 @@ class Runner:
 
     # ---- stages -----------------------------------------------------------------------------------------------
     def stage_pool(self) -> None:
+        self._main_first(self._stage_pool)
+
+    def _stage_pool(self) -> None:
         if self.r.pool.path is not None:
             read_manifest(self.pool_dir, kind="pool")
             return
@@ -178,6 +239,8 @@ class Runner:
         if is_complete(sel_dir, kind="selection"):
             return np.load(sel_dir / "selected.npy"), 0.0
         t0 = time.perf_counter()
+        # random / token-level selections are seed-determined and cheap: every rank computes them; BLISS is a
+        # collective; MATES is single-process code (rank 0 first, see _select_mates)
         parents = [parent_ref(self.prev_target(method, seed, rnd))]
         sel_seed = self.r.seed * 1000 + seed * 100 + rnd  # distinct per (run seed, method seed, round)
         scores = None
@@ -191,16 +254,18 @@ class Runner:
             selected, scores, more = self._select_bliss(seed, rnd, cand)
             parents += more
         elif method == "mates":
-            selected, scores, more = self._select_mates(seed, rnd, cand, sel_seed)
+            selected, scores, more = self._main_first(lambda: self._select_mates(seed, rnd, cand, sel_seed))
             parents += more
         else:  # pragma: no cover - validated at load time
             raise LmselectError(f"unknown method {method}")
         seconds = time.perf_counter() - t0
         frac = 1.0 if method in TOKEN_LEVEL else self.r.select_fraction
-        write_selection(
+        self._main_only(lambda: write_selection(
             sel_dir, self.pool, cand, scores, selected, method=method, fraction=frac,
             extra={"round": rnd, "seed": seed, "selection_seconds": seconds}, parents=parents,
-        )
+        ))
+        if not self.is_main:  # train on exactly the artifact rank 0 wrote
+            selected = np.load(sel_dir / "selected.npy")
         return selected, seconds
 
     def _select_bliss(self, seed: int, rnd: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
@@ -224,7 +289,11 @@ class Runner:
         scorer = solve_round(bcfg, proxy, target, scorer, cand, self.pool, self.select_valset, rdir / "bilevel", device=self.device)
         del proxy, target
         # (b) score every sequence of the shard, (c) keep the top fraction deterministically
-        score_pool(scorer, self.pool, cand, rdir / "scores", batch_size=self.r.score_batch_size, device=self.device)
+        # under torchrun each rank scores its own part (rank r of W); the last part to finish writes the manifest,
+        # so wait for every rank before reading
+        score_pool(scorer, self.pool, cand, rdir / "scores", batch_size=self.r.score_batch_size, device=self.device,
+                   progress=self.is_main)
+        self._sync()
         ids, scores = read_scores(rdir / "scores")
         selected = top_fraction(ids, scores, self.r.select_fraction)
         return selected, scores, [parent_ref(rdir / "bilevel"), parent_ref(rdir / "scores")]
@@ -269,10 +338,11 @@ class Runner:
             # method seed on the high-quality set; it stays frozen.
             ref_dir = self.run_dir / "rho1" / f"seed{seed}" / "reference"
             init = load_checkpoint_model(self.run_dir / "warmup" / "target", device=self.device)
-            ref = train_reference(
+            # single-process code: rank 0 trains and saves it, the other ranks then load the saved reference
+            ref = self._main_first(lambda: train_reference(
                 replace(self.r.rho1, seed=self.r.seed + seed), init, self.select_valset, self.pool.load_tokenizer(), ref_dir,
                 device=self.device,
-            )
+            ))
             return Rho1Selector(ref, self.r.rho1.keep_fraction)
         if method == "blade":
             from lmselect.select.blade import BladeSelector
@@ -295,8 +365,6 @@ class Runner:
         return out
 
     def stage_eval(self, method: str, seed: int, rnd: int, selected: np.ndarray) -> dict[str, Any]:
-        from lmselect.data.valset import validation_loss
-        from lmselect.train.checkpoint import load_checkpoint_model
         from lmselect.train.loop import train
 
         rdir = self.round_dir(method, seed, rnd)
@@ -314,6 +382,18 @@ class Runner:
             model_dir = bdir
         else:
             model_dir = rdir / "target"
+        # the decay branch above is training (every rank); the evaluation itself runs on rank 0 and the other
+        # ranks read its results.json
+        return self._main_first(lambda: self._evaluate(method, seed, rnd, model_dir))
+
+    def _evaluate(self, method: str, seed: int, rnd: int, model_dir: Path) -> dict[str, Any]:
+        """Validation losses (+ lm-eval) of ``model_dir`` -> ``eval/`` (results.json, manifest kind=eval)."""
+        from lmselect.data.valset import validation_loss
+        from lmselect.train.checkpoint import load_checkpoint_model
+
+        edir = self.round_dir(method, seed, rnd) / "eval"
+        if is_complete(edir, kind="eval"):
+            return read_json(edir / "results.json")
         model = load_checkpoint_model(model_dir, device=self.device)
         t0 = time.perf_counter()
         res: dict[str, Any] = {"method": method, "seed": seed, "round": rnd}
@@ -348,18 +428,22 @@ class Runner:
         self.stage_train(method, seed, rnd, selected)
         res = self.stage_eval(method, seed, rnd, selected)
         summary = read_json(rdir / "selection" / "summary.json")
-        write_manifest(rdir, Manifest(
+        self._main_only(lambda: write_manifest(rdir, Manifest(
             kind="round", config=recipe_summary(self.r), seed=seed,
             parents=[parent_ref(rdir / s) for s in ("selection", "target", "eval")],
             counts={"selected": int(len(selected)), "tokens": res.get("tokens", 0)},
             timings={"selection": float(summary.get("selection_seconds", sel_seconds))},
-        ))
+        )))
         return res
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.r, self.run_dir / "config.yaml")
+
+        def start() -> None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.r, self.run_dir / "config.yaml")
+
+        self._main_only(start)
         self.stage_pool()
         self.check_tokenizers()
         if self.pool.n_shards < self.r.rounds + 1:
@@ -371,16 +455,20 @@ class Runner:
             for seed in self.r.seeds:
                 for rnd in range(1, self.r.rounds + 1):
                     self.run_round(method, seed, rnd)
-        write_manifest(self.run_dir, Manifest(
-            kind="run", config=to_dict(self.r), seed=self.r.seed,
-            parents=[parent_ref(self.pool_dir)] + [parent_ref(self.run_dir / "warmup" / "target")],
-            extra={"methods": self.r.methods, "seeds": self.r.seeds, "rounds": self.r.rounds},
-            timings={"total": time.perf_counter() - t0},
-        ))
         from lmselect.report import collect, results, write_results
 
-        write_results(self.run_dir)
-        return results(collect(self.run_dir))
+        def finish() -> None:
+            write_manifest(self.run_dir, Manifest(
+                kind="run", config=to_dict(self.r), seed=self.r.seed,
+                parents=[parent_ref(self.pool_dir)] + [parent_ref(self.run_dir / "warmup" / "target")],
+                extra={"methods": self.r.methods, "seeds": self.r.seeds, "rounds": self.r.rounds,
+                       "world_size": self.dist.world_size},
+                timings={"total": time.perf_counter() - t0},
+            ))
+            write_results(self.run_dir)
+
+        self._main_only(finish)
+        return results(collect(self.run_dir))  # read-only: every rank returns the same numbers
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -396,17 +484,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, report: bool = True) -> tuple[Path, dict[str, Any]]:
     run_dir = Path(out or recipe.out or Path("runs") / recipe.name)
-    res = Runner(recipe, run_dir).run()
-    if report:
-        from lmselect.report import write_report
+    runner = Runner(recipe, run_dir)
+    try:
+        res = runner.run()
+        if report:
+            from lmselect.report import write_report
 
-        log.info("report: %s", write_report(run_dir))
+            path = runner._main_only(lambda: write_report(run_dir))
+            if runner.is_main:
+                log.info("report: %s", path)
+    finally:
+        runner.close()
     return run_dir, res
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    # the runner leaves the process group at the end, so read the rank from torchrun's environment
+    from lmselect.score import dist_rank_world
+
     run_dir, results = run_recipe(recipe, args.out, report=not args.no_report)
-    print(results_markdown(results))
-    print(f"run directory: {run_dir}")
+    if dist_rank_world()[0] == 0:
+        print(results_markdown(results))
+        print(f"run directory: {run_dir}")
     return 0
