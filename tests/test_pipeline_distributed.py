@@ -147,17 +147,13 @@ def test_torchrun_two_ranks_matches_single_process(tiny_recipe, tmp_path):  # no
         for r, sel in enumerate(_selections(out, m), start=1):
             assert len(sel) == 3 and np.array_equal(sel, np.unique(sel)) and set(pool.shard[sel]) == {r}, (m, r)
 
-    # the same recipe in one process. BlissConfig.val_batch_size is per rank, so one process needs WORLD x it to see
-    # the same global validation batch (outer / inner batches are global already).
-    bvb = load_recipe(tiny_recipe).bliss.val_batch_size
-    ref_dir, _ = pipeline.run_recipe(load_recipe(tiny_recipe, [f"--bliss.val_batch_size={bvb * WORLD}"]),
-                                     tmp_path / "single", report=False)
+    # the same recipe in one process: every batch size in a recipe is global, so nothing needs rescaling
+    ref_dir, _ = pipeline.run_recipe(load_recipe(tiny_recipe), tmp_path / "single", report=False)
     # random: seed-determined, identical
     for a, b in zip(_selections(ref_dir, "random"), _selections(out, "random")):
         assert np.array_equal(a, b)
     # BLISS: the distributed solve is the single-process math (tests/select/test_bliss_distributed.py), so the
-    # scores agree to float32 rounding (measured: max |diff| 2.4e-7) and, as long as that is far below the score gap
-    # at the top-k boundary (checked, measured 0.024 / 0.15), the selections are identical
+    # scores agree to float32 rounding (measured: max |diff| ~1e-7)
     from lmselect.score import read_scores
 
     k = 3
@@ -166,10 +162,14 @@ def test_torchrun_two_ranks_matches_single_process(tiny_recipe, tmp_path):  # no
         ids_b, s_b = read_scores(out / "bliss" / "seed0" / f"round{r}" / "scores")
         assert np.array_equal(ids_a, ids_b)
         np.testing.assert_allclose(s_b, s_a, rtol=1e-4, atol=1e-5)
-        top = np.sort(s_a)[::-1]
-        noise = np.abs(s_a - s_b).max()
-        assert noise == 0 or top[k - 1] - top[k] > 100 * noise, "top-k boundary within float noise: compare overlap"
-        assert np.array_equal(a, b), (r, a, b)
+        # Outside a band of float noise around the top-k boundary score the selections must be identical; inside it
+        # (the tiny pool repeats sentences, so exact ties occur) either side of a tie is a correct top-k.
+        noise = float(np.abs(s_a - s_b).max())
+        boundary = np.sort(s_a)[::-1][k - 1]
+        band = set(ids_a[np.abs(s_a - boundary) <= 10 * noise + 1e-12].tolist())
+        assert len(a) == len(b) == k
+        assert set(a.tolist()) - band == set(b.tolist()) - band, (r, a, b, band)
+        assert len(band) < len(ids_a) // 2, "the tie band must not make the comparison vacuous"
     # DDP training on the same selections ends at the same validation loss (float32 tolerance)
     for m in ("random", "bliss"):
         ea = json.loads((ref_dir / m / "seed0" / f"round{ROUNDS}" / "eval" / "results.json").read_text())["val_loss"]

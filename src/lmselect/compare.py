@@ -13,6 +13,7 @@ the formula so they can be checked; wall time is measured.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = replace(recipe, seeds=list(range(args.seeds)))
     out = Path(args.out or Path("runs") / f"{recipe.name}-compare")
     run_dir, results = run_recipe(recipe, out, report=not args.no_report)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes the table and the plot
+        return 0
     from lmselect.data.pool import TokenPool
 
     pool = TokenPool(Path(recipe.pool.path) if recipe.pool.path else run_dir / "pool")

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 VOCAB = 96
 L = 16
 GLOBAL_B = 8  # outer / inner batch, all ranks together
-VAL_PER_RANK = 2  # BlissConfig.val_batch_size is per rank: one process needs WORLD x this for the same batch
+VAL_GLOBAL = 4  # BlissConfig.val_batch_size is global, like batch_size: the same config on any world size
 WORLD = 2
 TOL = 1e-9  # float64: differences are rounding only (~1e-13 measured); the old per-rank z solve was off by ~1e-3
 
@@ -42,7 +42,7 @@ def _valset() -> Any:
 
 
 def _solver(world: int) -> Any:
-    """The same seeded float64 solver on every rank; val_batch_size scaled so the global validation batch is equal."""
+    """The same seeded float64 solver, and the same config, on every rank and in the single process."""
     from lmselect.models.presets import build_model
     from lmselect.select.bliss import BilevelSolver, BlissConfig, init_score_model
 
@@ -52,7 +52,7 @@ def _solver(world: int) -> Any:
     scorer = init_score_model(proxy, seed=2)
     # score_lr / proxy_lr large enough that one AdamW step visibly moves every parameter (non-vacuous comparison);
     # warmup_ratio 0 so step 0 runs at the full LR
-    cfg = BlissConfig(batch_size=GLOBAL_B, micro_batch=2, val_batch_size=VAL_PER_RANK * (WORLD // world), outer_steps=4,
+    cfg = BlissConfig(batch_size=GLOBAL_B, micro_batch=2, val_batch_size=VAL_GLOBAL, outer_steps=4,
                       inner_steps=1, dtype="float64", proxy_lr=1e-3, score_lr=1e-3, warmup_ratio=0.0)
     return BilevelSolver(cfg, proxy, target, scorer, _valset())
 

@@ -35,7 +35,7 @@ scores are all-gathered so P is the global softmax; the inner loss on rank r is 
 so that the summed gradient is ∇G of the global batch. The single-process solver on the global batch is the
 reference, and every collective below exists so that W ranks compute the same numbers (to rounding):
 
-* v = ∇F of the *global* validation batch (``val_batch_size`` rows per rank): each rank divides its masked CE sum by
+* v = ∇F of the *global* validation batch (``val_batch_size`` rows over all ranks): each rank divides its masked CE sum by
   the all-reduced token count and the gradients are summed, i.e. the token-weighted mean one process would take.
 * H·z: rank r differentiates the unbiased local estimate G_r = W Σ_{i∈r} P_i CE_i + γ KL_r + λ‖θ‖² (W = 1: exactly
   G) and the HVPs are averaged across ranks *inside every z step*; mean_r G_r = G (equal local batches), so this is
@@ -107,7 +107,7 @@ class BlissConfig:
     warmup_ratio: float = 0.1  # linear warm-up fraction, then cosine to 0 (both optimizers)
     batch_size: int = 32  # global outer / inner batch, in sequences
     micro_batch: int | None = None  # per-rank chunk for memory (None = whole local batch)
-    val_batch_size: int = 32  # validation sequences per rank per outer step
+    val_batch_size: int = 32  # validation sequences per outer step, all ranks together (like batch_size)
     hypergrad_impl: Literal["auto", "per_sample", "batched"] = "auto"  # auto = batched (see module docstring)
     batched_dots: Literal["jvp", "double_backward"] = "jvp"  # how the batched path gets all c_i
     cache_teacher: bool = True  # keep target logits of the outer batch across the z steps (memory B·L·V)
@@ -307,6 +307,8 @@ class BilevelSolver:
         self.rank, self.world = rank_world()
         if cfg.batch_size % self.world:
             raise LmselectError(f"bliss batch_size {cfg.batch_size} is not divisible by the world size {self.world}")
+        if cfg.val_batch_size % self.world:
+            raise LmselectError(f"bliss val_batch_size {cfg.val_batch_size} is not divisible by the world size {self.world}")
         self.local_batch = cfg.batch_size // self.world
         self.proxy = proxy.to(self.device).train()
         # the KL teacher: frozen, eval mode, never differentiated
@@ -328,7 +330,7 @@ class BilevelSolver:
         self.s_sched = torch.optim.lr_scheduler.LambdaLR(self.s_opt, warmup_cosine(cfg.outer_steps, cfg.warmup_ratio))
         self.step = 0
         self.elapsed = 0.0
-        self.val_stream = IndexStream(len(valset), cfg.val_batch_size * self.world, cfg.seed + SEED_VAL_STREAM, self.rank, self.world)
+        self.val_stream = IndexStream(len(valset), cfg.val_batch_size, cfg.seed + SEED_VAL_STREAM, self.rank, self.world)
         self.last: Hypergradient | None = None
 
     # ---- configuration helpers --------------------------------------------------------------------------------
