@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _quiet_third_party() -> None:
     """Keep lmselect's own progress bars and logs readable: the libraries underneath log every task they build and
     draw a bar for every checkpoint they load. ``--debug`` keeps them."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' and datasets' tqdm bars
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' tqdm bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' "Map:" bars (lm-eval task building)
     for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if "transformers" in sys.modules:  # already imported: the env var above came too late for it
