@@ -644,29 +644,16 @@ def resolve_tokenizer_dir(path: str | Path) -> Path:
 
 def read_jsonl_texts(path: str | Path) -> list[tuple[str, str]]:
     """(doc_id, text) per record: ``doc_id`` = the record's ``id`` or its 1-based line number; blank lines skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise LmselectError(f"{p}: file not found")
+    from lmselect.data.readers import iter_json_records
+
     out: list[tuple[str, str]] = []
-    with open(p, encoding="utf-8", errors="strict") as f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmselectError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise LmselectError(f"{p}:{lineno}: record is not a JSON object")
-                if "text" not in rec:
-                    raise LmselectError(f"{p}:{lineno}: record has no 'text' field")
-                if not isinstance(rec["text"], str):
-                    raise LmselectError(f"{p}:{lineno}: 'text' is not a string")
-                doc_id = rec.get("id")
-                out.append((str(doc_id) if doc_id is not None else str(lineno), rec["text"]))
-        except UnicodeDecodeError:
-            raise LmselectError(f"{p}:{lineno + 1}: not valid UTF-8") from None
+    for lineno, rec in iter_json_records(path):
+        if "text" not in rec:
+            raise LmselectError(f"{path}:{lineno}: record has no 'text' field")
+        if not isinstance(rec["text"], str):
+            raise LmselectError(f"{path}:{lineno}: 'text' is not a string")
+        doc_id = rec.get("id")
+        out.append((str(doc_id) if doc_id is not None else str(lineno), rec["text"]))
     return out
 
 

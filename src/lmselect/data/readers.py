@@ -424,3 +424,33 @@ def iter_documents(
             stats.documents += 1
             stats.docs_by_input[spec.path] += 1
             yield doc
+
+
+def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """Strictly read a ``.jsonl`` / ``.jsonl.gz`` file: (1-based line, record) per non-blank line.
+
+    For the small files read whole (validation sets, task files, raw text to score): any bad line is fatal, with a
+    one-line ``LmselectError`` naming ``path:line``. (Corpora go through :func:`iter_documents`, which can skip and
+    count malformed records instead.)
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LmselectError(f"{p}: {what} not found")
+    opener = gzip.open if p.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(p, "rt", encoding="utf-8", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LmselectError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise LmselectError(f"{p}:{lineno}: record is not a JSON object")
+                yield lineno, rec
+    except UnicodeDecodeError:
+        raise LmselectError(f"{p}:{lineno + 1}: not valid UTF-8") from None
+    except (OSError, EOFError) as e:
+        raise LmselectError(f"{p}: cannot read {what} ({e})") from None

@@ -14,7 +14,6 @@ tensor ``input_ids`` [N, L] with ``loss_mask`` [N, L-1] marking which next-token
 from __future__ import annotations
 
 import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,23 +46,19 @@ class ValidationSet:
 
 
 def _read_texts(path: Path, field: str = "text") -> list[str]:
+    from lmselect.data.readers import iter_json_records
+
     if not path.is_file():
         raise LmselectError(f"{path}: validation file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    texts: list[str] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        if ".jsonl" in path.name:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmselectError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or field not in rec:
-                    raise LmselectError(f"{path}:{n}: record has no '{field}' field")
-                texts.append(str(rec[field]))
-        else:
+    if ".jsonl" in path.name:
+        texts = []
+        for n, rec in iter_json_records(path, what="validation file"):
+            if field not in rec:
+                raise LmselectError(f"{path}:{n}: record has no '{field}' field")
+            texts.append(str(rec[field]))
+    else:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
             texts = [ln.rstrip("\n") for ln in f if ln.strip()]
     if not texts:
         raise LmselectError(f"{path}: validation file is empty")

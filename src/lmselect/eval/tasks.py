@@ -19,8 +19,6 @@ turn the same documents into identical requests (contexts and continuations).
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -232,32 +230,15 @@ def resolve_task_names(tasks: str | Iterable[str] | None) -> list[str]:
     return out
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def read_local_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Records of a local ``.jsonl`` / ``.jsonl.gz`` task file; bad lines raise ``LmselectError`` naming file:line."""
-    p = Path(path)
+    from lmselect.data.readers import iter_json_records
+
     out: list[dict[str, Any]] = []
-    try:
-        with _open_text(p) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmselectError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise LmselectError(f"{p}:{i}: record is not a JSON object")
-                out.append(rec)
-                if limit is not None and len(out) >= limit:
-                    break
-    except FileNotFoundError:
-        raise LmselectError(f"{p}: task file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmselectError(f"{p}: cannot read task file ({e})") from None
+    for _, rec in iter_json_records(path, what="task file"):
+        out.append(rec)
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
