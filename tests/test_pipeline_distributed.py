@@ -170,8 +170,11 @@ def test_torchrun_two_ranks_matches_single_process(tiny_recipe, tmp_path):  # no
         assert len(a) == len(b) == k
         assert set(a.tolist()) - band == set(b.tolist()) - band, (r, a, b, band)
         assert len(band) < len(ids_a) // 2, "the tie band must not make the comparison vacuous"
-    # DDP training on the same selections ends at the same validation loss (float32 tolerance)
-    for m in ("random", "bliss"):
+    # DDP training on the same selections ends at the same validation loss (float32 tolerance); a BLISS run whose
+    # top-k took the other side of an exact score tie trained on different data, so it is only compared when every
+    # round's selection matched.
+    same_bliss = all(np.array_equal(a, b) for a, b in zip(_selections(ref_dir, "bliss"), _selections(out, "bliss")))
+    for m in ("random", "bliss") if same_bliss else ("random",):
         ea = json.loads((ref_dir / m / "seed0" / f"round{ROUNDS}" / "eval" / "results.json").read_text())["val_loss"]
         eb = json.loads((out / m / "seed0" / f"round{ROUNDS}" / "eval" / "results.json").read_text())["val_loss"]
         assert eb == pytest.approx(ea, rel=1e-4), (m, ea, eb)
