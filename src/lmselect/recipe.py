@@ -75,7 +75,7 @@ class EvalSection:
             "lambada_openai",
         ]
     )
-    task_data: str | None = None  # None = bundled slices; a directory in the ../shared/data layout for full runs
+    task_data: str | None = None  # None = bundled slices; a directory of full task files (the layout data/tasks/ uses) for full runs
     limit: int | None = None
     batch_size: int = 16
 
