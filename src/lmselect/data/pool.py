@@ -84,9 +84,12 @@ class TokenPool:
         return torch.from_numpy(arr)
 
     def load_tokenizer(self) -> Any:
+        """The pool's HF tokenizer, loaded once per TokenPool (decoding examples calls this per sequence)."""
         from lmselect.data.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.tokenizer_dir)
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
+        return self._tokenizer
 
     def doc_spans(self) -> Any:
         import pyarrow.parquet as pq
