@@ -1,11 +1,12 @@
-"""Compare all five methods at demo scale with several seeds and print mean ± sd per method.
+"""Compare every registered method at demo scale, paired by seed, and print what the README shows.
 
-    python bench/compare_demo.py [--seeds 2] [--out runs/compare-demo] [--methods ...] [--key=value overrides]
+    python bench/compare_demo.py [--seeds 3] [--out runs/compare-demo] [--methods ...] [--key=value overrides]
 
-Runs ``lmselect compare demo`` (same pool, same warm-up, same trained-token budget and schedule for every method),
-then prints the comparison table, which is also in OUT/comparison.md with the plot OUT/comparison.png.
-Every method seed gets its own selection randomness (Gumbel noise, random subsets, BLISS/MATES data streams); the
-warm-up is shared, as in the papers' protocol.
+Runs ``lmselect compare demo`` (same pool, warm-up, schedule and fed-token budget for every method; seed k of every
+method uses the same data-order seeds), then prints the report-set table (mean ± sd over seeds), the paired
+difference to random with a 95 % t interval ("within noise" when it contains 0) and the exposure ledger. The same
+tables are in OUT/comparison.md (with per-seed rows and selection costs) and OUT/results.json; the plot with error
+bars is OUT/comparison.png. Every number is on the held-out report sets, which no method has seen.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lmselect.cli import main
+from lmselect.report.results import _exposure_table, _md_table, _paired_table, _summary_table
 
 
 def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="runs/compare-demo")
-    ap.add_argument("--methods", default="random,bliss,mates,rho1,blade")
+    ap.add_argument("--methods", default=None, help="default: every registered method")
     args, overrides = ap.parse_known_args()
     t0 = time.perf_counter()
-    rc = main(["compare", "demo", "--methods", args.methods, "--seeds", str(args.seeds), "--out", args.out, *overrides])
+    cmd = ["compare", "demo", "--seeds", str(args.seeds), "--out", args.out, "--no-report", *overrides]
+    if args.methods:
+        cmd[2:2] = ["--methods", args.methods]
+    rc = main(cmd)
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     if rc == 0:
         print()
@@ -36,25 +39,16 @@ def run() -> int:
     return rc
 
 
-def _ms(xs: list[float | None], scale: float = 1.0, nd: int = 3) -> str:
-    v = np.array([x for x in xs if x is not None], dtype=float) * scale
-    if not len(v):
-        return "–"
-    sd = v.std(ddof=1) if len(v) > 1 else 0.0
-    return f"{v.mean():.{nd}f} ± {sd:.{nd}f}"
-
-
 def summary(res: dict) -> str:
-    """Mean ± sd over seeds (sample sd) of the final-round numbers, one line per method."""
-    lines = ["| method | seeds | LAMBADA final-word CE | clean-text CE | 9-task avg (%) | selection s |", "|---|---|---|---|---|---|"]
-    for m in res["methods"]:
-        rows = [r for r in res["rows"] if r["method"] == m]
-        lines.append(
-            f"| {m} | {len(rows)} | {_ms([r['val_loss'].get('lambada') for r in rows])} | "
-            f"{_ms([r['val_loss'].get('clean') for r in rows])} | "
-            f"{_ms([r['downstream_average'] for r in rows], 100, 1)} | {_ms([r['selection_seconds'] for r in rows], 1, 0)} |"
-        )
-    return "\n".join(lines)
+    """The README's three tables: report-set figures, paired differences to random, exposure."""
+    out = [_md_table(*_summary_table(res)), ""]
+    paired = _paired_table(res)
+    if paired:
+        out += [_md_table(*paired), ""]
+    ex = _exposure_table(res)
+    if ex:
+        out += [_md_table(*ex)]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

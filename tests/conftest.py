@@ -26,3 +26,25 @@ def tiny_pool(tmp_path, tiny_tokenizer):
     from lmselect.data.pool import TokenPool
 
     return TokenPool(make_pool(tmp_path / "pool", tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tmp_path_factory):
+    """A tiny 2-round recipe (debug presets) on a tiny pool, with disjoint selection and report sets."""
+    from lmselect.testing import make_tiny_recipe
+
+    return make_tiny_recipe(tmp_path_factory.mktemp("recipe"))
+
+
+@pytest.fixture(scope="session")
+def all_methods_run(tiny_recipe, tmp_path_factory):
+    """One `lmselect compare` run of every registered method (1 seed) on the tiny recipe: the reference that the
+    pipeline, contract and distributed tests compare against."""
+    from lmselect.cli import main
+    from lmselect.select.base import method_names
+
+    out = tmp_path_factory.mktemp("all") / "cmp"
+    rc = main(["compare", str(tiny_recipe), "--methods", ",".join(method_names()), "--seeds", "1", "--out", str(out),
+               "--no-report"])
+    assert rc == 0
+    return out

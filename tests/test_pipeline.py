@@ -8,93 +8,65 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmselect.testing import SAMPLE_TEXT as _TEXT, make_pool, make_tokenizer
+from lmselect.select.base import method_class, method_names
+from lmselect.testing import make_tokenizer
 from lmselect.artifacts import is_complete, read_manifest
 from lmselect.config import ConfigError
-
-
-def _write_val(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
-
-
-TINY = """
-name: tiny
-seed: 0
-pool: {{path: {pool}}}
-validation: {{lambada: {lam}, clean: {clean}, max_items: 8, seq_len: 32, batch_size: 8}}
-target: {{preset: debug}}
-proxy: {{preset: debug}}
-warmup: {{fraction: 0.5, steps: 3}}
-rounds: 2
-select_fraction: 0.25
-round_steps: 2
-methods: [random, bliss]
-seeds: [0]
-train: {{global_batch: 4, micro_batch: 2, log_every: 1, optim: {{lr: 1.0e-3, warmup_steps: 1}}}}
-decay: {{steps: 2, halve_every: 1}}
-eval: {{downstream: false}}
-bliss: {{outer_steps: 2, batch_size: 4, val_batch_size: 4, log_every: 1, save_every: 1, proxy_lr: 1.0e-4, score_lr: 1.0e-3}}
-mates: {{n_probe: 6, influence_steps: 3, influence_batch_size: 2, influence_eval_every: 1, val_items: 4, val_batch_size: 4, probe_chunk: 3}}
-rho1: {{steps: 2, batch_size: 2, seq_len: 32}}
-blade: {{tau: 2, ref_steps: 1, ref_batch_size: 2}}
-score_batch_size: 8
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_recipe(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("recipe")
-    tok = make_tokenizer()
-    pool = make_pool(d / "pool", tok, n_per_shard=12, n_shards=3, n_val=4, seq_len=32)
-    lam = _write_val(d / "lambada.jsonl", [t for t in _TEXT[:8]])
-    clean = _write_val(d / "clean.jsonl", [t for t in _TEXT[8:16]])
-    p = d / "tiny.yaml"
-    p.write_text(TINY.format(pool=pool, lam=lam, clean=clean))
-    return p
 
 
 def _selections(run_dir: Path, method: str, rounds: int = 2) -> list[np.ndarray]:
     return [np.load(run_dir / method / "seed0" / f"round{r}" / "selection" / "selected.npy") for r in range(1, rounds + 1)]
 
 
-def test_every_method_runs_end_to_end(tiny_recipe, tmp_path):
-    from lmselect.cli import main
-
-    out = tmp_path / "cmp"
-    rc = main(["compare", str(tiny_recipe), "--methods", "random,bliss,mates,rho1,blade", "--seeds", "1",
-               "--out", str(out), "--no-report"])
-    assert rc == 0
+def test_every_method_runs_end_to_end(all_methods_run):
+    out = all_methods_run
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"random", "bliss", "mates", "rho1", "blade"}
+    assert set(res["methods"]) == set(method_names())
     for m in res["methods"]:
         for r in (1, 2):
             assert is_complete(out / m / "seed0" / f"round{r}", kind="round"), (m, r)
         ev = json.loads((out / m / "seed0" / "round2" / "eval" / "results.json").read_text())
         assert np.isfinite(ev["val_loss"]["lambada"]) and np.isfinite(ev["val_loss"]["clean"])
+        assert ev["val_split"] == "report"
+        # the exposure ledger: what the method was given this round
+        ex = ev["exposure"]
+        assert ex["tokens_fed"] == 2 * 4 * 32 and ex["candidates"] == 12
+        level = method_class(m).level
+        assert ex["selected_sequences"] == (12 if level == "token" else 3)
+        assert ex["epochs"] == pytest.approx(8 / ex["selected_sequences"])
+        if level == "token":
+            assert 0.5 < ex["kept_token_fraction"] < 0.7 and ex["tokens_backprop"] < 8 * 31
+        else:
+            assert ex["tokens_backprop"] == 8 * 31
+        assert (ex["selection_flops"] == 0) == (m == "random")
     # equal token budget: every method trained the target for the same number of tokens
     tokens = {m: read_manifest(out / m / "seed0" / "round2" / "target")["extra"]["tokens_seen"] for m in res["methods"]}
     assert len(set(tokens.values())) == 1, tokens
     # sequence-level methods keep 25 % of a 12-sequence shard; token-level ones see the whole shard
-    for m, k in (("random", 3), ("bliss", 3), ("mates", 3), ("rho1", 12), ("blade", 12)):
+    for m in res["methods"]:
+        k = 12 if method_class(m).level == "token" else 3
         assert [len(s) for s in _selections(out, m)] == [k, k], m
     # round r draws from shard r only
     from lmselect.data.pool import TokenPool
 
     pool = TokenPool(Path(read_manifest(out)["config"]["pool"]["path"]))
-    for m in ("random", "bliss", "mates"):
+    for m in res["methods"]:
         for r, sel in enumerate(_selections(out, m), start=1):
             assert set(pool.shard[sel]) == {r}
     # the BLISS score model is inherited across rounds, the proxy reset: round 2's solve starts from round 1's scorer
     assert (out / "bliss" / "seed0" / "round2" / "bilevel" / "score_model").is_dir()
-    # token-level methods logged their kept fraction
-    log = [json.loads(x) for x in (out / "rho1" / "seed0" / "round1" / "target" / "train_log.jsonl").read_text().splitlines()]
-    kept = [r.get("sel_kept_fraction", r.get("kept_fraction")) for r in log if "loss" in r]
-    assert kept and all(abs(k - 0.6) < 0.05 for k in kept if k is not None)
+    # token-level methods logged their kept fraction, in training and in the evaluation's decay branch alike
+    for sub in ("target", "decay_branch"):
+        log = [json.loads(x) for x in (out / "rho1" / "seed0" / "round1" / sub / "train_log.jsonl").read_text().splitlines()]
+        kept = [r.get("sel_kept_fraction", r.get("kept_fraction")) for r in log if "loss" in r]
+        assert kept and all(abs(k - 0.6) < 0.05 for k in kept if k is not None), sub
     assert (out / "comparison.md").is_file() and (out / "comparison.png").stat().st_size > 1000
     table = (out / "comparison.md").read_text()
     for m in res["methods"]:
         assert f"| {m} |" in table
+    assert "Paired difference to random" in table and "Exposure" in table
+    # one seed: no interval, so every difference is "within noise"
+    assert all(v["within_noise"] for d in res["paired_vs_random"].values() for v in d.values())
 
 
 def test_interrupted_run_resumes_to_same_selection(tiny_recipe, tmp_path, monkeypatch):
@@ -107,10 +79,10 @@ def test_interrupted_run_resumes_to_same_selection(tiny_recipe, tmp_path, monkey
     # crash in round 2's training of BLISS (after round 2's bilevel solve, scoring and selection were written)
     orig = pipeline.Runner.stage_train
 
-    def crashing(self, method, seed, rnd, selected):
-        if method == "bliss" and rnd == 2:
+    def crashing(self, m, rc, selected):
+        if m.name == "bliss" and rc.round == 2:
             raise KeyboardInterrupt("simulated kill")
-        return orig(self, method, seed, rnd, selected)
+        return orig(self, m, rc, selected)
 
     monkeypatch.setattr(pipeline.Runner, "stage_train", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -141,6 +113,10 @@ def test_interrupted_run_resumes_to_same_selection(tiny_recipe, tmp_path, monkey
         ("--select_fraction=0", "select_fraction"),
         ("--validation.lambada=/nonexistent/val.jsonl", "validation.lambada"),
         ("--rounds=0", "rounds"),
+        ("--round_steps=-5", "round_steps"),
+        ("--warmup.steps=0", "warmup.steps"),
+        ("--seeds=0,0", "seeds"),
+        ("--validation.selection_kind=words", "validation.selection_kind"),
         ("--bliss.z_stepz=3", "bliss.z_stepz"),
     ],
 )
@@ -150,6 +126,30 @@ def test_bad_recipe_fails_at_load_naming_the_key(tiny_recipe, override, key):
     with pytest.raises(ConfigError) as e:
         load_recipe(tiny_recipe, [override])
     assert key in str(e.value) and "\n" not in str(e.value)
+    if key not in ("bliss.z_stepz",):  # range / file errors say where the value came from
+        assert "command line" in str(e.value), str(e.value)
+
+
+def test_unknown_method_suggests_the_closest_name(tiny_recipe):
+    from lmselect.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match="did you mean 'bliss'"):
+        load_recipe(tiny_recipe, ["--methods=random,blis"])
+
+
+def test_overlapping_selection_and_report_sets_are_refused(tiny_recipe, tmp_path):
+    """A report set must be disjoint from everything a method sees, by item content (whitespace-normalised)."""
+    from lmselect.recipe import load_recipe
+    from lmselect.testing import REPORT_LAMBADA, SAMPLE_LAMBADA, write_jsonl_texts
+
+    leaky = write_jsonl_texts(tmp_path / "leaky.jsonl", SAMPLE_LAMBADA[:2] + ["  " + REPORT_LAMBADA[3].replace(" ", "  ")])
+    with pytest.raises(ConfigError) as e:
+        load_recipe(tiny_recipe, [f"--validation.selection={leaky}"])
+    msg = str(e.value)
+    assert "validation.selection" in msg and "validation.lambada" in msg and "1 item" in msg and "\n" not in msg
+    # RHO-1's reference corpus is checked too
+    with pytest.raises(ConfigError, match="rho1 data file"):
+        load_recipe(tiny_recipe, [f"--rho1.files=[{tmp_path / 'leaky.jsonl'}]", "--methods=random,rho1"])
 
 
 def test_cli_reports_bad_recipe_in_one_line(tiny_recipe, capsys):
@@ -184,6 +184,7 @@ def test_embedded_demo_recipe_is_valid():
     assert r.methods == ["random", "bliss"] and r.rounds == 2
     assert r.pool.prepare.n_shards == r.rounds + 1
     assert Path(r.validation.lambada).is_file() and Path(r.validation.clean).is_file()
+    assert Path(r.validation.selection).name == "lambada_select.jsonl"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")))
@@ -192,11 +193,11 @@ def test_every_shipped_recipe_parses(name):
     from lmselect.config import load_config
     from lmselect.models.presets import get_preset
     from lmselect.paths import RECIPES_DIR
-    from lmselect.recipe import METHODS, Recipe
+    from lmselect.recipe import Recipe
 
     r = load_config(Recipe, RECIPES_DIR / name)
     get_preset(r.target.preset), get_preset(r.proxy.preset)
-    assert set(r.methods) <= set(METHODS) and 0 < r.select_fraction <= 1
+    assert set(r.methods) <= set(method_names()) and 0 < r.select_fraction <= 1
 
 
 def test_bliss_rounds_reset_proxy_inherit_scorer_and_use_previous_target(tiny_recipe, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pipeline import _selections, tiny_recipe  # noqa: F401  (the tiny 2-round random + bliss recipe fixture)
+from test_pipeline import _selections
 
 from lmselect.artifacts import is_complete, read_manifest
 
@@ -83,7 +83,7 @@ def _torchrun(recipe: Path, out: Path, log_dir: Path) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_matches_single_process(tiny_recipe, tmp_path):  # noqa: F811
+def test_torchrun_two_ranks_matches_single_process(tiny_recipe, tmp_path):
     from lmselect import pipeline
     from lmselect.data.pool import TokenPool
     from lmselect.recipe import load_recipe

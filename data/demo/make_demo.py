@@ -122,10 +122,15 @@ def main() -> None:
         for r in clean_val:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     lam = read_jsonl(s / "lambada" / "lambada_test.jsonl")[:N_LAMBADA]
-    with open(HERE / "lambada_val.jsonl", "w", encoding="utf-8") as f:
-        for r in lam:
-            f.write(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n")
-    print(f"clean_val {len(clean_val)} paragraphs from {len(held)} held-out articles; lambada_val {len(lam)} passages")
+    # Two disjoint roles: the report half (first, it also holds the 40 passages of the bundled lambada_openai task
+    # slice, which is reported too) and the selection half (the only LAMBADA text a selection method may see).
+    half = len(lam) // 2
+    for name, part in (("lambada_report.jsonl", lam[:half]), ("lambada_select.jsonl", lam[half:])):
+        with open(HERE / name, "w", encoding="utf-8") as f:
+            for r in part:
+                f.write(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n")
+    print(f"clean_val {len(clean_val)} paragraphs from {len(held)} held-out articles; lambada {len(lam)} passages "
+          f"-> report {half} + selection {len(lam) - half}")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from lmselect.errors import ArtifactError, LmselectError  # noqa: F401 - re-exported (the error root)
+
 MANIFEST = "manifest.json"
 
 
-class LmselectError(RuntimeError):
-    """A user-facing error: the CLI prints its message on one line and exits non-zero (no traceback)."""
-
-
-class ArtifactError(LmselectError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------------------

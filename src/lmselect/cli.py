@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lmselect.pipeline_demo", "run the bundled demo recipe end to end"),
     "compare": ("lmselect.compare", "run several methods on one recipe and seeds, tabulate and plot"),
     "eval": ("lmselect.eval.cli", "zero-shot downstream evaluation with lm-evaluation-harness"),
-    "report": ("lmselect.report", "write report.html and figures for a run directory"),
+    "report": ("lmselect.report.cli", "write report.html and figures for a run directory"),
     "inspect": ("lmselect.inspect", "summarise a pool or run directory: manifest, samples, lineage"),
 }
 

@@ -1,9 +1,9 @@
-"""``lmselect compare RECIPE --methods random,bliss,mates,rho1,blade --seeds 2``
+"""``lmselect compare RECIPE --methods random,bliss,mates,rho1,blade,perplexity --seeds 3``
 
 Runs every method on the same pool, from the same warm-up, with the same budget of trained tokens and the same
 schedule (one run directory; methods and seeds are just more branches of it), then writes one table
-(``comparison.md`` / ``comparison.json``: validation losses, 9-task average ± stderr, wall time and estimated FLOPs
-of selection per method, mean ± sd over seeds) and one plot (``comparison.png``: metric vs trained tokens).
+(``comparison.md`` / ``comparison.json``: report-set losses and 9-task average, mean ± sd over seeds, the paired
+difference to random by seed with a 95 % interval, the exposure ledger, wall time and estimated FLOPs of selection) and one plot (``comparison.png``: metric vs trained tokens).
 
 Selection FLOPs are *estimates* from the model sizes and the token counts each method processes
 (forward = 2·N·tokens, forward+backward = 6·N·tokens; N = non-embedding params + output projection), recorded with
@@ -13,7 +13,6 @@ the formula so they can be checked; wall time is measured.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,55 +20,38 @@ import numpy as np
 
 from lmselect.artifacts import atomic_write_json, atomic_write_text
 from lmselect.config import replace
-from lmselect.models.presets import matmul_params
-from lmselect.pipeline import results_markdown, run_recipe
-from lmselect.recipe import METHODS, Recipe, load_recipe
+from lmselect.context import FlopContext
+from lmselect.pipeline import add_run_arguments, run_recipe
+from lmselect.recipe import load_recipe
+from lmselect.report.results import fmt_flops, results_markdown
+from lmselect.select.base import get_method, method_names
+from lmselect.train.distributed import rank_world
 
 
-def selection_flops(r: Recipe, vocab: int, seq_len: int, shard_size: int) -> dict[str, float]:
-    """Estimated FLOPs spent on *selection* per round (not on training the target), per method."""
-    nt, npx = matmul_params(r.target.preset, vocab), matmul_params(r.proxy.preset, vocab)
-    T = seq_len
-    b = r.bliss
-    per_outer = (
-        b.inner_steps * b.batch_size * T * (6 * npx + 2 * nt)  # inner AdamW steps on G (proxy fwd+bwd, teacher fwd)
-        + b.val_batch_size * T * 6 * npx  # validation gradient
-        + b.z_steps * b.batch_size * T * 12 * npx  # Hessian-vector products (double backward ≈ 2× fwd+bwd)
-        + b.batch_size * T * 6 * npx  # c_i (one JVP / double-backward pass)
-        + b.batch_size * T * 6 * npx  # score model forward + backward
-    )
-    bliss = b.outer_steps * per_outer + shard_size * T * 2 * npx
-    m = r.mates
-    val_items = min(m.val_items or r.validation.max_items, r.validation.max_items)
-    n_inf = nt if m.influence_init == "target" else matmul_params(m.influence_preset, vocab)  # influence-model backbone
-    mates = m.n_probe * T * 6 * nt + m.n_probe * val_items * T * 2 * nt \
-        + m.influence_steps * m.influence_batch_size * T * 6 * n_inf + shard_size * T * 2 * n_inf
-    tokens_per_round = r.round_steps * r.train.global_batch * T
-    rho1 = tokens_per_round * 2 * nt + r.rho1.steps * r.rho1.batch_size * T * 6 * nt
-    bl = r.blade
-    syncs = max(1, int(np.ceil(r.round_steps / bl.tau))) if bl.tau else 1
-    blade = tokens_per_round * 2 * nt + syncs * bl.ref_steps * bl.ref_batch_size * T * (6 * nt + 2 * nt)
-    return {"random": 0.0, "bliss": float(bliss), "mates": float(mates), "rho1": float(rho1), "blade": float(blade)}
+def selection_flops(r: Any, vocab: int, seq_len: int, shard_size: int) -> dict[str, float]:
+    """Estimated FLOPs spent on *selection* per round (not on training the target), per method of the recipe."""
+    f = FlopContext(r, vocab, seq_len, shard_size)
+    return {m: float(get_method(m, getattr(r, m, None)).selection_flops(f)) for m in r.methods}
 
 
 def comparison_table(results: dict[str, Any], flops: dict[str, float], rounds: int) -> str:
     md = results_markdown(results)
     lines = ["## Cost of selection", "",
-             "Estimated selection FLOPs (all rounds, one seed; formula in lmselect/compare.py) and measured wall times "
+             "Estimated selection FLOPs (all rounds, one seed; each method's `selection_flops`) and measured wall times "
              "summed over rounds (mean over seeds):", "",
              "| method | selection FLOPs | selection wall time (s) | target training wall time (s) |", "|---|---|---|---|"]
     for m, row in results["methods"].items():
         secs, tr = row.get("selection_seconds"), row.get("train_seconds")
-        lines.append(f"| {m} | {flops.get(m, 0.0) * rounds:.3e} | {'–' if secs is None else f'{secs:.1f}'} | "
+        lines.append(f"| {m} | {fmt_flops(flops.get(m, 0.0) * rounds)} | {'–' if secs is None else f'{secs:.1f}'} | "
                      f"{'–' if tr is None else f'{tr:.1f}'} |")
-    lines += ["", "RHO-1 and BLADE select online: their cost is inside target training (reference forward passes, "
-              "BLADE's reference re-derivation), so compare their training time with random's."]
+    lines += ["", "Token-level methods select online: their cost is inside target training (reference forward passes, "
+              "reference re-derivation), so compare their training time with random's."]
     return md + "\n" + "\n".join(lines) + "\n"
 
 
 def curves(run_dir: Path) -> dict[str, dict[str, dict[int, list[float]]]]:
     """method -> metric -> tokens -> values over seeds, from every round's eval/results.json."""
-    from lmselect.report import collect
+    from lmselect.report.model import collect
 
     out: dict[str, dict[str, dict[int, list[float]]]] = {}
     for method, seeds in collect(run_dir).rounds.items():
@@ -95,7 +77,7 @@ def plot_comparison(run_dir: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = curves(run_dir)
-    keys = [("val_lambada", "LAMBADA final-word CE (lower is better)"), ("val_clean", "clean-text CE (lower is better)"),
+    keys = [("val_lambada", "LAMBADA final-word CE, report set (lower is better)"), ("val_clean", "clean-text CE, report set (lower is better)"),
             ("avg9", "9-task average accuracy")]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4))
     for ax, (k, title) in zip(axes, keys):
@@ -104,7 +86,7 @@ def plot_comparison(run_dir: Path, path: Path) -> None:
             if not pts:
                 continue
             xs = sorted(pts)
-            ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs], marker="o", capsize=3, label=m)
+            ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x], ddof=1) if len(pts[x]) > 1 else 0.0 for x in xs], marker="o", capsize=3, label=m)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("target tokens trained")
         ax.grid(alpha=0.3)
@@ -119,19 +101,21 @@ def plot_comparison(run_dir: Path, path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (or 'demo')")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all five)")
-    p.add_argument("--seeds", type=int, default=2, help="number of method seeds (0..n-1)")
-    p.add_argument("--out", help="run directory (default: runs/<name>-compare)")
-    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--methods", default=None, help=f"comma-separated methods (default: all: {','.join(method_names())})")
+    p.add_argument("--seeds", type=int, default=3, help="number of method seeds 0..n-1 (default 3: the minimum for a "
+                   "paired 95 %% interval worth reading)")
+    add_run_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(method_names())).split(",") if m.strip()]
+    if "random" not in methods:
+        methods.insert(0, "random")  # every comparison is paired with the random control
     recipe = load_recipe(args.recipe, list(args.overrides) + [f"--methods={','.join(methods)}"])
     recipe = replace(recipe, seeds=list(range(args.seeds)))
     out = Path(args.out or Path("runs") / f"{recipe.name}-compare")
-    run_dir, results = run_recipe(recipe, out, report=not args.no_report)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes the table and the plot
+    run_dir, results = run_recipe(recipe, out, report=not args.no_report, recompute=args.recompute)
+    if rank_world()[0] != 0:  # under torchrun only rank 0 writes the table and the plot
         return 0
     from lmselect.data.pool import TokenPool
 

@@ -21,11 +21,11 @@ from typing import Any, Iterable, TypeVar, Union, get_args, get_origin, get_type
 
 import yaml
 
+from lmselect.errors import ConfigError  # noqa: F401 - re-exported (config errors are LmselectErrors)
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key and, when known, the file."""
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:

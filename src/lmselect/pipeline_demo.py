@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import argparse
 
-from lmselect.pipeline import results_markdown, run_recipe
+from lmselect.pipeline import add_run_arguments, run_recipe
 from lmselect.recipe import load_recipe
+from lmselect.report.results import results_markdown
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--no-report", action="store_true", help="skip report.html")
-    p.epilog = "Any recipe key can be overridden, e.g. --methods=random,bliss,mates --rounds=3."
+    add_run_arguments(p, default_out="runs/demo")
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe("demo", args.overrides)
-    run_dir, results = run_recipe(recipe, args.out, report=not args.no_report)
+    run_dir, results = run_recipe(recipe, args.out, report=not args.no_report, recompute=args.recompute)
     print()
     print(results_markdown(results))
     print(f"run directory: {run_dir}   report: {run_dir / 'report.html'}")

@@ -26,23 +26,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmselect.artifacts import MANIFEST, LmselectError
+from lmselect.context import RunLayout
+from lmselect.select.base import STAGE_ORDER as _SELECT_STAGE_ORDER
+from lmselect.select.base import method_class, method_names
 
 DONE, PARTIAL, MISSING = "done", "partial", "missing"
 
-#: methods in display order
-METHODS: tuple[str, ...] = ("random", "bliss", "mates", "rho1", "blade")
-
-#: stage directories a round of each method is expected to have (a round manifest may override this with
-#: ``extra.stages``); methods not listed here are expected to have ``target`` and ``eval``.
-STAGES: dict[str, tuple[str, ...]] = {
-    "random": ("selection", "target", "eval"),
-    "bliss": ("bilevel", "scores", "selection", "target", "eval"),
-    "mates": ("influence", "scores", "selection", "target", "eval"),
-    "rho1": ("target", "eval"),
-    "blade": ("target", "eval"),
-}
+#: stages a round of a method not in the registry (e.g. a plug-in that is not installed) is expected to have
 DEFAULT_STAGES: tuple[str, ...] = ("target", "eval")
-STAGE_ORDER: tuple[str, ...] = ("reference", "bilevel", "influence", "scores", "selection", "target", "eval")
+STAGE_ORDER: tuple[str, ...] = ("reference",) + _SELECT_STAGE_ORDER
 
 # directories never descended into when looking for artifacts
 _SKIP_DIRS = {"tokenizer", "tb", "wandb", "figures", "__pycache__"}
@@ -103,8 +95,20 @@ def _lookup(cfg: dict[str, Any], key: str) -> Any:
     return None
 
 
+def _known_methods() -> list[str]:
+    return method_names()
+
+
+def _expected_stages_of(method: str) -> tuple[str, ...]:
+    try:
+        return method_class(method).stages
+    except LmselectError:
+        return DEFAULT_STAGES
+
+
 def _method_sort_key(name: str) -> tuple[int, str]:
-    return (METHODS.index(name) if name in METHODS else len(METHODS), name)
+    known = _known_methods()
+    return (known.index(name) if name in known else len(known), name)
 
 
 @dataclass
@@ -198,7 +202,7 @@ def _discovered(run_dir: Path) -> tuple[list[str], dict[str, list[int]], dict[tu
         return methods, seeds, rounds
     for mdir in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         sdirs = [(int(mm.group(1)), s) for s in mdir.iterdir() if s.is_dir() and (mm := _SEED_RE.match(s.name))]
-        if not sdirs and mdir.name not in METHODS:
+        if not sdirs and mdir.name not in _known_methods():
             continue
         methods.append(mdir.name)
         seeds[mdir.name] = sorted(k for k, _ in sdirs)
@@ -210,7 +214,7 @@ def _discovered(run_dir: Path) -> tuple[list[str], dict[str, list[int]], dict[tu
 
 
 def round_dir(run_dir: str | Path, method: str, seed: int, rnd: int) -> Path:
-    return Path(run_dir) / method / f"seed{seed}" / f"round{rnd}"
+    return RunLayout(run_dir).round(method, seed, rnd)
 
 
 def expected_stages(method: str, rdir: Path | None = None) -> list[str]:
@@ -220,7 +224,7 @@ def expected_stages(method: str, rdir: Path | None = None) -> list[str]:
         st = (m or {}).get("extra", {}).get("stages") if isinstance((m or {}).get("extra"), dict) else None
         if isinstance(st, (list, tuple)) and st:
             return [str(s) for s in st]
-    return list(STAGES.get(method, DEFAULT_STAGES))
+    return list(_expected_stages_of(method))
 
 
 def _stage_key(name: str) -> tuple[int, str]:
@@ -408,8 +412,9 @@ def _child_sort_key(p: Path) -> tuple[int, int, str]:
         return (0, 0, name)
     if name == "warmup":
         return (1, 0, name)
-    if name in METHODS:
-        return (2, METHODS.index(name), name)
+    known = _known_methods()
+    if name in known:
+        return (2, known.index(name), name)
     if (mm := _SEED_RE.match(name)) or (mm := _ROUND_RE.match(name)):
         return (3, int(mm.group(1)), name)
     if name in STAGE_ORDER:
@@ -558,8 +563,24 @@ def format_status(status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def format_lineage(path: str | Path) -> str:
-    """Everything :func:`print_lineage` prints, as one string."""
+def stale_stages(run_dir: str | Path, recipe: Any = None) -> list[tuple[str, list[str]]]:
+    """Stages of a run that a rerun of ``recipe`` (default: the run's own ``config.yaml``) would not reuse."""
+    from lmselect.pipeline import find_stale
+    from lmselect.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if recipe is None:
+        if not (run_dir / "config.yaml").is_file():
+            return []
+        try:
+            recipe = load_recipe(run_dir / "config.yaml")
+        except LmselectError:
+            return []  # not a recipe config (a run of another tool, a hand-edited file): nothing to compare with
+    return find_stale(run_dir, recipe)
+
+
+def format_lineage(path: str | Path, recipe: Any = None) -> str:
+    """Everything :func:`print_lineage` prints, as one string (``recipe``: also mark stages it would not reuse)."""
     path = Path(path)
     root = lineage(path)
     out = ["Lineage (kind, uuid, path, status):", *format_tree(root)]
@@ -575,9 +596,17 @@ def format_lineage(path: str | Path) -> str:
         out += [f"  {n.rel}: {p.describe()}" for n, p in stale]
     else:
         out.append("all recorded parents match their current manifests")
+    if is_run_dir(path):
+        st = stale_stages(path, recipe)
+        against = "the given recipe" if recipe is not None else "the run's config.yaml"
+        if st:
+            out.append(f"{len(st)} stage(s) STALE against {against} (a rerun refuses them; --recompute redoes them):")
+            out += [f"  {rel}: {'; '.join(why[:3])}" for rel, why in st]
+        else:
+            out.append(f"every stage matches {against}")
     return "\n".join(out)
 
 
-def print_lineage(path: str | Path) -> None:
+def print_lineage(path: str | Path, recipe: Any = None) -> None:
     """Print the lineage tree, stage status and changed-parent flags of a run or artifact directory."""
-    print(format_lineage(path))
+    print(format_lineage(path, recipe))

@@ -13,21 +13,17 @@ shipped in the repository's ``data/`` folder (the demo corpus, LAMBADA slice and
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from lmselect.config import ConfigError, load_config, read_yaml
 from lmselect.data.prepare import PrepareConfig
 from lmselect.paths import DATA_DIR, RECIPES_DIR
-from lmselect.select.blade import BladeConfig
-from lmselect.select.bliss import BlissConfig
-from lmselect.select.mates import MatesConfig
-from lmselect.select.rho1 import Rho1Config
+from lmselect.select.base import method_class, method_names
 from lmselect.train.loop import TrainConfig
-
-METHODS = ("random", "bliss", "mates", "rho1", "blade")
-TOKEN_LEVEL = ("rho1", "blade")
 
 
 @dataclass
@@ -38,9 +34,16 @@ class PoolSection:
 
 @dataclass
 class ValidationSection:
-    lambada: str | None = "bundled:demo/lambada_val.jsonl"  # LAMBADA-style: loss on the final word only
-    clean: str | None = "bundled:demo/clean_val.jsonl"  # held-out clean text: loss on all tokens
-    select_on: str = "lambada"  # which set defines "good data" for BLISS / MATES / BLADE / RHO-1
+    """Two roles, disjoint by construction (checked by item content at load time).
+
+    ``selection`` is everything any method may look at (BLISS's v, MATES's probe loss, RHO-1's default reference
+    text, BLADE's L_val). ``lambada`` and ``clean`` are **report** sets: only ever evaluated, never seen by a method,
+    a reference or a probe; every table, plot and results.json headline is computed on them."""
+
+    selection: str | None = "bundled:demo/lambada_select.jsonl"
+    selection_kind: str = "lambada"  # lambada: the loss counts the final word; text: every token
+    lambada: str | None = "bundled:demo/lambada_report.jsonl"  # report: LAMBADA-style final-word loss
+    clean: str | None = "bundled:demo/clean_val.jsonl"  # report: held-out clean text, all tokens
     max_items: int = 256
     seq_len: int = 128
     batch_size: int = 32
@@ -81,7 +84,7 @@ class EvalSection:
 
 
 @dataclass
-class Recipe:
+class RecipeBase:
     name: str = "run"
     seed: int = 0
     out: str | None = None  # default run directory (the CLI's --out wins)
@@ -99,11 +102,24 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     decay: DecaySection = field(default_factory=DecaySection)
     eval: EvalSection = field(default_factory=EvalSection)
-    bliss: BlissConfig = field(default_factory=BlissConfig)
-    mates: MatesConfig = field(default_factory=MatesConfig)
-    rho1: Rho1Config = field(default_factory=Rho1Config)
-    blade: BladeConfig = field(default_factory=BladeConfig)
     score_batch_size: int = 64
+
+
+def _method_sections() -> list[tuple[str, type, Any]]:
+    """One recipe section per registered method that has settings: ``<name>: <its config class>``."""
+    out = []
+    for name in method_names():
+        cls = method_class(name).config_cls
+        if cls is not None:
+            out.append((name, cls, field(default_factory=cls)))
+    return out
+
+
+#: The recipe: the fixed sections above plus one section per registered selection method (``bliss:``, ``mates:``,
+#: ...), so a new method file brings its recipe section with it.
+Recipe = make_dataclass("Recipe", _method_sections(), bases=(RecipeBase,))
+Recipe.__module__ = __name__
+Recipe.__doc__ = "A whole multi-round data-selection experiment (see the module docstring)."
 
 
 def resolve_path(value: str | None, base: Path | None = None) -> str | None:
@@ -119,74 +135,148 @@ def resolve_path(value: str | None, base: Path | None = None) -> str | None:
     return str(alt) if glob.glob(str(alt)) or alt.exists() else str(p)
 
 
-def _check_exists(key: str, value: str | None, glob_ok: bool = False) -> None:
+def _check_exists(key: str, value: str | None, glob_ok: bool = False, origin: str = "") -> None:
     if value is None:
         return
     if glob_ok and glob.glob(value):
         return
     if not Path(value).exists():
-        raise ConfigError(f"recipe key '{key}': file not found: {value}")
+        raise ConfigError(f"recipe key '{key}'{origin}: file not found: {value}")
 
 
-def validate(r: Recipe, base: Path | None = None) -> Recipe:
-    """Resolve paths and check everything that can be checked before compute; errors name the key."""
+def item_digests(path: str) -> dict[str, int]:
+    """Content hash of every item of a validation / text file -> its 1-based line number (normalised whitespace)."""
+    from lmselect.data.valset import read_texts
+
+    out: dict[str, int] = {}
+    for n, text in enumerate(read_texts(Path(path)), start=1):
+        out.setdefault(hashlib.sha1(" ".join(text.split()).encode()).hexdigest(), n)
+    return out
+
+
+def check_disjoint(seen: dict[str, str], report: dict[str, str]) -> None:
+    """Refuse any item shared by a set a method sees (``seen``: key -> file) and a report set (key -> file)."""
+    digests = {k: item_digests(p) for k, p in {**seen, **report}.items()}
+    for sk, sp in seen.items():
+        for rk, rp in report.items():
+            common = digests[sk].keys() & digests[rk].keys()
+            if common:
+                first = min(common, key=lambda h: digests[sk][h])
+                raise ConfigError(
+                    f"recipe keys '{sk}' and '{rk}' share {len(common)} item(s) (first: line {digests[sk][first]} of "
+                    f"{sp} = line {digests[rk][first]} of {rp}); a report set must be disjoint from everything a "
+                    "method, reference or probe sees"
+                )
+
+
+class _Origins:
+    """Where a recipe key's value came from: the command line (an override) or the recipe file."""
+
+    def __init__(self, path: Path | None, overrides: list[str] | tuple[str, ...]):
+        from lmselect.config import parse_overrides
+
+        self.path = path
+        self.flat = json.loads(json.dumps(_flatten(parse_overrides(overrides)), default=str))
+
+    def __call__(self, key: str) -> str:
+        for k, v in self.flat.items():
+            if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+                return f" (from the command line: --{k}={v})"
+        return f" (from {self.path})" if self.path else ""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
+    """Resolve paths and check everything that can be checked before compute; errors name the key and its origin."""
     from lmselect.models.presets import get_preset
+
+    where = origin or (lambda key: "")
+
+    def need(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"recipe key '{key}'{where(key)}: {what}, got {value!r}")
 
     for key in ("target", "proxy"):
         sec: ModelSection = getattr(r, key)
         try:
             get_preset(sec.preset)
         except Exception as e:
-            raise ConfigError(f"recipe key '{key}.preset': {e}") from None
+            raise ConfigError(f"recipe key '{key}.preset'{where(key + '.preset')}: {e}") from None
         sec.init_from = resolve_path(sec.init_from, base)
-        _check_exists(f"{key}.init_from", sec.init_from)
-    try:
-        get_preset(r.train.preset)
-    except Exception:
-        pass  # the train section's preset is ignored: target.preset wins
-    bad = [m for m in r.methods if m not in METHODS]
-    if bad:
-        raise ConfigError(f"recipe key 'methods': unknown method '{bad[0]}' (known: {', '.join(METHODS)})")
-    if not r.methods:
-        raise ConfigError("recipe key 'methods': at least one method is needed")
+        _check_exists(f"{key}.init_from", sec.init_from, origin=where(f"{key}.init_from"))
+    need(bool(r.methods), "methods", "at least one method is needed", r.methods)
+    for m in r.methods:
+        try:
+            method_class(m)
+        except ConfigError as e:
+            raise ConfigError(f"recipe key 'methods'{where('methods')}: {e}") from None
+    need(len(set(r.methods)) == len(r.methods), "methods", "each method at most once", r.methods)
+    need(bool(r.seeds) and all(0 <= s < 1000 for s in r.seeds) and len(set(r.seeds)) == len(r.seeds), "seeds",
+         "distinct method seeds in 0..999", r.seeds)
     for key, frac in (("select_fraction", r.select_fraction), ("warmup.fraction", r.warmup.fraction)):
-        if not 0.0 < frac <= 1.0:
-            raise ConfigError(f"recipe key '{key}': fraction must be in (0, 1], got {frac}")
+        need(0.0 < frac <= 1.0, key, "a fraction must be in (0, 1]", frac)
     for key, frac in (("rho1.keep_fraction", r.rho1.keep_fraction), ("blade.keep_fraction", r.blade.keep_fraction)):
-        if not 0.0 < frac <= 1.0:
-            raise ConfigError(f"recipe key '{key}': fraction must be in (0, 1], got {frac}")
-    if r.rounds < 1:
-        raise ConfigError(f"recipe key 'rounds': must be >= 1, got {r.rounds}")
-    if r.lr_per_round not in ("constant", "halving"):
-        raise ConfigError(f"recipe key 'lr_per_round': must be 'constant' or 'halving', got {r.lr_per_round!r}")
-    if r.validation.select_on not in ("lambada", "clean"):
-        raise ConfigError("recipe key 'validation.select_on': must be 'lambada' or 'clean'")
-    r.validation.lambada = resolve_path(r.validation.lambada, base)
-    r.validation.clean = resolve_path(r.validation.clean, base)
-    _check_exists("validation.lambada", r.validation.lambada)
-    _check_exists("validation.clean", r.validation.clean)
-    if getattr(r.validation, r.validation.select_on) is None:
-        raise ConfigError(f"recipe key 'validation.{r.validation.select_on}': the selection target set is unset")
+        need(0.0 < frac <= 1.0, key, "a fraction must be in (0, 1]", frac)
+    for key, val, lo in (("rounds", r.rounds, 1), ("round_steps", r.round_steps, 1), ("warmup.steps", r.warmup.steps, 1),
+                         ("decay.steps", r.decay.steps, 0), ("decay.halve_every", r.decay.halve_every, 1),
+                         ("train.global_batch", r.train.global_batch, 1), ("score_batch_size", r.score_batch_size, 1),
+                         ("validation.max_items", r.validation.max_items, 1), ("validation.seq_len", r.validation.seq_len, 2),
+                         ("validation.batch_size", r.validation.batch_size, 1), ("eval.batch_size", r.eval.batch_size, 1)):
+        need(val >= lo, key, f"must be >= {lo}", val)
+    need(r.rounds < 100, "rounds", "must be < 100", r.rounds)
+    need(r.train.optim.lr > 0, "train.optim.lr", "must be > 0", r.train.optim.lr)
+    need(r.eval.limit is None or r.eval.limit > 0, "eval.limit", "must be > 0 or null", r.eval.limit)
+    need(r.lr_per_round in ("constant", "halving"), "lr_per_round", "must be 'constant' or 'halving'", r.lr_per_round)
+    v = r.validation
+    need(v.selection_kind in ("lambada", "text"), "validation.selection_kind", "must be 'lambada' or 'text'",
+         v.selection_kind)
+    for key in ("selection", "lambada", "clean"):
+        setattr(v, key, resolve_path(getattr(v, key), base))
+        _check_exists(f"validation.{key}", getattr(v, key), origin=where(f"validation.{key}"))
+    methods = [method_class(m) for m in r.methods]
+    if v.selection is None and any("selection_set" in m.needs for m in methods):
+        users = ", ".join(m.name for m in methods if "selection_set" in m.needs)
+        raise ConfigError(f"recipe key 'validation.selection'{where('validation.selection')}: unset, but {users} "
+                          "need a selection set")
+    need(v.lambada is not None or v.clean is not None, "validation", "at least one report set (lambada or clean)",
+         None)
+    # Everything a method sees must be disjoint from the report sets (by item content).
+    seen = {"validation.selection": v.selection} if v.selection else {}
+    for m in methods:
+        sec = getattr(r, m.name, None)
+        files = m(sec).data_files() if sec is not None else []
+        for i, f in enumerate(files):
+            path = resolve_path(f, base)
+            _check_exists(f"{m.name}.data_files[{i}]", path, origin=where(m.name))
+            seen[f"{m.name} data file {f}"] = path
+    check_disjoint(seen, {f"validation.{k}": getattr(v, k) for k in ("lambada", "clean") if getattr(v, k)})
     r.eval.task_data = resolve_path(r.eval.task_data, base)
-    _check_exists("eval.task_data", r.eval.task_data)
+    _check_exists("eval.task_data", r.eval.task_data, origin=where("eval.task_data"))
     if r.pool.path is not None:
         r.pool.path = resolve_path(r.pool.path, base)
-        _check_exists("pool.path", r.pool.path)
+        _check_exists("pool.path", r.pool.path, origin=where("pool.path"))
     else:
         inputs = [resolve_path(i, base) or i for i in r.pool.prepare.inputs]
         if not inputs:
             raise ConfigError("recipe key 'pool': set pool.path or pool.prepare.inputs")
-        for i, v in enumerate(inputs):
-            _check_exists(f"pool.prepare.inputs[{i}]", v, glob_ok=True)
+        for i, val in enumerate(inputs):
+            _check_exists(f"pool.prepare.inputs[{i}]", val, glob_ok=True, origin=where("pool.prepare.inputs"))
         r.pool.prepare.inputs = inputs
-        if r.pool.prepare.n_shards < r.rounds + 1:
-            raise ConfigError(
-                f"recipe key 'pool.prepare.n_shards': need rounds + 1 = {r.rounds + 1} shards (shard 0 is the warm-up)"
-            )
+        need(r.pool.prepare.n_shards >= r.rounds + 1, "pool.prepare.n_shards",
+             f"need rounds + 1 = {r.rounds + 1} shards (shard 0 is the warm-up)", r.pool.prepare.n_shards)
     return r
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load a recipe file (or the embedded demo when ``path`` is None or ``"demo"``) with overrides, validated."""
     if path is None or str(path) in ("demo", "demo.yaml"):
         path = RECIPES_DIR / "demo.yaml"
@@ -195,7 +285,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         p = RECIPES_DIR / p.name
     read_yaml(p)  # clear error for a missing / malformed file
     r = load_config(Recipe, p, overrides)
-    return validate(r, base=p.resolve().parent)
+    return validate(r, base=p.resolve().parent, origin=_Origins(p, overrides))
 
 
 def recipe_summary(r: Recipe) -> dict[str, Any]:

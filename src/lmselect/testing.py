@@ -81,3 +81,60 @@ def make_valset(path: Path, tokenizer, texts: list[str] | None = None, kind: str
     from lmselect.data.valset import load_validation
 
     return load_validation(write_jsonl_texts(path, texts or SAMPLE_LAMBADA), tokenizer, kind=kind, seq_len=seq_len)
+
+
+# Report texts for tiny recipes: disjoint from SAMPLE_LAMBADA (the selection set), as a recipe requires.
+REPORT_LAMBADA = [
+    "The old bridge over the river was closed for repairs all winter",
+    "He packed his bag, locked the house and walked to the station",
+    "The children built a castle of sand and waited for the tide",
+    "Every morning the baker lit the oven before the sun was up",
+    "The library keeps its rarest maps in a cool and quiet room",
+    "After the storm the fishermen mended their nets on the beach",
+]
+REPORT_CLEAN = [
+    "The museum opened a new wing for modern sculpture last spring.",
+    "Farmers in the valley grow apples, pears and a little wheat.",
+    "A small orchestra played in the park on Sunday afternoon.",
+    "The council voted to repair the roads before the winter.",
+    "Bees carry pollen from flower to flower across the meadow.",
+    "The ship left the harbour at dawn with a cargo of timber.",
+]
+
+TINY_RECIPE = """
+name: tiny
+seed: 0
+pool: {{path: {pool}}}
+validation: {{selection: {selection}, lambada: {lambada}, clean: {clean}, max_items: 8, seq_len: 32, batch_size: 8}}
+target: {{preset: debug}}
+proxy: {{preset: debug}}
+warmup: {{fraction: 0.5, steps: 3}}
+rounds: 2
+select_fraction: 0.25
+round_steps: 2
+methods: [random, bliss]
+seeds: [0]
+train: {{global_batch: 4, micro_batch: 2, log_every: 1, optim: {{lr: 1.0e-3, warmup_steps: 1}}}}
+decay: {{steps: 2, halve_every: 1}}
+eval: {{downstream: false}}
+bliss: {{outer_steps: 2, batch_size: 4, val_batch_size: 4, log_every: 1, save_every: 1, proxy_lr: 1.0e-4, score_lr: 1.0e-3}}
+mates: {{n_probe: 6, influence_steps: 3, influence_batch_size: 2, influence_eval_every: 1, val_items: 4, val_batch_size: 4, probe_chunk: 3}}
+rho1: {{steps: 2, batch_size: 2, seq_len: 32}}
+blade: {{tau: 2, ref_steps: 1, ref_batch_size: 2}}
+perplexity: {{band: low, batch_size: 8}}
+score_batch_size: 8
+"""
+
+
+def make_tiny_recipe(d: Path) -> Path:
+    """A complete 2-round recipe on a tiny pool (debug presets, a few steps per stage): ``d/tiny.yaml``."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    pool = make_pool(d / "pool", tok, n_per_shard=12, n_shards=3, n_val=4, seq_len=32)
+    sel = write_jsonl_texts(d / "selection.jsonl", SAMPLE_LAMBADA)
+    lam = write_jsonl_texts(d / "report_lambada.jsonl", REPORT_LAMBADA)
+    clean = write_jsonl_texts(d / "report_clean.jsonl", REPORT_CLEAN)
+    p = d / "tiny.yaml"
+    p.write_text(TINY_RECIPE.format(pool=pool, selection=sel, lambada=lam, clean=clean))
+    return p

@@ -33,5 +33,12 @@ def test_demo_corpus_reads_with_sources_and_fits_budget():
 
 
 def test_lambada_slice():
-    recs = [json.loads(line) for line in open(DEMO_DIR / "lambada_val.jsonl", encoding="utf-8")]
-    assert len(recs) == 500 and all(isinstance(r["text"], str) and len(r["text"].split()) > 5 for r in recs)
+    sets = {}
+    for name in ("lambada_report", "lambada_select"):
+        recs = [json.loads(line) for line in open(DEMO_DIR / f"{name}.jsonl", encoding="utf-8")]
+        assert len(recs) == 250 and all(isinstance(r["text"], str) and len(r["text"].split()) > 5 for r in recs)
+        sets[name] = {r["text"] for r in recs}
+    # the two roles are disjoint, and the bundled lambada_openai task slice lies in the report half only
+    assert not sets["lambada_report"] & sets["lambada_select"]
+    task = {json.loads(line)["text"] for line in open(DEMO_DIR.parent / "tasks" / "lambada" / "lambada_test.jsonl")}
+    assert task <= sets["lambada_report"] and not task & sets["lambada_select"]

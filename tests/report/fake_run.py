@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 
 from lmselect.artifacts import Manifest, atomic_save_npy, atomic_write_json, parent_ref, write_manifest
+from lmselect.context import RunLayout
 
 TEXTS = {
     "wiki": [
@@ -151,7 +152,7 @@ def make_fake_run(
             tokens = warm_tokens
             prev_score_model: Path | None = None
             for r in range(1, rounds + 1):
-                rd = run / method / f"seed{seed}" / f"round{r}"
+                rd = RunLayout(run).round(method, seed, r)
                 ids = np.flatnonzero(shard_of == r).astype(np.int64)
                 stage_dirs: list[Path] = []
                 upstream: Path | None = None
@@ -197,7 +198,7 @@ def make_fake_run(
                             pa.table({"seq_id": ids[sl], "score": score[sl].astype(np.float32)}),
                             sc / f"part-{k:05d}-of-00002.parquet",
                         )
-                    _manifest(sc, "scores", [upstream, pool], seed=seed, counts={"sequences": len(ids)},
+                    _manifest(sc, "scores", [upstream, pool], seed=seed, counts={"sequences": len(ids), "parts": 2},
                               timings={"total": 5.0})
                     stage_dirs.append(sc)
                     k_sel = int(round(0.25 * len(ids)))
@@ -208,6 +209,8 @@ def make_fake_run(
                 elif method == "random":
                     selected = np.sort(rng.choice(ids, size=int(round(0.25 * len(ids))), replace=False))
                     score, thr = None, None
+                elif method in ("rho1", "blade"):  # token-level: the runner records the whole shard as selected
+                    selected, score, thr = ids.copy(), None, None
                 if selected is not None:
                     sel = rd / "selection"
                     sel.mkdir(parents=True, exist_ok=True)
@@ -218,7 +221,7 @@ def make_fake_run(
                         got = int((sources[selected] == src).sum())
                         per_source[src] = {"candidates": cand, "selected": got, "rate": got / cand if cand else 0.0}
                     summary: dict[str, Any] = {
-                        "method": method, "fraction": 0.25, "k": int(len(selected)), "n_candidates": int(len(ids)),
+                        "method": method, "fraction": 1.0 if method in ("rho1", "blade") else 0.25, "k": int(len(selected)), "n_candidates": int(len(ids)),
                         "threshold": thr, "per_source": per_source, "histogram": None,
                     }
                     if score is not None:

@@ -39,7 +39,7 @@ def test_stage_status_complete_run(fake_run_base):
         "status": "done",
         "stages": {s: "done" for s in ("bilevel", "scores", "selection", "target", "eval")},
     }
-    assert list(st["rounds"]["rho1"][0][1]["stages"]) == ["target", "eval"]
+    assert list(st["rounds"]["rho1"][0][1]["stages"]) == ["selection", "target", "eval"]  # from the registry
     assert list(st["rounds"]["mates"][0][1]["stages"]) == ["influence", "scores", "selection", "target", "eval"]
 
 
@@ -64,7 +64,7 @@ def test_stage_status_partial_and_missing(fake_run):
     assert r["bliss"][0][2]["stages"] == {"bilevel": "done", "scores": "done", "selection": "done",
                                           "target": "partial", "eval": "missing"}
     assert r["mates"][1][1]["status"] == "done" and r["mates"][1][1]["stages"]["scores"] == "partial"
-    assert r["rho1"][1][2] == {"status": "missing", "stages": {"target": "missing", "eval": "missing"}}
+    assert r["rho1"][1][2] == {"status": "missing", "stages": {"selection": "missing", "target": "missing", "eval": "missing"}}
     for method in ("random", "bliss", "mates", "rho1", "blade"):
         assert r[method][2] == {
             k: {"status": "missing", "stages": {s: "missing" for s in r[method][0][k]["stages"]}} for k in (1, 2)
@@ -97,7 +97,7 @@ def test_lineage_tree_of_complete_run(fake_run_base, capsys):
     assert kinds["pool"] == "pool" and kinds["warmup/target"] == "checkpoint"
     assert kinds["bliss/seed0/round1/bilevel"] == "bilevel" and kinds["mates/seed1/round2/influence"] == "influence"
     assert kinds["bliss/seed0/round1"] == "round" and kinds["bliss"] is None
-    assert sum(1 for n in root.walk() if n.kind is not None) == 1 + 1 + 2 + 20 + 4 * (3 + 5 + 5 + 2 + 2)
+    assert sum(1 for n in root.walk() if n.kind is not None) == 1 + 1 + 2 + 20 + 4 * (3 + 5 + 5 + 3 + 3)
     assert not any(n.stale for n in root.walk())
     assert all(p.state == "ok" for n in root.walk() for p in n.parents)
     assert stale_artifacts(fake_run_base) == []

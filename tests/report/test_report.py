@@ -86,7 +86,7 @@ def test_results_md_and_json(reported_run):
     # selection wall time = bilevel + scores + selection timings over both rounds (41+42 + 5+5 + 0.5+0.5)
     assert b0["selection_seconds"] == pytest.approx(94.0)
     assert rows[("mates", 1)]["selection_seconds"] == pytest.approx(91 + 92 + 5 + 5 + 0.5 + 0.5)
-    assert rows[("rho1", 0)]["selection_seconds"] is None
+    assert rows[("rho1", 0)]["selection_seconds"] == 1.0  # its whole-shard selection stage (2 rounds x 0.5 s)
     assert b0["config_hash"] == read_manifest(reported_run / "bliss/seed0/round2")["config_hash"]
     assert res["config_hash"] == read_manifest(reported_run)["config_hash"]
     # aggregates over seeds
@@ -99,7 +99,18 @@ def test_results_md_and_json(reported_run):
 
     lines = md.splitlines()
     assert lines[0] == "# Results: RUN"
-    header = next(line for line in lines if line.startswith("| method |"))
+    summary = next(line for line in lines if line.startswith("| method |"))
+    assert summary == "| method | seeds | lambada loss (report set) | clean loss (report set) | 9-task avg (%) |"
+    sd = np.std([rows[("bliss", s)]["val_loss"]["lambada"] for s in (0, 1)], ddof=1)
+    assert f"| bliss | 2 | {agg['val_loss']['lambada']:.4f} ± {sd:.4f} |" in md
+    # paired by seed against random, with a 95 % t interval (2 seeds: t = 12.706)
+    d = [rows[("bliss", s)]["val_loss"]["lambada"] - rows[("random", s)]["val_loss"]["lambada"] for s in (0, 1)]
+    pv = res["paired_vs_random"]["bliss"]["val_loss.lambada"]
+    half = 12.706 * np.std(d, ddof=1) / np.sqrt(2)
+    assert pv["mean"] == pytest.approx(np.mean(d)) and pv["ci95"] == pytest.approx([np.mean(d) - half, np.mean(d) + half])
+    assert pv["within_noise"] == (pv["ci95"][0] <= 0 <= pv["ci95"][1])
+    assert "## Paired difference to random" in md
+    header = next(line for line in lines if line.startswith("| method | seed | rounds |"))
     assert header == ("| method | seed | rounds | tokens | val loss (lambada) | val loss (clean) | 9-task avg ± se (%) "
                       "| selection time | config hash |")
     row = next(line for line in lines if line.startswith("| bliss | 0 |"))
@@ -108,7 +119,7 @@ def test_results_md_and_json(reported_run):
     avg = 100 * final["downstream"]["average"]
     assert cells == ["bliss", "0", "2/2", f"{final['tokens'] / 1e3:.2f}k", f"{lam:.4f}", f"{clean:.4f}",
                      f"{avg:.2f} ± 0.67", "94.0 s", b0["config_hash"]]
-    assert "| rho1 | 0 | 2/2 |" in md and "| – |" in md  # rho1 has no selection time
+    assert "| rho1 | 0 | 2/2 |" in md
     for m in METHODS:
         assert f"| {m} | mean of 2 |" in md
     assert "## Per-task accuracy" in md and "| winogrande | acc_norm |" in md
@@ -177,7 +188,7 @@ def test_missing_pieces_are_skipped_with_notes(fake_run):
     assert figs == EXPECTED_FIGURES - {"score_hist_mates", "source_rates_mates"}
     assert len(data_uris(html)) == len(figs)
     assert "score histogram skipped for mates" in html
-    assert "selection rate per source skipped for mates: no selection summary" in html
+    assert "selection rate per source skipped for mates: no sequence selection" in html
     assert "downstream accuracy not plotted" in html
     assert "bliss/seed1/round2 is missing" in html and "blade/seed0/round2 is partial" in html
     assert "run manifest absent" in html

@@ -45,7 +45,8 @@ class ValidationSet:
         return ValidationSet(self.input_ids[idx], self.loss_mask[idx], self.kind, self.source)
 
 
-def _read_texts(path: Path, field: str = "text") -> list[str]:
+def read_texts(path: Path, field: str = "text") -> list[str]:
+    """The items of a validation / text file: ``.jsonl`` records' ``field``, else one item per non-empty line."""
     from lmselect.data.readers import iter_json_records
 
     if not path.is_file():
@@ -76,7 +77,7 @@ def load_validation(
     path = Path(path)
     if kind not in ("lambada", "text"):
         raise LmselectError(f"unknown validation kind '{kind}' (lambada, text)")
-    texts = _read_texts(path, field)[: max_items or None]
+    texts = read_texts(path, field)[: max_items or None]
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows: list[list[int]] = []
     masks: list[list[bool]] = []

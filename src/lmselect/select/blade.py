@@ -43,7 +43,9 @@ import torch
 from torch import nn
 
 from lmselect.artifacts import LmselectError
+from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
+from lmselect.select.base import SelectionMethod, register
 from lmselect.train.hooks import TokenSelector, topk_token_mask
 
 
@@ -277,3 +279,33 @@ class BladeSelector(TokenSelector):
             if state.get("pending_opt") is not None:
                 opt.load_state_dict(state["pending_opt"])
             self._pending, self._pending_opt, self._pending_done = w, opt, int(state["pending_done"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline method
+
+
+@register
+class Blade(SelectionMethod):
+    """BLADE in the multi-round runner (METHODS §4): the whole shard is fed; the loss keeps the top ``keep_fraction``
+    of tokens by excess loss against a reference re-derived from the target every ``tau`` steps (``ref_steps`` on
+    the selection set)."""
+
+    name = "blade"
+    description = "token-level: excess loss against a reference re-synchronised from the target every tau steps"
+    config_cls = BladeConfig
+    level = "token"
+    needs = frozenset({"selection_set"})
+    stages = ("selection", "target", "eval")
+    color = "#d62728"
+
+    def token_selector(self, ctx: RoundContext) -> TokenSelector:
+        from lmselect.config import replace
+
+        return BladeSelector(replace(self.cfg, seed=ctx.derived_seed(STREAM_REFERENCE, per_round=False)),
+                             ctx.selection_set)
+
+    def selection_flops(self, f: FlopContext) -> float:
+        nt, c, r = f.params(f.recipe.target.preset), self.cfg, f.recipe
+        syncs = max(1, math.ceil(r.round_steps / c.tau)) if c.tau else 1
+        return float(f.target_tokens_per_round * 2 * nt + syncs * c.ref_steps * c.ref_batch_size * f.seq_len * 8 * nt)

@@ -70,12 +70,14 @@ from torch.func import functional_call
 
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, write_manifest
 from lmselect.config import save_config, to_dict
+from lmselect.context import STREAM_METHOD, STREAM_SCORER_INIT, FlopContext, RoundContext
 from lmselect.data.tokenizer import check_same_tokenizer, tokenizer_fingerprint
 from lmselect.data.valset import ValidationSet
 from lmselect.log import MetricLogger, read_jsonl
 from lmselect.models.losses import token_ce, token_kl
 from lmselect.models.scorer import SequenceScorer
 from lmselect.select import bilevel_math as bm
+from lmselect.select.base import Selection, SelectionMethod, register
 
 STATE_FILE = "solver_state.pt"
 LOG_FILE = "bilevel_log.jsonl"
@@ -721,3 +723,69 @@ def solve_round(
     if _dist():
         torch.distributed.barrier()
     return scorer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline method
+
+
+@register
+class Bliss(SelectionMethod):
+    """BLISS in the multi-round runner (METHODS §1.3): per round (a) the proxy is reset to the warm-up proxy, the
+    score model is inherited from round r-1 (round 1: the warm-up proxy's backbone + a fresh head) and the KL teacher
+    is the target at the end of round r-1; the bilevel solve runs on the round's candidates; (b) the score model
+    scores every candidate; (c) the top ``select_fraction`` is kept deterministically (ties by sequence id)."""
+
+    name = "bliss"
+    description = "bilevel influence scoring: a score model trained so that its reweighting lowers the proxy's validation loss"
+    config_cls = BlissConfig
+    needs = frozenset({"proxy", "selection_set"})
+    stages = ("bilevel", "scores", "selection", "target", "eval")
+    collective = True  # the solve and the scoring are distributed-aware (global-batch math, rank-sharded scoring)
+    color = "#1f77b4"
+
+    def select(self, ctx: RoundContext) -> Selection:
+        from lmselect.artifacts import parent_ref
+        from lmselect.config import replace
+        from lmselect.score import read_scores, score_pool
+        from lmselect.select.topk import top_fraction
+        from lmselect.train.checkpoint import load_checkpoint_model
+
+        bdir, sdir = ctx.stage_dir("bilevel"), ctx.stage_dir("scores")
+        proxy = load_checkpoint_model(ctx.run.layout.warmup("proxy"), device=ctx.device)
+        target = load_checkpoint_model(ctx.prev_target, device=ctx.device)
+        prev = ctx.prev_stage_dir("bilevel")
+        if prev is None:
+            scorer = init_score_model(proxy, seed=ctx.derived_seed(STREAM_SCORER_INIT, per_round=False))
+        else:
+            scorer = SequenceScorer.load(prev / SCORE_MODEL_DIR, device=ctx.device)
+        cfg = replace(self.cfg, seed=ctx.derived_seed(STREAM_METHOD))
+        scorer = solve_round(cfg, proxy, target, scorer, ctx.candidates, ctx.pool, ctx.selection_set, bdir,
+                             device=ctx.device)
+        del proxy, target
+        # under torchrun each rank scores its own part; the last part to finish writes the manifest, so wait for
+        # every rank before reading
+        score_pool(scorer, ctx.pool, ctx.candidates, sdir, batch_size=ctx.recipe.score_batch_size, device=ctx.device,
+                   progress=ctx.run.is_main)
+        ctx.run.sync()
+        ids, scores = read_scores(sdir)
+        return Selection(top_fraction(ids, scores, ctx.fraction), scores=_aligned(ctx.candidates, ids, scores),
+                         parents=[parent_ref(bdir), parent_ref(sdir)])
+
+    def selection_flops(self, f: FlopContext) -> float:
+        b, T = self.cfg, f.seq_len
+        npx, nt = f.params(f.recipe.proxy.preset), f.params(f.recipe.target.preset)
+        per_outer = (
+            b.inner_steps * b.batch_size * T * (6 * npx + 2 * nt)  # inner AdamW steps on G (proxy fwd+bwd, teacher fwd)
+            + b.val_batch_size * T * 6 * npx  # validation gradient
+            + b.z_steps * b.batch_size * T * 12 * npx  # Hessian-vector products (double backward ≈ 2× fwd+bwd)
+            + b.batch_size * T * 6 * npx  # c_i (one JVP / double-backward pass)
+            + b.batch_size * T * 6 * npx  # score model forward + backward
+        )
+        return float(b.outer_steps * per_outer + f.shard_size * T * 2 * npx)  # + scoring the shard
+
+
+def _aligned(cand: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``scores`` (keyed by ``ids``) in the order of ``cand``."""
+    pos = {int(i): k for k, i in enumerate(ids)}
+    return np.asarray([scores[pos[int(c)]] for c in cand], dtype=np.float64)

@@ -66,7 +66,9 @@ from lmselect.artifacts import (
     is_complete,
     write_manifest,
 )
+from lmselect.context import STREAM_PROBE, STREAM_SELECT, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
+from lmselect.select.base import Selection, SelectionMethod, register
 
 
 @dataclass
@@ -569,3 +571,60 @@ def run_mates_round(
         ),
     )
     return selected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline method
+
+
+@register
+class Mates(SelectionMethod):
+    """MATES in the multi-round runner (METHODS §2): oracle probes from the current target *with its optimizer
+    state*, an influence model fitted to them, predictions over the round's candidates, Gumbel-top-k of the lowest
+    predicted post-step validation loss."""
+
+    name = "mates"
+    description = "model-aware data selection: oracle one-step probes, an influence model, Gumbel-top-k"
+    config_cls = MatesConfig
+    needs = frozenset({"selection_set"})
+    stages = ("influence", "scores", "selection", "target", "eval")
+    collective = False  # single-process code: rank 0 first, the other ranks then read its artifacts
+    color = "#ff7f0e"
+
+    def select(self, ctx: RoundContext) -> Selection:
+        from lmselect.artifacts import parent_ref
+        from lmselect.config import replace
+        from lmselect.score import write_scores
+        from lmselect.select.topk import random_fraction
+        from lmselect.train.checkpoint import load_checkpoint_model, load_training_state
+        from lmselect.train.schedules import build_optimizer
+
+        idir, sdir = ctx.stage_dir("influence"), ctx.stage_dir("scores")
+        # Rebuild the AdamW the loop used and load the saved moments, so a probe step is the step training takes.
+        model = load_checkpoint_model(ctx.prev_target, device=ctx.device)
+        optimizer = build_optimizer(model, ctx.recipe.train.optim)
+        optimizer.load_state_dict(load_training_state(ctx.prev_target)["optimizer"])
+        sel_seed = ctx.derived_seed(STREAM_SELECT)
+        cfg = replace(self.cfg, seed=sel_seed, fraction=ctx.fraction)
+        # Probe sequences: a seeded sample of the round's candidates (the influence model then predicts every one).
+        probe = random_fraction(ctx.candidates, min(1.0, cfg.n_probe / max(1, len(ctx.candidates))),
+                                seed=ctx.derived_seed(STREAM_PROBE))
+        selected = run_mates_round(cfg, model, optimizer, ctx.pool, probe, ctx.candidates, ctx.selection_set, idir,
+                                   device=ctx.device)
+        del model, optimizer
+        preds = _read_parquet(idir / "predictions.parquet")
+        # MATES keeps the *lowest* predicted post-step loss; stored negated so that higher = preferred everywhere.
+        scores = -np.asarray(preds["pred"], dtype=np.float64)
+        if not is_complete(sdir, kind="scores"):
+            write_scores(sdir, np.asarray(preds["seq_id"]), scores, parents=[parent_ref(idir)],
+                         extra={"score": "-predicted_val_loss"})
+        return Selection(selected, scores=scores, parents=[parent_ref(idir), parent_ref(sdir)],
+                         extra={"score": "-predicted_val_loss"})
+
+    def selection_flops(self, f: FlopContext) -> float:
+        m, T, r = self.cfg, f.seq_len, f.recipe
+        nt = f.params(r.target.preset)
+        val_items = min(m.val_items or r.validation.max_items, r.validation.max_items)
+        n_inf = nt if m.influence_init == "target" else f.params(m.influence_preset)  # influence-model backbone
+        return float(m.n_probe * T * 6 * nt + m.n_probe * val_items * T * 2 * nt
+                     + m.influence_steps * m.influence_batch_size * T * 6 * n_inf + f.shard_size * T * 2 * n_inf)

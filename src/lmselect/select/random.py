@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from lmselect.artifacts import LmselectError
+from lmselect.context import STREAM_SELECT, RoundContext
+from lmselect.select.base import Selection, SelectionMethod, register
 from lmselect.select.topk import random_fraction
 
 
@@ -35,3 +37,20 @@ def random_selection(
     sel = select_random(pool, cand, fraction, seed)
     return write_selection(out_dir, pool, cand, None, sel, "random", fraction, extra={"seed": seed},
                            parents=parents if parents is not None else [parent_ref(pool.path)], seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline method
+
+
+@register
+class RandomSelection(SelectionMethod):
+    """The control every comparison is paired with: a seeded uniform ``select_fraction`` of each round's shard."""
+
+    name = "random"
+    description = "seeded uniformly random fraction of each round's candidates (the control)"
+    color = "#7f7f7f"
+
+    def select(self, ctx: RoundContext) -> Selection:
+        # seed-determined and cheap: every rank computes the same ids
+        return Selection(random_fraction(ctx.candidates, ctx.fraction, seed=ctx.derived_seed(STREAM_SELECT)))

@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, read_manifest, write_manifest
+from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
+from lmselect.select.base import SelectionMethod, register
 from lmselect.train.hooks import TokenSelector, topk_token_mask
 
 
@@ -52,7 +54,7 @@ class Rho1Config:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    files: list[str] = field(default_factory=list)  # .jsonl/.txt high-quality text; empty = the validation set's own text
+    files: list[str] = field(default_factory=list)  # reference corpus (.jsonl/.txt); empty = the selection set's text; never a report set
     seq_len: int = 256  # packing length for text read from ``files`` / given as strings
     seed: int = 0
 
@@ -130,10 +132,10 @@ def train_reference(
         return load_reference(out_dir, device)
     from lmselect.config import dump_yaml, to_dict
     from lmselect.data.tokenizer import tokenizer_fingerprint
-    from lmselect.data.valset import ValidationSet, _read_texts
+    from lmselect.data.valset import ValidationSet, read_texts
 
     if cfg.files:
-        texts = [t for f in cfg.files for t in _read_texts(Path(f))]
+        texts = [t for f in cfg.files for t in read_texts(Path(f))]
         ids, mask = _sequences_from_texts(texts, tokenizer, cfg.seq_len)
         source = ",".join(cfg.files)
     elif isinstance(texts_or_valset, ValidationSet):
@@ -330,3 +332,44 @@ class Rho1Selector(TokenSelector):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._kept = int(state.get("kept", 0))
         self._total = int(state.get("total", 0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline method
+
+
+@register
+class Rho1(SelectionMethod):
+    """RHO-1 in the multi-round runner (METHODS §3): a reference trained once per method seed from the warm-up
+    target on ``rho1.files`` (default: the selection set's text, never a report set), frozen; every round the whole
+    shard is fed and the loss keeps the top ``keep_fraction`` of tokens by excess loss."""
+
+    name = "rho1"
+    description = "token-level: keep the top tokens by excess loss against a static reference model"
+    config_cls = Rho1Config
+    level = "token"
+    needs = frozenset({"selection_set"})
+    stages = ("selection", "target", "eval")
+    seed_stages = ("reference",)
+    color = "#2ca02c"
+
+    def data_files(self) -> list[str]:
+        return list(self.cfg.files)
+
+    def token_selector(self, ctx: RoundContext) -> TokenSelector:
+        from lmselect.config import replace
+        from lmselect.train.checkpoint import load_checkpoint_model
+
+        # The reference starts where the target started (the warm-up checkpoint).
+        ref_dir = ctx.seed_dir / "reference"
+        init = load_checkpoint_model(ctx.run.layout.warmup("target"), device=ctx.device)
+        cfg = replace(self.cfg, seed=ctx.derived_seed(STREAM_REFERENCE, per_round=False))
+        # single-process code: rank 0 trains and saves it, the other ranks then load the saved reference
+        ref = ctx.run.main_first(lambda: train_reference(cfg, init, ctx.selection_set, ctx.pool.load_tokenizer(),
+                                                         ref_dir, device=ctx.device))
+        return Rho1Selector(ref, self.cfg.keep_fraction)
+
+    def selection_flops(self, f: FlopContext) -> float:
+        nt, c = f.params(f.recipe.target.preset), self.cfg
+        # one reference forward per trained token, plus the reference's own training (amortised over rounds)
+        return float(f.target_tokens_per_round * 2 * nt + c.steps * c.batch_size * f.seq_len * 6 * nt / f.recipe.rounds)

@@ -34,6 +34,13 @@ class DistInfo:
         return self.world_size > 1
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size): from the process group when one is initialised, else torchrun's env, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` -> this rank's GPU when CUDA is available, else CPU; any other value is passed to torch.device."""
     if pref == "auto":

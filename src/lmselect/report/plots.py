@@ -11,16 +11,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 DPI = 90
-_COLORS = {"random": "#7f7f7f", "bliss": "#1f77b4", "mates": "#ff7f0e", "rho1": "#2ca02c", "blade": "#d62728",
-           "warmup": "#000000"}
-_CYCLE = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+_CYCLE = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#aec7e8"]
 
 
 def method_color(method: str) -> str:
-    """Stable colour per method (same in every figure)."""
-    if method in _COLORS:
-        return _COLORS[method]
-    return _CYCLE[sum(map(ord, method)) % len(_CYCLE)]
+    """Stable colour per method (same in every figure): the method's declared colour, else one from a cycle."""
+    if method == "warmup":
+        return "#000000"
+    from lmselect.select.base import method_color as declared
+
+    return declared(method) or _CYCLE[sum(map(ord, method)) % len(_CYCLE)]
 
 
 def _figure(n_panels: int, width: float = 5.0, height: float = 3.4, ncols: int | None = None) -> tuple[Any, list[Any]]:

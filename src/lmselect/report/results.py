@@ -1,0 +1,432 @@
+"""Headline results of a run: the one place its numbers are computed (results.md / results.json, the demo's table,
+``compare`` and the report all use :func:`results`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lmselect.artifacts import atomic_write_json, atomic_write_text
+from lmselect.provenance import DONE
+from lmselect.report.model import RunData, collect
+
+VAL_LOSS_ORDER: tuple[str, ...] = ("lambada", "clean")
+
+
+
+def _downstream_score(task: dict[str, Any]) -> tuple[float | None, float | None, str]:
+    """acc_norm where the task reports it, else acc (METHODS §6)."""
+    for key in ("acc_norm", "acc"):
+        if isinstance(task.get(key), (int, float)):
+            se = task.get(key + "_stderr")
+            return float(task[key]), (float(se) if isinstance(se, (int, float)) else None), key
+    return None, None, ""
+
+
+def _mean(vals: Sequence[float | None]) -> float | None:
+    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else None
+
+
+def _sum_or_none(vals: Sequence[Any]) -> float | None:
+    v = [float(x) for x in vals if isinstance(x, (int, float))]
+    return round(sum(v), 3) if v else None
+
+
+def _sd(vals: Sequence[float | None]) -> float | None:
+    """Sample standard deviation (n - 1); None with fewer than two values."""
+    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.std(v, ddof=1)) if len(v) > 1 else None
+
+
+# two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96 is within 2 %)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(diffs: Sequence[float]) -> dict[str, Any]:
+    """Mean of paired differences with a 95 % t interval; ``within_noise`` when the interval contains 0 (or n < 2)."""
+    d = np.asarray([x for x in diffs if x is not None], dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95": None, "within_noise": True}
+    mean = float(d.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": None, "ci95": None, "within_noise": True}
+    sd = float(d.std(ddof=1))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [lo, hi], "within_noise": bool(lo <= 0.0 <= hi)}
+
+
+def paired_differences(rows: Sequence[dict[str, Any]], base: str = "random") -> dict[str, dict[str, Any]]:
+    """Per method != base: metric -> paired (by seed) difference method − base of the final-round figures.
+
+    Metrics: every report-set loss (lower is better, so a negative difference favours the method) and the
+    9-task average (higher is better)."""
+    by = {(r["method"], r["seed"]): r for r in rows}
+    methods = sorted({r["method"] for r in rows if r["method"] != base})
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        seeds = sorted(s for (mm, s) in by if mm == m and (base, s) in by)
+        if not seeds:
+            continue
+        keys = sorted({k for s in seeds for k in by[(m, s)]["val_loss"]}, key=_val_key)
+        res: dict[str, Any] = {}
+        for k in keys:
+            diffs = [by[(m, s)]["val_loss"].get(k) - by[(base, s)]["val_loss"][k] for s in seeds
+                     if by[(m, s)]["val_loss"].get(k) is not None and by[(base, s)]["val_loss"].get(k) is not None]
+            res[f"val_loss.{k}"] = {**paired_interval(diffs), "seeds": seeds, "better": "lower"}
+        avg = [by[(m, s)]["downstream_average"] - by[(base, s)]["downstream_average"] for s in seeds
+               if by[(m, s)]["downstream_average"] is not None and by[(base, s)]["downstream_average"] is not None]
+        if avg:
+            res["downstream_average"] = {**paired_interval(avg), "seeds": seeds, "better": "higher"}
+        out[m] = res
+    return out
+
+
+EXPOSURE_SUMS = ("tokens_fed", "tokens_backprop", "distinct_sequences", "selection_flops", "selection_seconds")
+
+
+def _exposure(rounds: dict[int, Any]) -> dict[str, Any] | None:
+    """A seed's exposure over its rounds: sums of the EXPOSURE_SUMS fields, mean epochs and kept-token fraction."""
+    ex = [((rd.eval or {}).get("exposure")) for _, rd in sorted(rounds.items())]
+    ex = [e for e in ex if isinstance(e, dict)]
+    if not ex:
+        return None
+    out: dict[str, Any] = {k: _sum_or_none([e.get(k) for e in ex]) for k in EXPOSURE_SUMS}
+    out["epochs"] = _mean([e.get("epochs") for e in ex])
+    out["kept_token_fraction"] = _mean([e.get("kept_token_fraction") for e in ex])
+    out["rounds"] = len(ex)
+    return out
+
+
+def _se_of_mean(ses: Sequence[float | None]) -> float | None:
+    """Standard error of the mean of independent estimates with standard errors ``ses``."""
+    v = [x for x in ses if x is not None]
+    return float(math.sqrt(sum(x * x for x in v)) / len(v)) if v else None
+
+
+def results(data: RunData) -> dict[str, Any]:
+    """Headline numbers per method and seed (final = last round with a complete eval). Deterministic."""
+    rows: list[dict[str, Any]] = []
+    tasks: dict[str, dict[str, dict[str, Any]]] = {}
+    methods: dict[str, dict[str, Any]] = {}
+    for method, seeds in data.rounds.items():
+        mrows = []
+        task_vals: dict[str, list[tuple[float, float | None, str]]] = {}
+        for seed, rounds in sorted(seeds.items()):
+            all_rounds = data.status["rounds"][method][seed]
+            done = sum(1 for info in all_rounds.values() if info["status"] == DONE)
+            evals = [rd for _, rd in sorted(rounds.items()) if rd.eval is not None]
+            final = evals[-1] if evals else None
+            sel = [rd.selection_seconds() for _, rd in sorted(rounds.items())]
+            sel_v = [s for s in sel if s is not None]
+            last = rounds[max(rounds)] if rounds else None
+            row: dict[str, Any] = {
+                "method": method,
+                "seed": seed,
+                "rounds_done": done,
+                "rounds_expected": len(all_rounds),
+                "final_round": final.round if final else None,
+                "tokens": None,
+                "val_loss": {},
+                "downstream_average": None,
+                "downstream_stderr": None,
+                "selection_seconds": round(sum(sel_v), 3) if sel_v else None,
+                # target training wall time; for token-level methods it includes their online selection overhead
+                "train_seconds": _sum_or_none([(rd.stage_manifests.get("target") or {}).get("extra", {}).get("train_seconds")
+                                               for _, rd in sorted(rounds.items())]),
+                "config_hash": (final or last).config_hash() if (final or last) else None,
+                "exposure": _exposure(rounds),
+                "val_split": None,
+            }
+            if final is not None:
+                ev = final.eval or {}
+                tok = ev.get("tokens")
+                if tok is None and "target" in final.stage_manifests:
+                    tok = final.stage_manifests["target"].get("extra", {}).get("tokens_seen")
+                row["tokens"] = int(tok) if isinstance(tok, (int, float)) else None
+                row["val_split"] = ev.get("val_split")  # "report" (held out from every method) since lmselect 0.2
+                vl = ev.get("val_loss") or {}
+                row["val_loss"] = {k: float(v) for k, v in vl.items() if isinstance(v, (int, float))}
+                ds = ev.get("downstream")
+                if isinstance(ds, dict):
+                    if isinstance(ds.get("average"), (int, float)):
+                        row["downstream_average"] = float(ds["average"])
+                    if isinstance(ds.get("average_stderr"), (int, float)):
+                        row["downstream_stderr"] = float(ds["average_stderr"])
+                    for t, tv in (ds.get("tasks") or {}).items():
+                        if isinstance(tv, dict):
+                            sc, se, metric = _downstream_score(tv)
+                            if sc is not None:
+                                task_vals.setdefault(t, []).append((sc, se, metric))
+            rows.append(row)
+            mrows.append(row)
+        vl_keys = sorted({k for r in mrows for k in r["val_loss"]}, key=_val_key)
+        rates: dict[str, list[float]] = {}
+        for seed, rounds in sorted(seeds.items()):
+            for _, rd in sorted(rounds.items()):
+                for src, d in ((rd.summary or {}).get("per_source") or {}).items():
+                    if isinstance(d, dict) and isinstance(d.get("rate"), (int, float)):
+                        rates.setdefault(src, []).append(float(d["rate"]))
+        methods[method] = {
+            "rate_per_source": {k: _mean(v) for k, v in sorted(rates.items())},
+            "n_seeds": len(mrows),
+            "tokens": _mean([r["tokens"] for r in mrows]),
+            "val_loss": {k: _mean([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
+            "val_loss_sd": {k: _sd([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
+            "downstream_average_sd": _sd([r["downstream_average"] for r in mrows]),
+            "exposure": {k: _mean([(r["exposure"] or {}).get(k) for r in mrows])
+                         for k in (*EXPOSURE_SUMS, "epochs", "kept_token_fraction")} if any(r["exposure"] for r in mrows) else None,
+            "downstream_average": _mean([r["downstream_average"] for r in mrows]),
+            "downstream_stderr": _se_of_mean([r["downstream_stderr"] for r in mrows if r["downstream_average"] is not None]),
+            "selection_seconds": _mean([r["selection_seconds"] for r in mrows]),
+            "train_seconds": _mean([r["train_seconds"] for r in mrows]),
+        }
+        if task_vals:
+            tasks[method] = {
+                t: {"score": _mean([v[0] for v in vals]), "stderr": _se_of_mean([v[1] for v in vals]),
+                    "metric": vals[0][2], "n_seeds": len(vals)}
+                for t, vals in sorted(task_vals.items())
+            }
+    run_m = data.manifest or {}
+    return {
+        "run": data.run_dir.resolve().name,
+        "run_uuid": run_m.get("uuid"),
+        "config_hash": run_m.get("config_hash"),
+        "rows": rows,
+        "curves": _eval_curves(data),
+        "methods": methods,
+        "paired_vs_random": paired_differences(rows) if any(r["method"] == "random" for r in rows) else {},
+        "tasks": tasks,
+    }
+
+
+def _eval_curves(data: RunData) -> list[dict[str, Any]]:
+    """Every evaluated round (decay branch) of every method and seed: the eval-vs-tokens table."""
+    out = []
+    for method, seeds in data.rounds.items():
+        for seed, rounds in sorted(seeds.items()):
+            for rnd, rd in sorted(rounds.items()):
+                ev = rd.eval
+                if not ev:
+                    continue
+                ds = ev.get("downstream") if isinstance(ev.get("downstream"), dict) else {}
+                out.append({
+                    "method": method, "seed": seed, "round": rnd, "tokens": ev.get("tokens"),
+                    "val_loss": {k: float(v) for k, v in (ev.get("val_loss") or {}).items() if isinstance(v, (int, float))},
+                    "downstream_average": ds.get("average"), "downstream_stderr": ds.get("average_stderr"),
+                })
+    return out
+
+
+def _val_key(k: str) -> tuple[int, str]:
+    return (VAL_LOSS_ORDER.index(k) if k in VAL_LOSS_ORDER else len(VAL_LOSS_ORDER), k)
+
+
+def fmt_tokens(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def _fmt_loss(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def _fmt_acc(avg: float | None, se: float | None) -> str:
+    if avg is None:
+        return "–"
+    return f"{100 * avg:.2f} ± {100 * se:.2f}" if se is not None else f"{100 * avg:.2f}"
+
+
+def _table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    vl_keys = sorted({k for r in res["rows"] for k in r["val_loss"]}, key=_val_key)
+    header = ["method", "seed", "rounds", "tokens", *[f"val loss ({k})" for k in vl_keys], "9-task avg ± se (%)",
+              "selection time", "config hash"]
+    out = []
+    for method, agg in res["methods"].items():
+        mrows = [r for r in res["rows"] if r["method"] == method]
+        for r in mrows:
+            out.append([
+                method, str(r["seed"]), f"{r['rounds_done']}/{r['rounds_expected']}", fmt_tokens(r["tokens"]),
+                *[_fmt_loss(r["val_loss"].get(k)) for k in vl_keys],
+                _fmt_acc(r["downstream_average"], r["downstream_stderr"]), fmt_seconds(r["selection_seconds"]),
+                r["config_hash"] or "–",
+            ])
+        if len(mrows) > 1:
+            out.append([
+                method, f"mean of {len(mrows)}", "", fmt_tokens(agg["tokens"]),
+                *[_fmt_loss(agg["val_loss"].get(k)) for k in vl_keys],
+                _fmt_acc(agg["downstream_average"], agg["downstream_stderr"]), fmt_seconds(agg["selection_seconds"]),
+                "",
+            ])
+    return header, out
+
+
+def _pm(mean: float | None, sd: float | None, fmt: str = "{:.4f}") -> str:
+    if mean is None:
+        return "–"
+    return fmt.format(mean) + (f" ± {fmt.format(sd)}" if sd is not None else "")
+
+
+def _summary_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Mean ± sd over seeds of the final-round report-set figures, one row per method."""
+    vl_keys = sorted({k for m in res["methods"].values() for k in m["val_loss"]}, key=_val_key)
+    header = ["method", "seeds", *[f"{k} loss (report set)" for k in vl_keys], "9-task avg (%)"]
+    rows = []
+    for m, agg in res["methods"].items():
+        avg, sd = agg.get("downstream_average"), agg.get("downstream_average_sd")
+        rows.append([m, str(agg["n_seeds"]), *[_pm(agg["val_loss"].get(k), agg.get("val_loss_sd", {}).get(k)) for k in vl_keys],
+                     _pm(None if avg is None else 100 * avg, None if sd is None else 100 * sd, "{:.2f}")])
+    return header, rows
+
+
+def _paired_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    paired = res.get("paired_vs_random") or {}
+    if not paired:
+        return None
+    keys = sorted({k for v in paired.values() for k in v}, key=lambda k: (k.startswith("downstream"), _val_key(k.split(".")[-1])))
+    header = ["method", *[f"Δ {k.replace('val_loss.', '')} {'loss' if k.startswith('val_loss') else '(pp)'}" for k in keys]]
+    rows = []
+    for m, d in paired.items():
+        row = [m]
+        for k in keys:
+            v = d.get(k)
+            if not v or v["mean"] is None:
+                row.append("–")
+                continue
+            scale, fmt = (100.0, "{:+.2f}") if k == "downstream_average" else (1.0, "{:+.4f}")
+            cell = fmt.format(scale * v["mean"])
+            if v["ci95"] is not None:
+                lo, hi = (scale * x for x in v["ci95"])
+                cell += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+            better = (v["mean"] < 0) == (v["better"] == "lower")
+            cell += " within noise" if v["within_noise"] else (" better" if better else " worse")
+            row.append(cell)
+        rows.append(row)
+    return header, rows
+
+
+def fmt_flops(x: float | None) -> str:
+    return "–" if x is None else ("0" if x == 0 else f"{x:.2e}")
+
+
+def _exposure_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    rows = []
+    for m, agg in res["methods"].items():
+        e = agg.get("exposure")
+        if not e:
+            continue
+        kept = e.get("kept_token_fraction")
+        rows.append([m, fmt_tokens(e.get("tokens_fed")), fmt_tokens(e.get("tokens_backprop")),
+                     "–" if kept is None else f"{kept:.2f}", fmt_tokens(e.get("distinct_sequences")),
+                     "–" if e.get("epochs") is None else f"{e['epochs']:.2f}", fmt_flops(e.get("selection_flops")),
+                     fmt_seconds(e.get("selection_seconds"))])
+    if not rows:
+        return None
+    return ["method", "tokens fed", "tokens backpropagated", "kept token fraction", "distinct sequences",
+            "epochs over selection", "selection FLOPs (est.)", "selection time"], rows
+
+
+def _task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    methods = list(res["tasks"])
+    names = sorted({t for m in methods for t in res["tasks"][m]})
+    header = ["task", "metric", *methods]
+    rows = []
+    for t in names:
+        metrics = sorted({res["tasks"][m][t]["metric"] for m in methods if t in res["tasks"][m]})
+        row = [t, "/".join(metrics)]
+        for m in methods:
+            v = res["tasks"][m].get(t)
+            row.append(_fmt_acc(v["score"], v["stderr"]) if v else "–")
+        rows.append(row)
+    return header, rows
+
+
+def _rate_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    srcs = sorted({s for m in res["methods"].values() for s in m.get("rate_per_source", {})})
+    if not srcs:
+        return None
+    rows = [[m, *[("–" if agg["rate_per_source"].get(s) is None else f"{agg['rate_per_source'][s]:.2f}") for s in srcs]]
+            for m, agg in res["methods"].items()]
+    return ["method", *srcs], rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return "\n".join(lines)
+
+
+def results_markdown(res: dict[str, Any]) -> str:
+    """``results.md``: the headline table (per method and seed, plus a mean row per method) and per-task table."""
+    out = [f"# Results: {res['run']}", ""]
+    if res.get("config_hash"):
+        out += [f"Run config hash: `{res['config_hash']}`", ""]
+    if res["methods"]:
+        out += ["## Final round, report sets (mean ± sd over seeds)", "",
+                "Report sets are held out from every method, reference and probe (checked by item content when the "
+                "recipe loads). Lower loss is better.", "", _md_table(*_summary_table(res)), ""]
+    paired = _paired_table(res)
+    if paired:
+        out += ["## Paired difference to random (by seed; mean [95 % t interval])", "",
+                "Δ = method − random on the same seed (same pool, warm-up, schedule and token budget). A loss Δ below 0 "
+                "favours the method; 'within noise' = the interval contains 0.", "", _md_table(*paired), ""]
+    exposure = _exposure_table(res)
+    if exposure:
+        out += ["## Exposure (per seed, summed over rounds; mean over seeds)", "",
+                "What each method was given: tokens fed to the target, next-token predictions backpropagated "
+                "(token-level methods mask the rest), distinct sequences trained on, epochs over the selection, and "
+                "the estimated FLOPs and measured wall time of selection.", "", _md_table(*exposure), ""]
+    header, rows = _table_rows(res)
+    out += ["## Per seed", "", _md_table(header, rows) if rows else "_no method rounds found_", ""]
+    out += ["Final = last round with a complete evaluation. 9-task average: acc_norm where a task reports it, else "
+            "acc; ± standard error (mean rows: standard error of the mean over seeds). Selection time: wall time "
+            "of the selection stages (reference, bilevel, influence, scores, selection) summed over rounds.", ""]
+    rate_table = _rate_table(res)
+    if rate_table:
+        out += ["## Selection rate per source (fraction of each source's candidates kept, mean over rounds and seeds)",
+                "", _md_table(*rate_table), ""]
+    if res["tasks"]:
+        th, tr = _task_table(res)
+        out += ["## Per-task accuracy (final round, %, mean over seeds)", "", _md_table(th, tr), ""]
+    curves = res.get("curves") or []
+    if curves:
+        vl = sorted({k for c in curves for k in c["val_loss"]}, key=_val_key)
+        header = ["method", "seed", "round", "tokens", *[f"val loss ({k})" for k in vl], "9-task avg ± se (%)"]
+        rows = [[c["method"], str(c["seed"]), str(c["round"]), fmt_tokens(c["tokens"]),
+                 *[_fmt_loss(c["val_loss"].get(k)) for k in vl], _fmt_acc(c["downstream_average"], c["downstream_stderr"])]
+                for c in curves]
+        out += ["## Evaluation vs tokens (each round's decay branch)", "", _md_table(header, rows), ""]
+    return "\n".join(out)
+
+
+def write_results(run_dir: str | Path, data: RunData | None = None) -> tuple[Path, Path]:
+    """Write ``RUN/results.json`` and ``RUN/results.md``; returns their paths."""
+    run_dir = Path(run_dir)
+    data = data or collect(run_dir)
+    res = results(data)
+    atomic_write_json(run_dir / "results.json", res)
+    atomic_write_text(run_dir / "results.md", results_markdown(res))
+    return run_dir / "results.json", run_dir / "results.md"
+
+

@@ -1,0 +1,188 @@
+"""The selection-method interface and its registry.
+
+A selection method is one file in ``lmselect/select/`` that defines one :class:`SelectionMethod` subclass and
+registers it with :func:`register`. Everything outside ``select/`` — the multi-round runner, recipe validation,
+provenance, ``compare``, the report and its figures — reads the registry and never branches on a method's name::
+
+    @register
+    class Perplexity(SelectionMethod):
+        name = "perplexity"
+        config_cls = PerplexityConfig        # the recipe's ``perplexity:`` section (None: no settings)
+        needs = frozenset({"proxy"})          # warm-up proxy; "selection_set": the method reads the selection set
+        stages = ("scores", "selection", "target", "eval")
+
+        def select(self, ctx: RoundContext) -> Selection: ...
+
+Sequence-level methods implement :meth:`SelectionMethod.select` (which candidates the target trains on); token-level
+methods (``level = "token"``) train on every candidate and implement :meth:`SelectionMethod.token_selector`, a
+:class:`lmselect.train.hooks.TokenSelector` that masks the loss. :meth:`SelectionMethod.selection_flops` estimates
+what the selection costs (forward = 2·N·tokens, forward+backward = 6·N·tokens; N from the presets), for the
+exposure ledger and ``compare``.
+
+Discovery: the registry imports every module of the ``lmselect.select`` package once (so a new file is found without
+editing a list) and every ``lmselect.methods`` entry point (methods shipped by other packages).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import pkgutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from lmselect.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmselect.context import FlopContext, RoundContext
+    from lmselect.train.hooks import TokenSelector
+
+log = logging.getLogger("lmselect.select")
+
+#: what a method may ask the runner for
+NEEDS = frozenset({"proxy", "selection_set"})
+#: every stage directory a round can hold, in the order the runner makes them
+STAGE_ORDER: tuple[str, ...] = ("bilevel", "influence", "scores", "selection", "target", "eval")
+
+
+@dataclass
+class Selection:
+    """What a sequence-level method chose in one round.
+
+    ``ids`` are candidate sequence ids (any order; the runner sorts them); ``scores`` (optional) has one value per
+    candidate, aligned with ``RoundContext.candidates``, oriented so that **higher = preferred**; ``parents`` are
+    ``parent_ref`` records of the artifacts the choice was derived from; ``extra`` goes into ``summary.json``.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray | None = None
+    parents: list[dict[str, str]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SelectionMethod:
+    """Base class of every selection method (see the module docstring)."""
+
+    #: registry key, recipe ``methods:`` entry and run-directory name
+    name: ClassVar[str] = ""
+    #: one line for ``--help`` and the report
+    description: ClassVar[str] = ""
+    #: dataclass of the method's settings: the recipe section ``<name>:`` (None: the method has none)
+    config_cls: ClassVar[type | None] = None
+    #: "sequence" (``select``) or "token" (``token_selector``)
+    level: ClassVar[str] = "sequence"
+    #: what the runner must provide (subset of NEEDS)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: stage directories a round of this method writes, in order (a subset of STAGE_ORDER)
+    stages: ClassVar[tuple[str, ...]] = ("selection", "target", "eval")
+    #: artifacts kept once per method seed (``RUN/<name>/seed<k>/<stage>``), e.g. RHO-1's reference model
+    seed_stages: ClassVar[tuple[str, ...]] = ()
+    #: True: every rank runs ``select`` (collectives inside, or cheap and seed-determined); False: single-process
+    #: code that rank 0 runs first, then the other ranks rerun it and only read what rank 0 wrote (it must be
+    #: idempotent: return early on complete artifacts)
+    collective: ClassVar[bool] = True
+    #: colour of the method in every figure
+    color: ClassVar[str | None] = None
+
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg
+
+    def select(self, ctx: RoundContext) -> Selection:
+        """Sequence level: choose which of ``ctx.candidates`` the target trains on this round."""
+        raise NotImplementedError(f"{self.name}: a sequence-level method must implement select()")
+
+    def token_selector(self, ctx: RoundContext) -> TokenSelector:
+        """Token level: the loss mask the target (and its evaluation branch) trains with this round."""
+        raise NotImplementedError(f"{self.name}: a token-level method must implement token_selector()")
+
+    def data_files(self) -> list[str]:
+        """Extra files the method reads (e.g. a reference corpus); the recipe checks them against the report sets."""
+        return []
+
+    def selection_flops(self, f: FlopContext) -> float:
+        """Estimated FLOPs one round of selection costs (not counting the target's own training)."""
+        return 0.0
+
+
+_REGISTRY: dict[str, type[SelectionMethod]] = {}
+_DISCOVERED = False
+
+
+def register(cls: type[SelectionMethod]) -> type[SelectionMethod]:
+    """Class decorator: add a method to the registry (its ``name`` must be new, its declarations valid)."""
+    if not cls.name or not cls.name.isidentifier():
+        raise TypeError(f"{cls.__name__}: a selection method needs an identifier `name`, got {cls.name!r}")
+    if cls.level not in ("sequence", "token"):
+        raise TypeError(f"{cls.__name__}: level must be 'sequence' or 'token', got {cls.level!r}")
+    bad = set(cls.needs) - NEEDS
+    if bad:
+        raise TypeError(f"{cls.__name__}: unknown needs {sorted(bad)} (known: {sorted(NEEDS)})")
+    bad_st = [s for s in cls.stages if s not in STAGE_ORDER]
+    if bad_st or not {"target", "eval"} <= set(cls.stages):
+        raise TypeError(f"{cls.__name__}: stages must be drawn from {STAGE_ORDER} and include target and eval")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and old.__qualname__ != cls.__qualname__:
+        raise TypeError(f"selection method '{cls.name}' is registered twice ({old.__module__}, {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module of this package (each method file registers itself) and the entry points, once."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import lmselect.select as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name not in ("base", "cli"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="lmselect.methods"):
+            try:
+                ep.load()
+            except Exception as e:  # noqa: BLE001 - a broken plug-in must not break the built-in methods
+                log.warning("selection-method plug-in %s could not be loaded: %s", ep.value, e)
+    except Exception:  # pragma: no cover - importlib.metadata quirks
+        pass
+
+
+#: display order of the built-in methods; others follow alphabetically
+_ORDER = ("random", "bliss", "mates", "rho1", "blade", "perplexity")
+
+
+def method_names() -> list[str]:
+    """Every registered method name, built-ins first in their usual order."""
+    _discover()
+    return sorted(_REGISTRY, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+
+
+def method_class(name: str) -> type[SelectionMethod]:
+    """The registered class for ``name``; an unknown name is a ConfigError with a "did you mean" hint."""
+    _discover()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown selection method '{name}' (known: {', '.join(method_names())}){hint}")
+    return _REGISTRY[name]
+
+
+def get_method(name: str, cfg: Any = None) -> SelectionMethod:
+    """An instance of method ``name`` with settings ``cfg`` (default: its config class's defaults)."""
+    cls = method_class(name)
+    if cfg is None and cls.config_cls is not None:
+        cfg = cls.config_cls()
+    return cls(cfg)
+
+
+def method_color(name: str) -> str | None:
+    """The declared figure colour of a method (None for unknown names or methods that declare none)."""
+    _discover()
+    cls = _REGISTRY.get(name)
+    return cls.color if cls is not None else None
