@@ -48,7 +48,17 @@ from lmselect.artifacts import (
     write_manifest,
     writing,
 )
-from lmselect.config import ConfigError, config_hash, deep_merge, from_dict, parse_overrides, read_yaml, save_config, to_dict
+from lmselect.config import (
+    ConfigError,
+    blame,
+    config_hash,
+    deep_merge,
+    from_dict,
+    parse_overrides,
+    read_yaml,
+    save_config,
+    to_dict,
+)
 from lmselect.data.pool import VAL_SHARD, token_dtype
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
 
@@ -571,13 +581,12 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     data: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k not in _RUN_FLAGS}
     data = deep_merge(data, flags)
-    data = deep_merge(data, parse_overrides(getattr(args, "overrides", []) or []))
+    overrides = list(getattr(args, "overrides", []) or [])
+    data = deep_merge(data, parse_overrides(overrides))
     try:
         return from_dict(PrepareConfig, data)
     except ConfigError as e:
-        if getattr(args, "config", None):
-            raise ConfigError(f"{args.config}: {e}") from None
-        raise
+        raise blame(e, getattr(args, "config", None), overrides) from None
 
 
 def run(args: argparse.Namespace) -> int:
