@@ -187,7 +187,6 @@ class Progress:
         self._n0 = self.n
         if enabled and tty:
             from tqdm import tqdm
-
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, file=self.stream,
