@@ -6,6 +6,9 @@ Contract used by every stage (prepare, train, score, select, eval, pipeline roun
   (or whose manifest says ``"status": "partial"``) is incomplete: readers refuse it and writers redo it.
 * Files are written to a temporary name in the same directory and renamed into place (``os.replace`` is atomic on
   POSIX), so a killed process never leaves a truncated file under its final name.
+* A filesystem fault during any write (no space, read-only filesystem, permission denied, quota) becomes a
+  :class:`DiskWriteError` naming the file and the problem, the temporary file is removed and no manifest is written,
+  so the failure is one line and nothing looks complete (:func:`writing`).
 * The manifest records: kind, uuid, parents (uuids + paths), config and its hash, seed, counts, timings, git commit,
   library versions and creation time. ``lmselect inspect`` reads these to print lineage.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +39,106 @@ MANIFEST = "manifest.json"
 
 
 
+class DiskWriteError(ArtifactError):
+    """A write failed because of the filesystem (full, read-only, not writable, over quota): ``PATH: cannot write: ...``."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{path}: cannot write: {problem}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# filesystem faults
+
+# errnos that mean "this filesystem cannot take the write", as opposed to a bug or bad input
+WRITE_FAULT_ERRNOS: frozenset[int] = frozenset(
+    e for e in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", None)) if e is not None
+)
+# Libraries that write through their own code hide the errno: safetensors (Rust) says "... (os error 28)", torch's
+# zip writer says "[enforce fail at inline_container.cc] unexpected pos", np.save says "N requested and M written".
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+_IO_HINT = re.compile(r"os error|I/O|inline_container|write|written|No space|Read-only|Permission denied|quota", re.I)
+_LOW_SPACE_BYTES = 1 << 20
+
+
+def _strerror(code: int) -> str:
+    return os.strerror(code).lower()
+
+
+def _probe_filesystem(path: Path) -> int | None:
+    """After a write failed without a usable errno: ask the filesystem why (read-only, full, not writable)."""
+    d = path if path.is_dir() else path.parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return None
+    if st.f_flag & getattr(os, "ST_RDONLY", 1):
+        return errno.EROFS
+    free = st.f_bavail * st.f_frsize
+    if free < _LOW_SPACE_BYTES or free < 0.01 * st.f_blocks * st.f_frsize:
+        return errno.ENOSPC
+    if not os.access(d, os.W_OK):
+        return errno.EACCES
+    return None
+
+
+def write_fault(path: str | Path, exc: BaseException, tmp: str | Path | None = None) -> DiskWriteError | None:
+    """The one-line error for ``exc`` if it is a filesystem fault while writing ``path`` (else None).
+
+    An ``OSError`` naming some other file (an input that cannot be read) is not a write fault of ``path``. ``tmp`` is
+    the temporary name being written: a file below it is reported under its final name below ``path``.
+    """
+    path = Path(path)
+    if isinstance(exc, DiskWriteError) and tmp is not None:
+        # raised by a nested write into our temp dir (the manifest of a pool built in .pool.tmp-*): final name
+        t = Path(tmp)
+        if exc.path == t or t in exc.path.parents:
+            return DiskWriteError(path / exc.path.relative_to(t) if exc.path != t else path, exc.problem)
+        return None
+    if isinstance(exc, LmselectError) or not isinstance(exc, Exception):
+        return None
+    where = path
+    if isinstance(exc, OSError) and exc.filename is not None:
+        f = Path(str(exc.filename))
+        if tmp is not None and (f == Path(tmp) or Path(tmp) in f.parents):
+            where = path / f.relative_to(tmp) if f != Path(tmp) else path
+        elif f == path or path in f.parents:
+            where = f
+        else:
+            return None  # a fault of another file (e.g. an unreadable input): not ours to rename
+    code: int | None = None
+    if isinstance(exc, OSError) and exc.errno in WRITE_FAULT_ERRNOS:
+        code = exc.errno
+    else:
+        m = _RUST_OS_ERROR.search(str(exc))
+        if m and int(m.group(1)) in WRITE_FAULT_ERRNOS:
+            code = int(m.group(1))
+        elif isinstance(exc, OSError) or _IO_HINT.search(f"{type(exc).__name__} {exc}"):
+            code = _probe_filesystem(path)
+    if code is None:
+        return None
+    return DiskWriteError(where, _strerror(code))
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
+    """Turn a filesystem fault inside the block into :class:`DiskWriteError` naming ``path`` (see :func:`write_fault`)."""
+    try:
+        yield
+    except Exception as e:
+        err = write_fault(path, e, tmp)
+        if err is None:
+            raise
+        raise err from e
+
+
+def _remove(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # atomic file writes
 
@@ -46,16 +151,17 @@ def _tmp_path(path: Path) -> Path:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path`` (file or directory)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
-        yield tmp
-        if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with writing(path, tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            if path.is_dir() and tmp.is_dir():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -104,6 +210,87 @@ def read_json(path: str | Path) -> Any:
         raise ArtifactError(f"{p}: file not found") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{p}: invalid JSON at line {e.lineno} ({e.msg})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# content checksums
+
+# The cheap check reads SAMPLE_BLOCKS blocks of SAMPLE_BLOCK bytes at evenly spaced offsets (first and last included):
+# about 1 MiB whatever the file size, so opening a pool stays instant yet a file replaced or overwritten with other
+# content (a garbage tokens.bin of the right size) is caught. A flipped byte between samples needs the full hash
+# (``lmselect inspect --verify``).
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK = 1 << 16
+_HASH_CHUNK = 1 << 22
+
+
+class ChecksumError(ArtifactError):
+    """A file's content does not match the checksum its manifest recorded."""
+
+
+def _blake2b() -> Any:
+    import hashlib
+
+    return hashlib.blake2b(digest_size=16)
+
+
+def sampled_hash(path: str | Path) -> str:
+    """blake2b of the file size and of SAMPLE_BLOCKS evenly spaced blocks (the whole file when it is small)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = _blake2b()
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
+            h.update(f.read())
+        else:
+            last = size - SAMPLE_BLOCK
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(last * i // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def full_hash(path: str | Path) -> str:
+    """blake2b of the whole file (streamed)."""
+    h = _blake2b()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_checksums(artifact_dir: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sampled", "full"}}`` for files of an artifact, for its manifest's ``checksums``."""
+    d = Path(artifact_dir)
+    out = {}
+    for name in names:
+        f = d / name
+        out[name] = {"size": f.stat().st_size, "algo": "blake2b-128", "sampled": sampled_hash(f), "full": full_hash(f)}
+    return out
+
+
+def verify_checksums(
+    artifact_dir: str | Path, manifest: dict[str, Any], *, full: bool = False, fix_hint: str = "rerun the command that makes it"
+) -> list[str]:
+    """Check the files listed in ``manifest["checksums"]``: size and sampled hash, plus the full hash when ``full``.
+
+    Raises :class:`ChecksumError` naming the first file that differs; returns the names checked (empty for manifests
+    written before checksums existed, which still load).
+    """
+    d = Path(artifact_dir)
+    checked = []
+    for name, ck in (manifest.get("checksums") or {}).items():
+        f = d / name
+        if not f.is_file():
+            raise ChecksumError(f"{f}: file listed in the manifest is missing; {fix_hint}")
+        bad = f.stat().st_size != ck.get("size")
+        bad = bad or ("sampled" in ck and sampled_hash(f) != ck["sampled"])
+        bad = bad or (full and "full" in ck and full_hash(f) != ck["full"])
+        if bad:
+            raise ChecksumError(f"{f}: content does not match its manifest; the file changed or is corrupt — {fix_hint}")
+        checked.append(name)
+    return checked
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +350,7 @@ class Manifest:
     counts: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> file_checksums() entry
     status: str = "complete"
     uuid: str = field(default_factory=lambda: _uuid.uuid4().hex)
     config_hash: str | None = None
@@ -174,6 +362,8 @@ class Manifest:
         from lmselect.config import config_hash
 
         d = dict(self.__dict__)
+        if not d["checksums"]:
+            d.pop("checksums")  # artifacts without checksummed files keep the old manifest shape
         d["config_hash"] = self.config_hash or (config_hash(self.config) if self.config else None)
         d["git_commit"] = self.git_commit or cached_git_commit()
         d["versions"] = self.versions or library_versions()
@@ -193,11 +383,23 @@ def write_manifest(artifact_dir: str | Path, manifest: Manifest) -> dict[str, An
     return d
 
 
+# kind -> (a file its writer creates before the manifest, the command that makes it): a directory without the
+# manifest *and* without that file was never this kind of artifact, which deserves another message than "incomplete"
+_KIND_MARKERS: dict[str, tuple[str, str]] = {
+    "pool": ("tokens.bin", "lmselect prepare"),
+    "checkpoint": ("config.json", "lmselect train"),
+}
+
+
 def read_manifest(artifact_dir: str | Path, kind: str | None = None) -> dict[str, Any]:
     p = Path(artifact_dir) / MANIFEST
     if not p.is_file():
         if not Path(artifact_dir).exists():
             raise ArtifactError(f"{artifact_dir}: no such artifact directory")
+        if kind in _KIND_MARKERS and not (Path(artifact_dir) / _KIND_MARKERS[kind][0]).exists():
+            raise ArtifactError(
+                f"{artifact_dir}: not a {kind} directory (no {MANIFEST}); run {_KIND_MARKERS[kind][1]}"
+            )
         raise ArtifactError(f"{artifact_dir}: incomplete artifact (no {MANIFEST}); rerun the command that makes it")
     m = read_json(p)
     if m.get("status", "complete") != "complete":
@@ -224,13 +426,14 @@ def building(artifact_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     prefer :func:`atomic_path` on the whole directory.
     """
     d = Path(artifact_dir)
-    if overwrite and d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
-    m = d / MANIFEST
-    if m.exists():
-        m.unlink()
-    yield d
+    with writing(d):
+        if overwrite and d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        m = d / MANIFEST
+        if m.exists():
+            m.unlink()
+        yield d
 
 
 class Timer:

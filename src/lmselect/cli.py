@@ -6,7 +6,8 @@ Each verb lives in its own module, which defines::
     def run(args: argparse.Namespace) -> int | None: ...
 
 Modules are imported lazily so ``lmselect --help`` stays fast. Errors derived from ``LmselectError`` (and config
-errors) are printed as one line, ``lmselect: error: ...``, with exit code 2; ``--debug`` shows the traceback.
+errors) are printed as one line, ``lmselect: error: ...``, with exit code 2; so is, as a last resort, an ``OSError``
+that names a file (a full or read-only disk no stage caught). ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("lmselect"):
-            raise SystemExit(f"lmselect: error: the '{verb}' command is not available in this build ({e.name})")
+            raise SystemExit(f"lmselect: error: the '{verb}' command is not available in this build ({e.name})") from None
         raise
     p = argparse.ArgumentParser(prog=f"lmselect {verb}", description=(mod.__doc__ or help_).strip().split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks on error")
@@ -103,7 +104,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmselect {verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        # last resort for filesystem errors that no stage turned into an LmselectError: a file named by the OS
+        # (full disk, read-only filesystem, permission denied, ...) is a one-line problem for the user, not a bug
+        if debug or e.filename is None:
+            raise
+        print(f"lmselect {verb}: error: {_one_line(os_error_message(e))}", file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+def os_error_message(e: OSError) -> str:
+    """``FILE: cannot write: no space left on device`` style text for an OSError that names a file."""
+    import errno as _errno
+
+    from lmselect.artifacts import WRITE_FAULT_ERRNOS
+
+    what = (e.strerror or os.strerror(e.errno or _errno.EIO)).lower()
+    target = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+    verb = "cannot write: " if e.errno in WRITE_FAULT_ERRNOS and e.errno not in (_errno.EACCES, _errno.EPERM) else ""
+    return f"{target}: {verb}{what}"
 
 
 def _quiet_third_party() -> None:

@@ -6,7 +6,9 @@ Every stage of lmselect is configured by a (nested) dataclass. The same machiner
     save_config(cfg, out_dir / "config.yaml")   # the resolved config lives next to every output
     config_hash(cfg)                            # short, stable hash recorded in manifests
 
-Unknown keys are errors that name the key (a typo in a recipe must never be silently ignored).
+Unknown keys are errors that name the key (a typo in a recipe must never be silently ignored). A bad value is blamed
+on where it came from: ``command line: --rounds=two: config key 'rounds' must be int`` for an override, the YAML
+file's path for a value read from a file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -43,7 +46,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~") and optional):
         if optional or tp is Any:
             return None
-        raise ConfigError(f"config key '{key}' may not be null")
+        raise ConfigError(f"config key '{key}' may not be null", key=key)
     tp = inner
     if tp is Any:
         return value
@@ -51,7 +54,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}", key=key)
         return from_dict(tp, value, prefix=key + ".")
     origin = get_origin(tp)
     if origin in (list, tuple, typing.List, typing.Tuple):
@@ -65,12 +68,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(out) if origin in (tuple, typing.Tuple) else out
     if origin in (dict, typing.Dict):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping")
+            raise ConfigError(f"config key '{key}' must be a mapping", key=key)
         return dict(value)
     if origin is typing.Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}", key=key)
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -81,7 +84,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return False
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"config key '{key}' must be a boolean, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a boolean, got {value!r}", key=key)
     if tp in (int, float, str):
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
@@ -90,7 +93,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(float(value)) if "e" in value.lower() else int(value)
             return tp(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}") from None
+            raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}", key=key) from None
     return value
 
 
@@ -103,7 +106,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys here: {known})")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys here: {known})", key=prefix + unknown[0])
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         obj = cls(**kwargs)
@@ -193,13 +196,50 @@ def load_config(
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = deep_merge(data, read_yaml(path))
+    overrides = list(overrides)
     data = deep_merge(data, parse_overrides(overrides))
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        if path is not None:
-            raise ConfigError(f"{path}: {e}") from None
-        raise
+        raise blame(e, path, overrides) from None
+
+
+def override_sources(args: Iterable[str]) -> dict[str, str]:
+    """Dotted key -> the command-line text that set it: ``["--rounds=two"]`` -> ``{"rounds": "--rounds=two"}``."""
+    items = list(args)
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(items):
+        a = items[i]
+        body = a[2:] if a.startswith("--") else a
+        if "=" in body:
+            out[body.split("=", 1)[0]] = a
+        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+            out[body] = f"{a} {items[i + 1]}"
+            i += 1
+        else:
+            out[body] = a
+        i += 1
+    return out
+
+
+def blame(e: ConfigError, path: str | Path | None, overrides: Iterable[str] = ()) -> ConfigError:
+    """``e`` prefixed with where the bad value came from: ``command line: --rounds=two: ...`` when an override set
+    the key (or a section above it), else ``FILE: ...`` when a YAML file was read; unchanged otherwise."""
+    if isinstance(e.key, str):
+        key = re.sub(r"\[\d+\]", "", e.key)
+        parts = key.split(".")
+        sources = override_sources(overrides)
+        for n in range(len(parts), 0, -1):
+            arg = sources.get(".".join(parts[:n]))
+            if arg is not None:
+                return ConfigError(f"command line: {arg}: {e}", key=e.key)
+        below = [a for k, a in sources.items() if k.startswith(key + ".")]  # --optim.lr=1 when 'optim' is unknown
+        if below:
+            return ConfigError(f"command line: {below[0]}: {e}", key=e.key)
+    if path is not None:
+        return ConfigError(f"{path}: {e}", key=e.key)
+    return e
 
 
 def replace(cfg: T, **changes: Any) -> T:

@@ -13,7 +13,12 @@ class LmselectError(RuntimeError):
 
 
 class ConfigError(LmselectError, ValueError):
-    """A configuration problem; the message names the offending key and where it came from (file or command line)."""
+    """A configuration problem; the message names the offending key and where its value came from (file or command
+    line). ``key`` is the dotted key (``optim.lr``, ``inputs[0]``) when the problem is one key's value, else None."""
+
+    def __init__(self, msg: str, key: str | None = None) -> None:
+        super().__init__(msg)
+        self.key = key
 
 
 class ArtifactError(LmselectError):

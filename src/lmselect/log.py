@@ -152,3 +152,89 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+class Progress:
+    """Progress of a long loop that fits where the output goes.
+
+    On a terminal: a tqdm bar (``\\r`` updates, redrawn in place). Anywhere else (a log file, a pipe, CI): no bar and
+    no ``\\r``, but a plain log line at most every ``interval_s`` seconds, so a long run shows it is alive between
+    its metric lines without filling the file with carriage-return frames.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        initial: int = 0,
+        desc: str = "train",
+        unit: str = "step",
+        stream: Any = None,
+        tty: bool | None = None,
+        interval_s: float = 30.0,
+        enabled: bool = True,
+    ) -> None:
+        import sys
+
+        self.total, self.n, self.desc, self.unit = int(total), int(initial), desc, unit
+        self.stream = stream if stream is not None else sys.stderr
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty()) if callable(isatty) else False
+        self.tty, self.enabled, self.interval_s = tty, enabled, float(interval_s)
+        self._bar = None
+        self._t0 = self._last = time.monotonic()
+        self._n0 = self.n
+        if enabled and tty:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, file=self.stream,
+                             dynamic_ncols=True, leave=False)
+            # log lines (the metric lines every log_every steps) go above the bar instead of through it
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
+            self._redirect.__enter__()
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval_s and self.n < self.total:
+            self._last = now
+            rate = (self.n - self._n0) / max(now - self._t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+            body = " ".join(f"{k}={_fmt(v)}" for k, v in postfix.items() if v is not None)
+            log.info("%s: %s %d/%d (%.0f%%), %.2f %s/s, eta %s %s", self.desc, self.unit, self.n, self.total,
+                     100.0 * self.n / max(self.total, 1), rate, self.unit, _duration(eta), body)
+
+    def write(self, line: str) -> None:
+        """Print a line without breaking the bar (tqdm.write on a terminal)."""
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *a: Any) -> None:
+        self.close()
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -529,12 +529,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_recipe(recipe: Any, out: str | Path | None = None, report: bool = True, *, recompute: bool = False) -> tuple[Path, dict[str, Any]]:
     """Run ``recipe`` into ``out`` (locked while it runs); returns the run directory and its headline results."""
+    import contextlib
+
     from lmselect.runlock import run_lock
 
     run_dir = Path(out or recipe.out or Path("runs") / recipe.name)
     runner = Runner(recipe, run_dir, recompute=recompute)
     try:
-        with run_lock(run_dir, enabled=runner.is_main):
+        # rank 0 holds the lock for all ranks (they share the directory and coordinate through it)
+        with run_lock(run_dir) if runner.is_main else contextlib.nullcontext():
             res = runner.run()
             if report:
                 from lmselect.report import write_report

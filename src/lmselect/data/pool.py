@@ -9,7 +9,8 @@ Layout of a pool directory (written by ``lmselect prepare`` through :func:`write
       docs.parquet        one row per (sequence, document) span: seq_id, doc_id, source, start, length
       tokenizer/          HF tokenizer directory (AutoTokenizer.from_pretrained works on it)
       config.yaml         resolved prepare config
-      manifest.json       kind="pool"; written last (see lmselect.artifacts)
+      manifest.json       kind="pool"; written last (see lmselect.artifacts); ``checksums["tokens.bin"]`` holds
+                          its size, a sampled hash (checked on every open) and the full hash (``inspect --verify``)
 
 A **sequence id** is the row in ``tokens.bin``; it never changes, so score sidecars and selections refer to it.
 A **shard** is one round's candidate pool (METHODS §1.3); shards are assigned deterministically from the seed.
@@ -22,9 +23,25 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from lmselect.artifacts import ArtifactError, Manifest, atomic_path, read_manifest, write_manifest
+from lmselect.artifacts import (
+    ArtifactError,
+    LmselectError,
+    Manifest,
+    atomic_path,
+    file_checksums,
+    read_manifest,
+    verify_checksums,
+    write_manifest,
+    writing,
+)
 
 VAL_SHARD = -1
+TOKENS = "tokens.bin"
+_REBUILD = "rerun lmselect prepare"
+
+
+class TokenRangeError(LmselectError):
+    """A pool holds token ids outside its vocabulary (corrupt tokens.bin or a pool built with another tokenizer)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -48,10 +65,11 @@ class TokenPool:
         self.n_shards: int = int(info["n_shards"])
         self.tokenizer_dir = self.path / "tokenizer"
         self.tokenizer_fingerprint: str = info.get("tokenizer_fingerprint", "")
-        tb = self.path / "tokens.bin"
+        tb = self.path / TOKENS
         expected = self.n_sequences * self.seq_len * self.dtype.itemsize
         if not tb.is_file() or tb.stat().st_size != expected:
             raise ArtifactError(f"{tb}: size does not match the manifest ({self.n_sequences} x {self.seq_len})")
+        verify_checksums(self.path, self.manifest, fix_hint=_REBUILD)  # the cheap, sampled check (~1 MiB read)
         self.tokens = np.memmap(tb, dtype=self.dtype, mode="r", shape=(self.n_sequences, self.seq_len))
         seqs = pq.read_table(self.path / "sequences.parquet")
         self.shard: np.ndarray = seqs.column("shard").to_numpy().astype(np.int32)
@@ -80,8 +98,22 @@ class TokenPool:
         """LongTensor [len(ids), seq_len] of the given sequences (sorted reads are faster on disk)."""
         import torch
 
-        arr = np.asarray(self.tokens[np.asarray(ids, dtype=np.int64)], dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)
+        arr = np.asarray(self.tokens[ids], dtype=np.int64)
+        # one max over the batch is cheap next to a forward pass, and turns a deep "index out of range in self" of the
+        # embedding into a message naming the pool and the sequence
+        if arr.size and int(arr.max()) >= self.vocab_size:
+            row = int(np.flatnonzero(arr.max(axis=1) >= self.vocab_size)[0])
+            raise TokenRangeError(
+                f"{self.path / TOKENS}: sequence {int(ids[row])} holds token id {int(arr[row].max())} >= the pool's "
+                f"vocabulary size {self.vocab_size}; the file is corrupt or was built with another tokenizer — "
+                f"{_REBUILD}"
+            )
         return torch.from_numpy(arr)
+
+    def verify(self, full: bool = True) -> list[str]:
+        """Check ``tokens.bin`` against the manifest's checksums (full hash by default); names of files checked."""
+        return verify_checksums(self.path, self.manifest, full=full, fix_hint=_REBUILD)
 
     def load_tokenizer(self) -> Any:
         """The pool's HF tokenizer, loaded once per TokenPool (decoding examples calls this per sequence)."""
@@ -162,10 +194,8 @@ def write_pool(
 
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
-        mm = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="w+", shape=(n, seq_len))
-        mm[:] = tokens.astype(dtype)
-        mm.flush()
-        del mm
+        with writing(path / TOKENS, tmp / TOKENS):
+            write_tokens_memmap(tmp / TOKENS, tokens.astype(dtype))
         pq.write_table(
             pa.table({"seq_id": np.arange(n, dtype=np.int64), "shard": shard, "source": source, "n_docs": n_docs}),
             tmp / "sequences.parquet",
@@ -208,6 +238,43 @@ def write_pool(
         }
         info.update(extra or {})
         write_manifest(
-            tmp, Manifest(kind="pool", config=config or {}, seed=seed, counts=all_counts, extra=info, parents=parents or [])
+            tmp,
+            Manifest(
+                kind="pool", config=config or {}, seed=seed, counts=all_counts, extra=info, parents=parents or [],
+                checksums=file_checksums(tmp, [TOKENS]),
+            ),
         )
     return path
+
+
+def preallocate(path: str | Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` of disk space reserved.
+
+    Why: a memmap over a sparse file that the disk cannot back dies of SIGBUS on the first page it cannot write, with
+    no Python exception at all; reserving the space first turns a full disk into an ``OSError(ENOSPC)`` up front.
+    """
+    import errno
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            if nbytes > 0:
+                os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            os.ftruncate(fd, nbytes)  # filesystem without fallocate: a sparse file, as np.memmap would make
+        except AttributeError:  # no posix_fallocate on this platform
+            os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
+def write_tokens_memmap(path: str | Path, tokens: np.ndarray) -> None:
+    """Write a 2-D token array to ``path`` through a memmap over preallocated space, flushed to disk."""
+    preallocate(path, tokens.nbytes)
+    mm = np.memmap(path, dtype=tokens.dtype, mode="r+", shape=tokens.shape)
+    mm[:] = tokens
+    mm.flush()
+    del mm

@@ -43,10 +43,22 @@ from lmselect.artifacts import (
     LmselectError,
     Manifest,
     atomic_path,
+    file_checksums,
     read_json,
     write_manifest,
+    writing,
 )
-from lmselect.config import ConfigError, config_hash, deep_merge, from_dict, parse_overrides, read_yaml, save_config, to_dict
+from lmselect.config import (
+    ConfigError,
+    blame,
+    config_hash,
+    deep_merge,
+    from_dict,
+    parse_overrides,
+    read_yaml,
+    save_config,
+    to_dict,
+)
 from lmselect.data.pool import VAL_SHARD, token_dtype
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
 
@@ -273,7 +285,8 @@ def prepare_pool(
             tmp.mkdir(parents=True)
             # CPU seconds (all threads) next to wall seconds: on a shared machine wall time depends on the load
             t0, c0 = time.perf_counter(), time.process_time()
-            packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where)
+            with writing(out_dir / "tokens.bin", tmp / "tokens.bin"):  # a full disk names tokens.bin, not the temp dir
+                packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where)
             timings["tokenize_pack_s"] = time.perf_counter() - t0
             timings["tokenize_pack_cpu_s"] = time.process_time() - c0
             t0 = time.perf_counter()
@@ -293,7 +306,8 @@ def prepare_pool(
             # the manifest goes in last: until the rename below, nothing at out_dir looks complete
             write_manifest(
                 tmp,
-                Manifest(kind="pool", config=to_dict(cfg), seed=cfg.seed, counts=counts, timings=timings, extra=extra, config_hash=chash),
+                Manifest(kind="pool", config=to_dict(cfg), seed=cfg.seed, counts=counts, timings=timings, extra=extra,
+                         config_hash=chash, checksums=file_checksums(tmp, ["tokens.bin"])),
             )
     log.info(
         "%s: %d sequences x %d tokens from %d documents in %.1fs",
@@ -567,13 +581,12 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     data: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k not in _RUN_FLAGS}
     data = deep_merge(data, flags)
-    data = deep_merge(data, parse_overrides(getattr(args, "overrides", []) or []))
+    overrides = list(getattr(args, "overrides", []) or [])
+    data = deep_merge(data, parse_overrides(overrides))
     try:
         return from_dict(PrepareConfig, data)
     except ConfigError as e:
-        if getattr(args, "config", None):
-            raise ConfigError(f"{args.config}: {e}") from None
-        raise
+        raise blame(e, getattr(args, "config", None), overrides) from None
 
 
 def run(args: argparse.Namespace) -> int:

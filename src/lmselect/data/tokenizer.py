@@ -33,6 +33,22 @@ def load_tokenizer(path: str | Path) -> Any:
     except Exception as e:  # transformers raises many types here
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LmselectError(f"{p}: not a loadable Hugging Face tokenizer directory ({msg[:200]})") from None
+    return quiet_length_warning(tok)
+
+
+_LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def quiet_length_warning(tok: Any) -> Any:
+    """Silence transformers' "Token indices sequence length is longer than the specified maximum" for ``tok``.
+
+    lmselect encodes whole documents on purpose and then packs or truncates them to ``seq_len`` itself (prepare,
+    validation sets, jsonl scoring), so the warning is expected every time and only hides real messages. transformers
+    marks it as shown in ``deprecation_warnings``; setting the mark up front keeps it from ever being printed.
+    """
+    warned = getattr(tok, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned[_LENGTH_WARNING] = True
     return tok
 
 
@@ -103,8 +119,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, model_max_length: in
     kwargs: dict[str, Any] = {}
     if model_max_length:
         kwargs["model_max_length"] = int(model_max_length)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=EOS_TOKEN, **kwargs
+    return quiet_length_warning(
+        PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+            **kwargs,
+        )
     )
 
 

@@ -5,6 +5,12 @@ reads full local files laid out like the staged benchmark folder (``DIR/sciq/sci
 ``--online`` lets the harness download its datasets as usual. ``--limit N`` scores the first N items of each task
 (a smoke run, also marked not comparable). Results go to ``OUT/results.json`` with a manifest kind=eval.
 
+``--export-tasks DIR`` writes the same local tasks as configs for plain lm-eval instead (no checkpoint needed)::
+
+    lmselect eval --export-tasks tasks_local --tasks sciq,piqa
+    HF_HUB_OFFLINE=1 lm_eval --model hf --model_args pretrained=CKPT --include_path tasks_local \
+        --tasks lmselect_sciq,lmselect_piqa --device cpu
+
 Settings can also be given as ``--key=value`` overrides of the eval config (e.g. ``--bootstrap_iters=10000``).
 """
 
@@ -13,14 +19,40 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmselect.artifacts import LmselectError
 from lmselect.config import load_config, to_dict
+
+
+def export(args: argparse.Namespace) -> int:
+    """``--export-tasks DIR``: write the task configs and print the lm_eval command that uses them."""
+    from lmselect.eval.tasks import export_task_configs
+    from lmselect.paths import TASKS_DIR
+
+    if args.online:
+        raise LmselectError("--export-tasks writes configs for local files; it cannot be combined with --online")
+    names = export_task_configs(args.tasks, args.task_data or TASKS_DIR, args.export_tasks)
+    ckpt = args.checkpoint or "CHECKPOINT_DIR"
+    print(f"wrote {len(names)} task configs to {args.export_tasks}; run them offline with:")
+    print(
+        f"  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained={ckpt} "
+        f"--include_path {args.export_tasks} --tasks {','.join(names)} --device {args.device}"
+        + (f" --limit {args.limit}" if args.limit is not None else "")
+    )
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lmselect eval``."""
     from lmselect.eval.tasks import ALL_TASKS
 
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="HF-format checkpoint (config.json + weights + tokenizer)")
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT_DIR", nargs="?", default=None,
+        help="HF-format checkpoint (config.json + weights + tokenizer)",
+    )
+    parser.add_argument(
+        "--export-tasks", metavar="DIR", default=None,
+        help="write the local task configs for plain `lm_eval --include_path DIR` (offline) and exit",
+    )
     parser.add_argument("--out", default=None, help="output directory (default: CHECKPOINT_DIR/eval)")
     parser.add_argument(
         "--tasks", default="all",
@@ -41,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate ``args.checkpoint`` and print the per-task table; raises LmselectError on bad input."""
     from lmselect.eval.harness import EvalConfig, evaluate_checkpoint, format_results
     from lmselect.eval.tasks import resolve_task_names
+
+    if args.export_tasks is not None:
+        return export(args)
+    if args.checkpoint is None:
+        raise LmselectError("give a CHECKPOINT_DIR to evaluate (or --export-tasks DIR to write task configs)")
 
     base = {
         "tasks": resolve_task_names(args.tasks),

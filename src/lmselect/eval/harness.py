@@ -215,20 +215,21 @@ def evaluate_model(
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), max_length=max_length)
             t1 = time.perf_counter()
-            raw = simple_evaluate(
-                model=lm,
-                tasks=list(task_objs.values()),
-                num_fewshot=0,
-                batch_size=int(batch_size),
-                limit=limit,
-                bootstrap_iters=int(bootstrap_iters),
-                log_samples=False,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                task_manager=_task_manager(),
-            )
+            with quiet_git_probe():
+                raw = simple_evaluate(
+                    model=lm,
+                    tasks=list(task_objs.values()),
+                    num_fewshot=0,
+                    batch_size=int(batch_size),
+                    limit=limit,
+                    bootstrap_iters=int(bootstrap_iters),
+                    log_samples=False,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                    task_manager=_task_manager(),
+                )
             t_eval = time.perf_counter() - t1
         finally:
             if target != orig_device:
@@ -275,6 +276,39 @@ def evaluate_model(
         "timings": {"build_tasks_s": t_build, "evaluate_s": t_eval, "items_per_s": n_items / max(t_eval, 1e-9)},
         "versions": library_versions(),
     }
+
+
+@contextlib.contextmanager
+def quiet_git_probe() -> Iterator[None]:
+    """Stop lm-eval printing ``fatal: not a git repository`` outside a git checkout.
+
+    ``simple_evaluate`` records the commit of the *current directory* via ``lm_eval.loggers.utils.
+    get_git_commit_hash``, which runs ``git describe --always`` with stderr going to the terminal. We run the same probe
+    with stderr discarded (same value recorded: the hash, or the harness's fallback lookup, or None).
+    """
+    import subprocess
+
+    import lm_eval.evaluator as ev
+    from lm_eval.loggers import utils as lm_utils
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return lm_utils.get_commit_from_path(os.getcwd())
+
+    original = getattr(ev, "get_git_commit_hash", None)
+    if original is None:  # another harness version: nothing to patch
+        yield
+        return
+    ev.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        ev.get_git_commit_hash = original
 
 
 def _task_manager() -> Any:

@@ -360,3 +360,70 @@ def task_split_info(task: str, task_data: str | Path | None, online: bool) -> di
     if spec.note:
         info["note"] = spec.note
     return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export for plain `lm_eval --include_path`
+
+EXPORT_PREFIX = "lmselect_"
+
+
+def exported_task_name(task: str) -> str:
+    """Name of ``task`` in exported configs (``lmselect_sciq``): distinct from the harness's own task of the same data,
+    so ``--include_path`` adds a task instead of silently shadowing the built-in one that downloads."""
+    return EXPORT_PREFIX + task
+
+
+def export_task_configs(tasks: Sequence[str] | str | None, task_data: str | Path, out_dir: str | Path) -> list[str]:
+    """Write task YAMLs under ``out_dir`` that plain ``lm_eval --include_path out_dir`` runs offline.
+
+    Each ``<out>/<task>/<lmselect_task>.yaml`` *includes* the harness's own YAML (absolute path: prompt, choices,
+    metrics and ``process_docs`` are the harness's, read from this installation) and overrides only the data source,
+    as :func:`local_overrides` does in-process. The data file is copied next to it, converted to the harness's native
+    schema where the local file's schema differs (that conversion is what ``ConvertThen`` does in-process). Returns
+    the exported task names, in order.
+    """
+    import json
+    import shutil
+
+    import yaml
+
+    from lmselect.artifacts import atomic_path, atomic_write_text
+
+    names = resolve_task_names(tasks)
+    files = {t: local_task_file(t, task_data) for t in names}  # validate every file before writing anything
+    out_dir = Path(out_dir)
+    exported = []
+    for t in names:
+        spec = LOCAL_TASKS[t]
+        harness_yaml = Path(_entry(t).yaml_path).resolve()
+        tdir = out_dir / t
+        tdir.mkdir(parents=True, exist_ok=True)
+        src = files[t]
+        if spec.schema == "native":  # copied as is (.jsonl.gz too: the datasets json loader reads gzip itself)
+            data = tdir / src.name
+            with atomic_path(data) as tmp:
+                shutil.copyfile(src, tmp)
+        else:
+            fn, with_idx = _CONVERTERS[spec.schema]
+            data = tdir / (src.name.removesuffix(".gz").removesuffix(".jsonl") + f".{spec.schema}-native.jsonl")
+            with atomic_path(data) as tmp, open(tmp, "w") as f:
+                for i, rec in enumerate(read_local_records(src)):
+                    f.write(json.dumps(fn(rec, i) if with_idx else fn(rec)) + "\n")
+        cfg = {
+            "include": str(harness_yaml),
+            "task": exported_task_name(t),
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {spec.split: str(data.resolve())}},
+            "training_split": None,
+            "validation_split": spec.split if spec.split == "validation" else None,
+            "test_split": spec.split if spec.split == "test" else None,
+        }
+        header = (
+            f"# lmselect export of the harness task '{t}' reading {src} (split {spec.split}; the harness scores "
+            f"{spec.harness_split}).\n" + (f"# {spec.note}\n" if spec.note else "")
+        )
+        atomic_write_text(tdir / f"{exported_task_name(t)}.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
+        exported.append(exported_task_name(t))
+    return exported

@@ -6,12 +6,15 @@ A checkpoint directory::
     tokenizer files                      copied from the pool, so AutoTokenizer / lm_eval --model hf load it too
     training_state.pt                    optimizer, step, data position, RNG states, token-selector state
     config.yaml                          the resolved TrainConfig
-    manifest.json                        kind="checkpoint", written last; extra = {preset, step, tokens_seen, ...}
+    manifest.json                        kind="checkpoint", written last; extra = {preset, step, tokens_seen, ...};
+                                         checksums["model.safetensors"] = size + sampled hash (checked on load) +
+                                         full hash (``lmselect inspect --verify``)
 
 The training loop writes periodic checkpoints to ``OUT/checkpoints/step-XXXXXXX/``, each built in a temp dir and
 renamed (all or nothing), and publishes the final one to ``OUT/`` itself (files moved in one by one, manifest last).
 A crash at any point leaves either the previous complete checkpoint or the new one, never a half-written one that
-looks complete; :func:`latest_checkpoint` finds the newest complete one to resume from.
+looks complete; :func:`latest_checkpoint` finds the newest complete one to resume from. A full disk (or a read-only
+one) while writing ends in one ``DiskWriteError`` naming the file, with the temp dir removed.
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ from lmselect.artifacts import (
     Manifest,
     atomic_path,
     atomic_write_json,
+    file_checksums,
     is_complete,
     read_manifest,
+    verify_checksums,
+    writing,
 )
 
 TRAINING_STATE = "training_state.pt"
+WEIGHTS = "model.safetensors"
 CHECKPOINTS_SUBDIR = "checkpoints"
 
 
@@ -108,18 +115,24 @@ def save_checkpoint(
         kwargs: dict[str, Any] = {"state_dict": state_dict}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:  # transformers < 5
             kwargs["safe_serialization"] = True
-        with _quiet_hf():
+        # each write names its own file on a filesystem fault: safetensors and torch.save hide the errno
+        with _quiet_hf(), writing(path / WEIGHTS, tmp):
             model.save_pretrained(str(tmp), **kwargs)
         if tokenizer_dir is not None:
             for f in Path(tokenizer_dir).iterdir():
                 if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+                    with writing(path / f.name, tmp):
+                        shutil.copy2(f, tmp / f.name)
         if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE)
+            with writing(path / TRAINING_STATE, tmp):
+                torch.save(training_state, tmp / TRAINING_STATE)
         if config is not None:
-            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            with writing(path / "config.yaml", tmp):
+                (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        checksums = file_checksums(tmp, [WEIGHTS]) if (tmp / WEIGHTS).is_file() else {}
         manifest = Manifest(
-            kind="checkpoint", config=config or {}, seed=seed, parents=parents or [], extra=dict(extra or {})
+            kind="checkpoint", config=config or {}, seed=seed, parents=parents or [], extra=dict(extra or {}),
+            checksums=checksums,
         )
         atomic_write_json(tmp / MANIFEST, manifest.to_json())
     return path
@@ -136,13 +149,20 @@ def publish_checkpoint(src: str | Path, dst: str | Path) -> Path:
     (dst / MANIFEST).unlink(missing_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != MANIFEST:
-            tmp = dst / f".{f.name}.tmp-{os.getpid()}"
-            shutil.copy2(f, tmp)
-            os.replace(tmp, dst / f.name)
-    tmp = dst / f".{MANIFEST}.tmp-{os.getpid()}"
-    shutil.copy2(src / MANIFEST, tmp)
-    os.replace(tmp, dst / MANIFEST)
+            _copy_atomic(f, dst / f.name)
+    _copy_atomic(src / MANIFEST, dst / MANIFEST)  # last: dst looks complete only once every file is in
     return dst
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy to a temp name and rename; on a filesystem fault the temp file goes and the error names ``dst``."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        with writing(dst, tmp):
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,7 +222,7 @@ def load_checkpoint_model(
 
     path = Path(path)
     if strict:
-        read_manifest(path, kind="checkpoint")
+        verify_checksums(path, read_manifest(path, kind="checkpoint"), fix_hint="retrain or restore the checkpoint")
     elif not (path / "config.json").is_file():
         raise LmselectError(f"{path}: not a Hugging Face model directory (no config.json)")
     try:

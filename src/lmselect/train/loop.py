@@ -31,7 +31,7 @@ import torch
 from lmselect.artifacts import LmselectError, atomic_write_text, parent_ref, read_manifest
 from lmselect.config import replace, save_config, to_dict
 from lmselect.data.pool import TokenPool
-from lmselect.log import MetricLogger, read_jsonl
+from lmselect.log import MetricLogger, Progress, read_jsonl
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model, count_params, flops_per_token, get_preset
 from lmselect.train import checkpoint as ckpt_io
@@ -342,6 +342,8 @@ def train(
     last_loss = float("nan")
     t_last, steps_since = time.perf_counter(), 0
     t_begin = t_last
+    # a bar on a terminal, a plain line every 30 s in a log file (no \r); rank 0 only
+    progress = Progress(steps, initial=step, desc=f"train {out_dir.name}", enabled=info.is_main)
     while step < steps:
         selector.on_step_start(step, raw_model, side)
         lr = lr_at(step, cfg.optim, steps)
@@ -375,8 +377,10 @@ def train(
                 sel = {f"sel_{k}": v for k, v in selector.stats().items()}
                 logger.log(step, loss=last_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tps, mfu=mfu,
                            tokens_seen=tokens_seen, **sel)
+        progress.update(1, loss=last_loss)
         if saving:
             last_path = save(last_loss)
+    progress.close()
 
     # the final checkpoint becomes out_dir itself (what the pipeline, eval and from_pretrained read)
     if info.is_main:
