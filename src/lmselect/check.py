@@ -48,7 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from lmselect.artifacts import LmselectError, atomic_write_json, atomic_write_text, is_complete, read_json, read_manifest
+from lmselect.artifacts import (
+    LmselectError,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    read_json,
+    read_manifest,
+)
 from lmselect.config import ConfigError, replace
 from lmselect.recipe import TOKEN_LEVEL, Recipe, load_recipe
 
@@ -247,29 +254,28 @@ def prepare_planted_pool(recipe: Recipe, planted: dict[str, Any], out_dir: str |
 # scores -> per-round selections, the reference scorer
 
 
-def round_summaries_from_scores(pool: Any, seq_ids: np.ndarray, scores: np.ndarray, fraction: float, rounds: int,
-                                where: str = "scores") -> list[dict[str, Any]]:
-    """Per round r = 1..rounds: keep the top ``fraction`` of shard r by score; the selection summary of each."""
-    from lmselect.select.summary import build_summary
+def scores_by_round(pool: Any, seq_ids: np.ndarray, scores: np.ndarray, fraction: float, rounds: int,
+                    where: str = "scores") -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per round r = 1..rounds: (candidates = shard r, their scores, the top ``fraction`` of them by score).
+
+    Every candidate needs a score; a sidecar that lacks some is refused with the command that makes a full one."""
     from lmselect.select.topk import top_fraction
 
     seq_ids = np.asarray(seq_ids, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(seq_ids)
     sid, sc = seq_ids[order], scores[order]
-    out = []
+    out = {}
     for r in range(1, rounds + 1):
         cand = pool.ids(r)
         pos = np.clip(np.searchsorted(sid, cand), 0, max(len(sid) - 1, 0))
-        found = (len(sid) > 0) & (sid[pos] == cand) if len(sid) else np.zeros(len(cand), bool)
+        found = sid[pos] == cand if len(sid) else np.zeros(len(cand), bool)
         if not np.all(found):
             raise LmselectError(
                 f"{where}: no score for {int((~found).sum())} of the {len(cand)} sequences of shard {r} of {pool.path}; "
                 f"score it with: lmselect score --pool {pool.path} --pool-shard {','.join(map(str, range(1, rounds + 1)))}"
             )
-        s = sc[pos]
-        sel = top_fraction(cand, s, fraction)
-        out.append(build_summary(pool, cand, s, sel, "top", fraction, extra={"round": r}))
+        out[r] = (cand, sc[pos], top_fraction(cand, sc[pos], fraction))
     return out
 
 
@@ -391,11 +397,12 @@ def check_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _diagnostics(pool: Any, summaries: list[dict[str, Any]], scores_by_round: dict[int, tuple]) -> dict[int, Any]:
+def _diagnostics(pool: Any, by_round: dict[int, tuple]) -> dict[int, Any]:
+    """Per round with scores: the selection-diagnostics verdict line and its headline numbers."""
     from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
 
     out = {}
-    for r, (cand, s, sel) in scores_by_round.items():
+    for r, (cand, s, sel) in by_round.items():
         d = selection_diagnostics(pool, cand, s, sel)
         out[r] = {"verdict": diagnostics_verdict(d), "source_variance_share": d["source_variance_share"],
                   "spearman": d["spearman"], "tie_fraction": d["tie_fraction"]}
@@ -426,7 +433,7 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     pool = TokenPool(pool_dir)
     if prepare_only:
         return {"pool": str(pool_dir), "planted": planted}
-    scores_by_round: dict[int, tuple] = {}
+    by_round: dict[int, tuple] = {}
     if cfg.scores is not None or cfg.method == "reference":
         if cfg.scores is not None:
             sdir, label = Path(cfg.scores), f"scores {cfg.scores}"
@@ -440,14 +447,11 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
         if other:
             raise LmselectError(f"{sdir}: these scores are of another pool ({other[0].get('path')}), not {pool_dir}")
         ids, s = read_scores(sdir)
-        summaries = round_summaries_from_scores(pool, ids, s, r.select_fraction, r.rounds, where=str(sdir))
-        order = np.argsort(ids)
-        for k, summ in enumerate(summaries, start=1):
-            cand = pool.ids(k)
-            sc = s[order][np.searchsorted(ids[order], cand)]
-            from lmselect.select.topk import top_fraction
+        from lmselect.select.summary import build_summary
 
-            scores_by_round[k] = (cand, sc, top_fraction(cand, sc, r.select_fraction))
+        by_round = scores_by_round(pool, ids, s, r.select_fraction, r.rounds, where=str(sdir))
+        summaries = [build_summary(pool, cand, sc, sel, "top", r.select_fraction, extra={"round": k})
+                     for k, (cand, sc, sel) in by_round.items()]
     else:
         from lmselect.pipeline import run_recipe
 
@@ -461,9 +465,9 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
                 from lmselect.score import read_scores
 
                 ids, s = read_scores(rdir / "scores")
-                scores_by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
+                by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
     result = {"method": label, "pool": str(pool_dir), "config": asdict(cfg), "planted": planted["counts"],
-              **judge(summaries, cfg), "diagnostics": _diagnostics(pool, summaries, scores_by_round)}
+              **judge(summaries, cfg), "diagnostics": _diagnostics(pool, by_round)}
     md = check_markdown(result)
     atomic_write_text(out_dir / "check.md", md)
     atomic_write_json(out_dir / "check.json", result)  # last: its presence means the check finished

@@ -59,7 +59,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("lmselect"):
-            raise SystemExit(f"lmselect: error: the '{verb}' command is not available in this build ({e.name})")
+            raise SystemExit(f"lmselect: error: the '{verb}' command is not available in this build ({e.name})") from None
         raise
     p = argparse.ArgumentParser(prog=f"lmselect {verb}", description=(mod.__doc__ or help_).strip().split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks on error")
