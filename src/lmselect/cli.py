@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lmselect.eval.cli", "zero-shot downstream evaluation with lm-evaluation-harness"),
     "report": ("lmselect.report.cli", "write report.html and figures for a run directory"),
     "inspect": ("lmselect.inspect", "summarise a pool or run directory: manifest, samples, lineage"),
+    "check": ("lmselect.check", "known-answer check: does a method pick planted target-like data and drop junk?"),
 }
 
 

@@ -1,0 +1,517 @@
+"""``lmselect check RECIPE``: a known-answer check — does a method pick planted target-like data and drop junk?
+
+    lmselect check demo --method bliss --out runs/check-bliss
+    lmselect check my.yaml --method reference --out runs/check-ref          # the built-in reference scorer
+    lmselect check my.yaml --prepare-only --out runs/check-x                # then score runs/check-x/pool yourself
+    lmselect check my.yaml --scores runs/my-scores --out runs/check-x      # ... and judge those scores
+
+What it does, and why: a selection method run on real data gives no ground truth to compare against. The check
+manufactures one from the user's own corpus and selection set, so the answer is known:
+
+1. **Planted sources** (each its own ``source`` label, so per-source selection rates measure them):
+   ``planted_target`` — a seeded part (``--target-holdout``) of the selection set, held out from the validation
+   set the method sees (the recipe's ``validation.<select_on>`` is pointed at the other part) and planted into the
+   pool as documents. Junk made from corpus documents: ``planted_shuffled`` (the document's words in random order:
+   the same unigram statistics as prose), ``planted_repeated`` (one of its sentences repeated to the document's
+   length) and ``planted_random`` (as many words drawn uniformly from the corpus vocabulary, i.e. the distinct
+   whitespace-separated words of the sampled documents). Each junk kind gets about ``--plant-fraction`` of the
+   corpus characters; the target part is capped at the same budget. Everything is seeded (``--seed``).
+2. The planted ``.jsonl`` files are written to ``OUT/inputs/`` and a pool is prepared with the recipe's own
+   ``pool.prepare`` settings from the recipe's inputs plus those files (``OUT/pool``).
+3. The method runs through the normal pipeline (:func:`lmselect.pipeline.run_recipe`, ``OUT/run``) on a recipe
+   derived from the user's: that pool, that validation part, ``methods = [method]``, one seed, no downstream eval
+   and no decay branch (neither feeds back into selection). Any ``--key=value`` recipe override applies, e.g. to
+   shorten ``--round_steps``. With ``--method reference`` the built-in reference scorer is used instead
+   (:func:`reference_scores`); with ``--scores DIR`` a precomputed scores sidecar of ``OUT/pool`` is judged, so any
+   external scorer can be checked: each round r keeps the top ``select_fraction`` of shard r by score.
+4. Per round, the rate of each planted source (selected / candidates) is compared with the base rate (the share of
+   the shard selected): target-like must be picked at ≥ ``--target-ratio`` (2) × base, each junk kind at ≤
+   ``--junk-ratio`` (0.5) × base. A PASS / FAIL table goes to stdout, ``OUT/check.md`` and ``OUT/check.json``; the
+   exit code is 0 on PASS and 1 on FAIL.
+
+Token-level methods (rho1, blade) feed the whole shard and select tokens inside the loss, so there is no
+per-source selection rate to judge; the check refuses them before any compute ("not applicable (token-level)").
+Reruns resume: the planted inputs, pool and run are reused when complete; other check settings into the same
+``--out`` are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmselect.artifacts import (
+    LmselectError,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    read_json,
+    read_manifest,
+)
+from lmselect.config import ConfigError, replace
+from lmselect.recipe import TOKEN_LEVEL, Recipe, load_recipe
+
+log = logging.getLogger("lmselect.check")
+
+TARGET = "planted_target"
+JUNK = ("planted_shuffled", "planted_repeated", "planted_random")
+PLANTED = (TARGET,) + JUNK
+RESERVOIR = 5000  # corpus documents kept (seeded reservoir sample) to make junk from
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass
+class CheckConfig:
+    """Settings of one known-answer check (CLI flags of the same names)."""
+
+    method: str = "bliss"  # a sequence-level pipeline method, or "reference" (the built-in reference scorer)
+    scores: str | None = None  # judge this precomputed scores sidecar of OUT/pool instead of running a method
+    target_holdout: float = 0.5  # share of the selection set planted as target-like documents (hidden from the method)
+    plant_fraction: float = 0.05  # characters of each junk kind, as a share of the corpus characters
+    target_ratio: float = 2.0  # PASS needs target-like rate >= target_ratio x base rate ...
+    junk_ratio: float = 0.5  # ... and every junk rate <= junk_ratio x base rate, in every round
+    reference_score: str = "excess"  # reference scorer: "excess" (CE_general - CE_ref) or "loss" (-CE_ref)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_holdout < 1.0:
+            raise ConfigError(f"check: --target-holdout must be in (0, 1), got {self.target_holdout}")
+        if not 0.0 < self.plant_fraction < 1.0:
+            raise ConfigError(f"check: --plant-fraction must be in (0, 1), got {self.plant_fraction}")
+        if self.target_ratio <= 0 or self.junk_ratio < 0:
+            raise ConfigError("check: --target-ratio must be > 0 and --junk-ratio >= 0")
+        if self.reference_score not in ("excess", "loss"):
+            raise ConfigError(f"check: --reference-score must be 'excess' or 'loss', got {self.reference_score!r}")
+        if self.method in TOKEN_LEVEL and self.scores is None:
+            raise LmselectError(
+                f"check: {self.method} is not applicable (token-level): it trains on the whole shard and selects tokens "
+                "inside the loss, so there is no per-source selection rate to judge"
+            )
+        from lmselect.recipe import METHODS
+
+        if self.scores is None and self.method not in METHODS + ("reference",):
+            raise ConfigError(f"check: unknown --method '{self.method}' (known: {', '.join(METHODS)}, reference)")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# planted documents
+
+
+def shuffle_words(text: str, rng: np.random.Generator) -> str:
+    """The document's whitespace-separated words in a random order (same words, same unigram statistics)."""
+    words = text.split()
+    return " ".join(words[i] for i in rng.permutation(len(words)))
+
+
+def repeat_sentence(text: str, rng: np.random.Generator) -> str:
+    """One sentence of the document (5-60 words where there is one) repeated to at least the document's length."""
+    sents = [s.strip() for s in _SENTENCE.split(text) if s.strip()]
+    good = [s for s in sents if 5 <= len(s.split()) <= 60]
+    sent = good[int(rng.integers(len(good)))] if good else " ".join(text.split()[:20])
+    n = max(2, math.ceil(len(text) / (len(sent) + 1)))
+    return " ".join([sent] * n)
+
+
+def random_words(n_words: int, vocab: list[str], rng: np.random.Generator) -> str:
+    """``n_words`` words drawn uniformly (with replacement) from ``vocab``."""
+    return " ".join(vocab[i] for i in rng.integers(0, len(vocab), size=max(1, n_words)))
+
+
+def _read_corpus_sample(prep: Any, seed: int) -> tuple[list[str], int, int]:
+    """(seeded reservoir sample of up to RESERVOIR document texts, documents read, characters read)."""
+    from lmselect.data.readers import iter_documents, resolve_inputs
+
+    rng = np.random.default_rng(seed + 1)  # offset 1: the reservoir
+    sample: list[str] = []
+    n = chars = 0
+    for d in iter_documents(resolve_inputs(prep.inputs), prep.text_field, prep.id_field, prep.source_field,
+                            False, prep.max_docs):
+        n += 1
+        chars += len(d.text)
+        if len(sample) < RESERVOIR:
+            sample.append(d.text)
+        else:  # Algorithm R: every document read so far is in the sample with probability RESERVOIR / n
+            j = int(rng.integers(n))
+            if j < RESERVOIR:
+                sample[j] = d.text
+    if n == 0:
+        raise LmselectError(f"check: the recipe's corpus ({', '.join(prep.inputs)}) has no documents")
+    return sample, n, chars
+
+
+def _jsonl(path: Path, texts: list[str], prep: Any, source: str | None) -> None:
+    rows = []
+    for i, t in enumerate(texts):
+        rec = {prep.text_field: t}
+        if source is not None:
+            if prep.source_field:
+                rec[prep.source_field] = source
+            if prep.id_field:
+                rec[prep.id_field] = f"{source}:{i}"
+        rows.append(json.dumps(rec) + "\n")
+    atomic_write_text(path, "".join(rows))
+
+
+def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) -> dict[str, Any]:
+    """Write ``OUT/inputs/``: ``selection_visible.jsonl`` (what the method sees) and one ``planted_*.jsonl`` per
+    planted source, plus ``plant.json`` (written last: settings, counts). Reused when ``plant.json`` matches."""
+    from lmselect.data.valset import _read_texts
+
+    prep = recipe.pool.prepare
+    sel_path = getattr(recipe.validation, recipe.validation.select_on)
+    inp = Path(out_dir) / "inputs"
+    key = {"seed": cfg.seed, "target_holdout": cfg.target_holdout, "plant_fraction": cfg.plant_fraction,
+           "corpus": list(prep.inputs), "selection_set": str(sel_path), "max_docs": prep.max_docs,
+           "text_field": prep.text_field, "source_field": prep.source_field}
+    if (inp / "plant.json").is_file():
+        old = read_json(inp / "plant.json")
+        if old.get("key") == key:
+            return old
+        raise LmselectError(f"{inp / 'plant.json'}: this output directory was planted with other settings; use another --out")
+    inp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)  # offset 0: the selection-set split and the junk
+    texts = _read_texts(Path(sel_path))
+    if len(texts) < 2:
+        raise LmselectError(f"{sel_path}: the selection set needs at least 2 records to split (has {len(texts)})")
+    perm = rng.permutation(len(texts))
+    n_hold = min(len(texts) - 1, max(1, int(round(cfg.target_holdout * len(texts)))))
+    hold = [texts[i] for i in sorted(perm[:n_hold])]
+    visible = [texts[i] for i in sorted(perm[n_hold:])]
+
+    sample, n_docs, n_chars = _read_corpus_sample(prep, cfg.seed)
+    budget = cfg.plant_fraction * n_chars
+    target, c = [], 0
+    for t in hold:  # the target part is capped at the junk budget so it stays a small share of the pool
+        if c >= budget:
+            break
+        target.append(t)
+        c += len(t)
+    vocab = sorted({w for t in sample for w in t.split()})
+    planted: dict[str, list[str]] = {TARGET: target}
+    for kind in JUNK:
+        docs, c = [], 0
+        order = rng.permutation(len(sample))
+        i = 0
+        while c < budget:
+            src = sample[order[i % len(order)]]
+            i += 1
+            if kind == "planted_shuffled":
+                doc = shuffle_words(src, rng)
+            elif kind == "planted_repeated":
+                doc = repeat_sentence(src, rng)
+            else:
+                doc = random_words(len(src.split()), vocab, rng)
+            docs.append(doc)
+            c += len(doc)
+        planted[kind] = docs
+
+    _jsonl(inp / "selection_visible.jsonl", visible, prep, None)
+    files = {}
+    for name, docs in planted.items():
+        _jsonl(inp / f"{name}.jsonl", docs, prep, name)
+        files[name] = str((inp / f"{name}.jsonl").resolve())
+    info = {
+        "key": key, "files": files, "selection_visible": str((inp / "selection_visible.jsonl").resolve()),
+        "counts": {"selection_set": len(texts), "visible": len(visible), "held_out": len(hold),
+                   "corpus_documents": n_docs, "corpus_chars": n_chars,
+                   **{name: {"documents": len(d), "chars": int(sum(map(len, d)))} for name, d in planted.items()}},
+    }
+    atomic_write_json(inp / "plant.json", info)
+    return info
+
+
+def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path, method: str) -> Recipe:
+    """The user's recipe pointed at the planted pool and the visible part of the selection set, ``method`` only,
+    one seed, no downstream evaluation and no decay branch (the eval branch never feeds back into selection)."""
+    sel_key = f"validation.{recipe.validation.select_on}"
+    return replace(recipe, **{
+        "pool.path": str((Path(out_dir) / "pool").resolve()), sel_key: planted["selection_visible"],
+        "methods": [method] if method != "reference" else ["random"], "seeds": [0],
+        "eval.downstream": False, "decay.steps": 0,
+    })
+
+
+def prepare_planted_pool(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path) -> Path:
+    """Prepare ``OUT/pool`` with the recipe's pool.prepare settings from its inputs plus the planted files."""
+    from lmselect.data.prepare import prepare
+
+    prep = recipe.pool.prepare
+    n_planted = sum(planted["counts"][n]["documents"] for n in PLANTED)
+    cfg = replace(prep, inputs=list(prep.inputs) + [planted["files"][n] for n in PLANTED],
+                  max_docs=None if prep.max_docs is None else prep.max_docs + n_planted)
+    return prepare(cfg, Path(out_dir) / "pool", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# scores -> per-round selections, the reference scorer
+
+
+def scores_by_round(pool: Any, seq_ids: np.ndarray, scores: np.ndarray, fraction: float, rounds: int,
+                    where: str = "scores") -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per round r = 1..rounds: (candidates = shard r, their scores, the top ``fraction`` of them by score).
+
+    Every candidate needs a score; a sidecar that lacks some is refused with the command that makes a full one."""
+    from lmselect.select.topk import top_fraction
+
+    seq_ids = np.asarray(seq_ids, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(seq_ids)
+    sid, sc = seq_ids[order], scores[order]
+    out = {}
+    for r in range(1, rounds + 1):
+        cand = pool.ids(r)
+        pos = np.clip(np.searchsorted(sid, cand), 0, max(len(sid) - 1, 0))
+        found = sid[pos] == cand if len(sid) else np.zeros(len(cand), bool)
+        if not np.all(found):
+            raise LmselectError(
+                f"{where}: no score for {int((~found).sum())} of the {len(cand)} sequences of shard {r} of {pool.path}; "
+                f"score it with: lmselect score --pool {pool.path} --pool-shard {','.join(map(str, range(1, rounds + 1)))}"
+            )
+        out[r] = (cand, sc[pos], top_fraction(cand, sc[pos], fraction))
+    return out
+
+
+def _mean_ce(model: Any, pool: Any, ids: np.ndarray, batch_size: int, device: Any) -> np.ndarray:
+    """Mean next-token CE of every pool row ``ids`` (packed rows: every position counts)."""
+    import torch
+
+    from lmselect.models.losses import token_ce
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            x = pool.batch(ids[i : i + batch_size]).to(device)
+            out.append(token_ce(model(input_ids=x).logits, x).mean(dim=1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def reference_scores(recipe: Recipe, run_dir: str | Path, out_dir: str | Path, how: str = "excess") -> Path:
+    """The built-in reference scorer; writes a scores sidecar of shards 1..R of the recipe's pool to ``out_dir``.
+
+    general = the pipeline's warm-up target (trained on a random part of shard 0, ``run_dir/warmup/target``);
+    reference = a copy of it trained briefly on the method-visible selection set with the recipe's ``rho1`` settings
+    (RHO-1's reference model, :func:`lmselect.select.rho1.train_reference`). Score of sequence i:
+    ``excess`` = CE_i(general) − CE_i(reference) (how much more the reference likes it than the general model: a
+    sequence-level RHO-1 excess loss, i.e. the Moore–Lewis cross-entropy difference), or ``loss`` = −CE_i(reference).
+    Higher = preferred.
+    """
+    from lmselect.pipeline import Runner
+    from lmselect.score import write_scores
+    from lmselect.select.rho1 import train_reference
+    from lmselect.train.checkpoint import load_checkpoint_model
+
+    out_dir = Path(out_dir)
+    if is_complete(out_dir, kind="scores"):
+        return out_dir
+    runner = Runner(recipe, run_dir)
+    try:
+        runner.run_dir.mkdir(parents=True, exist_ok=True)
+        runner.stage_pool()
+        general_dir = runner.stage_warmup("target")
+        general = load_checkpoint_model(general_dir, device=runner.device)
+        ref = train_reference(replace(recipe.rho1, seed=recipe.seed), general, runner.select_valset,
+                              runner.pool.load_tokenizer(), out_dir.parent / "reference_model", device=runner.device)
+        ids = np.concatenate([runner.pool.ids(r) for r in range(1, recipe.rounds + 1)])
+        ce_ref = _mean_ce(ref, runner.pool, ids, recipe.score_batch_size, runner.device)
+        if how == "excess":
+            score = _mean_ce(general, runner.pool, ids, recipe.score_batch_size, runner.device) - ce_ref
+        else:
+            score = -ce_ref
+        from lmselect.artifacts import parent_ref
+
+        return write_scores(out_dir, ids, score, parents=[parent_ref(runner.pool_dir), parent_ref(general_dir)],
+                            extra={"score": "ce_general - ce_reference" if how == "excess" else "-ce_reference",
+                                   "pool": str(runner.pool_dir)})
+    finally:
+        runner.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# judging
+
+
+def judge(summaries: list[dict[str, Any]], cfg: CheckConfig) -> dict[str, Any]:
+    """PASS / FAIL rows (one per round and planted source) from per-round selection summaries."""
+    rows, others = [], []
+    for i, s in enumerate(summaries, start=1):
+        rnd = int(s.get("round", i))
+        base = float(s["selected_rate"])
+        per = s.get("per_source") or {}
+        for name in PLANTED:
+            p = per.get(name, {"candidates": 0, "selected": 0, "rate": 0.0})
+            is_target = name == TARGET
+            ratio = p["rate"] / base if base > 0 else float("nan")
+            if p["candidates"] == 0:
+                ok, note = False, "no candidates in this shard (raise --plant-fraction)"
+            else:
+                ok = ratio >= cfg.target_ratio if is_target else ratio <= cfg.junk_ratio
+                note = ""
+            rows.append({"round": rnd, "source": name, "kind": "target" if is_target else "junk",
+                         "candidates": int(p["candidates"]), "selected": int(p["selected"]), "rate": float(p["rate"]),
+                         "base": base, "ratio": ratio,
+                         "criterion": f">= {cfg.target_ratio:g}x" if is_target else f"<= {cfg.junk_ratio:g}x",
+                         "pass": bool(ok), "note": note})
+        for name, p in per.items():
+            if name not in PLANTED:
+                others.append({"round": rnd, "source": name, "candidates": int(p["candidates"]),
+                               "rate": float(p["rate"]), "ratio": p["rate"] / base if base > 0 else float("nan")})
+    n_pass = sum(r["pass"] for r in rows)
+    return {"verdict": "PASS" if rows and n_pass == len(rows) else "FAIL", "passed": n_pass, "criteria": len(rows),
+            "rows": rows, "other_sources": others}
+
+
+def check_markdown(result: dict[str, Any]) -> str:
+    """The PASS / FAIL table as Markdown (what ``check.md`` holds and the CLI prints)."""
+    c = result["config"]
+    lines = [
+        f"# Known-answer check: {result['method']} — {result['verdict']}",
+        "",
+        f"Pool `{result['pool']}`; base rate = share of each round's shard selected; criteria: target-like "
+        f">= {c['target_ratio']:g}x base, each junk kind <= {c['junk_ratio']:g}x base, every round.",
+        "",
+        "| round | planted source | candidates | selected | rate | base | x base | criterion | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        res = "PASS" if r["pass"] else "FAIL" + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {r['round']} | {r['source']} | {r['candidates']} | {r['selected']} | {r['rate']:.2f} | "
+                     f"{r['base']:.2f} | {r['ratio']:.2f} | {r['criterion']} | {res} |")
+    lines += ["", f"**Overall: {result['verdict']}** ({result['passed']}/{result['criteria']} criteria met)"]
+    if result.get("other_sources"):
+        by_round: dict[int, list[str]] = {}
+        for o in result["other_sources"]:
+            by_round.setdefault(o["round"], []).append(f"{o['source']} {o['rate']:.2f} ({o['ratio']:.1f}x)")
+        lines += ["", "Corpus sources (not judged): " + "; ".join(
+            f"round {k}: " + ", ".join(v) for k, v in sorted(by_round.items()))]
+    for r, v in sorted((result.get("diagnostics") or {}).items()):
+        lines.append(f"Round {r} {v['verdict']}")
+    return "\n".join(lines) + "\n"
+
+
+def _diagnostics(pool: Any, by_round: dict[int, tuple]) -> dict[int, Any]:
+    """Per round with scores: the selection-diagnostics verdict line and its headline numbers."""
+    from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
+
+    out = {}
+    for r, (cand, s, sel) in by_round.items():
+        d = selection_diagnostics(pool, cand, s, sel)
+        out[r] = {"verdict": diagnostics_verdict(d), "source_variance_share": d["source_variance_share"],
+                  "spearman": d["spearman"], "tie_fraction": d["tie_fraction"]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the check
+
+
+def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_only: bool = False) -> dict[str, Any]:
+    """Plant, prepare, run (or score / read scores), judge; writes ``check.md`` then ``check.json`` into ``out_dir``.
+
+    Returns the result dict (``verdict`` "PASS" / "FAIL", ``rows``, ...); with ``prepare_only`` stops after the pool.
+    """
+    from lmselect.data.pool import TokenPool
+
+    cfg.validate()
+    if recipe.pool.path is not None:
+        raise ConfigError(
+            "check: the recipe points at an existing pool (pool.path); the check needs the corpus files to plant "
+            "documents among: set pool.prepare.inputs instead"
+        )
+    out_dir = Path(out_dir)
+    planted = build_planted_inputs(recipe, out_dir, cfg)
+    pool_dir = prepare_planted_pool(recipe, planted, out_dir)
+    r = planted_recipe(recipe, planted, out_dir, cfg.method)
+    pool = TokenPool(pool_dir)
+    if prepare_only:
+        return {"pool": str(pool_dir), "planted": planted}
+    by_round: dict[int, tuple] = {}
+    if cfg.scores is not None or cfg.method == "reference":
+        if cfg.scores is not None:
+            sdir, label = Path(cfg.scores), f"scores {cfg.scores}"
+        else:
+            sdir, label = out_dir / "reference" / "scores", f"reference ({cfg.reference_score})"
+            reference_scores(r, out_dir / "run", sdir, cfg.reference_score)
+        from lmselect.score import read_scores
+
+        m = read_manifest(sdir, kind="scores")
+        other = [p for p in m.get("parents", []) if p.get("kind") == "pool" and p.get("uuid") != pool.manifest["uuid"]]
+        if other:
+            raise LmselectError(f"{sdir}: these scores are of another pool ({other[0].get('path')}), not {pool_dir}")
+        ids, s = read_scores(sdir)
+        from lmselect.select.summary import build_summary
+
+        by_round = scores_by_round(pool, ids, s, r.select_fraction, r.rounds, where=str(sdir))
+        summaries = [build_summary(pool, cand, sc, sel, "top", r.select_fraction, extra={"round": k})
+                     for k, (cand, sc, sel) in by_round.items()]
+    else:
+        from lmselect.pipeline import run_recipe
+
+        label = cfg.method
+        run_dir, _ = run_recipe(r, out_dir / "run", report=False)
+        summaries = []
+        for k in range(1, r.rounds + 1):
+            rdir = run_dir / cfg.method / "seed0" / f"round{k}"
+            summaries.append(read_json(rdir / "selection" / "summary.json"))
+            if is_complete(rdir / "scores", kind="scores"):
+                from lmselect.score import read_scores
+
+                ids, s = read_scores(rdir / "scores")
+                by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
+    result = {"method": label, "pool": str(pool_dir), "config": asdict(cfg), "planted": planted["counts"],
+              **judge(summaries, cfg), "diagnostics": _diagnostics(pool, by_round)}
+    md = check_markdown(result)
+    atomic_write_text(out_dir / "check.md", md)
+    atomic_write_json(out_dir / "check.json", result)  # last: its presence means the check finished
+    result["markdown"] = md
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = CheckConfig()
+    p.add_argument("recipe", help="recipe YAML (or 'demo'); its pool.prepare inputs and selection set are used")
+    p.add_argument("--method", default=d.method, help="sequence-level method to check (bliss, mates, random) or "
+                   "'reference' (built-in reference scorer); default bliss")
+    p.add_argument("--scores", help="judge this scores sidecar of OUT/pool (see --prepare-only) instead of a method")
+    p.add_argument("--out", help="output directory (default runs/<recipe name>-check-<method>)")
+    p.add_argument("--prepare-only", action="store_true", help="stop after planting and preparing OUT/pool")
+    p.add_argument("--target-holdout", type=float, default=d.target_holdout,
+                   help="share of the selection set planted as target-like documents (default 0.5)")
+    p.add_argument("--plant-fraction", type=float, default=d.plant_fraction,
+                   help="characters of each junk kind as a share of the corpus (default 0.05)")
+    p.add_argument("--target-ratio", type=float, default=d.target_ratio, help="target-like rate >= this x base (2)")
+    p.add_argument("--junk-ratio", type=float, default=d.junk_ratio, help="each junk rate <= this x base (0.5)")
+    p.add_argument("--reference-score", default=d.reference_score, choices=("excess", "loss"),
+                   help="--method reference: CE_general - CE_reference (excess) or -CE_reference (loss)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the junk (default 0)")
+    p.epilog = "Override any recipe key with --key.sub=value, e.g. --round_steps=10 --bliss.outer_steps=10."
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    cfg = CheckConfig(method=args.method, scores=args.scores, target_holdout=args.target_holdout,
+                      plant_fraction=args.plant_fraction, target_ratio=args.target_ratio, junk_ratio=args.junk_ratio,
+                      reference_score=args.reference_score, seed=args.seed)
+    out = Path(args.out or Path("runs") / f"{recipe.name}-check-{'scores' if args.scores else args.method}")
+    res = run_check(recipe, out, cfg, prepare_only=args.prepare_only)
+    if args.prepare_only:
+        print(f"planted pool: {res['pool']}")
+        print(f"next: lmselect score --model MODEL --pool {res['pool']} --pool-shard "
+              f"{','.join(map(str, range(1, recipe.rounds + 1)))} --out SCORES; then lmselect check {args.recipe} "
+              f"--out {out} --scores SCORES")
+        return 0
+    print(res["markdown"], end="")
+    print(f"written: {out / 'check.md'}, {out / 'check.json'}")
+    return 0 if res["verdict"] == "PASS" else 1

@@ -1,0 +1,160 @@
+"""``lmselect check``: the known-answer check end to end on a tiny planted corpus (debug presets, a few steps)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmselect.paths import DATA_DIR
+
+RECIPE = """
+name: tinycheck
+seed: 0
+pool:
+  prepare: {{inputs: ["{corpus}/*.jsonl"], vocab_size: 512, seq_len: 64, n_shards: 3, seed: 0, workers: 1}}
+validation: {{lambada: {sel}, clean: null, select_on: lambada, max_items: 200, seq_len: 64, batch_size: 16}}
+target: {{preset: debug}}
+proxy: {{preset: debug}}
+warmup: {{fraction: 0.5, steps: {warm}}}
+rounds: 2
+select_fraction: 0.2
+round_steps: 3
+methods: [random]
+train: {{global_batch: 8, micro_batch: 8, log_every: 10, optim: {{lr: 3.0e-3, warmup_steps: 2}}}}
+decay: {{steps: 2, halve_every: 1}}
+eval: {{downstream: false}}
+bliss: {{outer_steps: 2, batch_size: 8, val_batch_size: 8, log_every: 1, save_every: 1}}
+rho1: {{steps: {ref_steps}, batch_size: 16, lr: 1.0e-3, seq_len: 64}}
+score_batch_size: 64
+"""
+
+
+def make_check_inputs(d: Path, n_docs: int = 30, doc_chars: int = 1200, n_sel: int = 160, warm: int = 30,
+                      ref_steps: int = 40) -> Path:
+    """A small four-source corpus cut from the bundled demo corpus and a fiction selection set (LAMBADA passages)."""
+    corpus = d / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for src in ("news", "wikipedia", "email_spam", "reviews"):
+        rows = []
+        with gzip.open(DATA_DIR / "demo" / "corpus" / f"{src}.jsonl.gz", "rt") as f:
+            for line in f:
+                rec = json.loads(line)
+                rows.append(json.dumps({"source": src, "text": rec["text"][:doc_chars].rsplit(" ", 1)[0]}) + "\n")
+                if len(rows) == n_docs:
+                    break
+        (corpus / f"{src}.jsonl").write_text("".join(rows))
+    sel = d / "selection.jsonl"
+    sel.write_text("".join((DATA_DIR / "demo" / "lambada_val.jsonl").read_text().splitlines(True)[:n_sel]))
+    p = d / "recipe.yaml"
+    p.write_text(RECIPE.format(corpus=corpus, sel=sel, warm=warm, ref_steps=ref_steps))
+    return p
+
+
+@pytest.fixture(scope="module")
+def check_recipe(tmp_path_factory) -> Path:
+    return make_check_inputs(tmp_path_factory.mktemp("check"))
+
+
+def _rows(res: dict, source: str) -> list[dict]:
+    return [r for r in res["rows"] if r["source"] == source]
+
+
+def test_junk_makers_are_what_they_say():
+    from lmselect.check import random_words, repeat_sentence, shuffle_words
+
+    rng = np.random.default_rng(0)
+    text = "The cat sat on the mat today. It was a very warm and sunny day in the town. Birds sang."
+    sh = shuffle_words(text, rng)
+    assert sorted(sh.split()) == sorted(text.split()) and sh != text  # same unigrams, other order
+    rep = repeat_sentence(text, rng)
+    sent = "It was a very warm and sunny day in the town."  # the only sentence of 5-60 words... and the first
+    assert rep.count(sent) >= 2 and len(rep) >= len(text) and set(rep.split(sent)) <= {"", " "}
+    vocab = ["a", "b", "c"]
+    rw = random_words(300, vocab, rng).split()
+    assert len(rw) == 300 and set(rw) == set(vocab)
+
+
+def test_random_fails_the_check_end_to_end(check_recipe, tmp_path, capsys):
+    """`random` picks target-like data at about the base rate: the check must say FAIL (exit 1)."""
+    from lmselect.cli import main
+
+    out = tmp_path / "random"
+    rc = main(["check", str(check_recipe), "--method", "random", "--out", str(out), "--plant-fraction", "0.1",
+               "--warmup.steps=5"])
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert "Known-answer check: random — FAIL" in printed and "| 1 | planted_target |" in printed
+    res = json.loads((out / "check.json").read_text())
+    assert (out / "check.md").read_text().startswith("# Known-answer check: random — FAIL")
+    assert res["verdict"] == "FAIL" and res["criteria"] == 8  # 4 planted sources x 2 rounds
+    for r in _rows(res, "planted_target"):
+        assert r["candidates"] >= 20 and not r["pass"] and 0.3 < r["ratio"] < 1.7  # about the base rate
+    # the pipeline really ran: the method saw only the visible part of the selection set
+    plant = json.loads((out / "inputs" / "plant.json").read_text())
+    assert plant["counts"]["visible"] + plant["counts"]["held_out"] == 160
+    vis = {json.loads(x)["text"] for x in (out / "inputs" / "selection_visible.jsonl").read_text().splitlines()}
+    held = {json.loads(x)["text"] for x in (out / "inputs" / "planted_target.jsonl").read_text().splitlines()}
+    assert vis and held and not vis & held
+    cfg = (out / "run" / "config.yaml").read_text()
+    assert "selection_visible.jsonl" in cfg and "methods:\n- random" in cfg
+
+
+def test_reference_scorer_picks_target_like_data(check_recipe, tmp_path):
+    """The built-in reference scorer (excess loss of a reference LM trained on the visible selection set).
+
+    Measured at this tiny scale: target-like documents are picked at 4-5x the base rate and random-word junk at
+    <= 0.3x in both rounds; one-sentence-repeated and word-shuffled junk land near the 0.5x line (0.0-0.9x
+    depending on corpus cut and training steps), so only the parts it does reliably are asserted."""
+    from lmselect.check import CheckConfig, run_check
+    from lmselect.recipe import load_recipe
+
+    res = run_check(load_recipe(check_recipe), tmp_path / "ref", CheckConfig(method="reference", plant_fraction=0.1))
+    for r in _rows(res, "planted_target"):
+        assert r["pass"] and r["ratio"] >= 3.0, r
+    for r in _rows(res, "planted_random"):
+        assert r["pass"], r
+    junk = [r["rate"] for r in res["rows"] if r["kind"] == "junk"]
+    assert np.mean(junk) < 0.5 * res["rows"][0]["base"]
+    assert (tmp_path / "ref" / "reference" / "scores" / "manifest.json").is_file()
+    assert res["diagnostics"] and "scorer" in res["diagnostics"][1]["verdict"]
+
+
+def test_scores_mode_judges_an_external_scorer(check_recipe, tmp_path):
+    """--prepare-only, score the planted pool elsewhere, --scores DIR: an oracle scorer PASSes, exit 0."""
+    from lmselect.cli import main
+    from lmselect.data.pool import TokenPool
+    from lmselect.score import write_scores
+
+    out = tmp_path / "ext"
+    args = ["check", str(check_recipe), "--out", str(out), "--plant-fraction", "0.1"]
+    assert main(args + ["--prepare-only"]) == 0
+    pool = TokenPool(out / "pool")
+    ids = pool.ids(None)
+    src = pool.sources(ids)
+    oracle = np.where(src == "planted_target", 1.0, np.where(np.char.startswith(src.astype(str), "planted_"), 0.0, 0.5))
+    write_scores(tmp_path / "oracle", ids, oracle)
+    assert main(args + ["--scores", str(tmp_path / "oracle")]) == 0
+    res = json.loads((out / "check.json").read_text())
+    assert res["verdict"] == "PASS" and res["passed"] == res["criteria"] == 8
+    # the same scores, but missing a shard's sequences: a one-line error naming the sidecar
+    write_scores(tmp_path / "partial", ids[pool.shard[ids] != 2], oracle[pool.shard[ids] != 2])
+    assert main(args + ["--scores", str(tmp_path / "partial")]) == 2
+
+
+def test_token_level_and_bad_settings_are_refused_before_compute(check_recipe, tmp_path, capsys):
+    from lmselect.cli import main
+
+    assert main(["check", str(check_recipe), "--method", "rho1", "--out", str(tmp_path / "x")]) == 2
+    assert "not applicable (token-level)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["check", str(check_recipe), "--target-holdout", "1.5", "--out", str(tmp_path / "y")]) == 2
+    assert "--target-holdout" in capsys.readouterr().err
+    # other plant settings into a planted output directory are refused
+    out = tmp_path / "z"
+    assert main(["check", str(check_recipe), "--prepare-only", "--out", str(out)]) == 0
+    assert main(["check", str(check_recipe), "--prepare-only", "--out", str(out), "--seed", "3"]) == 2
+    assert "planted with other settings" in capsys.readouterr().err
