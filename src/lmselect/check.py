@@ -10,7 +10,7 @@ manufactures one from the user's own corpus and selection set, so the answer is 
 
 1. **Planted sources** (each its own ``source`` label, so per-source selection rates measure them):
    ``planted_target`` — a seeded part (``--target-holdout``) of the selection set, held out from the validation
-   set the method sees (the recipe's ``validation.<select_on>`` is pointed at the other part) and planted into the
+   set the method sees (the recipe's ``validation.selection`` is pointed at the other part) and planted into the
    pool as documents. Junk made from corpus documents: ``planted_shuffled`` (the document's words in random order:
    the same unigram statistics as prose), ``planted_repeated`` (one of its sentences repeated to the document's
    length) and ``planted_random`` (as many words drawn uniformly from the corpus vocabulary, i.e. the distinct
@@ -57,7 +57,8 @@ from lmselect.artifacts import (
     read_manifest,
 )
 from lmselect.config import ConfigError, replace
-from lmselect.recipe import TOKEN_LEVEL, Recipe, load_recipe
+from lmselect.recipe import Recipe, load_recipe
+from lmselect.select.base import control_name, method_class
 
 log = logging.getLogger("lmselect.check")
 
@@ -68,11 +69,15 @@ RESERVOIR = 5000  # corpus documents kept (seeded reservoir sample) to make junk
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
+#: the built-in reference scorer of the check (not a pipeline method: it scores the planted pool directly)
+REFERENCE = "reference"
+
+
 @dataclass
 class CheckConfig:
     """Settings of one known-answer check (CLI flags of the same names)."""
 
-    method: str = "bliss"  # a sequence-level pipeline method, or "reference" (the built-in reference scorer)
+    method: str = "bliss"  # a sequence-level pipeline method, or REFERENCE (the built-in reference scorer)
     scores: str | None = None  # judge this precomputed scores sidecar of OUT/pool instead of running a method
     target_holdout: float = 0.5  # share of the selection set planted as target-like documents (hidden from the method)
     plant_fraction: float = 0.05  # characters of each junk kind, as a share of the corpus characters
@@ -90,15 +95,14 @@ class CheckConfig:
             raise ConfigError("check: --target-ratio must be > 0 and --junk-ratio >= 0")
         if self.reference_score not in ("excess", "loss"):
             raise ConfigError(f"check: --reference-score must be 'excess' or 'loss', got {self.reference_score!r}")
-        if self.method in TOKEN_LEVEL and self.scores is None:
+        if self.scores is not None or self.method == REFERENCE:
+            return
+        level = method_class(self.method).level  # an unknown name: ConfigError with "did you mean"
+        if level == "token":
             raise LmselectError(
                 f"check: {self.method} is not applicable (token-level): it trains on the whole shard and selects tokens "
                 "inside the loss, so there is no per-source selection rate to judge"
             )
-        from lmselect.recipe import METHODS
-
-        if self.scores is None and self.method not in METHODS + ("reference",):
-            raise ConfigError(f"check: unknown --method '{self.method}' (known: {', '.join(METHODS)}, reference)")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -163,10 +167,10 @@ def _jsonl(path: Path, texts: list[str], prep: Any, source: str | None) -> None:
 def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) -> dict[str, Any]:
     """Write ``OUT/inputs/``: ``selection_visible.jsonl`` (what the method sees) and one ``planted_*.jsonl`` per
     planted source, plus ``plant.json`` (written last: settings, counts). Reused when ``plant.json`` matches."""
-    from lmselect.data.valset import _read_texts
+    from lmselect.data.valset import read_texts
 
     prep = recipe.pool.prepare
-    sel_path = getattr(recipe.validation, recipe.validation.select_on)
+    sel_path = recipe.validation.selection
     inp = Path(out_dir) / "inputs"
     key = {"seed": cfg.seed, "target_holdout": cfg.target_holdout, "plant_fraction": cfg.plant_fraction,
            "corpus": list(prep.inputs), "selection_set": str(sel_path), "max_docs": prep.max_docs,
@@ -178,7 +182,7 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
         raise LmselectError(f"{inp / 'plant.json'}: this output directory was planted with other settings; use another --out")
     inp.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)  # offset 0: the selection-set split and the junk
-    texts = _read_texts(Path(sel_path))
+    texts = read_texts(Path(sel_path))
     if len(texts) < 2:
         raise LmselectError(f"{sel_path}: the selection set needs at least 2 records to split (has {len(texts)})")
     perm = rng.permutation(len(texts))
@@ -231,10 +235,10 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
 def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path, method: str) -> Recipe:
     """The user's recipe pointed at the planted pool and the visible part of the selection set, ``method`` only,
     one seed, no downstream evaluation and no decay branch (the eval branch never feeds back into selection)."""
-    sel_key = f"validation.{recipe.validation.select_on}"
+    sel_key = "validation.selection"
     return replace(recipe, **{
         "pool.path": str((Path(out_dir) / "pool").resolve()), sel_key: planted["selection_visible"],
-        "methods": [method] if method != "reference" else ["random"], "seeds": [0],
+        "methods": [method] if method != REFERENCE else [control_name()], "seeds": [0],
         "eval.downstream": False, "decay.steps": 0,
     })
 
@@ -317,20 +321,20 @@ def reference_scores(recipe: Recipe, run_dir: str | Path, out_dir: str | Path, h
         runner.run_dir.mkdir(parents=True, exist_ok=True)
         runner.stage_pool()
         general_dir = runner.stage_warmup("target")
-        general = load_checkpoint_model(general_dir, device=runner.device)
-        ref = train_reference(replace(recipe.rho1, seed=recipe.seed), general, runner.select_valset,
-                              runner.pool.load_tokenizer(), out_dir.parent / "reference_model", device=runner.device)
+        general = load_checkpoint_model(general_dir, device=runner.ctx.device)
+        ref = train_reference(replace(recipe.rho1, seed=recipe.seed), general, runner.ctx.selection_set,
+                              runner.pool.load_tokenizer(), out_dir.parent / "reference_model", device=runner.ctx.device)
         ids = np.concatenate([runner.pool.ids(r) for r in range(1, recipe.rounds + 1)])
-        ce_ref = _mean_ce(ref, runner.pool, ids, recipe.score_batch_size, runner.device)
+        ce_ref = _mean_ce(ref, runner.pool, ids, recipe.score_batch_size, runner.ctx.device)
         if how == "excess":
-            score = _mean_ce(general, runner.pool, ids, recipe.score_batch_size, runner.device) - ce_ref
+            score = _mean_ce(general, runner.pool, ids, recipe.score_batch_size, runner.ctx.device) - ce_ref
         else:
             score = -ce_ref
         from lmselect.artifacts import parent_ref
 
-        return write_scores(out_dir, ids, score, parents=[parent_ref(runner.pool_dir), parent_ref(general_dir)],
+        return write_scores(out_dir, ids, score, parents=[parent_ref(runner.layout.pool), parent_ref(general_dir)],
                             extra={"score": "ce_general - ce_reference" if how == "excess" else "-ce_reference",
-                                   "pool": str(runner.pool_dir)})
+                                   "pool": str(runner.layout.pool)})
     finally:
         runner.close()
 

@@ -24,7 +24,7 @@ from lmselect.context import FlopContext
 from lmselect.pipeline import add_run_arguments, run_recipe
 from lmselect.recipe import load_recipe
 from lmselect.report.results import fmt_flops, results_markdown
-from lmselect.select.base import get_method, method_names
+from lmselect.select.base import control_name, get_method, method_names
 from lmselect.train.distributed import rank_world
 
 
@@ -109,8 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in (args.methods or ",".join(method_names())).split(",") if m.strip()]
-    if "random" not in methods:
-        methods.insert(0, "random")  # every comparison is paired with the random control
+    if control_name() not in methods:
+        methods.insert(0, control_name())  # every comparison is paired with the control (random selection)
     recipe = load_recipe(args.recipe, list(args.overrides) + [f"--methods={','.join(methods)}"])
     recipe = replace(recipe, seeds=list(range(args.seeds)))
     out = Path(args.out or Path("runs") / f"{recipe.name}-compare")

@@ -62,11 +62,18 @@ def paired_interval(diffs: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "sd": sd, "ci95": [lo, hi], "within_noise": bool(lo <= 0.0 <= hi)}
 
 
-def paired_differences(rows: Sequence[dict[str, Any]], base: str = "random") -> dict[str, dict[str, Any]]:
+def _control() -> str:
+    from lmselect.select.base import control_name
+
+    return control_name()
+
+
+def paired_differences(rows: Sequence[dict[str, Any]], base: str | None = None) -> dict[str, dict[str, Any]]:
     """Per method != base: metric -> paired (by seed) difference method − base of the final-round figures.
 
     Metrics: every report-set loss (lower is better, so a negative difference favours the method) and the
     9-task average (higher is better)."""
+    base = base or _control()
     by = {(r["method"], r["seed"]): r for r in rows}
     methods = sorted({r["method"] for r in rows if r["method"] != base})
     out: dict[str, dict[str, Any]] = {}
@@ -201,7 +208,7 @@ def results(data: RunData) -> dict[str, Any]:
         "rows": rows,
         "curves": _eval_curves(data),
         "methods": methods,
-        "paired_vs_random": paired_differences(rows) if any(r["method"] == "random" for r in rows) else {},
+        "paired_vs_random": paired_differences(rows, _control()) if any(r["method"] == _control() for r in rows) else {},
         "tasks": tasks,
     }
 

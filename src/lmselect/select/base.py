@@ -86,6 +86,8 @@ class SelectionMethod:
     collective: ClassVar[bool] = True
     #: colour of the method in every figure
     color: ClassVar[str | None] = None
+    #: the control every comparison is paired with (exactly one registered method: random selection)
+    control: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
@@ -179,6 +181,15 @@ def get_method(name: str, cfg: Any = None) -> SelectionMethod:
     if cfg is None and cls.config_cls is not None:
         cfg = cls.config_cls()
     return cls(cfg)
+
+
+def control_name() -> str:
+    """The registered control method (``control = True``): the baseline of every paired comparison."""
+    _discover()
+    names = [n for n, c in _REGISTRY.items() if c.control]
+    if len(names) != 1:
+        raise ConfigError(f"exactly one selection method must be the control, found {names}")
+    return names[0]
 
 
 def method_color(name: str) -> str | None:

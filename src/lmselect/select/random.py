@@ -50,6 +50,7 @@ class RandomSelection(SelectionMethod):
     name = "random"
     description = "seeded uniformly random fraction of each round's candidates (the control)"
     color = "#7f7f7f"
+    control = True
 
     def select(self, ctx: RoundContext) -> Selection:
         # seed-determined and cheap: every rank computes the same ids
