@@ -22,7 +22,7 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lmselect.data.prepare", "tokenize and pack a corpus into a sharded token pool"),
     "train": ("lmselect.train.cli", "pretrain a model preset on a pool, shard or selection"),
-    "score": ("lmselect.score", "score every sequence of a pool (or a .jsonl file) with a score model"),
+    "score": ("lmselect.score.cli", "score every sequence of a pool (or a .jsonl file) with a score model"),
     "select": ("lmselect.select.cli", "pick the top fraction (or Gumbel-top-k) of scored sequences"),
     "run": ("lmselect.pipeline", "run a multi-round data-selection recipe (resumable)"),
     "demo": ("lmselect.pipeline_demo", "run the bundled demo recipe end to end"),

@@ -501,7 +501,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, report: bool = Tru
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     # the runner leaves the process group at the end, so read the rank from torchrun's environment
-    from lmselect.score import dist_rank_world
+    from lmselect.train.distributed import rank_world as dist_rank_world
 
     run_dir, results = run_recipe(recipe, args.out, report=not args.no_report)
     if dist_rank_world()[0] == 0:
