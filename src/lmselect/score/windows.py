@@ -293,7 +293,7 @@ def write_attributes(path: Path, documents: Any, windows: Any, name: str) -> Non
                                                   "<name>__window_scores": [[char_start, char_end, score], ...]}}
 
     Spans are character offsets into the record's ``text``; a document without a finite score gets ``[]``
-    (JSON has no NaN). The gzip header carries no timestamp, so a rerun writes identical bytes.
+    (JSON has no NaN). The gzip header carries no name or timestamp, so a rerun writes identical bytes.
     """
     by_doc: dict[int, list[list[float]]] = {}
     idx = windows.column("doc_index").to_numpy()
@@ -304,7 +304,7 @@ def write_attributes(path: Path, documents: Any, windows: Any, name: str) -> Non
         if np.isfinite(sc[r]):
             by_doc.setdefault(int(idx[r]), []).append([int(cs[r]), int(ce[r]), float(sc[r])])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
         for d in documents.to_pylist():
             score = d["score"]
             doc_span = [[0, int(d["n_chars"]), float(score)]] if score is not None and np.isfinite(score) else []
