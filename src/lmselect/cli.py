@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lmselect.eval.cli", "zero-shot downstream evaluation with lm-evaluation-harness"),
     "report": ("lmselect.report", "write report.html and figures for a run directory"),
     "inspect": ("lmselect.inspect", "summarise a pool or run directory: manifest, samples, lineage"),
+    "export": ("lmselect.export", "write a selection's documents (jsonl/parquet) and flat tokens for other trainers"),
 }
 
 
