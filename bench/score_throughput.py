@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from lmselect.models.presets import build_model, get_preset
     from lmselect.models.scorer import SequenceScorer
-    from lmselect.score import LMLossScorer, forward_scores, resolve_amp_dtype, resolve_device
+    from lmselect.score import LMLossScorer, forward_scores, resolve_amp_dtype
+    from lmselect.train.distributed import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lmselect.data.prepare", "tokenize and pack a corpus into a sharded token pool"),
     "train": ("lmselect.train.cli", "pretrain a model preset on a pool, shard or selection"),
-    "score": ("lmselect.score", "score every sequence of a pool (or a .jsonl file) with a score model"),
+    "score": ("lmselect.score.cli", "score every sequence of a pool (or a .jsonl file) with a score model"),
     "select": ("lmselect.select.cli", "pick the top fraction (or Gumbel-top-k) of scored sequences"),
     "run": ("lmselect.pipeline", "run a multi-round data-selection recipe (resumable)"),
     "demo": ("lmselect.pipeline_demo", "run the bundled demo recipe end to end"),
@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("lmselect.report.cli", "write report.html and figures for a run directory"),
     "inspect": ("lmselect.inspect", "summarise a pool or run directory: manifest, samples, lineage"),
     "check": ("lmselect.check", "known-answer check: does a method pick planted target-like data and drop junk?"),
+    "export": ("lmselect.export", "write a selection's documents (jsonl/parquet) and flat tokens for other trainers"),
 }
 
 

@@ -181,3 +181,52 @@ def test_threshold_for_pipeline_methods_only_when_the_cut_is_sharp(tmp_path, tin
     not_sharp = np.sort(np.concatenate([sharp[1:], ids[~np.isin(ids, sharp)][:1]]))
     write_selection(tmp_path / "b", tiny_pool, ids, scores, not_sharp, "mates", 0.25)
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["threshold"] is None
+
+
+def test_select_documents_of_a_scored_jsonl(tmp_path, tiny_pool, tiny_tokenizer, capsys):
+    """Scores of a .jsonl file: select ranks documents by their rolled-up score and writes the original records."""
+    import gzip
+
+    from lmselect.models.presets import build_model
+    from lmselect.models.scorer import SequenceScorer
+    from lmselect.score import read_documents
+    from lmselect.testing import SAMPLE_TEXT
+
+    SequenceScorer.from_causal_lm(build_model("debug", len(tiny_tokenizer), seed=0), activation="identity",
+                                  seed=0).save_pretrained(tmp_path / "m")
+    recs = [{"id": f"doc{i}", "text": " ".join(SAMPLE_TEXT[i : i + 1 + i % 3]), "source": ["a", "b"][i % 2],
+             "meta": {"n": i}} for i in range(10)]
+    lines = [json.dumps(r, indent=None, separators=(", ", ": ")) for r in recs]
+    lines.insert(4, "")  # a blank line: not a record, but it shifts the line numbers
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    scores = tmp_path / "scores"
+    assert main(["score", "--model", str(tmp_path / "m"), "--jsonl", str(src), "--tokenizer-from",
+                 str(tiny_pool.path), "--seq-len", "8", "--out", str(scores), "--no-progress"]) == 0
+    out = tmp_path / "sel"
+    capsys.readouterr()
+    assert _select("--scores", scores, "--fraction", 0.3, "--out", out) == 0
+    assert "selected 3 of 10 documents" in capsys.readouterr().out
+    docs = read_documents(scores).to_pylist()
+    want = sorted(sorted(docs, key=lambda d: (-d["score"], d["doc_index"]))[:3], key=lambda d: d["doc_index"])
+    np.testing.assert_array_equal(read_selection(out), [d["doc_index"] for d in want])
+    with gzip.open(out / "selected.jsonl.gz", "rt") as f:
+        got = f.read().splitlines()
+    assert got == [lines[d["line"] - 1] for d in want]  # the original lines, unchanged, in file order
+    assert [json.loads(g)["id"] for g in got] == [d["doc_id"] for d in want]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["unit"] == "documents" and s["k"] == 3 and s["n_candidates"] == 10
+    assert set(s["per_source"]) == {"a", "b"} and sum(v["selected"] for v in s["per_source"].values()) == 3
+    m = read_manifest(out, kind="selection")
+    assert [p["kind"] for p in m["parents"]] == ["scores"]
+    # lowest, and errors: pool flags do not apply; a changed file is refused
+    assert _select("--scores", scores, "--fraction", 0.3, "--lowest", "--out", tmp_path / "low") == 0
+    low = sorted(sorted(docs, key=lambda d: (d["score"], d["doc_index"]))[:3], key=lambda d: d["doc_index"])
+    np.testing.assert_array_equal(read_selection(tmp_path / "low"), [d["doc_index"] for d in low])
+    capsys.readouterr()
+    assert _select("--scores", scores, "--fraction", 0.3, "--pool-shard", "1", "--out", tmp_path / "x") == 2
+    assert "--pool" in capsys.readouterr().err
+    src.write_text(src.read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert _select("--scores", scores, "--fraction", 0.3, "--out", tmp_path / "y") == 2
+    err = capsys.readouterr().err.strip()
+    assert "changed since it was scored" in err and len(err.splitlines()) == 1 and not (tmp_path / "y").exists()

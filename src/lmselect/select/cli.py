@@ -2,6 +2,12 @@
 
     lmselect select --scores scores/ --pool POOL --fraction 0.2 --out selection/
     lmselect select --scores scores/ --fraction 0.2 --method gumbel --temperature 0.5 --seed 1 --lowest --out sel/
+    lmselect select --scores jsonl_scores/ --fraction 0.2 --out selection/      # documents of a .jsonl file
+
+On the scores of a .jsonl file (``lmselect score --jsonl``) the candidates are the file's documents with a score
+(their rolled-up ``documents.parquet`` score), ``selected.npy`` holds their 0-based record numbers and
+``selected.jsonl.gz`` the selected records, byte for byte as they are in the file, in file order; the per-source
+rates use the records' ``source`` field.
 
 Writes (DESIGN "Selection") ``selected.npy`` (sorted int64 seq ids), ``summary.json`` (method, fraction, k,
 n_candidates, threshold, 50-bin histograms of candidate and selected scores, per-source candidates/selected/rate),
@@ -19,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -33,6 +39,7 @@ from lmselect.artifacts import (
     atomic_write_text,
     is_complete,
     parent_ref,
+    read_json,
     read_manifest,
     write_manifest,
 )
@@ -41,7 +48,9 @@ from lmselect.select.topk import gumbel_topk, random_fraction, top_fraction
 log = logging.getLogger("lmselect.select")
 
 METHODS = ("top", "gumbel", "random")
-_OWN_FILES = {"selected.npy", "summary.json", "score_hist.png", "source_rates.png", "config.yaml", "manifest.json"}
+SELECTED_RECORDS = "selected.jsonl.gz"  # document selections: the selected records of the scored .jsonl file
+_OWN_FILES = {"selected.npy", "summary.json", "score_hist.png", "source_rates.png", "config.yaml", "manifest.json",
+              SELECTED_RECORDS}
 
 
 @dataclass
@@ -127,11 +136,13 @@ def write_selection(
     seed: int | None = None,
     largest: bool | None = None,
     plots: bool = True,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete selection artifact atomically (all files, then the manifest, then one rename).
 
     ``scores_or_None`` are aligned with ``cand_ids``; ``largest`` defaults to ``not extra["lowest"]``; ``extra`` is
-    merged into ``summary.json`` and the manifest's ``extra``. Returns ``out_dir``.
+    merged into ``summary.json`` and the manifest's ``extra``; ``extra_files(tmp_dir)`` writes further files into
+    the artifact before its manifest (document selections: ``selected.jsonl.gz``). Returns ``out_dir``.
     """
     out = Path(out_dir)
     cand_ids = np.asarray(cand_ids, dtype=np.int64)
@@ -159,6 +170,8 @@ def write_selection(
             plot_score_hist(summary, tmp / "score_hist.png")
             plot_source_rates(summary, tmp / "source_rates.png")
         atomic_write_text(tmp / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        if extra_files is not None:
+            extra_files(tmp)
         write_manifest(
             tmp,
             Manifest(
@@ -232,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
     scores_dir = Path(cfg.scores)
     man = read_manifest(scores_dir, kind="scores")
     if man.get("extra", {}).get("input") == "jsonl":
-        raise LmselectError(f"{scores_dir}: scores of a .jsonl file (windows, not pool sequences); select needs pool scores")
+        out = _select_documents(cfg, scores_dir, man)
+        _print_summary(out, cfg.method)
+        return 0
     pool = _scores_pool(scores_dir, man, cfg.pool)
     cand, scores = read_scores(scores_dir)
     if len(cand) and (cand[0] < 0 or cand[-1] >= len(pool)):
@@ -255,9 +270,95 @@ def run(args: argparse.Namespace) -> int:
     out = write_selection(cfg.out, pool, cand, scores, sel, cfg.method, cfg.fraction, extra=extra,
                           parents=[parent_ref(scores_dir), parent_ref(pool.path)], config=to_dict(cfg),
                           seed=cfg.seed, largest=not cfg.lowest)
+    _print_summary(out, cfg.method)
+    return 0
+
+
+def _print_summary(out: Path, method: str) -> None:
     summary = json.loads((out / "summary.json").read_text())
     thr = summary["threshold"]
     rates = ", ".join(f"{k} {v['rate']:.2f}" for k, v in summary["per_source"].items())
-    print(f"selected {summary['k']} of {summary['n_candidates']} ({cfg.method}"
+    unit = "documents" if summary.get("unit") == "documents" else ""
+    print(f"selected {summary['k']} of {summary['n_candidates']} {unit}".rstrip() + f" ({method}"
           + (f", threshold {thr:.6g}" if thr is not None else "") + f") -> {out}; rate per source: {rates}")
-    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# document selections (scores of a .jsonl file)
+
+
+class _DocumentSources:
+    """What ``build_summary`` needs of a pool, for documents: the source label of each record number."""
+
+    def __init__(self, path: Path, sources: list[str]):
+        self.path = path
+        self._sources = np.asarray(sources, dtype=object)
+
+    def sources(self, ids: np.ndarray) -> np.ndarray:
+        return self._sources[np.asarray(ids, dtype=np.int64)]
+
+
+def _scored_file(scores_dir: Path, man: dict[str, Any]) -> Path:
+    """The .jsonl file the scores were computed on, refused when it changed since (its lines would not match)."""
+    from lmselect.score import JOB_FILE
+
+    jsonl = Path(man.get("extra", {}).get("jsonl", ""))
+    if not jsonl.is_file():
+        raise LmselectError(f"{scores_dir}: the scored file {jsonl} is gone; select needs it to write the records")
+    key = (read_json(scores_dir / JOB_FILE) if (scores_dir / JOB_FILE).is_file() else {}).get("jsonl", {})
+    st = jsonl.stat()
+    if key and (key.get("bytes") != st.st_size or key.get("mtime_ns") != st.st_mtime_ns):
+        raise LmselectError(f"{jsonl}: changed since it was scored into {scores_dir} (size or mtime differ); rescore it")
+    return jsonl
+
+
+def write_selected_records(jsonl: Path, lines: np.ndarray, out: Path) -> int:
+    """Copy the lines numbered ``lines`` (1-based) of ``jsonl`` (.jsonl or .jsonl.gz) to the gzip file ``out``,
+    unchanged and in file order. The gzip header has no name or time, so the same selection gives the same bytes."""
+    import gzip
+
+    want = set(int(x) for x in lines)
+    opener = gzip.open if jsonl.suffix == ".gz" else open
+    n = 0
+    try:
+        with opener(jsonl, "rb") as f, open(out, "wb") as raw, \
+                gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+            for lineno, line in enumerate(f, 1):
+                if lineno in want:
+                    gz.write(line if line.endswith(b"\n") else line + b"\n")
+                    n += 1
+    except (OSError, EOFError) as e:
+        raise LmselectError(f"{jsonl}: cannot read ({str(e).splitlines()[0][:200]})") from None
+    if n != len(want):
+        raise LmselectError(f"{jsonl}: has fewer lines than when it was scored; rescore it")
+    return n
+
+
+def _select_documents(cfg: SelectConfig, scores_dir: Path, man: dict[str, Any]) -> Path:
+    """Select documents of a scored .jsonl file by their rolled-up scores; see the module docstring."""
+    from lmselect.config import to_dict
+    from lmselect.score import read_documents
+
+    if cfg.pool is not None or cfg.pool_shard is not None:
+        raise LmselectError(f"{scores_dir}: scores of a .jsonl file; --pool and --pool-shard apply to pool scores only")
+    jsonl = _scored_file(scores_dir, man)
+    docs = read_documents(scores_dir)
+    idx = docs.column("doc_index").to_numpy().astype(np.int64)
+    scores = docs.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    scored = np.isfinite(scores)  # documents without a finite window score (empty text) cannot be ranked
+    cand, cand_scores = idx[scored], scores[scored]
+    if len(cand) == 0:
+        raise LmselectError(f"{scores_dir}: no document has a score to select by")
+    sel = select_ids(cfg.method, cand, cand_scores, cfg.fraction, temperature=cfg.temperature, seed=cfg.seed,
+                     largest=not cfg.lowest)
+    lines = docs.column("line").to_numpy().astype(np.int64)[sel]
+    extra: dict[str, Any] = {"lowest": cfg.lowest, "seed": cfg.seed, "scores": str(scores_dir), "unit": "documents",
+                             "jsonl": str(jsonl), "unscored_documents": int((~scored).sum()),
+                             "records": SELECTED_RECORDS}
+    if cfg.method == "gumbel":
+        extra["temperature"] = cfg.temperature
+    return write_selection(
+        cfg.out, _DocumentSources(jsonl, docs.column("source").to_pylist()), cand, cand_scores, sel, cfg.method,
+        cfg.fraction, extra=extra, parents=[parent_ref(scores_dir)], config=to_dict(cfg), seed=cfg.seed,
+        largest=not cfg.lowest, extra_files=lambda tmp: write_selected_records(jsonl, lines, tmp / SELECTED_RECORDS),
+    )

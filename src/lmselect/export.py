@@ -1,0 +1,379 @@
+"""``lmselect export``: take a selection out of lmselect, as documents and as flat tokens for any trainer.
+
+    lmselect export RUN/bliss/seed0/round2/selection --out exported/            # one selection
+    lmselect export RUN --out exported/                                         # every method/seed, final round
+    lmselect export RUN --round 1 --format parquet --out exported/
+
+An export directory (manifest kind="export", written last; the directory is built in a temporary place and
+renamed, so it is all or nothing) holds:
+
+* ``documents.jsonl.gz`` (``--format jsonl``) or ``documents.parquet``: one row per piece of a document inside the
+  selected sequences, in pool order: ``doc_id`` and ``source`` (the corpus record's own, from ``docs.parquet``),
+  ``seq_ids`` (the selected pool sequences the piece spans), ``token_start`` (offset in the first of them),
+  ``n_tokens``, ``complete`` (the whole document is in the piece), ``scores`` and ``score`` (their mean; when the
+  selection was made from a scores sidecar) and ``text``: the piece's tokens decoded with the pool's tokenizer
+  (the end-of-document token left out). A document that continues across sequences is exported only where it
+  lies inside selected sequences: one piece per run of consecutive selected sequences, so a document whose middle
+  sequence was not selected gives two pieces, each with ``complete`` false. A piece cut at a sequence boundary may
+  start or end inside a multi-byte character, which decodes as U+FFFD.
+* ``tokens.bin``: the selected sequences' tokens, row after row in pool order, as one flat little-endian array of
+  uint16 (when the vocabulary fits) or uint32 — the layout nanoGPT (``np.memmap(path, dtype=np.uint16, mode="r")``)
+  and litgpt read — with ``seq_ids.npy`` (row i = pool sequence id) and ``tokens.json`` (dtype, seq_len,
+  n_sequences, n_tokens, vocab_size, eos_id, tokenizer fingerprint, the source selection's uuid).
+* ``tokenizer/``: the pool's tokenizer directory, copied, so the tokens can be decoded without the pool.
+
+From a run directory every method/seed's final round (the highest round with a complete selection; ``--round R``
+picks one) is exported to ``OUT/<method>/seed<k>/round<r>/``, and ``OUT/manifest.json`` lists them. Token-level
+methods (rho1, blade) select whole shards: their export is the shard (the per-token loss masks are not exported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from lmselect.artifacts import (
+    LmselectError,
+    Manifest,
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_json,
+    is_complete,
+    parent_ref,
+    read_manifest,
+    write_manifest,
+)
+
+log = logging.getLogger("lmselect.export")
+
+FORMATS = ("jsonl", "parquet")
+DOCUMENT_FILES = {"jsonl": "documents.jsonl.gz", "parquet": "documents.parquet"}
+TOKENS_FILE = "tokens.bin"
+TOKENS_META = "tokens.json"
+SEQ_IDS_FILE = "seq_ids.npy"
+_CHUNK = 4096  # pieces decoded and written at a time (bounds memory for large selections)
+_ROUND_RE = re.compile(r"^round(\d+)$")
+_SEED_RE = re.compile(r"^seed(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# documents of a selection
+
+
+@dataclass
+class Pieces:
+    """Runs of consecutive selected spans of one document occurrence, in pool (stream) order."""
+
+    doc_id: list[str]
+    source: list[str]
+    span_ptr: np.ndarray  # piece p covers spans span_ptr[p]:span_ptr[p+1] of the arrays below
+    seq: np.ndarray  # per span: pool sequence id
+    start: np.ndarray  # per span: offset in the sequence
+    length: np.ndarray  # per span: tokens
+    complete: np.ndarray  # per piece: the whole document occurrence is in the piece
+    ends_document: np.ndarray  # per piece: its last span is the document's last (ends with the EOS token)
+
+    def __len__(self) -> int:
+        return len(self.doc_id)
+
+
+def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
+    """Pieces of documents inside ``selected`` sequences, from a pool's ``docs.parquet`` table.
+
+    A document occurrence is a maximal chain of spans with one (doc_id, source) where each continues the previous
+    one: the next sequence, from offset 0, after a span that ran to the end of its sequence. (Matching on the chain
+    rather than on doc_id alone keeps two different documents with the same id apart.)
+    """
+    seq = docs.column("seq_id").to_numpy().astype(np.int64)
+    start = docs.column("start").to_numpy().astype(np.int64)
+    length = docs.column("length").to_numpy().astype(np.int64)
+    doc_id = np.asarray(docs.column("doc_id").to_pylist(), dtype=object)
+    source = np.asarray(docs.column("source").to_pylist(), dtype=object)
+    order = np.lexsort((start, seq))  # stream order (docs.parquet is written in it; sort to be sure)
+    seq, start, length, doc_id, source = seq[order], start[order], length[order], doc_id[order], source[order]
+    cont = np.zeros(len(seq), dtype=bool)
+    if len(seq) > 1:
+        cont[1:] = ((doc_id[1:] == doc_id[:-1]) & (source[1:] == source[:-1]) & (seq[1:] == seq[:-1] + 1)
+                    & (start[1:] == 0) & (start[:-1] + length[:-1] == seq_len))
+    occ = np.cumsum(~cont) - 1  # document occurrence of each span
+    occ_size = np.bincount(occ) if len(occ) else np.zeros(0, np.int64)
+    last_of_occ = np.ones(len(seq), dtype=bool)
+    last_of_occ[:-1] = occ[1:] != occ[:-1]
+
+    keep = np.isin(seq, selected)
+    k_seq, k_start, k_len, k_occ = seq[keep], start[keep], length[keep], occ[keep]
+    new_piece = np.ones(len(k_seq), dtype=bool)
+    if len(k_seq) > 1:
+        new_piece[1:] = (k_occ[1:] != k_occ[:-1]) | (k_seq[1:] != k_seq[:-1] + 1)
+    first = np.flatnonzero(new_piece)
+    ptr = np.append(first, len(k_seq)).astype(np.int64)
+    n_spans = np.diff(ptr)
+    last = ptr[1:] - 1
+    return Pieces(
+        doc_id=[str(x) for x in doc_id[keep][first]], source=[str(x) for x in source[keep][first]],
+        span_ptr=ptr, seq=k_seq, start=k_start, length=k_len,
+        complete=n_spans == occ_size[k_occ[first]] if len(first) else np.zeros(0, bool),
+        ends_document=last_of_occ[keep][last] if len(first) else np.zeros(0, bool),
+    )
+
+
+def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
+                score_of: dict[int, float] | None) -> Iterator[list[dict[str, Any]]]:
+    """Export rows of the pieces, ``_CHUNK`` at a time (texts decoded in one batch per chunk)."""
+    for c0 in range(0, len(pieces), _CHUNK):
+        ids_batch, rows = [], []
+        for p in range(c0, min(c0 + _CHUNK, len(pieces))):
+            a, b = pieces.span_ptr[p], pieces.span_ptr[p + 1]
+            toks = np.concatenate([tokens[s, st : st + ln] for s, st, ln in
+                                   zip(pieces.seq[a:b], pieces.start[a:b], pieces.length[a:b])]).astype(np.int64)
+            if pieces.ends_document[p] and len(toks) and toks[-1] == eos_id:
+                toks = toks[:-1]  # prepare appends EOS to every document; it is not part of the text
+            ids_batch.append(toks.tolist())
+            seqs = [int(s) for s in pieces.seq[a:b]]
+            row: dict[str, Any] = {"doc_id": pieces.doc_id[p], "source": pieces.source[p], "seq_ids": seqs,
+                                   "token_start": int(pieces.start[a]), "n_tokens": int(len(toks)),
+                                   "complete": bool(pieces.complete[p])}
+            if score_of is not None:
+                sc = [score_of.get(s, float("nan")) for s in seqs]
+                row["scores"] = sc
+                row["score"] = float(np.mean(sc))
+            rows.append(row)
+        texts = tokenizer.batch_decode(ids_batch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for row, text in zip(rows, texts):
+            row["text"] = text
+        yield rows
+
+
+def _write_documents(path: Path, fmt: str, chunks: Iterator[list[dict[str, Any]]], with_scores: bool) -> int:
+    """Stream the rows to ``documents.jsonl.gz`` (no name/time in the gzip header: same input, same bytes) or
+    ``documents.parquet``; returns the number of rows."""
+    n = 0
+    if fmt == "jsonl":
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+            for rows in chunks:
+                for r in rows:
+                    if with_scores and not np.isfinite(r["score"]):  # JSON has no NaN
+                        r["score"], r["scores"] = None, [s if np.isfinite(s) else None for s in r["scores"]]
+                    gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+                n += len(rows)
+        return n
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = [("doc_id", pa.string()), ("source", pa.string()), ("seq_ids", pa.list_(pa.int64())),
+              ("token_start", pa.int64()), ("n_tokens", pa.int64()), ("complete", pa.bool_())]
+    if with_scores:
+        fields += [("scores", pa.list_(pa.float32())), ("score", pa.float32())]
+    schema = pa.schema(fields + [("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as w:
+        for rows in chunks:
+            w.write_table(pa.Table.from_pylist(rows, schema=schema))
+            n += len(rows)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one selection
+
+
+def _selection_pool(sel_dir: Path, man: dict[str, Any], pool_arg: str | Path | None) -> Any:
+    """The pool a selection's sequence ids refer to: ``--pool``, else the one its manifest names."""
+    from lmselect.data.pool import TokenPool
+
+    pool_parents = [p for p in man.get("parents", []) if p.get("kind") == "pool"]
+    candidates = [pool_arg] if pool_arg is not None else [man.get("extra", {}).get("pool")] + [
+        p.get("path") for p in pool_parents]
+    path = next((Path(c) for c in candidates if c and is_complete(c, "pool")), None)
+    if path is None:
+        where = f"--pool {pool_arg}" if pool_arg is not None else "the pool its manifest names"
+        raise LmselectError(f"{sel_dir}: {where} is not a complete pool; pass --pool POOL")
+    pool = TokenPool(path)
+    if pool_parents and pool_parents[0].get("uuid") != pool.manifest.get("uuid"):
+        raise LmselectError(f"{sel_dir}: selected from pool {pool_parents[0].get('path')} "
+                            f"(uuid {pool_parents[0].get('uuid')}), not {path}")
+    return pool
+
+
+def _selection_scores(man: dict[str, Any]) -> dict[int, float] | None:
+    """seq_id -> score from the scores sidecar the selection was made from (None when it has none)."""
+    from lmselect.score import read_scores
+
+    refs = [p for p in man.get("parents", []) if p.get("kind") == "scores"]
+    if not refs or not is_complete(refs[0]["path"], "scores"):
+        return None
+    ids, scores = read_scores(refs[0]["path"])
+    return dict(zip(ids.tolist(), scores.astype(np.float64).tolist()))
+
+
+def export_selection(sel_dir: str | Path, out_dir: str | Path, *, fmt: str = "jsonl",
+                     pool: str | Path | None = None) -> Path:
+    """Export one selection artifact to ``out_dir`` (see the module docstring); returns ``out_dir``."""
+    sel_dir, out = Path(sel_dir), Path(out_dir)
+    if fmt not in FORMATS:
+        raise LmselectError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    _check_out(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        info = _export_into(sel_dir, tmp, fmt, pool)
+        write_manifest(tmp, Manifest(kind="export", config={"selection": str(sel_dir), "format": fmt},
+                                     parents=info.pop("parents"), counts=info.pop("counts"), extra=info))
+    return out
+
+
+def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None) -> dict[str, Any]:
+    """Write the files of one export into ``tmp``; returns its manifest parts (parents, counts, extra)."""
+    from lmselect.data.pool import token_dtype
+    from lmselect.select.cli import read_selection
+
+    man = read_manifest(sel_dir, kind="selection")
+    if man.get("extra", {}).get("unit") == "documents":
+        raise LmselectError(f"{sel_dir}: a selection of .jsonl documents; its records are already in "
+                            "selected.jsonl.gz, there are no pool sequences to export")
+    selected = read_selection(sel_dir)
+    pool = _selection_pool(sel_dir, man, pool_arg)
+    if len(selected) and (selected[0] < 0 or selected[-1] >= len(pool)):
+        raise LmselectError(f"{sel_dir}: seq_id {int(selected[-1])} is not in pool {pool.path}")
+    score_of = _selection_scores(man)
+
+    # (b) flat tokens, row after row, copied in chunks so that memory stays bounded
+    dtype = token_dtype(pool.vocab_size)
+    with open(tmp / TOKENS_FILE, "wb") as f:
+        for c0 in range(0, len(selected), 8192):
+            f.write(np.ascontiguousarray(pool.tokens[selected[c0 : c0 + 8192]], dtype=dtype.newbyteorder("<")).tobytes())
+    atomic_save_npy(tmp / SEQ_IDS_FILE, selected)
+    tokens_meta = {
+        "file": TOKENS_FILE, "dtype": dtype.name, "byte_order": "little", "seq_len": pool.seq_len,
+        "n_sequences": int(len(selected)), "n_tokens": int(len(selected) * pool.seq_len),
+        "vocab_size": pool.vocab_size, "eos_id": pool.eos_id, "tokenizer": "tokenizer",
+        "tokenizer_fingerprint": pool.tokenizer_fingerprint, "seq_ids": SEQ_IDS_FILE,
+        "selection": str(sel_dir), "selection_uuid": man.get("uuid"), "pool": str(pool.path),
+        "pool_uuid": pool.manifest.get("uuid"),
+    }
+    atomic_write_json(tmp / TOKENS_META, tokens_meta)
+    shutil.copytree(pool.tokenizer_dir, tmp / "tokenizer")
+
+    # (a) documents with their text
+    pieces = document_pieces(pool.doc_spans(), selected, pool.seq_len)
+    rows = _piece_rows(pieces, pool.tokens, pool.load_tokenizer(), pool.eos_id, score_of)
+    n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows, score_of is not None)
+    counts = {"sequences": int(len(selected)), "tokens": tokens_meta["n_tokens"], "documents": n_rows,
+              "complete_documents": int(pieces.complete.sum())}
+    log.info("export: %s (%d sequences, %d document pieces)", sel_dir, len(selected), n_rows)
+    return {"parents": [parent_ref(sel_dir), parent_ref(pool.path)], "counts": counts,
+            "format": fmt, "documents": DOCUMENT_FILES[fmt], "tokens": TOKENS_FILE, "has_scores": score_of is not None,
+            "selection": str(sel_dir), "method": man.get("extra", {}).get("method")}
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a directory that is not an export: it may be someone's data."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LmselectError(f"{out}: exists and is not a directory")
+    if is_complete(out):
+        kind = read_manifest(out).get("kind")
+        if kind != "export":
+            raise LmselectError(f"{out}: holds a '{kind}' artifact; choose another --out")
+        return
+    if any(not p.name.startswith(".") for p in out.iterdir()):
+        raise LmselectError(f"{out}: not empty and not an export; choose another --out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a run directory
+
+
+def run_selections(run_dir: str | Path, round_: int | None = None) -> list[tuple[str, int, int, Path]]:
+    """(method, seed, round, selection dir) of each method/seed of a run: its highest round with a complete
+    selection, or round ``round_``. Sorted by method, then seed."""
+    run = Path(run_dir)
+    found: dict[tuple[str, int], dict[int, Path]] = {}
+    for sel in run.glob("*/seed*/round*/selection"):
+        rm, sm = _ROUND_RE.match(sel.parent.name), _SEED_RE.match(sel.parent.parent.name)
+        if rm and sm and is_complete(sel, "selection"):
+            found.setdefault((sel.parent.parent.parent.name, int(sm.group(1))), {})[int(rm.group(1))] = sel
+    if not found:
+        raise LmselectError(f"{run}: neither a selection nor a run directory with a complete selection")
+    out = []
+    for (method, seed), rounds in sorted(found.items()):
+        if round_ is None:
+            r = max(rounds)
+        elif round_ in rounds:
+            r = round_
+        else:
+            raise LmselectError(f"{run}: {method}/seed{seed} has no complete selection for --round {round_} "
+                                f"(rounds {', '.join(map(str, sorted(rounds)))})")
+        out.append((method, seed, r, rounds[r]))
+    return out
+
+
+def export(source: str | Path, out_dir: str | Path, *, fmt: str = "jsonl", round_: int | None = None,
+           pool: str | Path | None = None) -> Path:
+    """Export a selection directory, or every method/seed's final (or ``round_``) selection of a run directory."""
+    src, out = Path(source), Path(out_dir)
+    if not src.is_dir():
+        raise LmselectError(f"{src}: not found (expected a selection or a run directory)")
+    if is_complete(src, "selection"):
+        if round_ is not None:
+            raise LmselectError(f"{src}: --round applies to a run directory, not to one selection")
+        return export_selection(src, out, fmt=fmt, pool=pool)
+    if fmt not in FORMATS:
+        raise LmselectError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    chosen = run_selections(src, round_)
+    _check_out(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        entries, parents = [], []
+        for method, seed, r, sel in chosen:
+            sub = tmp / method / f"seed{seed}" / f"round{r}"
+            sub.mkdir(parents=True)
+            info = _export_into(sel, sub, fmt, pool)
+            write_manifest(sub, Manifest(kind="export", config={"selection": str(sel), "format": fmt},
+                                         parents=info.pop("parents"), counts=info.pop("counts"), extra=info))
+            entries.append({"method": method, "seed": seed, "round": r, "path": str(sub.relative_to(tmp)),
+                            **read_manifest(sub)["counts"]})
+            parents.append(parent_ref(sel))
+        write_manifest(tmp, Manifest(kind="export", config={"run": str(src), "format": fmt, "round": round_},
+                                     parents=parents, counts={"exports": len(entries)},
+                                     extra={"run": str(src), "exports": entries, "format": fmt}))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``lmselect export`` flags."""
+    parser.add_argument("source", help="a selection directory, or a run directory (every method/seed's final round)")
+    parser.add_argument("--out", required=True, help="output export directory")
+    parser.add_argument("--format", default="jsonl", choices=FORMATS,
+                        help="documents as jsonl (documents.jsonl.gz) or parquet (documents.parquet)")
+    parser.add_argument("--round", type=int, help="run directory: export this round instead of the final one")
+    parser.add_argument("--pool", help="pool the selection refers to (default: the one its manifest names)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lmselect export`` and print what was written."""
+    if getattr(args, "overrides", None):
+        raise LmselectError(f"export takes no --key=value overrides (got {args.overrides[0]})")
+    out = export(args.source, args.out, fmt=args.format, round_=args.round, pool=args.pool)
+    m = read_manifest(out, kind="export")
+    if "exports" in m["extra"]:
+        for e in m["extra"]["exports"]:
+            print(f"{e['method']} seed{e['seed']} round{e['round']}: {e['documents']} document pieces, "
+                  f"{e['sequences']} sequences -> {out / e['path']}")
+    else:
+        c = m["counts"]
+        print(f"exported {c['documents']} document pieces ({c['complete_documents']} complete) and "
+              f"{c['sequences']} sequences ({c['tokens']} tokens) -> {out}")
+    return 0
