@@ -13,7 +13,7 @@ import numpy as np
 from lmselect.artifacts import LmselectError
 from lmselect.report.model import RunData
 from lmselect.report.results import _mean, _se_of_mean, _val_key
-from lmselect.score import read_scores
+from lmselect.score.sidecar import read_scores
 
 BILEVEL_KEYS: tuple[tuple[str, str], ...] = (
     ("upper_loss", "upper loss"),

@@ -17,7 +17,7 @@ from lmselect.provenance import DONE, stale_artifacts
 from lmselect.report.figures import FigureEntry, make_figures
 from lmselect.report.model import RoundData, RunData, collect
 from lmselect.report.results import _rate_table, _table_rows, _task_table, results, results_markdown
-from lmselect.score import read_scores
+from lmselect.score.sidecar import read_scores
 
 
 
