@@ -179,6 +179,9 @@ def validate(r: Recipe, base: Path | None = None) -> Recipe:
         for i, v in enumerate(inputs):
             _check_exists(f"pool.prepare.inputs[{i}]", v, glob_ok=True)
         r.pool.prepare.inputs = inputs
+        dec = r.pool.prepare.decontaminate  # bundled: paths stay as written: they label the protected sets
+        dec.protected = [p if p.startswith("bundled:") else (resolve_path(p, base) or p) for p in dec.protected]
+        dec.validate("pool.prepare.decontaminate.")
         if r.pool.prepare.n_shards < r.rounds + 1:
             raise ConfigError(
                 f"recipe key 'pool.prepare.n_shards': need rounds + 1 = {r.rounds + 1} shards (shard 0 is the warm-up)"
