@@ -7,8 +7,8 @@ import random
 
 import numpy as np
 import pytest
-
 from corpus_helpers import clean_records, write_jsonl
+
 from lmselect.artifacts import LmselectError
 from lmselect.cli import main
 from lmselect.config import config_hash, to_dict
@@ -64,7 +64,8 @@ def _oracle_counts(protected: list[str], texts: list[str], n: int) -> list[tuple
 def test_normalisation_case_unicode_punctuation():
     assert normalize_words("Hello, WORLD!  It's well-known.") == ["hello", "world", "it", "s", "well", "known"]
     assert normalize_words("well - known") == normalize_words("well-known")
-    assert normalize_words("\uff28\uff45\uff4c\uff4c\uff4f \ufb01ne") == ["hello", "fine"]  # full-width, ligature (NFKC)
+    # full-width letters and a ligature (NFKC)
+    assert normalize_words("\uff28\uff45\uff4c\uff4c\uff4f \ufb01ne") == ["hello", "fine"]
     assert normalize_words("snake_case \u2014 x") == ["snake", "case", "x"]
     assert normalize_words(" ... !!! ") == []
 
@@ -113,7 +114,11 @@ def planted(tmp_path):
     """A corpus with a planted 20-word copy, a 12-word share and clean text; a protected file holding PASSAGE."""
     d = tmp_path / "corpus"
     d.mkdir()
-    plant = [{"id": "copy20", "text": COPY20}, {"id": "share12", "text": SHARE12}, {"id": "clean", "text": "Nothing shared here."}]
+    plant = [
+        {"id": "copy20", "text": COPY20},
+        {"id": "share12", "text": SHARE12},
+        {"id": "clean", "text": "Nothing shared here."},
+    ]
     # planted first: the corpus tail (a partial row) is not packed, and these documents must all be in the pool
     inputs = [str(write_jsonl(d / "planted.jsonl", plant)), str(write_jsonl(d / "wiki.jsonl", clean_records(30)))]
     prot = tmp_path / "protected"
@@ -141,7 +146,8 @@ def test_planted_copy_is_flagged_and_12_words_are_not(tmp_path, planted, tok_dir
         "planted": {"docs": 3, "contaminated": 1, "dropped": 0}, "wiki": {"docs": 30, "contaminated": 0, "dropped": 0},
     }
     # every string field of a record is its text: "r0" + 43 passage words -> 32 13-grams; "r1 Another report text." -> 1
-    assert info["per_set"] == {label: {"path": str(prot / "report.jsonl"), "n_texts": 2, "n_ngrams": 32 + 1, "docs_matched": 1}}
+    want_set = {"path": str(prot / "report.jsonl"), "n_texts": 2, "n_ngrams": 32 + 1, "docs_matched": 1}
+    assert info["per_set"] == {label: want_set}
     assert m["counts"]["documents"] == 33  # flag keeps every document
     assert "decontam_check_s" in m["timings"]
     rep = overlap_report(pool)
@@ -180,7 +186,8 @@ def test_min_fraction_threshold(tmp_path, planted, tok_dir):
     inputs, prot = planted
     # copy20 overlaps in 8 of 18 13-grams (44 %): counted at a 40 % threshold, not at 50 %
     for frac, want in ((0.4, 1), (0.5, 0)):
-        pool = prepare(_cfg(inputs, tok_dir, protected=[str(prot)], min_fraction=frac), tmp_path / f"p{frac}", progress=False)
+        cfg = _cfg(inputs, tok_dir, protected=[str(prot)], min_fraction=frac)
+        pool = prepare(cfg, tmp_path / f"p{frac}", progress=False)
         assert overlap_report(pool)["contaminated"] == want
 
 
@@ -201,15 +208,19 @@ def test_config_hash_follows_the_options(planted, tok_dir):
 
 def test_eval_task_text_is_protected(tmp_path, tok_dir):
     """A pool document quoting 20 words of a bundled SciQ support passage is flagged against bundled:tasks."""
-    rec = next(json.loads(line) for line in open(TASKS_DIR / "sciq" / "sciq_validation.jsonl") if len(json.loads(line)["support"].split()) > 40)
+    with open(TASKS_DIR / "sciq" / "sciq_validation.jsonl") as f:
+        rec = next(r for r in map(json.loads, f) if len(r["support"].split()) > 40)
     quote = " ".join(rec["support"].split()[10:30])
     d = tmp_path / "corpus"
     d.mkdir()
-    inputs = [str(write_jsonl(d / "web.jsonl", clean_records(30) + [{"id": "quote", "text": "As a textbook says: " + quote}]))]
+    records = clean_records(30) + [{"id": "quote", "text": "As a textbook says: " + quote}]
+    inputs = [str(write_jsonl(d / "web.jsonl", records))]
     pool = prepare(_cfg(inputs, tok_dir, protected=["bundled:tasks"]), tmp_path / "pool", progress=False)
     rep = overlap_report(pool)
     assert [r["doc_id"] for r in rep["top"]] == ["quote"]
-    assert "bundled:tasks/sciq/sciq_validation.jsonl" in rep["top"][0]["sets"]
+    sciq = "bundled:tasks/sciq/sciq_validation.jsonl"
+    assert rep["top"][0]["sets"] == [sciq]  # attributed to the set it came from, and only to that one
+    assert {k: v["docs_matched"] for k, v in rep["per_set"].items() if v["docs_matched"]} == {sciq: 1}
     assert "bundled:tasks/SOURCE.md" not in rep["per_set"] and len(rep["per_set"]) >= 10
 
 
@@ -244,3 +255,18 @@ def test_cli_prints_the_summary_line(tmp_path, planted, tok_dir, capsys):
                  "--decontaminate.n=8"]) == 0
     out = capsys.readouterr().out
     assert "decontamination: 2 of 33 documents overlap the protected sets (8-grams); flagged" in out  # share12 too
+
+
+def test_recipe_keys(tmp_path):
+    from lmselect.config import ConfigError
+    from lmselect.recipe import load_recipe
+
+    (tmp_path / "report.jsonl").write_text('{"text": "x"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pool:\n  prepare:\n    inputs: ['bundled:demo/corpus/*.jsonl.gz']\n"
+                      "    decontaminate: {protected: ['bundled:tasks', report.jsonl], mode: drop}\n")
+    dec = load_recipe(str(recipe)).pool.prepare.decontaminate
+    # bundled: stays as written (it labels the set); a relative path resolves against the recipe's folder
+    assert dec.protected == ["bundled:tasks", str(tmp_path / "report.jsonl")] and dec.mode == "drop"
+    with pytest.raises(ConfigError, match="'pool.prepare.decontaminate.mode' must be one of"):
+        load_recipe(str(recipe), ["--pool.prepare.decontaminate.mode=remove"])

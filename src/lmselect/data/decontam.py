@@ -117,7 +117,8 @@ class NgramHasher:
         for w in words:
             h = cache.get(w)
             if h is None:
-                h = cache[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+                digest = hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                h = cache[w] = int.from_bytes(digest, "little")
             out.append(h)
         return out
 
@@ -194,7 +195,8 @@ def _resolve_entry(entry: str) -> list[tuple[str, Path]]:
         else:
             if _text_kind(p) is None:
                 raise LmselectError(
-                    f"{raw}: protected set has an unsupported format (expected .jsonl[.gz|.zst], .json, .parquet or .txt)"
+                    f"{raw}: protected set has an unsupported format "
+                    "(expected .jsonl[.gz|.zst], .json, .parquet or .txt)"
                 )
             out.append((label_base if label_base is not None else str(p), p))
     return out
@@ -245,7 +247,7 @@ def protected_texts(path: str | Path) -> Iterator[str]:
         except OSError as e:
             raise LmselectError(f"{p}: cannot read protected file ({e})") from None
     elif kind == "jsonl":
-        for where, rec in _iter_jsonl(p):
+        for _where, rec in _iter_jsonl(p):
             # a protected set is read strictly: skipping a bad record would silently protect less
             if isinstance(rec, _Malformed):
                 raise LmselectError(f"{rec.message} (protected set)")
@@ -392,7 +394,8 @@ class Decontaminator:
                         src["dropped"] += int(drop)
                         for lab in labels[i]:
                             self.set_docs[lab] += 1
-                        self.flagged.append(_Flagged(d.doc_id, d.source, int(total[i]), int(matched[i]), labels[i], drop))
+                        row = _Flagged(d.doc_id, d.source, int(total[i]), int(matched[i]), labels[i], drop)
+                        self.flagged.append(row)
             self.check_s += time.perf_counter() - t0
             seen += len(batch)
             for i, d in enumerate(batch):
@@ -418,7 +421,10 @@ class Decontaminator:
             "dropped": sum(f.dropped for f in self.flagged),
             "per_source": {k: dict(v) for k, v in sorted(self.per_source.items())},
             "per_set": {
-                s.label: {"path": s.path, "n_texts": s.n_texts, "n_ngrams": int(s.hashes.size), "docs_matched": self.set_docs[s.label]}
+                s.label: {
+                    "path": s.path, "n_texts": s.n_texts, "n_ngrams": int(s.hashes.size),
+                    "docs_matched": self.set_docs[s.label],
+                }
                 for s in self.index.sets
             },
             "file": CONTAMINATION_FILE,
@@ -483,7 +489,8 @@ def overlap_report(pool_dir: str | Path, top: int = 10) -> dict[str, Any]:
 
         rows = pq.read_table(path).to_pylist()
     except (OSError, ValueError) as e:
-        raise LmselectError(f"{path}: cannot read the pool's contamination list ({str(e).splitlines()[0][:200]})") from None
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise LmselectError(f"{path}: cannot read the pool's contamination list ({msg})") from None
     rows.sort(key=lambda r: (-r["fraction"], -r["matched"], r["doc_id"]))
     out = dict(info, enabled=True, summary=summary_line(info), top=rows[: max(top, 0)])
     return out

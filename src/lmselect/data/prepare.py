@@ -52,7 +52,16 @@ from lmselect.artifacts import (
     read_json,
     write_manifest,
 )
-from lmselect.config import ConfigError, config_hash, deep_merge, from_dict, parse_overrides, read_yaml, save_config, to_dict
+from lmselect.config import (
+    ConfigError,
+    config_hash,
+    deep_merge,
+    from_dict,
+    parse_overrides,
+    read_yaml,
+    save_config,
+    to_dict,
+)
 from lmselect.data.decontam import DecontamConfig, Decontaminator, summary_line
 from lmselect.data.pool import VAL_SHARD, token_dtype
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
