@@ -271,6 +271,9 @@ def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
         for i, val in enumerate(inputs):
             _check_exists(f"pool.prepare.inputs[{i}]", val, glob_ok=True, origin=where("pool.prepare.inputs"))
         r.pool.prepare.inputs = inputs
+        dec = r.pool.prepare.decontaminate  # bundled: paths stay as written: they label the protected sets
+        dec.protected = [p if p.startswith("bundled:") else (resolve_path(p, base) or p) for p in dec.protected]
+        dec.validate("pool.prepare.decontaminate.")
         need(r.pool.prepare.n_shards >= r.rounds + 1, "pool.prepare.n_shards",
              f"need rounds + 1 = {r.rounds + 1} shards (shard 0 is the warm-up)", r.pool.prepare.n_shards)
     return r

@@ -17,6 +17,12 @@ one fatal. Empty-text records are skipped and counted as ``empty``. A missing in
 or dataset without the text column, a tokenizer directory that does not load, ``seq_len < 2`` and an **empty corpus**
 (no usable text) are always fatal. Every error is one line naming the file and line / record.
 
+Decontamination (``decontaminate.protected``, ``--decontaminate PATH``; :mod:`lmselect.data.decontam`): every
+document is checked for word n-grams (default 13) shared with protected texts -- the selection and report sets, the
+eval task files. ``flag`` keeps it and lists it, ``drop`` removes it before the tokenizer is trained and before
+tokenisation. Counts per source and per protected set go into ``extra.decontamination``, the flagged documents into
+``contamination.parquet``.
+
 The pool is built in a temporary directory beside ``--out`` and renamed into place with ``manifest.json`` written
 last, so an interrupted run leaves nothing that looks complete; rerunning starts again. A complete pool whose config
 hash matches is reused ("pool already complete"); a different config is an error unless ``--overwrite``.
@@ -59,6 +65,7 @@ from lmselect.config import (
     save_config,
     to_dict,
 )
+from lmselect.data.decontam import DecontamConfig, Decontaminator, summary_line
 from lmselect.data.pool import VAL_SHARD, token_dtype
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
 
@@ -90,6 +97,8 @@ class PrepareConfig:
     workers: int = 0  # tokenizer threads; 0 = all cores
     strict: bool = False  # malformed records are fatal instead of skipped and counted
     max_docs: int | None = None  # read at most this many documents (quick trials)
+    # n-gram overlap with protected texts (selection / report sets, eval tasks): flag or drop (lmselect.data.decontam)
+    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
 
     def validate(self) -> None:
         """Raise ConfigError naming the key for values that cannot work."""
@@ -109,6 +118,7 @@ class PrepareConfig:
             raise ConfigError("config key 'text_field' may not be empty")
         if not self.inputs:
             raise ConfigError("config key 'inputs': no corpus files given")
+        self.decontaminate.validate()
 
 
 def pool_config_hash(cfg: PrepareConfig) -> str:
@@ -116,6 +126,8 @@ def pool_config_hash(cfg: PrepareConfig) -> str:
     d = to_dict(cfg)
     for k in _NON_SEMANTIC:
         d.pop(k, None)
+    if not cfg.decontaminate.enabled:
+        d.pop("decontaminate", None)  # off: pools prepared before the option existed keep their identity
     return config_hash(d)
 
 
@@ -220,7 +232,9 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
         yield batch
 
 
-def _get_tokenizer(cfg: PrepareConfig, specs: Sequence[InputSpec], where: str) -> tuple[Any, dict[str, Any]]:
+def _get_tokenizer(
+    cfg: PrepareConfig, specs: Sequence[InputSpec], where: str, decon: Decontaminator | None = None
+) -> tuple[Any, dict[str, Any]]:
     from lmselect.data.tokenizer import load_tokenizer, train_bpe
 
     if cfg.tokenizer:
@@ -232,7 +246,10 @@ def _get_tokenizer(cfg: PrepareConfig, specs: Sequence[InputSpec], where: str) -
     budget = [cfg.tokenizer_train_chars]
 
     def texts() -> Iterator[str]:
-        for d in iter_documents(specs, cfg.text_field, cfg.id_field, cfg.source_field, cfg.strict, cfg.max_docs, stats):
+        docs = iter_documents(specs, cfg.text_field, cfg.id_field, cfg.source_field, cfg.strict, cfg.max_docs, stats)
+        if decon is not None and cfg.decontaminate.mode == "drop":
+            docs = decon.filter(docs, record=False)  # dropped documents do not shape the vocabulary either
+        for d in docs:
             yield d.text
             budget[0] -= len(d.text)
             if budget[0] <= 0:
@@ -276,8 +293,9 @@ def prepare_pool(
         inputs_info = [input_fingerprint(s) for s in specs]
         timings["hash_inputs_s"] = time.perf_counter() - t0
 
+        decon = Decontaminator.build(cfg.decontaminate) if cfg.decontaminate.enabled else None
         t0, c0 = time.perf_counter(), time.process_time()
-        tok, tok_info = _get_tokenizer(cfg, specs, where)
+        tok, tok_info = _get_tokenizer(cfg, specs, where, decon)
         timings["tokenizer_s"] = time.perf_counter() - t0
         timings["tokenizer_cpu_s"] = time.process_time() - c0
 
@@ -286,13 +304,17 @@ def prepare_pool(
             # CPU seconds (all threads) next to wall seconds: on a shared machine wall time depends on the load
             t0, c0 = time.perf_counter(), time.process_time()
             with writing(out_dir / "tokens.bin", tmp / "tokens.bin"):  # a full disk names tokens.bin, not the temp dir
-                packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where)
+                packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where, decon)
             timings["tokenize_pack_s"] = time.perf_counter() - t0
             timings["tokenize_pack_cpu_s"] = time.process_time() - c0
             t0 = time.perf_counter()
             counts, extra = _write_index(cfg, tmp, tok, packed)
             tok.save_pretrained(str(tmp / "tokenizer"))
             save_config(cfg, tmp / "config.yaml")
+            if decon is not None:
+                decon.write(tmp)
+                extra["decontamination"] = decon.manifest_info()
+                timings.update(decon.timings())
             timings["index_write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - t_start
             extra.update(
@@ -317,7 +339,8 @@ def prepare_pool(
 
 
 def _tokenize_and_pack(
-    cfg: PrepareConfig, specs: Sequence[InputSpec], tok: Any, tokens_path: Path, progress: bool, where: str
+    cfg: PrepareConfig, specs: Sequence[InputSpec], tok: Any, tokens_path: Path, progress: bool, where: str,
+    decon: Decontaminator | None = None,
 ) -> dict[str, Any]:
     """Stream documents -> token ids + EOS -> full rows of ``seq_len`` appended to ``tokens_path``.
 
@@ -342,6 +365,8 @@ def _tokenize_and_pack(
     rows = 0
     bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=None if progress else True, leave=False)
     docs = iter_documents(specs, cfg.text_field, cfg.id_field, cfg.source_field, cfg.strict, cfg.max_docs, stats)
+    if decon is not None:
+        docs = decon.filter(docs)  # counts and lists overlapping documents; drop mode removes them here
     with open(tokens_path, "wb") as fout:
         for batch in _batches(docs):
             ids_lists = encode([d.text for d in batch])
@@ -544,6 +569,10 @@ bad input: malformed records (bad JSON, no text field, text not a string, non-UT
 counted in the manifest; --strict makes them fatal. An empty corpus, a missing file, seq_len < 2 or a tokenizer
 directory that does not load is always an error naming the file and line.
 
+decontamination: --decontaminate PATH (repeatable; files, folders, globs, bundled:REL) lists protected texts;
+documents sharing a --decontam-n word n-gram (default 13) with them are flagged in contamination.parquet and the
+manifest, or removed with --decontam-mode drop.
+
 Any config key may also be set as --key=value (e.g. --tokenizer_train_chars=1e7) or in --config YAML.
 A complete pool with the same config is reused ("pool already complete"); a different config needs --overwrite."""
 
@@ -569,17 +598,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", dest="text_field", default=S, help="record field with the text (default 'text')")
     parser.add_argument("--id-field", dest="id_field", default=S, help="record field with the document id (default 'id')")
     parser.add_argument("--source-field", dest="source_field", default=S, help="record field with the source label (default 'source')")
+    parser.add_argument(
+        "--decontaminate", action="append", metavar="PATH", default=S,
+        help="protected file/folder/glob (bundled:REL allowed; repeatable): flag pool documents sharing n-grams with it",
+    )
+    parser.add_argument("--decontam-n", dest="decontam_n", type=int, default=S, help="n-gram length in words (default 13)")
+    parser.add_argument("--decontam-mode", dest="decontam_mode", choices=("flag", "drop"), default=S,
+                        help="flag: keep and list overlapping documents (default); drop: remove them before tokenizing")
+    parser.add_argument("--decontam-min-fraction", dest="decontam_min_fraction", type=float, default=S,
+                        help="contaminated when at least this fraction of a document's n-grams overlap (default 0: any)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pool built with a different config")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 _RUN_FLAGS = ("out", "config", "overwrite", "no_progress", "debug", "overrides", "command")
+# flat decontamination flags -> keys of PrepareConfig.decontaminate
+_DECONTAM_FLAGS = {"decontaminate": "protected", "decontam_n": "n", "decontam_mode": "mode", "decontam_min_fraction": "min_fraction"}
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """Defaults <- --config YAML <- explicit flags <- --key=value overrides."""
     data: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k not in _RUN_FLAGS}
+    decon = {key: flags.pop(flag) for flag, key in _DECONTAM_FLAGS.items() if flag in flags}
+    if decon:
+        flags["decontaminate"] = decon
     data = deep_merge(data, flags)
     overrides = list(getattr(args, "overrides", []) or [])
     data = deep_merge(data, parse_overrides(overrides))
@@ -602,4 +645,6 @@ def run(args: argparse.Namespace) -> int:
         f"({c['documents']} documents, {c['corpus_tokens']} tokens, {c['skipped']} malformed records skipped) "
         f"in {m['timings']['total_s']:.1f}s"
     )
+    if "decontamination" in m["extra"]:
+        print(summary_line(m["extra"]["decontamination"]))
     return 0
