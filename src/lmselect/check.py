@@ -251,6 +251,8 @@ def prepare_planted_pool(recipe: Recipe, planted: dict[str, Any], out_dir: str |
     n_planted = sum(planted["counts"][n]["documents"] for n in PLANTED)
     cfg = replace(prep, inputs=list(prep.inputs) + [planted["files"][n] for n in PLANTED],
                   max_docs=None if prep.max_docs is None else prep.max_docs + n_planted)
+    if cfg.decontaminate.enabled:  # the planted target-like documents *are* selection-set items: flag, never drop
+        cfg = replace(cfg, **{"decontaminate.mode": "flag"})
     return prepare(cfg, Path(out_dir) / "pool", progress=False)
 
 

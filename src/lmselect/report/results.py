@@ -202,6 +202,7 @@ def results(data: RunData) -> dict[str, Any]:
             }
     run_m = data.manifest or {}
     return {
+        "decontamination": _decontamination(data),
         "run": data.run_dir.resolve().name,
         "run_uuid": run_m.get("uuid"),
         "config_hash": run_m.get("config_hash"),
@@ -211,6 +212,26 @@ def results(data: RunData) -> dict[str, Any]:
         "paired_vs_random": paired_differences(rows, _control()) if any(r["method"] == _control() for r in rows) else {},
         "tasks": tasks,
     }
+
+
+def _decontamination(data: RunData) -> dict[str, Any] | None:
+    """The pool's n-gram overlap with the protected sets (selection, report, eval tasks), without the per-doc list."""
+    from lmselect.data.decontam import overlap_report
+    from lmselect.provenance import pool_dir
+
+    p = pool_dir(data.run_dir)
+    if p is None or not (p / "manifest.json").is_file():
+        return None
+    try:
+        info = overlap_report(p, top=5)
+    except Exception:  # noqa: BLE001 - the report never fails on a pool it cannot read
+        return None
+    if not info.get("enabled"):
+        return {"enabled": False}
+    keep = ("enabled", "n", "mode", "documents", "contaminated", "dropped", "per_source", "per_set", "summary")
+    out = {k: info.get(k) for k in keep}
+    out["top"] = [{k: r.get(k) for k in ("doc_id", "source", "matched", "fraction")} for r in info.get("top", [])]
+    return out
 
 
 def _eval_curves(data: RunData) -> list[dict[str, Any]]:
@@ -404,6 +425,13 @@ def results_markdown(res: dict[str, Any]) -> str:
                 "What each method was given: tokens fed to the target, next-token predictions backpropagated "
                 "(token-level methods mask the rest), distinct sequences trained on, epochs over the selection, and "
                 "the estimated FLOPs and measured wall time of selection.", "", _md_table(*exposure), ""]
+    dec = res.get("decontamination")
+    if dec:
+        out += ["## Decontamination of the pool", "", dec["summary"] + "." if dec.get("enabled") else
+                "The pool was prepared without decontamination (pool.prepare.decontaminate).", ""]
+        if dec.get("enabled") and dec.get("per_set"):
+            rows_ = [[k, str(v.get("n_texts", "–")), str(v.get("docs_matched", "–"))] for k, v in dec["per_set"].items()]
+            out += [_md_table(["protected set", "texts", "pool documents overlapping"], rows_), ""]
     header, rows = _table_rows(res)
     out += ["## Per seed", "", _md_table(header, rows) if rows else "_no method rounds found_", ""]
     out += ["Final = last round with a complete evaluation. 9-task average: acc_norm where a task reports it, else "
