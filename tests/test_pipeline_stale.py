@@ -17,7 +17,7 @@ def _run(tiny_recipe, out, *overrides, recompute=False):
                                recompute=recompute)
 
 
-def test_changed_key_is_refused_then_recomputed(tiny_recipe, tmp_path, monkeypatch):
+def test_changed_key_is_refused_then_recomputed(tiny_recipe, tmp_path, monkeypatch, capsys):
     from lmselect import pipeline
 
     out = tmp_path / "run"
@@ -49,6 +49,12 @@ def test_changed_key_is_refused_then_recomputed(tiny_recipe, tmp_path, monkeypat
 
     stale = dict(find_stale(out, load_recipe(tiny_recipe, ["--methods=random", "--select_fraction=0.5"])))
     assert "random/seed0/round1/selection" in stale and "warmup/target" not in stale
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--recipe", str(tiny_recipe), "--methods=random", "--select_fraction=0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "STALE against the given recipe" in text and "random/seed0/round1/selection: select_fraction" in text
+    assert main(["inspect", str(out)]) == 0  # against its own config.yaml: consistent
+    assert "every stage matches the run's config.yaml" in capsys.readouterr().out
 
     # --recompute redoes the selection (and what depends on it), not the warm-up
     _run(tiny_recipe, out, "--select_fraction=0.5", recompute=True)

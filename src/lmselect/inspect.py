@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify", action="store_true", help="check the full content hashes of the artifact (and those below it)"
     )
+    parser.add_argument("--recipe", default=None,
+                        help="run directories: also list the stages a rerun of this recipe (plus --key=value "
+                             "overrides) would refuse as stale (default: compare with the run's config.yaml)")
 
 
 def verify_tree(path: str | Path, out: TextIO | None = None) -> int:
@@ -176,5 +179,10 @@ def run(args: argparse.Namespace) -> int:
         kind = read_manifest(path).get("kind") if (path / MANIFEST).is_file() else None
         what = f"a '{kind}' artifact" if kind else "not a pool"
         raise LmselectError(f"{path}: {what}; lineage printing needs lmselect.provenance, which is not available") from None
-    print_lineage(path)
+    recipe = None
+    if getattr(args, "recipe", None):
+        from lmselect.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, getattr(args, "overrides", None) or [])
+    print_lineage(path, recipe)
     return 0
