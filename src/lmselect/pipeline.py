@@ -300,25 +300,25 @@ class Runner:
 
     def _select_mates(self, seed: int, rnd: int, cand: np.ndarray, sel_seed: int) -> tuple[np.ndarray, np.ndarray, list]:
         from lmselect.score import write_scores
-        from lmselect.select.mates import run_mates_round
+        from lmselect.select.mates import probe_candidates, run_mates_round
         from lmselect.select.topk import random_fraction
         from lmselect.train.checkpoint import load_checkpoint_model, load_training_state
-        from lmselect.train.schedules import build_optimizer
 
         rdir = self.round_dir("mates", seed, rnd)
         prev = self.prev_target("mates", seed, rnd)
-        # Oracle probes start from the current target *with its optimizer state* (METHODS §2 step 1): rebuild the
-        # AdamW the loop used and load the saved moments, so a probe step is exactly the step training would take.
+        # Oracle probes start from the current target *with its optimizer state* (METHODS §2 step 1), and a probe
+        # step is the first step stage_train takes in this round: its config (lr × lr_scale(rnd), clipping, AdamW).
         model = load_checkpoint_model(prev, device=self.device)
-        optimizer = build_optimizer(model, self.r.train.optim)
-        optimizer.load_state_dict(load_training_state(prev)["optimizer"])
+        optimizer_state = load_training_state(prev)["optimizer"]
+        round_cfg = self.train_cfg(self.r.round_steps, self.lr_scale(rnd), seed_offset=100 * seed + rnd)
         mcfg = replace(self.r.mates, seed=sel_seed, fraction=self.r.select_fraction)
-        # Probe sequences: a seeded sample of the round's own candidate shard (the influence model then predicts
-        # every candidate, probed or not).
-        probe = random_fraction(cand, min(1.0, mcfg.n_probe / max(1, len(cand))), seed=sel_seed + 7)
-        selected = run_mates_round(mcfg, model, optimizer, self.pool, probe, cand, self.select_valset, rdir / "influence",
-                                   device=self.device)
-        del model, optimizer
+        # Probe sequences: a seeded sample of held-out shard-0 sequences (default) or of the round's own candidate
+        # shard; the influence model then predicts every candidate.
+        source = probe_candidates(self.pool, self.warmup_ids()) if mcfg.probe_from == "holdout" else cand
+        probe = random_fraction(source, min(1.0, mcfg.n_probe / max(1, len(source))), seed=sel_seed + 7)
+        selected = run_mates_round(mcfg, model, optimizer_state, self.pool, probe, cand, self.select_valset,
+                                   rdir / "influence", device=self.device, train_cfg=round_cfg)
+        del model, optimizer_state
         import pyarrow.parquet as pq
 
         preds = pq.read_table(rdir / "influence" / "predictions.parquet").to_pydict()

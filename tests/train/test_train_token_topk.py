@@ -43,7 +43,7 @@ def _assert_same_training(a, b) -> None:
     for key in ("loss", "grad_norm"):
         va, vb = ([r[key] for r in read_jsonl(d / "train_log.jsonl") if key in r] for d in (a, b))
         assert len(va) == len(vb) == OVERRIDES["steps"]
-        torch.testing.assert_close(torch.tensor(va), torch.tensor(vb), rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(torch.tensor(va), torch.tensor(vb), rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     # Adam's first steps are ~lr·sign(g): a near-zero gradient entry turns summation-order noise into ~1e-5 moves
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()

@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, read_manifest, write_manifest
 from lmselect.models.losses import token_ce
-from lmselect.train.hooks import TokenSelector, topk_token_mask
+from lmselect.train.hooks import TokenSelector
 
 
 @dataclass
