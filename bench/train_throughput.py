@@ -18,7 +18,6 @@ import torch
 
 from lmselect.models.presets import build_model, count_params, flops_per_token
 from lmselect.train.distributed import resolve_device
-from lmselect.train.hooks import TokenSelector
 from lmselect.train.loop import autocast_context, clip_grads, gpu_peak_flops, micro_step
 from lmselect.train.schedules import OptimConfig, build_optimizer
 
@@ -28,13 +27,12 @@ def bench_preset(preset: str, *, seq_len: int, batch: int, steps: int, warmup: i
     model = build_model(preset, vocab, seed=0, attn_implementation=attn).to(device).train()
     opt = build_optimizer(model, OptimConfig())
     fwd = torch.compile(model) if compile_ else model
-    selector = TokenSelector()
     autocast = lambda: autocast_context(device, dtype)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
 
     def step() -> float:
-        loss = micro_step(fwd, x, selector, 1, autocast)
+        loss = micro_step(fwd, x, 1, autocast)
         clip_grads(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

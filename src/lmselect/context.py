@@ -205,6 +205,14 @@ class RunContext:
                 out[name] = vs
         return out
 
+    def warmup_ids(self) -> np.ndarray:
+        """The part of shard 0 the warm-up trains on (a seeded random ``warmup.fraction``); the rest of shard 0 is in
+        no candidate shard and never trained on: MATES draws its held-out probes there."""
+        from lmselect.select.topk import random_fraction
+
+        return random_fraction(self.pool.ids(0), self.recipe.warmup.fraction,
+                               seed=derived_seed(self.recipe.seed, stream=STREAM_WARMUP_DATA))
+
     # ---- training configs -------------------------------------------------------------------------------------
     def lr_scale(self, rnd: int) -> float:
         """Learning-rate factor of round ``rnd`` (``lr_per_round: halving`` = 0.5^r, the BLISS code's schedule)."""

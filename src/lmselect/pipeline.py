@@ -53,13 +53,11 @@ from lmselect.config import config_hash, save_config, to_dict
 from lmselect.context import (
     STREAM_DECAY,
     STREAM_TRAIN,
-    STREAM_WARMUP_DATA,
     STREAM_WARMUP_PROXY,
     STREAM_WARMUP_TARGET,
     FlopContext,
     RoundContext,
     RunContext,
-    derived_seed,
 )
 from lmselect.errors import LmselectError, StaleStageError
 from lmselect.recipe import load_recipe, recipe_summary
@@ -291,9 +289,7 @@ class Runner:
                 check_same_tokenizer(init, self.pool.tokenizer_dir, f"{key}.init_from", "pool")
 
     def warmup_ids(self) -> np.ndarray:
-        from lmselect.select.topk import random_fraction
-
-        return random_fraction(self.pool.ids(0), self.r.warmup.fraction, seed=derived_seed(self.r.seed, stream=STREAM_WARMUP_DATA))
+        return self.ctx.warmup_ids()
 
     def stage_warmup(self, which: str) -> Path:
         from lmselect.train.loop import train

@@ -13,10 +13,10 @@ import torch
 from lmselect.data.valset import validation_loss
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model
-from lmselect.testing import SAMPLE_LAMBADA
-from lmselect.testing import make_valset as _make_valset
 from lmselect.select.blade import BladeConfig, BladeSelector
 from lmselect.select.rho1 import Rho1Selector
+from lmselect.testing import SAMPLE_LAMBADA
+from lmselect.testing import make_valset as _make_valset
 
 LAMBADA = SAMPLE_LAMBADA[:6]
 

@@ -12,8 +12,6 @@ import torch
 from lmselect.artifacts import read_manifest
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model
-from lmselect.testing import SAMPLE_LAMBADA
-from lmselect.testing import make_valset as _make_valset
 from lmselect.select import mates as mates_mod
 from lmselect.select.mates import (
     MatesConfig,
@@ -25,6 +23,8 @@ from lmselect.select.mates import (
     train_influence_model,
 )
 from lmselect.select.topk import gumbel_topk, top_fraction
+from lmselect.testing import SAMPLE_LAMBADA
+from lmselect.testing import make_valset as _make_valset
 
 LAMBADA = SAMPLE_LAMBADA[:5]
 
@@ -98,7 +98,8 @@ def test_batched_probe_equals_loop_float64(tmp_path, tiny_pool, tiny_tokenizer, 
     snap = snapshot(model, opt)
     batched = probe_oracle(model, opt, probes, vset, method="batched", chunk_size=2, val_batch_size=3, **probe_kw)
     assert_same_state(model, opt, snap)  # the batched probe never touches the model or optimizer
-    loop = probe_oracle(model, opt, probes, vset, method="loop", val_batch_size=3, **probe_kw)
+    # same attention on both sides (the loop probe otherwise keeps the training's sdpa): this pins the arithmetic
+    loop = probe_oracle(model, opt, probes, vset, method="loop", val_batch_size=3, attn_implementation="eager", **probe_kw)
     np.testing.assert_allclose(batched, loop, rtol=1e-10, atol=0)
     # the step really moved the validation loss, differently per sequence
     from lmselect.data.valset import validation_loss
@@ -206,3 +207,86 @@ def test_run_mates_round_end_to_end_and_resume(tmp_path, tiny_pool, tiny_tokeniz
     again = run_mates_round(cfg, model, opt.state_dict(), tiny_pool, probe_ids, cand, vset, out)
     assert np.array_equal(again, sel)
     assert read_manifest(out, kind="influence")["uuid"] != m["uuid"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the probe step is the training step (METHODS §2 step 1), bit for bit
+
+
+def _round_setup(tmp_path, pool, rnd: int, grad_clip: float):
+    """A warm-up checkpoint (real AdamW moments) and round ``rnd``'s training config as the pipeline builds it."""
+    from lmselect.config import replace
+    from lmselect.pipeline import Runner
+    from lmselect.recipe import Recipe
+    from lmselect.train.loop import TrainConfig, train
+
+    optim = {"lr": 4e-3, "grad_clip": grad_clip, "weight_decay": 0.1, "warmup_steps": 1, "schedule": "cosine"}
+    base = replace(TrainConfig(), preset="debug", steps=2, global_batch=2, micro_batch=2, seed=3, device="cpu",
+                   dtype="float32", log_every=1, **{f"optim.{k}": v for k, v in optim.items()})
+    train(base, pool, pool.ids(0), tmp_path / "warm")
+    runner = Runner(Recipe(train=base, lr_per_round="halving", round_steps=1), tmp_path / "run")
+    cfg = runner.train_cfg(1, runner.lr_scale(rnd), seed_offset=rnd)  # what stage_train uses for round rnd
+    return replace(cfg, global_batch=1, micro_batch=1)  # batch of 1: the probe's single sequence
+
+
+@pytest.mark.parametrize("rnd,grad_clip", [(1, 0.0), (2, 0.3)])
+def test_probe_step_is_one_train_step_bit_for_bit(tmp_path, tiny_pool, tiny_tokenizer, rnd, grad_clip):
+    from lmselect.data.valset import validation_loss
+    from lmselect.log import read_jsonl
+    from lmselect.select.mates import probe_step, training_optimizer
+    from lmselect.train.checkpoint import load_checkpoint_model, load_training_state
+    from lmselect.train.loop import train
+    from lmselect.train.schedules import lr_at
+
+    cfg = _round_setup(tmp_path, tiny_pool, rnd, grad_clip)
+    assert cfg.optim.lr == 4e-3 * 0.5**rnd and cfg.continue_optimizer  # round rnd's lr, not round rnd-1's
+    seq = int(tiny_pool.ids(1)[3])
+    train(cfg, tiny_pool, np.array([seq]), tmp_path / "round", init_from=tmp_path / "warm")
+    norm = [r["grad_norm"] for r in read_jsonl(tmp_path / "round" / "train_log.jsonl") if "grad_norm" in r]
+    assert len(norm) == 1 and (grad_clip == 0.0 or norm[0] > 2 * grad_clip)  # clipping really is active
+
+    # the probe: from the warm-up checkpoint and its optimizer state, one probe step on the same sequence
+    model = load_checkpoint_model(tmp_path / "warm")
+    opt = training_optimizer(model, cfg, load_training_state(tmp_path / "warm")["optimizer"])
+    probe_step(model, opt, tiny_pool.batch([seq]), lr=lr_at(0, cfg.optim, cfg.steps), grad_clip=cfg.optim.grad_clip,
+               dtype=cfg.dtype)
+    trained = load_checkpoint_model(tmp_path / "round")
+    warm = load_checkpoint_model(tmp_path / "warm").state_dict()
+    for k, v in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert any(not torch.equal(warm[k], v) for k, v in trained.state_dict().items())  # the step moved the weights
+
+    # and through run_mates_round(train_cfg=...): the loop oracle's value for that sequence is the validation loss
+    # of train()'s model exactly; the batched one agrees to float32 round-off
+    vset = make_valset(tmp_path, tiny_tokenizer)
+    expected = validation_loss(trained, vset.subset(slice(0, 4)), batch_size=32)
+    probes = np.array([seq, *tiny_pool.ids(1)[4:7]])
+    for method in ("loop", "batched"):
+        mcfg = MatesConfig(n_probe=4, probe_method=method, probe_chunk=2, influence_steps=1, influence_batch_size=2,
+                           influence_eval_every=1, val_items=4, fraction=0.25)
+        out = tmp_path / f"influence-{method}"
+        warm_model = load_checkpoint_model(tmp_path / "warm")
+        run_mates_round(mcfg, warm_model, load_training_state(tmp_path / "warm")["optimizer"], tiny_pool, probes,
+                        tiny_pool.ids(1), vset, out, "cpu", train_cfg=cfg)
+        import pyarrow.parquet as pq
+
+        got = pq.read_table(out / "oracle.parquet").to_pydict()["val_loss"][0]
+        if method == "loop":
+            assert got == expected
+        else:
+            assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_probe_candidates_are_held_out_of_warmup_and_candidate_shards(tiny_pool):
+    from lmselect.artifacts import LmselectError
+    from lmselect.select.mates import probe_candidates
+    from lmselect.select.topk import random_fraction
+
+    warm = random_fraction(tiny_pool.ids(0), 0.5, seed=0)
+    held = probe_candidates(tiny_pool, warm)
+    assert len(held) == len(tiny_pool.ids(0)) - len(warm) and np.all(np.diff(held) > 0)
+    assert not np.isin(held, warm).any() and np.isin(held, tiny_pool.ids(0)).all()
+    assert not np.isin(held, tiny_pool.ids(1)).any()
+    with pytest.raises(LmselectError, match="probe_from"):
+        probe_candidates(tiny_pool, tiny_pool.ids(0))
+    assert MatesConfig().probe_from == "holdout"

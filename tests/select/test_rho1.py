@@ -11,8 +11,6 @@ from lmselect.artifacts import read_manifest
 from lmselect.data.valset import validation_loss
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model
-from lmselect.testing import SAMPLE_LAMBADA
-from lmselect.testing import make_valset as _make_valset
 from lmselect.select.rho1 import (
     ReferenceLossCache,
     Rho1Config,
@@ -21,6 +19,8 @@ from lmselect.select.rho1 import (
     reference_token_ce,
     train_reference,
 )
+from lmselect.testing import SAMPLE_LAMBADA
+from lmselect.testing import make_valset as _make_valset
 
 LAMBADA = SAMPLE_LAMBADA[:6]
 
@@ -130,7 +130,7 @@ def test_rho1_end_to_end_training_steps(tmp_path, tiny_pool, tiny_tokenizer):
     ids = tiny_pool.ids(0)
     for step in range(3):
         x = tiny_pool.batch(ids[4 * step : 4 * step + 4])
-        sel.on_step_start(step, target, lambda: x)
+        sel.on_step_start(step, target, lambda x=x: x)
         ce = token_ce(target(input_ids=x).logits, x)
         mask = sel.keep_mask(x, ce.detach())
         loss = (ce * mask).sum() / mask.sum()

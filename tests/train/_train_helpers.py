@@ -45,3 +45,38 @@ def ddp_worker(rank: int, world: int, port: int, pool_dir: str, out_dir: str, ov
         train(make_cfg(**overrides), pool, pool.ids(0), out_dir)
     finally:
         cleanup()
+
+
+def recording_rho1(vocab_size: int, keep_fraction: float = 0.6):
+    """RHO-1 with a fixed reference (a seeded untrained debug model) that records every step's global mask."""
+    from lmselect.models.presets import build_model
+    from lmselect.select.rho1 import Rho1Selector
+
+    class RecordingRho1(Rho1Selector):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self.masks: list[torch.Tensor] = []
+
+        def on_mask(self, mask: torch.Tensor) -> None:
+            super().on_mask(mask)
+            self.masks.append(mask.detach().cpu().clone())
+
+    return RecordingRho1(build_model("debug", vocab_size, seed=11), keep_fraction=keep_fraction)
+
+
+def ddp_rho1_worker(rank: int, world: int, port: int, pool_dir: str, out_dir: str, overrides: dict[str, Any]) -> None:
+    """One rank of a gloo run training with a recording RHO-1 selector; saves its masks to out_dir/masks{rank}.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from lmselect.data.pool import TokenPool
+    from lmselect.train.distributed import cleanup
+    from lmselect.train.loop import train
+
+    pool = TokenPool(pool_dir)
+    sel = recording_rho1(pool.vocab_size)
+    try:
+        train(make_cfg(**overrides), pool, pool.ids(0), out_dir, token_selector=sel)
+        torch.save(sel.masks, Path(out_dir) / f"masks{rank}.pt")
+    finally:
+        cleanup()

@@ -13,8 +13,9 @@ Algorithm (episodes of τ target steps; here, at every step with ``step % tau ==
   2. K AdamW steps on w minimising  L_val(w) + λ · mean_{j selected} CE_j(w)  on a fresh training batch from
      ``next_batch()``, where "selected" = top-γ tokens by CE_u − CE_w *at that step* (u frozen during these steps).
   3. freeze w (eval mode, no grad) for the rest of the episode.
-  Each target step: score CE_u − CE_w per token, keep the top γ of the batch (the same
-  :func:`lmselect.train.hooks.topk_token_mask` as RHO-1: k = max(1, round(γ·n)), ties by position), train u on them.
+  Each target step: score CE_u − CE_w per token (:meth:`BladeSelector.token_scores`); the training loop keeps the
+  top γ of the **global** batch (all micro-batches and ranks; the same :func:`lmselect.train.hooks.topk_token_mask`
+  as RHO-1: k = max(1, round(γ·n)), ties by global position) and trains u on them.
 
 Choices where the paper is not visible (all config options):
   * λ = 1.0 (not visible in the paper; our default), reference lr 1e-4, AdamW betas (0.9, 0.95), no weight decay,
@@ -88,6 +89,7 @@ class BladeSelector(TokenSelector):
         if cfg.ref_steps < 0:
             raise LmselectError(f"blade.ref_steps must be >= 0, got {cfg.ref_steps}")
         self.cfg = cfg
+        self.keep_fraction = float(cfg.keep_fraction)  # γ: the loop keeps this fraction of the global batch
         self.valset = valset
         self.reference: nn.Module | None = None  # the frozen w scoring tokens now
         self._template: nn.Module | None = None  # the target, for rebuilding w after a resume
@@ -162,16 +164,17 @@ class BladeSelector(TokenSelector):
 
     @torch.no_grad()
     def reference_ce(self, input_ids: torch.Tensor) -> torch.Tensor:
-        assert self.reference is not None, "BladeSelector.on_step_start must run before keep_mask"
+        assert self.reference is not None, "BladeSelector.on_step_start must run before token_scores"
         dev = next(self.reference.parameters()).device
         x = input_ids.to(dev)
         return token_ce(self.reference(input_ids=x).logits, x).float().to(input_ids.device)
 
-    def keep_mask(self, input_ids: torch.Tensor, token_ce: torch.Tensor) -> torch.Tensor:
-        score = token_ce.detach().float() - self.reference_ce(input_ids)
-        mask = topk_token_mask(score, self.cfg.keep_fraction)
+    def token_scores(self, input_ids: torch.Tensor, token_ce: torch.Tensor) -> torch.Tensor:
+        """Excess loss CE_u − CE_w [B, L-1] of one micro-batch against the current frozen reference."""
+        return token_ce.detach().float() - self.reference_ce(input_ids)
+
+    def on_mask(self, mask: torch.Tensor) -> None:
         self._last_kept_fraction = int(mask.sum()) / max(mask.numel(), 1)
-        return mask
 
     def stats(self) -> dict[str, Any]:
         return {

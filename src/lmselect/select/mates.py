@@ -13,11 +13,20 @@ and the next shard D is selected by Gumbel-top-k on the predictions, keeping the
 keys = −Θ(x)/τ + Gumbel noise, top k = fraction · |D| keys, τ = 0.5, noise seeded.
 
 Implementation notes.
-* Probe step = exactly one ``optimizer.step()`` on the mean token CE of the single sequence, from the target's
-  checkpoint **with its optimizer state**: Adam moments, step counts and the current (scheduled) lr of each group.
-  ``probe_lr`` overrides the lr; ``clip_grad_norm`` (default None = off) clips the single-sequence gradient like
-  ``torch.nn.utils.clip_grad_norm_``. The model runs in eval mode for both the step and the validation loss (the
-  presets have no dropout, and it keeps the probe deterministic).
+* Probe step = exactly the first optimizer step ``lmselect.train`` takes in the round being trained, on the single
+  sequence (batch of 1), from the target's checkpoint **with its optimizer state**. Given that round's
+  ``TrainConfig`` (``run_mates_round(train_cfg=...)``; the pipeline passes the one its round training uses):
+  the loop's AdamW groups (``build_optimizer``: weight decay on matrices only) with the saved moments and step counts
+  and the config's betas / eps / decay (``training_optimizer``, as ``continue_optimizer`` does), the learning rate
+  ``lr_at(0, optim, steps)`` of that stage (with ``lr_per_round: halving`` round r's lr·0.5^r, not the previous
+  round's), the loop's loss (``micro_step``: mean token CE), its clipping (``clip_grads`` at ``optim.grad_clip``)
+  and its autocast (``dtype``). :func:`probe_step` is that step; a test checks it against ``train()`` bit for bit.
+  ``probe_lr`` / ``clip_grad_norm`` override the lr / clip norm. Without ``train_cfg`` the probe uses the lr stored
+  in the optimizer state and no clipping. The model runs in eval mode for the step and the validation loss (the
+  presets have no dropout, so the arithmetic is the training step's).
+* Probe sequences (``probe_from``): ``"holdout"`` (default, the paper's held-out part of the pool) = a seeded sample
+  of :func:`probe_candidates`, the part of shard 0 the warm-up did not train on, which is in no candidate shard;
+  ``"candidates"`` = a seeded sample of the round's own candidate shard.
 * :func:`probe_oracle` has two implementations that compute the same numbers:
   ``method="loop"`` (the oracle): per sequence, backward + ``optimizer.step()`` + validation loss, then an exact
   restore (parameters copied back, optimizer ``load_state_dict`` of a deep copy, gradients reset);
@@ -44,8 +53,8 @@ Outputs of :func:`run_mates_round` in ``out_dir`` (each written atomically; fini
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -53,9 +62,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmselect.artifacts import (
     LmselectError,
@@ -66,7 +75,7 @@ from lmselect.artifacts import (
     is_complete,
     write_manifest,
 )
-from lmselect.context import STREAM_PROBE, STREAM_SELECT, FlopContext, RoundContext
+from lmselect.context import STREAM_PROBE, STREAM_SELECT, STREAM_TRAIN, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
 from lmselect.select.base import Selection, SelectionMethod, register
 
@@ -74,11 +83,13 @@ from lmselect.select.base import Selection, SelectionMethod, register
 @dataclass
 class MatesConfig:
     n_probe: int = 1000  # paper: 80k probe sequences per round
-    probe_lr: float | None = None  # None = the lr stored in the target's optimizer state (the scheduled lr)
-    clip_grad_norm: float | None = None  # clip the single-sequence gradient before the probe step
+    probe_from: Literal["holdout", "candidates"] = "holdout"  # holdout: shard 0 minus the warm-up (no candidate)
+    probe_lr: float | None = None  # None = the round's training lr (train_cfg), else the optimizer state's lr
+    clip_grad_norm: float | None = None  # None = the training's optim.grad_clip (train_cfg), else off
     probe_method: Literal["batched", "loop"] = "batched"
     probe_chunk: int = 8  # sequences probed together by the batched method
-    probe_attn_implementation: str | None = "eager"  # vmap has a batching rule for eager attention; None = keep
+    # attention for the probe: "auto" = eager for batched (vmap has a batching rule for it), the training's for loop
+    probe_attn_implementation: str | None = "auto"
     val_items: int | None = 1024  # LAMBADA items in the probe validation loss (paper 1,024); None = all
     val_batch_size: int = 32
     # influence model
@@ -137,6 +148,55 @@ def _validation_loss(model: nn.Module, valset: Any, batch_size: int) -> float:
     return validation_loss(model, valset, batch_size=batch_size)
 
 
+def probe_candidates(pool: Any, warmup_ids: np.ndarray) -> np.ndarray:
+    """Held-out probe sequences: the rows of shard 0 the warm-up did not train on (sorted; in no candidate shard)."""
+    ids = np.setdiff1d(np.asarray(pool.ids(0), dtype=np.int64), np.asarray(warmup_ids, dtype=np.int64))
+    if ids.size == 0:
+        raise LmselectError("mates.probe_from 'holdout': the warm-up trained on all of shard 0, so no held-out "
+                            "sequences are left; lower warmup.fraction or set mates.probe_from=candidates")
+    return ids
+
+
+def training_optimizer(model: nn.Module, train_cfg: Any, optimizer_state: Any) -> torch.optim.Optimizer:
+    """The optimizer ``lmselect.train`` builds for a stage with ``train_cfg`` started from a checkpoint whose
+    optimizer state dict is ``optimizer_state``: the loop's AdamW groups, the saved moments when
+    ``continue_optimizer`` (else fresh ones), then this config's betas / eps / weight decay."""
+    from lmselect.train.schedules import apply_hparams, build_optimizer
+
+    opt = build_optimizer(model, train_cfg.optim)
+    if train_cfg.continue_optimizer:
+        sd = optimizer_state.state_dict() if isinstance(optimizer_state, torch.optim.Optimizer) else optimizer_state
+        try:
+            opt.load_state_dict(copy.deepcopy(sd))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise LmselectError(f"MATES probe: optimizer state does not match the model ({str(e).splitlines()[0]})") from None
+        apply_hparams(opt, train_cfg.optim)
+    return opt
+
+
+def probe_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    *,
+    lr: float | None = None,
+    grad_clip: float | None = None,
+    dtype: str = "float32",
+) -> None:
+    """One training step on the batch ``x`` in place, with the training loop's own pieces: its lr setting, loss
+    (``micro_step``), clipping (``clip_grads``; None / <= 0 = off) and autocast policy (``dtype``)."""
+    from lmselect.train.loop import autocast_context, clip_grads, micro_step
+
+    if lr is not None:
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+    dev = next(model.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    micro_step(model, x.to(dev), 1, lambda: autocast_context(dev, dtype))
+    clip_grads(model, grad_clip or 0.0)
+    optimizer.step()
+
+
 def probe_oracle_loop(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -146,27 +206,19 @@ def probe_oracle_loop(
     lr: float | None = None,
     clip_grad_norm: float | None = None,
     val_batch_size: int = 32,
+    dtype: str = "float32",
 ) -> np.ndarray:
-    """The plain oracle: step on each sequence with the real optimizer, measure, restore exactly."""
+    """The plain oracle: :func:`probe_step` on each sequence with the real optimizer, measure, restore exactly."""
     params = [p for p in model.parameters()]
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_opt = copy.deepcopy(optimizer.state_dict())
     was = model.training
-    dev = params[0].device
     out = np.empty(probe_batch.shape[0], dtype=np.float64)
     model.eval()
     try:
         for i in tqdm(range(probe_batch.shape[0]), desc="mates probes", unit="seq", leave=False):
-            x = probe_batch[i : i + 1].to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            token_ce(model(input_ids=x).logits, x).mean().backward()
-            if clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            if lr is not None:
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-            optimizer.step()
+            probe_step(model, optimizer, probe_batch[i : i + 1], lr=lr, grad_clip=clip_grad_norm, dtype=dtype)
             out[i] = _validation_loss(model, valset, val_batch_size)
             # exact restore: values copied in place, optimizer state from a deep copy (load_state_dict copies again)
             with torch.no_grad():
@@ -234,12 +286,15 @@ def probe_oracle_batched(
     clip_grad_norm: float | None = None,
     val_batch_size: int = 32,
     chunk_size: int = 8,
+    dtype: str = "float32",
 ) -> np.ndarray:
     """The same values as :func:`probe_oracle_loop`, vectorised with ``torch.func`` over chunks of sequences.
 
     Does not modify the model, its gradients or the optimizer.
     """
     from torch.func import functional_call, grad, vmap
+
+    from lmselect.train.loop import autocast_context
 
     named = dict(model.named_parameters())
     params = {n: p.detach() for n, p in named.items()}
@@ -266,9 +321,9 @@ def probe_oracle_batched(
         with torch.no_grad():  # torch.func.grad computes its own gradients inside
             for s in tqdm(range(0, probe_batch.shape[0], chunk_size), desc=f"mates probes (x{chunk_size})", leave=False):
                 x = probe_batch[s : s + chunk_size].to(dev)
-                with torch.enable_grad():
+                with torch.enable_grad(), autocast_context(dev, dtype):
                     grads = per_sample_grad(params, x)
-                if clip_grad_norm:
+                if clip_grad_norm and clip_grad_norm > 0:
                     norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
                     coef = (clip_grad_norm / (norms + 1e-6)).clamp(max=1.0)
                     grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for n, g in grads.items()}
@@ -295,23 +350,28 @@ def probe_oracle(
     clip_grad_norm: float | None = None,
     val_batch_size: int = 32,
     chunk_size: int = 8,
-    attn_implementation: str | None = "eager",
+    attn_implementation: str | None = "auto",
+    dtype: str = "float32",
 ) -> np.ndarray:
     """Oracle influence [N]: validation loss after one optimizer step on each row of ``probe_batch`` [N, L] alone.
 
     ``method="batched"`` (torch.func, chunks of ``chunk_size``) or ``"loop"`` (the real optimizer, restored exactly
     after each probe). Both leave the model parameters, gradients and optimizer state as they found them.
-    ``attn_implementation`` temporarily switches the model's attention (vmap batches eager attention natively).
+    ``attn_implementation`` temporarily switches the model's attention ("auto": eager for batched, which vmap
+    batches natively; unchanged for loop); ``dtype`` is the training loop's autocast setting.
     """
+    if attn_implementation == "auto":
+        attn_implementation = "eager" if method == "batched" else None
     with _attn_impl(model, attn_implementation):
         if method == "loop":
             return probe_oracle_loop(
-                model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm, val_batch_size=val_batch_size
+                model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm,
+                val_batch_size=val_batch_size, dtype=dtype,
             )
         if method == "batched":
             return probe_oracle_batched(
                 model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm,
-                val_batch_size=val_batch_size, chunk_size=chunk_size,
+                val_batch_size=val_batch_size, chunk_size=chunk_size, dtype=dtype,
             )
     raise LmselectError(f"unknown MATES probe method '{method}' (batched, loop)")
 
@@ -485,12 +545,15 @@ def run_mates_round(
     valset: Any,
     out_dir: str | Path,
     device: Any = None,
+    train_cfg: Any = None,
 ) -> np.ndarray:
     """One MATES round: oracle probe -> influence model -> predictions over ``candidate_ids`` -> Gumbel-top-k.
 
     ``target_model`` is deep-copied onto ``device`` (the caller's model is untouched); ``optimizer_state`` is the
-    target's AdamW state dict (or optimizer). The first ``cfg.n_probe`` of ``probe_ids`` are probed. Returns the
-    selected sequence ids (sorted int64). Resumable: finished sub-steps in ``out_dir`` are reused.
+    target's AdamW state dict (or optimizer). ``train_cfg``: the ``TrainConfig`` of the round about to be trained;
+    the probe step is then its first step (optimizer groups and hyper-parameters, lr, clipping, autocast; see the
+    module notes). The first ``cfg.n_probe`` of ``probe_ids`` are probed. Returns the selected sequence ids (sorted
+    int64). Resumable: finished sub-steps in ``out_dir`` are reused.
     """
     from lmselect.config import dump_yaml, to_dict
     from lmselect.models.scorer import SequenceScorer
@@ -517,11 +580,22 @@ def run_mates_round(
     else:
         t0 = time.perf_counter()
         model = copy.deepcopy(target_model).to(dev)
-        opt = _as_optimizer(model, optimizer_state, source_model=target_model)
+        lr, clip, dtype, attn = cfg.probe_lr, cfg.clip_grad_norm, "float32", cfg.probe_attn_implementation
+        if train_cfg is not None:  # the round's first training step (module notes)
+            from lmselect.train.loop import resolve_steps
+            from lmselect.train.schedules import lr_at
+
+            opt = training_optimizer(model, train_cfg, optimizer_state)
+            lr = lr_at(0, train_cfg.optim, resolve_steps(train_cfg, pool.seq_len)) if lr is None else lr
+            clip = train_cfg.optim.grad_clip if clip is None else clip
+            dtype = train_cfg.dtype
+            if attn == "auto" and cfg.probe_method == "loop":
+                attn = train_cfg.attn
+        else:
+            opt = _as_optimizer(model, optimizer_state, source_model=target_model)
         values = probe_oracle(
-            model, opt, pool.batch(probe_ids), vset, method=cfg.probe_method, lr=cfg.probe_lr,
-            clip_grad_norm=cfg.clip_grad_norm, val_batch_size=cfg.val_batch_size, chunk_size=cfg.probe_chunk,
-            attn_implementation=cfg.probe_attn_implementation,
+            model, opt, pool.batch(probe_ids), vset, method=cfg.probe_method, lr=lr, clip_grad_norm=clip,
+            val_batch_size=cfg.val_batch_size, chunk_size=cfg.probe_chunk, attn_implementation=attn, dtype=dtype,
         )
         del model, opt
         _write_parquet(out / "oracle.parquet", {"seq_id": probe_ids, "val_loss": values})
@@ -597,21 +671,21 @@ class Mates(SelectionMethod):
         from lmselect.score import write_scores
         from lmselect.select.topk import random_fraction
         from lmselect.train.checkpoint import load_checkpoint_model, load_training_state
-        from lmselect.train.schedules import build_optimizer
 
         idir, sdir = ctx.stage_dir("influence"), ctx.stage_dir("scores")
-        # Rebuild the AdamW the loop used and load the saved moments, so a probe step is the step training takes.
+        # Oracle probes start from the current target *with its optimizer state* (METHODS §2 step 1), and a probe
+        # step is the first step stage_train takes in this round: its config (lr × lr_scale(r), clipping, AdamW).
         model = load_checkpoint_model(ctx.prev_target, device=ctx.device)
-        optimizer = build_optimizer(model, ctx.recipe.train.optim)
-        optimizer.load_state_dict(load_training_state(ctx.prev_target)["optimizer"])
-        sel_seed = ctx.derived_seed(STREAM_SELECT)
-        cfg = replace(self.cfg, seed=sel_seed, fraction=ctx.fraction)
-        # Probe sequences: a seeded sample of the round's candidates (the influence model then predicts every one).
-        probe = random_fraction(ctx.candidates, min(1.0, cfg.n_probe / max(1, len(ctx.candidates))),
-                                seed=ctx.derived_seed(STREAM_PROBE))
-        selected = run_mates_round(cfg, model, optimizer, ctx.pool, probe, ctx.candidates, ctx.selection_set, idir,
-                                   device=ctx.device)
-        del model, optimizer
+        optimizer_state = load_training_state(ctx.prev_target)["optimizer"]
+        round_cfg = ctx.run.train_cfg(ctx.recipe.round_steps, rnd=ctx.round, seed=ctx.seed, stream=STREAM_TRAIN)
+        cfg = replace(self.cfg, seed=ctx.derived_seed(STREAM_SELECT), fraction=ctx.fraction)
+        # Probe sequences: a seeded sample of held-out shard-0 sequences (default: in no candidate shard, never
+        # trained on) or of the round's own candidates; the influence model then predicts every candidate.
+        source = probe_candidates(ctx.pool, ctx.run.warmup_ids()) if cfg.probe_from == "holdout" else ctx.candidates
+        probe = random_fraction(source, min(1.0, cfg.n_probe / max(1, len(source))), seed=ctx.derived_seed(STREAM_PROBE))
+        selected = run_mates_round(cfg, model, optimizer_state, ctx.pool, probe, ctx.candidates, ctx.selection_set, idir,
+                                   device=ctx.device, train_cfg=round_cfg)
+        del model, optimizer_state
         preds = _read_parquet(idir / "predictions.parquet")
         # MATES keeps the *lowest* predicted post-step loss; stored negated so that higher = preferred everywhere.
         scores = -np.asarray(preds["pred"], dtype=np.float64)

@@ -11,10 +11,11 @@ and the training loss averages the target's CE over the top-k % tokens of the **
 
 Full sequences are always fed; only the loss of dropped tokens is masked (the training loop does the averaging).
 
-Mask definition (exactly :func:`lmselect.train.hooks.topk_token_mask`): over all B·(L−1) predictions of the batch
-handed to ``keep_mask``, k = max(1, round(keep_fraction · n)) with Python's ``round`` (half to even); the k largest
-excess losses are kept and ties are broken by position (lower flat index = earlier sequence / earlier token first),
-i.e. the result equals a stable descending sort.
+Mask definition (exactly :func:`lmselect.train.hooks.topk_token_mask`): the selector only supplies the scores
+(:meth:`Rho1Selector.token_scores`, per micro-batch); the training loop takes the top-k over all B·(L−1) predictions
+of the **global** batch (every micro-batch of every rank), k = max(1, round(keep_fraction · n)) with Python's
+``round`` (half to even); the k largest excess losses are kept and ties are broken by global position (earlier
+sequence of the global batch / earlier token first), i.e. the result equals a stable descending sort of the batch.
 
 The reference is frozen (eval mode, ``requires_grad=False``, no autograd graph). Its per-token losses can be
 precomputed once with :func:`precompute_reference_losses`; since the :class:`~lmselect.train.hooks.TokenSelector`
@@ -33,15 +34,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, read_manifest, write_manifest
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
 from lmselect.select.base import SelectionMethod, register
-from lmselect.train.hooks import TokenSelector, topk_token_mask
+from lmselect.train.hooks import TokenSelector
 
 
 @dataclass
@@ -273,7 +274,7 @@ class ReferenceLossCache:
 
 
 class Rho1Selector(TokenSelector):
-    """Keep the top ``keep_fraction`` of the batch's tokens by excess loss CE_target − CE_reference."""
+    """Keep the top ``keep_fraction`` of the global batch's tokens by excess loss CE_target − CE_reference."""
 
     name = "rho1"
 
@@ -308,14 +309,15 @@ class Rho1Selector(TokenSelector):
         self._cache_misses += len(missing)
         return out.to(input_ids.device)
 
-    def keep_mask(self, input_ids: torch.Tensor, token_ce: torch.Tensor) -> torch.Tensor:
-        score = token_ce.detach().float() - self.reference_ce(input_ids).to(token_ce.device)
-        mask = topk_token_mask(score, self.keep_fraction)
+    def token_scores(self, input_ids: torch.Tensor, token_ce: torch.Tensor) -> torch.Tensor:
+        """Excess loss CE_target − CE_reference [B, L-1] of one micro-batch."""
+        return token_ce.detach().float() - self.reference_ce(input_ids).to(token_ce.device)
+
+    def on_mask(self, mask: torch.Tensor) -> None:
         k, n = int(mask.sum()), mask.numel()
         self._kept += k
         self._total += n
         self._last_kept_fraction = k / max(n, 1)
-        return mask
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kept_fraction": self._last_kept_fraction,

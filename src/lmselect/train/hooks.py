@@ -1,11 +1,20 @@
 """Hooks through which token-level selection methods (RHO-1, BLADE) plug into the training loop.
 
 The loop always feeds full sequences; a selector only decides which next-token predictions contribute to the loss.
-Per step the loop calls, in order::
+METHODS §3–4 keep the top k % of the tokens *of the batch*, so the mask must not depend on how the global batch is
+split into micro-batches or ranks. A selector therefore only *scores* tokens (per micro-batch, cheap); the loop takes
+the top-k over the whole global batch. Per optimizer step the loop does, in order::
 
-    selector.on_step_start(step, model, next_batch)      # BLADE: at episode starts, re-derive the reference
-    mask = selector.keep_mask(input_ids, token_ce)       # per micro-batch; token_ce is the target's detached CE
-    loss = (token_ce_with_grad * mask).sum() / mask.sum()
+    selector.on_step_start(step, model, next_batch)          # BLADE: at episode starts, re-derive the reference
+    for every micro-batch of every rank (no grad):           # the scoring pass
+        s = selector.token_scores(input_ids, token_ce)       # [B, L-1]; token_ce is the target's CE (fp32)
+    S = all-gather of s over ranks, in global-batch order    # [global_batch, L-1]
+    M = topk_token_mask(S, selector.keep_fraction)           # ties broken by global position
+    selector.on_mask(M)                                      # once per step (statistics)
+    loss = Σ_j M_j · CE_j / Σ_j M_j  over the global batch   # the grad pass; = the one-process full-batch loss
+
+``keep_fraction = None`` (the base class) is plain training: no scoring pass, every token counts. When one micro-batch
+holds a rank's whole share of the step, the grad forward doubles as the scoring pass (no extra forward).
 
 ``next_batch()`` returns a fresh training micro-batch (LongTensor [B, L]) from the loop's own data stream without
 disturbing the target's data order (it draws from a separate, seeded stream), for methods that need extra batches.
@@ -19,9 +28,10 @@ import torch
 
 
 class TokenSelector:
-    """Base class: keeps every token (plain training)."""
+    """Base class: keeps every token (plain training). Subclasses set ``keep_fraction`` and define ``token_scores``."""
 
     name = "all"
+    keep_fraction: float | None = None  # fraction of the global batch's tokens kept; None = all (no scoring pass)
 
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
         """Called once before the first step (and again after a resume)."""
@@ -29,8 +39,20 @@ class TokenSelector:
     def on_step_start(self, step: int, model: torch.nn.Module, next_batch: Callable[[], torch.Tensor]) -> None:
         pass
 
+    def token_scores(self, input_ids: torch.Tensor, token_ce: torch.Tensor) -> torch.Tensor:
+        """Per-token scores [B, L-1] of one micro-batch (higher = more worth training on), from the detached CE."""
+        raise NotImplementedError(f"{type(self).__name__} sets keep_fraction but defines no token_scores")
+
+    def on_mask(self, mask: torch.Tensor) -> None:
+        """The step's keep mask over the batch the top-k ran over ([global_batch, L-1]; a worker's slice under LoRDO)."""
+
     def keep_mask(self, input_ids: torch.Tensor, token_ce: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(token_ce, dtype=torch.bool)
+        """Top-k mask of this one batch on its own (for callers outside the loop; the loop uses the global batch)."""
+        if self.keep_fraction is None:
+            return torch.ones_like(token_ce, dtype=torch.bool)
+        mask = topk_token_mask(self.token_scores(input_ids, token_ce), self.keep_fraction)
+        self.on_mask(mask)
+        return mask
 
     def stats(self) -> dict[str, Any]:
         return {}

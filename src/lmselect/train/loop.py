@@ -7,8 +7,11 @@ global_batch = micro_batch · accum · world_size, and the union over ranks is e
 Data order: epoch e is ``permutation(ids)`` under seed ``cfg.seed + e``, consumed in order; the position (epoch,
 offset) is part of the training state, so a resumed run sees exactly the batches the uninterrupted run would have.
 
-Loss: per micro-batch, per-token CE [B, L-1] under a keep mask from the token selector (all true for plain
-training), averaged over kept tokens; micro-batch losses are averaged over accumulation steps and ranks.
+Loss: plain training averages the per-token CE [B, L-1] of each micro-batch; micro-batch losses are averaged over
+accumulation steps and ranks. With a token selector (RHO-1, BLADE; train/hooks.py) a no-grad scoring pass over all
+micro-batches collects the selector's per-token scores, the top-k is taken over the whole global batch (all ranks,
+ties by global position), and the loss is Σ kept CE / (kept tokens of the global batch): the gradient is that of the
+one-process full batch, whatever the micro-batch size or world size.
 
 ``optimizer: lordo`` (train/lordo.py, METHODS §5): the model is not wrapped in DDP, each rank steps on its own slice,
 and ``optimizer.maybe_sync(step)`` averages the parameters every ``lordo.sync_every`` steps.
@@ -36,7 +39,7 @@ from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model, count_params, flops_per_token, get_preset
 from lmselect.train import checkpoint as ckpt_io
 from lmselect.train import distributed as D
-from lmselect.train.hooks import TokenSelector
+from lmselect.train.hooks import TokenSelector, topk_token_mask
 from lmselect.train.lordo import LordoConfig, LordoOptimizer
 from lmselect.train.schedules import OptimConfig, apply_hparams, build_optimizer, lr_at, validate_schedule
 
@@ -97,21 +100,84 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def micro_step(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    selector: TokenSelector,
-    accum: int,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> torch.Tensor:
-    """Forward + backward of one micro-batch; returns its (detached) masked-mean loss."""
+def forward_ce(model: torch.nn.Module, x: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """Per-token CE [B, L-1] (fp32) of one micro-batch; with an autograd graph unless called under no_grad."""
     with autocast():
         logits = model(input_ids=x).logits
-    ce = token_ce(logits, x)  # [B, L-1], fp32
-    mask = selector.keep_mask(x, ce.detach())
-    loss = (ce * mask).sum() / mask.sum().clamp_min(1)
-    (loss / accum).backward()  # accumulated gradients = mean over micro-batches
+    return token_ce(logits, x)
+
+
+def backward_loss(
+    ce: torch.Tensor, accum: int, mask: torch.Tensor | None = None, n_kept: int = 0, world: int = 1
+) -> torch.Tensor:
+    """Backward of one micro-batch's loss; returns it (detached), scaled so that its mean over the ``accum``
+    micro-batches and ``world`` ranks is the step's loss.
+
+    Plain (``mask`` None): the micro-batch's mean CE. Masked: Σ kept CE · accum · world / ``n_kept``, where ``n_kept``
+    counts the kept tokens of everything the mask was taken over; ``world`` is the number of ranks whose gradients
+    DDP / FSDP average (1 under LoRDO, whose workers step on their own slices).
+    """
+    loss = ce.mean() if mask is None else (ce * mask).sum() * (accum * world / max(n_kept, 1))
+    (loss / accum).backward()  # accumulated gradients = mean over micro-batches (and DDP's mean over ranks)
     return loss.detach()
+
+
+def micro_step(
+    model: torch.nn.Module, x: torch.Tensor, accum: int, autocast: Callable[[], contextlib.AbstractContextManager]
+) -> torch.Tensor:
+    """Forward + backward of one plain micro-batch (every token counts); returns its (detached) mean loss."""
+    return backward_loss(forward_ce(model, x, autocast), accum)
+
+
+def gather_rows(x: torch.Tensor, info: D.DistInfo) -> torch.Tensor:
+    """Concatenation over ranks of each rank's ``x`` (same shape everywhere), in rank order = global-batch order."""
+    if not info.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(info.world_size)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def selected_step(
+    model: torch.nn.Module,
+    xs: list[torch.Tensor],
+    selector: TokenSelector,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    info: D.DistInfo,
+    global_ranks: bool = True,
+) -> torch.Tensor:
+    """Forward + backward of one step's micro-batches ``xs`` (this rank's share) under the global top-k token mask.
+
+    ``global_ranks``: the top-k runs over all ranks' tokens (DDP / FSDP); False (LoRDO) over this rank's only.
+    Returns the sum of the micro-batch losses as :func:`backward_loss` scales them.
+    """
+    accum = len(xs)
+    ranks = global_ranks and info.enabled
+    world = info.world_size if ranks else 1
+    sync = lambda i: D.grad_sync(model, enabled=i == accum - 1)  # noqa: E731  all-reduce once, on the last micro-step
+
+    def global_mask(scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        local = torch.cat(scores)  # [rows of this rank, L-1]
+        full = gather_rows(local, info) if ranks else local
+        mask = topk_token_mask(full, selector.keep_fraction)
+        selector.on_mask(mask)
+        start = info.rank * local.shape[0] if ranks else 0
+        mine = mask[start : start + local.shape[0]].split([x.shape[0] for x in xs])
+        return list(mine), int(mask.sum())
+
+    if accum == 1:  # the grad forward doubles as the scoring pass
+        with sync(0):
+            ce = forward_ce(model, xs[0], autocast)
+            (mask,), n_kept = global_mask([selector.token_scores(xs[0], ce.detach()).float()])
+            return backward_loss(ce, 1, mask, n_kept, world)
+    with torch.no_grad():
+        scores = [selector.token_scores(x, forward_ce(model, x, autocast)).float() for x in xs]
+    masks, n_kept = global_mask(scores)
+    total = torch.zeros((), device=xs[0].device)
+    for i, (x, m) in enumerate(zip(xs, masks)):
+        with sync(i):
+            total += backward_loss(forward_ce(model, x, autocast), accum, m, n_kept, world)
+    return total
 
 
 def clip_grads(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -351,10 +417,15 @@ def train(
             g["lr"] = lr
         rows = data.next(cfg.global_batch)[info.rank * per_rank : (info.rank + 1) * per_rank]  # this rank's slice
         loss_sum = torch.zeros((), device=device)
-        for i in range(accum):
-            x = pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]).to(device, non_blocking=True)
-            with D.grad_sync(dmodel, enabled=i == accum - 1):  # all-reduce gradients once, on the last micro-step
-                loss_sum += micro_step(dmodel, x, selector, accum, autocast)
+        if selector.keep_fraction is None:  # plain training: one pass, every token counts
+            for i in range(accum):
+                x = pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]).to(device, non_blocking=True)
+                with D.grad_sync(dmodel, enabled=i == accum - 1):  # all-reduce gradients once, on the last micro-step
+                    loss_sum += micro_step(dmodel, x, accum, autocast)
+        else:  # token selection: top-k over the global batch (LoRDO workers: over their own slice)
+            xs = [pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]).to(device, non_blocking=True)
+                  for i in range(accum)]
+            loss_sum += selected_step(dmodel, xs, selector, autocast, info, global_ranks=not lordo)
         grad_norm = clip_grads(raw_model, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
