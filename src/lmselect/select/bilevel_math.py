@@ -160,7 +160,7 @@ def dots_per_sample(ce_fn: PerSeqFn, params: Params, z: Sequence[Tensor], n: int
     """Oracle: one backward pass per sequence, c_i = ⟨∇ CE_i, z⟩ (the authors' loop)."""
     out = []
     for i in range(n):
-        g = grad_of(lambda p: ce_fn(p, slice(i, i + 1)).sum(), params)
+        g = grad_of(lambda p, i=i: ce_fn(p, slice(i, i + 1)).sum(), params)
         out.append(tree_dot(g, z))
     return torch.stack(out).detach()
 
@@ -171,7 +171,7 @@ def dots_jvp(ce_fn: PerSeqFn, params: Params, z: Sequence[Tensor], n: int, chunk
     tangents = tuple(t.detach().to(p.dtype) for p, t in zip(primals, z))
     out = []
     for sl in chunks(n, chunk):
-        _, t = torch.func.jvp(lambda *ps: ce_fn(tuple(ps), sl), primals, tangents)
+        _, t = torch.func.jvp(lambda *ps, sl=sl: ce_fn(tuple(ps), sl), primals, tangents)
         out.append(t.detach())
     return torch.cat(out)
 
@@ -211,7 +211,7 @@ def hypergrad_per_sample(score_fn: PerSeqFn, score_params: Params, ds: Tensor) -
     """Oracle: Σ_j ds_j ∇θ_s s_j with one forward + backward per sequence through the score model."""
     acc = [torch.zeros_like(p) for p in score_params]
     for j in range(ds.shape[0]):
-        g = grad_of(lambda p: score_fn(p, slice(j, j + 1)).sum(), score_params)
+        g = grad_of(lambda p, j=j: score_fn(p, slice(j, j + 1)).sum(), score_params)
         for a, gi in zip(acc, g):
             a.add_(gi, alpha=float(ds[j]))
     return tuple(acc)

@@ -55,6 +55,7 @@ Rank 0 writes all files.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import re
@@ -68,7 +69,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, write_manifest
+from lmselect.artifacts import LmselectError, Manifest, atomic_path, atomic_write_text, is_complete, write_manifest
 from lmselect.config import save_config, to_dict
 from lmselect.data.tokenizer import check_same_tokenizer, tokenizer_fingerprint
 from lmselect.data.valset import ValidationSet
@@ -651,7 +652,7 @@ class BilevelSolver:
         if cfg.cache_teacher:
             teachers = [self.teacher_logits(ids[sl]) for sl in bm.chunks(ids.shape[0], cfg.micro_batch)]
 
-        def hvp(vec: Sequence[Tensor]) -> bm.Params:
+        def hvp(vec: Sequence[Tensor], teachers: list[Tensor] | None = teachers) -> bm.Params:
             return self.lower_hvp(ids, p_loc, vec, teachers)
 
         # v and every H·z are global (all-reduced), so each rank computes the same z: nothing left to average
@@ -681,7 +682,7 @@ class BilevelSolver:
             rho_k = k * rho / (1.0 + (k - 1.0) * rho) if rho > 0 else 0.0  # Spearman–Brown to the v in use
             diag.update(v_agreement=rho, v_signal=math.sqrt(max(0.0, rho_k)))
             t["t_diag"] = time.perf_counter() - t0
-        del teachers
+        del teachers, hvp  # the cached teacher logits (B·L·V) are no longer needed
 
         t0 = time.perf_counter()
         c = self.compute_c(ids, z, impl)
@@ -884,9 +885,6 @@ def solve_round(
     if state_path.is_file():
         solver.load_state_dict(torch.load(state_path, map_location=solver.device, weights_only=False))
         if rank == 0:  # drop log records written after the last checkpoint (a crash between saves)
-            from lmselect.artifacts import atomic_write_text
-            import json
-
             keep = [r for r in read_jsonl(out_dir / LOG_FILE) if int(r.get("step", 0)) <= solver.step]
             atomic_write_text(out_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in keep))
     elif rank == 0:
@@ -936,9 +934,6 @@ def solve_round(
         diagnostics = summarise_diagnostics(read_jsonl(out_dir / LOG_FILE), solver.c_by_source, cfg)
         if diagnostics["warnings"]:  # one line per round
             log.warning("bliss %s: %s", out_dir, "; ".join(diagnostics["warnings"]))
-        from lmselect.artifacts import atomic_write_text
-        import json
-
         atomic_write_text(out_dir / DIAG_FILE, json.dumps(diagnostics, indent=2) + "\n")
         scorer.save_pretrained(out_dir / SCORE_MODEL_DIR, extra={"tokenizer_fingerprint": getattr(pool, "tokenizer_fingerprint", "")})
         write_manifest(out_dir, Manifest(
