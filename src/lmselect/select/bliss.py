@@ -49,6 +49,13 @@ reference, and every collective below exists so that W ranks compute the same nu
   and the same H·z, hence the same z, so the average of z across ranks is z itself and needs no collective.
 * c_i on each rank's own rows with that z; c all-gathered for ∇_θs; score gradients summed.
 
+Options and diagnostics (METHODS §1.2a): ``profile`` (``paper`` = the released code's behaviour, pinned by a test;
+``default`` = the all-token objective), the selection ``objective``, ``z_warm_start`` / ``z_tol``, ``v_ema`` and
+``val_batch_size: 0`` (whole set). Each outer step logs cos(z, v), ‖Hz‖/‖v‖, the z residual, the v agreement of two
+validation batches, the share of var(c) between sources and the weight ratio; ``solve_round`` summarises them in
+``diagnostics.json`` (with ``warnings``) and the manifest, and logs one warning line per round when the solve is
+first-order or v noise-dominated.
+
 Rank 0 writes all files.
 """
 
@@ -139,7 +146,9 @@ class BlissConfig:
 # the values a ``None`` option takes under each profile (resolve_profile)
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"objective": "final_word", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0},
-    "default": {"objective": "all_tokens", "z_warm_start": True, "z_tol": 0.0, "v_ema": 0.0},
+    # measured (issue 12, bench/bliss_signal.py): the all-token objective is what aligns v with the validation set's
+    # own kind of text; z warm start / tolerance / v EMA are offered but not yet measured to help at demo scale
+    "default": {"objective": "all_tokens", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0},
 }
 # warning thresholds (diagnostics.json "warnings"; METHODS §1.2a)
 FIRST_ORDER_COS = 0.99  # cos(z, v) above this …
