@@ -225,7 +225,7 @@ def _round_setup(tmp_path, pool, rnd: int, grad_clip: float):
                    dtype="float32", log_every=1, **{f"optim.{k}": v for k, v in optim.items()})
     train(base, pool, pool.ids(0), tmp_path / "warm")
     runner = Runner(Recipe(train=base, lr_per_round="halving", round_steps=1), tmp_path / "run")
-    cfg = runner.train_cfg(1, runner.lr_scale(rnd), seed_offset=rnd)  # what stage_train uses for round rnd
+    cfg = runner.ctx.train_cfg(1, rnd=rnd, seed=0)  # what stage_train uses for round rnd
     return replace(cfg, global_batch=1, micro_batch=1)  # batch of 1: the probe's single sequence
 
 

@@ -8,7 +8,10 @@ Two kinds (METHODS §1.1):
 * ``text``: plain documents; the loss counts every token.
 
 Records are read from ``.jsonl`` (field ``text``) or ``.txt`` (one document per line). A ValidationSet is a padded
-tensor ``input_ids`` [N, L] with ``loss_mask`` [N, L-1] marking which next-token predictions count.
+tensor ``input_ids`` [N, L] with ``loss_mask`` [N, L-1] marking which next-token predictions count, and
+``token_mask`` [N, L-1] marking every real (non-pad) next-token position: for ``text`` sets the two are equal; for
+``lambada`` sets ``token_mask`` is the all-token loss of the same passages, which BLISS can optimise instead of (or
+mixed with) the final word (``BlissConfig.objective``).
 """
 
 from __future__ import annotations
@@ -26,9 +29,22 @@ from lmselect.artifacts import LmselectError
 @dataclass
 class ValidationSet:
     input_ids: torch.Tensor  # [N, L] long
-    loss_mask: torch.Tensor  # [N, L-1] bool
+    loss_mask: torch.Tensor  # [N, L-1] bool: the positions the set's own loss counts
     kind: str
     source: str
+    # [N, L-1] bool: every real next-token position. None = derived from loss_mask: rows are right-padded and a
+    # LAMBADA row ends with its final word, so the real positions are those up to each row's last counted one.
+    token_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_mask is None:
+            m = self.loss_mask.bool()
+            pos = torch.arange(m.shape[1])
+            last = torch.where(m.any(1), (m * (pos + 1)).amax(1), torch.zeros(m.shape[0], dtype=torch.long))
+            self.token_mask = pos.unsqueeze(0) < last.unsqueeze(1)
+        elif self.token_mask.shape != self.loss_mask.shape:
+            raise LmselectError(f"{self.source}: token_mask shape {tuple(self.token_mask.shape)} != loss_mask shape "
+                                f"{tuple(self.loss_mask.shape)}")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -42,7 +58,16 @@ class ValidationSet:
             yield ids[:, :last].to(device), m[:, : last - 1].to(device)
 
     def subset(self, idx: Any) -> "ValidationSet":
-        return ValidationSet(self.input_ids[idx], self.loss_mask[idx], self.kind, self.source)
+        assert self.token_mask is not None
+        return ValidationSet(self.input_ids[idx], self.loss_mask[idx], self.kind, self.source, self.token_mask[idx])
+
+    def objective_masks(self, device: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, loss_mask, token_mask) of the whole set, trimmed to the longest real row (one batch)."""
+        assert self.token_mask is not None
+        used = self.token_mask.any(0) | self.loss_mask.any(0)
+        last = int(used.nonzero().max()) + 2 if used.any() else self.input_ids.shape[1]
+        return (self.input_ids[:, :last].to(device), self.loss_mask[:, : last - 1].to(device),
+                self.token_mask[:, : last - 1].to(device))
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
@@ -80,7 +105,7 @@ def load_validation(
     texts = read_texts(path, field)[: max_items or None]
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows: list[list[int]] = []
-    masks: list[list[bool]] = []
+    masks: list[list[bool]] = []  # the set's loss positions (every real position for ``text``)
     for t in texts:
         if kind == "lambada":
             ctx, _, word = t.rstrip().rpartition(" ")
@@ -103,10 +128,12 @@ def load_validation(
     L = max(len(r) for r in rows)
     ids_t = torch.full((len(rows), L), pad, dtype=torch.long)
     mask_t = torch.zeros((len(rows), L - 1), dtype=torch.bool)
+    tok_t = torch.zeros((len(rows), L - 1), dtype=torch.bool)
     for i, (r, m) in enumerate(zip(rows, masks)):
         ids_t[i, : len(r)] = torch.tensor(r)
         mask_t[i, : len(m)] = torch.tensor(m)
-    return ValidationSet(ids_t, mask_t, kind, str(path))
+        tok_t[i, : len(r) - 1] = True  # every next-token prediction inside the real row
+    return ValidationSet(ids_t, mask_t, kind, str(path), tok_t)
 
 
 @torch.no_grad()

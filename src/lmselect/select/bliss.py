@@ -49,12 +49,20 @@ reference, and every collective below exists so that W ranks compute the same nu
   and the same H·z, hence the same z, so the average of z across ranks is z itself and needs no collective.
 * c_i on each rank's own rows with that z; c all-gathered for ∇_θs; score gradients summed.
 
+Options and diagnostics (METHODS §1.2a): ``profile`` (``paper`` = the released code's behaviour, pinned by a test;
+``default`` = the all-token objective), the selection ``objective``, ``z_warm_start`` / ``z_tol``, ``v_ema`` and
+``val_batch_size: 0`` (whole set). Each outer step logs cos(z, v), ‖Hz‖/‖v‖, the z residual, the v agreement of two
+validation batches, the share of var(c) between sources and the weight ratio; ``solve_round`` summarises them in
+``diagnostics.json`` (with ``warnings``) and the manifest, and logs one warning line per round when the solve is
+first-order or v noise-dominated.
+
 Rank 0 writes all files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import re
@@ -68,12 +76,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, write_manifest
+from lmselect.artifacts import LmselectError, Manifest, atomic_path, atomic_write_text, is_complete, write_manifest
 from lmselect.config import save_config, to_dict
 from lmselect.context import STREAM_METHOD, STREAM_SCORER_INIT, FlopContext, RoundContext
 from lmselect.data.tokenizer import check_same_tokenizer, tokenizer_fingerprint
 from lmselect.data.valset import ValidationSet
-from lmselect.log import MetricLogger, read_jsonl
+from lmselect.log import MetricLogger, log, read_jsonl
 from lmselect.models.losses import token_ce, token_kl
 from lmselect.models.scorer import SequenceScorer
 from lmselect.select import bilevel_math as bm
@@ -81,15 +89,17 @@ from lmselect.select.base import Selection, SelectionMethod, register
 
 STATE_FILE = "solver_state.pt"
 LOG_FILE = "bilevel_log.jsonl"
+DIAG_FILE = "diagnostics.json"
 SCORE_MODEL_DIR = "score_model"
 # derived seeds: cfg.seed + offset
 SEED_TRAIN_STREAM = 1
 SEED_VAL_STREAM = 2
+SEED_VAL_AGREE = 3  # the second validation batch of the v-agreement diagnostic (+ step)
 
 
 @dataclass
 class BlissConfig:
-    """Every constant of METHODS §1.2; defaults are the released code's."""
+    """Every constant of METHODS §1.2; defaults are the released code's except the options of §1.2a (profile)."""
 
     gamma: float = 1e-2  # KL(target ‖ proxy) weight in G
     lam: float = 1e-7  # L2 weight λ‖θ_p‖² in G
@@ -121,6 +131,52 @@ class BlissConfig:
     log_every: int = 10  # stdout cadence (every step goes to the jsonl)
     save_every: int = 100  # solver-state checkpoint cadence (outer steps)
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = "auto"  # autocast dtype; auto = bf16 on CUDA
+    # ---- options that give the solver a real signal (METHODS §1.2a). ``None`` = the profile's value (PROFILES):
+    # ``paper`` is the released code's behaviour (final-word v of one batch, z re-initialised every step, a fixed
+    # number of z steps); ``default`` is lmselect's choice, measured with bench/bliss_signal.py.
+    profile: Literal["paper", "default"] = "default"
+    objective: Literal["final_word", "all_tokens", "mix"] | None = None  # which validation tokens F counts
+    objective_mix: float = 0.5  # `mix`: F = a·F_final_word + (1 − a)·F_all_tokens
+    z_warm_start: bool | None = None  # start z from the previous outer step's z instead of z_init
+    z_tol: float | None = None  # > 0: extra z steps (up to z_max_steps) until the relative residual < z_tol
+    z_max_steps: int = 20
+    v_ema: float | None = None  # > 0: v = bias-corrected running average of v over outer steps (β); 0 = off
+    diag_every: int | None = None  # outer steps between the diagnostics that cost an HVP + a validation gradient
+    # (None = log_every, 0 = never); the cheap ones are computed every step. val_batch_size 0 = the whole set.
+
+
+# the values a ``None`` option takes under each profile (resolve_profile)
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {"objective": "final_word", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0},
+    # measured (issue 12, bench/bliss_signal.py): the all-token objective is what aligns v with the validation set's
+    # own kind of text; z warm start / tolerance / v EMA are offered but not yet measured to help at demo scale
+    "default": {"objective": "all_tokens", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0},
+}
+# warning thresholds (diagnostics.json "warnings"; METHODS §1.2a)
+FIRST_ORDER_COS = 0.99  # cos(z, v) above this …
+FIRST_ORDER_HZ = 0.1  # … and ‖Hz‖ / ‖v‖ below this: c_i is the plain gradient dot product ⟨∇CE_i, v⟩
+NOISY_V_SIGNAL = 0.5  # estimated cos(v, E v) below this: the validation noise is larger than its signal
+
+
+def resolve_profile(cfg: BlissConfig) -> BlissConfig:
+    """A copy of ``cfg`` with every ``None`` option set from its profile; checks the options' ranges."""
+    from dataclasses import replace
+
+    if cfg.profile not in PROFILES:
+        raise LmselectError(f"config key 'bliss.profile' must be one of {sorted(PROFILES)}, got {cfg.profile!r}")
+    fill = {k: v for k, v in PROFILES[cfg.profile].items() if getattr(cfg, k) is None}
+    out = replace(cfg, **fill)
+    if out.objective not in ("final_word", "all_tokens", "mix"):
+        raise LmselectError(f"config key 'bliss.objective' must be final_word, all_tokens or mix, got {out.objective!r}")
+    checks = [("objective_mix", 0.0 <= out.objective_mix <= 1.0, "in [0, 1]"),
+              ("v_ema", 0.0 <= float(out.v_ema) < 1.0, "in [0, 1)"), ("z_tol", float(out.z_tol) >= 0, ">= 0"),
+              ("z_max_steps", out.z_max_steps >= out.z_steps or not out.z_tol, ">= z_steps when z_tol > 0"),
+              ("val_batch_size", out.val_batch_size >= 0, ">= 0 (0 = the whole set)"),
+              ("diag_every", out.diag_every is None or out.diag_every >= 0, ">= 0")]
+    for key, ok, want in checks:
+        if not ok:
+            raise LmselectError(f"config key 'bliss.{key}' must be {want}, got {getattr(out, key)!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,13 +270,17 @@ class IndexStream:
         self._perm: np.ndarray | None = None
 
     def batch(self, k: int) -> np.ndarray:
+        g = self.global_rows(k)
+        return g[self.rank * self.local : (self.rank + 1) * self.local]
+
+    def global_rows(self, k: int) -> np.ndarray:
+        """Rows of global batch k, all ranks' shares in rank order (rank r's ``batch(k)`` is its r-th slice)."""
         epoch, j = divmod(int(k), self.per_epoch)
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
             self._perm_epoch = epoch
         assert self._perm is not None
-        g = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
-        return g[self.rank * self.local : (self.rank + 1) * self.local]
+        return self._perm[j * self.global_batch : j * self.global_batch + self.local * self.world]
 
 
 def _sq_norm(params: Sequence[Tensor]) -> Tensor:
@@ -284,6 +344,7 @@ class Hypergradient:
     z_norm: float
     v_norm: float
     timings: dict[str, float] = field(default_factory=dict)
+    diag: dict[str, float] = field(default_factory=dict)  # solver diagnostics (METHODS §1.2a)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,6 +367,7 @@ class BilevelSolver:
         target_tokenizer: Any = None,
     ):
         check_compatible(proxy, target, scorer, proxy_tokenizer=proxy_tokenizer, target_tokenizer=target_tokenizer)
+        cfg = resolve_profile(cfg)
         if cfg.hypergrad_impl not in ("auto", "per_sample", "batched"):
             raise LmselectError(f"config key 'hypergrad_impl' must be auto, per_sample or batched, got {cfg.hypergrad_impl!r}")
         self.cfg = cfg
@@ -336,8 +398,19 @@ class BilevelSolver:
         self.s_sched = torch.optim.lr_scheduler.LambdaLR(self.s_opt, warmup_cosine(cfg.outer_steps, cfg.warmup_ratio))
         self.step = 0
         self.elapsed = 0.0
-        self.val_stream = IndexStream(len(valset), cfg.val_batch_size, cfg.seed + SEED_VAL_STREAM, self.rank, self.world)
+        if cfg.val_batch_size > 0:
+            self.val_stream: IndexStream | None = IndexStream(len(valset), cfg.val_batch_size, cfg.seed + SEED_VAL_STREAM,
+                                                              self.rank, self.world)
+        else:  # the whole set every step, in a fixed order (rows beyond a multiple of the world size dropped)
+            if len(valset) < self.world:
+                raise LmselectError(f"bilevel solver: {len(valset)} validation items cannot feed {self.world} ranks")
+            self.val_stream = None
         self.last: Hypergradient | None = None
+        # state of the §1.2a options (saved with the solver state so a resumed run continues them)
+        self.z_prev: bm.Params | None = None
+        self.v_avg: bm.Params | None = None
+        self.v_count = 0
+        self.c_by_source: dict[str, list[float]] = {}  # source -> [n, Σ c, Σ standardised c]
 
     # ---- configuration helpers --------------------------------------------------------------------------------
     @property
@@ -442,19 +515,67 @@ class BilevelSolver:
         return {"lower_loss": float(tot[0]), "kl": float(tot[1]), "weighted_ce": float(tot[2]), "proxy_grad_norm": float(gnorm)}
 
     # ---- steps 2–5: hypergradient ------------------------------------------------------------------------------
-    def next_val_batch(self) -> tuple[Tensor, Tensor]:
-        sub = self.valset.subset(torch.as_tensor(self.val_stream.batch(self.step)))
-        return next(iter(sub.batches(len(sub), self.device)))
+    def _val_global_rows(self, step: int) -> np.ndarray:
+        """Rows of the global validation batch of outer step ``step``, all ranks together."""
+        n = len(self.valset)
+        if self.val_stream is None:
+            return np.arange(n - n % self.world)
+        vs = self.val_stream
+        return np.concatenate([IndexStream(n, self.cfg.val_batch_size, vs.seed, r, self.world).batch(step)
+                               for r in range(self.world)]) if self.world > 1 else vs.batch(step)
 
-    def validation_grad(self, val_ids: Tensor, val_mask: Tensor) -> tuple[bm.Params, float]:
+    def _val_rows_batch(self, rows: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's share of the global rows ``rows`` as (ids, final-word/loss mask, all-token mask), trimmed."""
+        local = len(rows) // self.world
+        mine = rows[self.rank * local : (self.rank + 1) * local]
+        return self.valset.subset(torch.as_tensor(mine)).objective_masks(self.device)
+
+    def next_val_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids, loss_mask, token_mask) of this rank's rows of the current step's validation batch."""
+        if self.val_stream is not None:
+            sub = self.valset.subset(torch.as_tensor(self.val_stream.batch(self.step)))
+            return sub.objective_masks(self.device)
+        return self._val_rows_batch(self._val_global_rows(self.step))
+
+    def agreement_batches(self) -> tuple[tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor, Tensor, Tensor], float]:
+        """Validation batches for the v-agreement diagnostic: (A, B, k). A None means "compare with this step's v";
+        otherwise A and B are two disjoint halves of the step's batch (the whole set, or too few items left for a
+        second batch). k = rows of the v in use / rows of each compared batch (for the Spearman–Brown correction)."""
+        first = self._val_global_rows(self.step)
+        n, w = len(self.valset), self.world
+        rest = np.setdiff1d(np.arange(n), first)
+        rng = np.random.default_rng(self.cfg.seed + SEED_VAL_AGREE + self.step)
+        if len(rest) >= len(first):
+            return None, self._val_rows_batch(rng.permutation(rest)[: len(first)]), 1.0
+        perm = rng.permutation(first)
+        half = (len(perm) // 2) // w * w
+        if half < w:
+            raise LmselectError(f"bilevel solver: {n} validation items are too few for the v-agreement diagnostic")
+        return self._val_rows_batch(perm[:half]), self._val_rows_batch(perm[half : 2 * half]), len(first) / half
+
+    def validation_grad(self, val_ids: Tensor, val_mask: Tensor, val_token_mask: Tensor | None = None
+                        ) -> tuple[bm.Params, float]:
         """v = ∇_θp F: token-weighted masked CE of one validation batch — the global one under torchrun (each
-        rank's rows together), so every rank gets the same v and F as one process on the concatenated batch."""
-        n_tok = val_mask.sum().to(device=self.device, dtype=torch.float64).reshape(1)
-        all_reduce_([n_tok])  # global token count: a mean of per-rank means would over-weight short-masked ranks
+        rank's rows together), so every rank gets the same v and F as one process on the concatenated batch.
+
+        ``objective`` picks the tokens: the set's loss mask (``final_word``; for a ``text`` set every token), every
+        real token (``all_tokens``, ``val_token_mask``) or a·final_word + (1 − a)·all_tokens (``mix``), each part
+        the token-weighted mean over its own positions."""
+        obj = self.cfg.objective
+        if obj != "final_word" and val_token_mask is None:
+            raise LmselectError(f"bliss objective '{obj}' needs the validation set's token mask")
+        parts = {"final_word": [(1.0, val_mask)], "all_tokens": [(1.0, val_token_mask)],
+                 "mix": [(self.cfg.objective_mix, val_mask), (1.0 - self.cfg.objective_mix, val_token_mask)]}[obj]
+        parts = [(a, m) for a, m in parts if a > 0]
+        n_tok = torch.stack([m.sum().to(device=self.device, dtype=torch.float64) for _, m in parts])
+        all_reduce_([n_tok])  # global token counts: a mean of per-rank means would over-weight short-masked ranks
         with self.autocast():
             ce = token_ce(self.proxy_logits(self.p_params, val_ids), val_ids)
-            m = val_mask.to(ce.dtype)
-            f = (ce * m).sum() / n_tok.clamp_min(1).to(ce.dtype).squeeze(0)
+            f = None
+            for j, (a, mask) in enumerate(parts):
+                m = mask.to(ce.dtype)
+                term = (ce * m).sum() / n_tok[j].clamp_min(1).to(ce.dtype)
+                f = term if (f is None and a == 1.0) else (a * term if f is None else f + a * term)
         v = torch.autograd.grad(f, self.p_params, allow_unused=True)
         v = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.p_params, v))
         all_reduce_(v)  # Σ_r ∇(local sum / global count) = ∇F of the global batch
@@ -506,12 +627,33 @@ class BilevelSolver:
         all_reduce_(grads)
         return grads
 
-    def hypergradient(self, ids: Tensor, val_ids: Tensor, val_mask: Tensor, impl: str | None = None) -> Hypergradient:
-        """Steps 2–5 of METHODS §1.2 on the outer batch ``ids`` (this rank's rows); does not update anything."""
+    def _v_in_use(self, v_raw: bm.Params) -> bm.Params:
+        """v itself, or with ``v_ema`` = β the bias-corrected running average (1 − β) Σ_t β^(T−t) v_t / (1 − β^T)."""
+        beta = float(self.cfg.v_ema)
+        if beta <= 0:
+            return v_raw
+        self.v_count += 1
+        if self.v_avg is None:
+            self.v_avg = tuple(torch.zeros_like(t) for t in v_raw)
+        self.v_avg = tuple(beta * a + (1.0 - beta) * t for a, t in zip(self.v_avg, v_raw))
+        corr = 1.0 - beta**self.v_count
+        return tuple(a / corr for a in self.v_avg)
+
+    def diag_due(self) -> bool:
+        """Whether this outer step runs the diagnostics that cost an extra HVP and validation gradient: the first
+        step and every ``diag_every``-th (default ``log_every``)."""
+        every = self.cfg.log_every if self.cfg.diag_every is None else self.cfg.diag_every
+        return every > 0 and (self.step == 0 or (self.step + 1) % every == 0)
+
+    def hypergradient(self, ids: Tensor, val_ids: Tensor, val_mask: Tensor, impl: str | None = None, *,
+                      val_token_mask: Tensor | None = None, diagnose: bool = False) -> Hypergradient:
+        """Steps 2–5 of METHODS §1.2 on the outer batch ``ids`` (this rank's rows). Updates nothing but the
+        §1.2a carry-over state (previous z, running v). ``diagnose``: also the HVP / second-v diagnostics."""
         cfg, t = self.cfg, {}
         ids = ids.to(self.device)
         t0 = time.perf_counter()
-        v, f_val = self.validation_grad(val_ids, val_mask)
+        v_raw, f_val = self.validation_grad(val_ids, val_mask, val_token_mask)
+        v = self._v_in_use(v_raw)
         t["t_val"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -520,11 +662,38 @@ class BilevelSolver:
         teachers = None
         if cfg.cache_teacher:
             teachers = [self.teacher_logits(ids[sl]) for sl in bm.chunks(ids.shape[0], cfg.micro_batch)]
+
+        def hvp(vec: Sequence[Tensor], teachers: list[Tensor] | None = teachers) -> bm.Params:
+            return self.lower_hvp(ids, p_loc, vec, teachers)
+
         # v and every H·z are global (all-reduced), so each rank computes the same z: nothing left to average
-        z = bm.solve_z(lambda vec: self.lower_hvp(ids, p_loc, vec, teachers), v, steps=cfg.z_steps, lr=cfg.z_lr,
-                       damping=cfg.z_damping, init=cfg.z_init, clip=cfg.z_clip)
-        del teachers
+        init = self.z_prev if (cfg.z_warm_start and self.z_prev is not None) else cfg.z_init
+        z, info = bm.solve_z(hvp, v, steps=cfg.z_steps, lr=cfg.z_lr, damping=cfg.z_damping, init=init,
+                             clip=cfg.z_clip, tol=float(cfg.z_tol), max_steps=cfg.z_max_steps, return_info=True)
+        if cfg.z_warm_start:
+            self.z_prev = tuple(zi.detach() for zi in z)
         t["t_z"] = time.perf_counter() - t0
+
+        # diagnostics (METHODS §1.2a): cheap ones every step, the HVP / second-v ones when asked
+        v_norm = float(bm.tree_norm(v))
+        diag: dict[str, float] = {"cos_zv": bm.cosine(z, v), "z_steps_used": float(info.steps)}
+        if info.residual is not None:
+            diag["z_residual"] = info.residual
+        if diagnose:
+            t0 = time.perf_counter()
+            hz = info.hz if info.hz is not None else hvp(z)
+            diag["hz_ratio"] = float(bm.tree_norm(hz)) / max(v_norm, 1e-300)
+            diag["z_residual"] = float(bm.tree_norm([h + cfg.z_damping * zi - vi for h, zi, vi in zip(hz, z, v)])) / max(v_norm, 1e-300)
+            a, b, k = self.agreement_batches()
+            v_a = v_raw if a is None else self.validation_grad(a[0], a[1], a[2])[0]
+            v_b = self.validation_grad(b[0], b[1], b[2])[0]
+            rho = bm.cosine(v_a, v_b)
+            if cfg.v_ema > 0:  # an EMA of independent batches averages ≈ (1 + β) / (1 − β) of them
+                k *= (1.0 + cfg.v_ema) / (1.0 - cfg.v_ema)
+            rho_k = k * rho / (1.0 + (k - 1.0) * rho) if rho > 0 else 0.0  # Spearman–Brown to the v in use
+            diag.update(v_agreement=rho, v_signal=math.sqrt(max(0.0, rho_k)))
+            t["t_diag"] = time.perf_counter() - t0
+        del teachers, hvp  # the cached teacher logits (B·L·V) are no longer needed
 
         t0 = time.perf_counter()
         c = self.compute_c(ids, z, impl)
@@ -533,7 +702,7 @@ class BilevelSolver:
         grads = self.score_grads(ids, s_all, c, impl)
         t["t_hyper"] = time.perf_counter() - t0
         return Hypergradient(grads=grads, c=c, scores=s_all, weights=p_all, upper_loss=f_val,
-                             z_norm=float(bm.tree_norm(z)), v_norm=float(bm.tree_norm(v)), timings=t)
+                             z_norm=float(bm.tree_norm(z)), v_norm=v_norm, timings=t, diag=diag)
 
     # ---- step 6 + the whole outer step ------------------------------------------------------------------------
     def score_update(self, grads: Sequence[Tensor]) -> float:
@@ -547,9 +716,11 @@ class BilevelSolver:
         self.s_opt.zero_grad(set_to_none=True)
         return norm
 
-    def outer_step(self, train_batches: Iterator[Tensor]) -> dict[str, float]:
+    def outer_step(self, train_batches: Iterator[Tensor], sources: Sequence[str] | None = None) -> dict[str, float]:
         """One outer step; draws K + 1 batches ([B_local, L] LongTensors) from ``train_batches``:
-        K for the inner steps, one fresh outer batch for the HVPs, the c_i and the hypergradient."""
+        K for the inner steps, one fresh outer batch for the HVPs, the c_i and the hypergradient.
+        ``sources``: the source label of every row of the *global* outer batch (rank order), for the share of
+        var(c) explained by source and the per-source mean c (diagnostics)."""
         t_start = time.perf_counter()
         lr_p, lr_s = self.p_opt.param_groups[0]["lr"], self.s_opt.param_groups[0]["lr"]
         inner: dict[str, float] = {}
@@ -557,14 +728,17 @@ class BilevelSolver:
             inner = self.inner_step(next(train_batches))
         t_inner = time.perf_counter() - t_start
         outer_ids = next(train_batches).to(self.device)
-        val_ids, val_mask = self.next_val_batch()
-        hg = self.hypergradient(outer_ids, val_ids, val_mask)
+        val_ids, val_mask, val_tok = self.next_val_batch()
+        hg = self.hypergradient(outer_ids, val_ids, val_mask, val_token_mask=val_tok, diagnose=self.diag_due())
         t0 = time.perf_counter()
         hnorm = self.score_update(hg.grads)
         self.last = hg
         self.step += 1
         # log statistics of the whole global batch (hg.c holds only this rank's rows)
         s, p, c = hg.scores.double(), hg.weights.double(), all_gather_cat(hg.c.double())
+        diag = dict(hg.diag)
+        if sources is not None and len(sources) == c.numel():
+            diag.update(self._source_stats(c, list(sources)))
         secs = time.perf_counter() - t_start
         self.elapsed += secs
         return {
@@ -572,9 +746,24 @@ class BilevelSolver:
             "c_mean": float(c.mean()), "c_std": float(c.std()) if c.numel() > 1 else 0.0,
             "score_mean": float(s.mean()), "score_std": float(s.std()) if s.numel() > 1 else 0.0,
             "score_min": float(s.min()), "score_max": float(s.max()), "weight_ratio": float(p.max() / p.min()),
+            "weight_max_b": float(p.max() * p.numel()), **diag,
             "lr_proxy": lr_p, "lr_score": lr_s, "seconds": secs, "t_inner": t_inner,
             **hg.timings, "t_update": time.perf_counter() - t0,
         }
+
+    def _source_stats(self, c: Tensor, sources: list[str]) -> dict[str, float]:
+        """Share of var(c) between sources (and its no-effect expectation); accumulates the per-source mean c."""
+        vals = c.tolist()
+        sd = float(c.std()) if c.numel() > 1 else 0.0
+        mu = float(c.mean())
+        for ci, src in zip(vals, sources):
+            acc = self.c_by_source.setdefault(str(src), [0.0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += ci
+            acc[2] += (ci - mu) / sd if sd > 0 else 0.0
+        k, n = len(set(sources)), len(sources)
+        return {"c_source_share": bm.source_variance_share(vals, sources),
+                "c_source_share_null": (k - 1) / (n - 1) if n > 1 else 0.0}
 
     # ---- resumable state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -586,6 +775,7 @@ class BilevelSolver:
             "proxy": self.proxy.state_dict(), "scorer": self.scorer.state_dict(),
             "proxy_opt": self.p_opt.state_dict(), "score_opt": self.s_opt.state_dict(),
             "proxy_sched": self.p_sched.state_dict(), "score_sched": self.s_sched.state_dict(), "rng": rng,
+            "z_prev": self.z_prev, "v_avg": self.v_avg, "v_count": self.v_count, "c_by_source": self.c_by_source,
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -596,6 +786,10 @@ class BilevelSolver:
         self.p_sched.load_state_dict(d["proxy_sched"])
         self.s_sched.load_state_dict(d["score_sched"])
         self.step, self.elapsed = int(d["step"]), float(d.get("elapsed", 0.0))
+        to_dev = (lambda ts: None if ts is None else tuple(t.to(self.device) for t in ts))  # noqa: E731
+        self.z_prev, self.v_avg = to_dev(d.get("z_prev")), to_dev(d.get("v_avg"))
+        self.v_count = int(d.get("v_count", 0))
+        self.c_by_source = {k: list(v) for k, v in d.get("c_by_source", {}).items()}
         rng = d.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -609,6 +803,38 @@ class BilevelSolver:
 
 # ----------------------------------------------------------------------------------------------------------------
 # one round: stream, log, checkpoint, resume, finalise
+
+
+DIAG_KEYS = ("cos_zv", "hz_ratio", "z_residual", "z_steps_used", "v_agreement", "v_signal", "c_source_share",
+             "c_source_share_null", "weight_ratio", "weight_max_b", "z_norm", "v_norm", "c_std")
+
+
+def summarise_diagnostics(records: Sequence[dict[str, Any]], c_by_source: dict[str, list[float]],
+                          cfg: BlissConfig) -> dict[str, Any]:
+    """diagnostics.json of one round: mean / first / last / n of every diagnostic in the per-step log, the mean c and
+    mean standardised c per source, and the ``warnings`` (one sentence each) when the solve is effectively
+    first-order or v is noise-dominated (thresholds FIRST_ORDER_COS, FIRST_ORDER_HZ, NOISY_V_SIGNAL)."""
+    summary: dict[str, dict[str, float]] = {}
+    for k in DIAG_KEYS:
+        vals = [float(r[k]) for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k]))]
+        if vals:
+            summary[k] = {"mean": float(np.mean(vals)), "first": vals[0], "last": vals[-1], "n": len(vals)}
+    warnings: list[str] = []
+    mean = {k: v["mean"] for k, v in summary.items()}
+    if mean.get("cos_zv", 0.0) > FIRST_ORDER_COS and mean.get("hz_ratio", 0.0) < FIRST_ORDER_HZ:
+        hz = f", ||Hz||/||v|| = {mean['hz_ratio']:.3g}" if "hz_ratio" in mean else " (||Hz|| not measured)"
+        warnings.append(f"the z solve is effectively first-order (cos(z, v) = {mean['cos_zv']:.4f}{hz}): c_i is a "
+                        "plain gradient dot product <grad CE_i, v>; the Hessian plays no part (raise z_steps / z_lr, "
+                        "z_warm_start, z_tol)")
+    if "v_signal" in mean and mean["v_signal"] < NOISY_V_SIGNAL:
+        warnings.append(f"v is noise-dominated: two independent validation batches agree at cos "
+                        f"{mean['v_agreement']:.3f}, estimated cos(v, E v) = {mean['v_signal']:.3f} (objective "
+                        f"{cfg.objective}; try objective=all_tokens or mix, val_batch_size=0, v_ema)")
+    by_source = {src: {"n": int(a[0]), "mean_c": a[1] / a[0], "mean_c_std": a[2] / a[0]}
+                 for src, a in sorted(c_by_source.items()) if a[0] > 0}
+    return {"summary": summary, "warnings": warnings, "c_by_source": by_source,
+            "options": {k: getattr(cfg, k) for k in ("profile", "objective", "objective_mix", "z_warm_start", "z_tol",
+                                                     "z_max_steps", "z_steps", "v_ema", "val_batch_size")}}
 
 
 def _save_state(solver: BilevelSolver, out_dir: Path) -> None:
@@ -650,6 +876,7 @@ def solve_round(
         loaded = SequenceScorer.load(out_dir / SCORE_MODEL_DIR)
         scorer.load_state_dict(loaded.state_dict())
         return scorer
+    cfg = resolve_profile(cfg)  # the artifact records the options that actually ran
     if proxy_tokenizer is None and getattr(pool, "tokenizer_fingerprint", ""):
         proxy_tokenizer = pool.tokenizer_fingerprint
     if target_tokenizer is not None and getattr(pool, "tokenizer_fingerprint", ""):
@@ -669,9 +896,6 @@ def solve_round(
     if state_path.is_file():
         solver.load_state_dict(torch.load(state_path, map_location=solver.device, weights_only=False))
         if rank == 0:  # drop log records written after the last checkpoint (a crash between saves)
-            from lmselect.artifacts import atomic_write_text
-            import json
-
             keep = [r for r in read_jsonl(out_dir / LOG_FILE) if int(r.get("step", 0)) <= solver.step]
             atomic_write_text(out_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in keep))
     elif rank == 0:
@@ -689,6 +913,14 @@ def solve_round(
             yield pool.batch(train_ids[stream.batch(k)])
             k += 1
 
+    has_sources = callable(getattr(pool, "sources", None))
+
+    def outer_sources(step: int) -> list[str] | None:
+        """Sources of the global outer batch of outer step ``step`` (the last of its K + 1 batches)."""
+        if not has_sources:
+            return None
+        return [str(x) for x in pool.sources(train_ids[stream.global_rows(step * per_step + cfg.inner_steps)])]
+
     logger = MetricLogger(out_dir / LOG_FILE if rank == 0 else None, stdout_every=cfg.log_every, prefix="bliss ")
     from tqdm.auto import tqdm
 
@@ -696,7 +928,7 @@ def solve_round(
     last: dict[str, float] = {}
     try:
         while solver.step < cfg.outer_steps:
-            last = solver.outer_step(batches(solver.step * per_step))
+            last = solver.outer_step(batches(solver.step * per_step), outer_sources(solver.step))
             logger.log(solver.step, **last)
             bar.update(1)
             bar.set_postfix(F=f"{last['upper_loss']:.3f}", G=f"{last['lower_loss']:.3f}")
@@ -710,6 +942,10 @@ def solve_round(
         logger.close()
 
     if rank == 0:
+        diagnostics = summarise_diagnostics(read_jsonl(out_dir / LOG_FILE), solver.c_by_source, cfg)
+        if diagnostics["warnings"]:  # one line per round
+            log.warning("bliss %s: %s", out_dir, "; ".join(diagnostics["warnings"]))
+        atomic_write_text(out_dir / DIAG_FILE, json.dumps(diagnostics, indent=2) + "\n")
         scorer.save_pretrained(out_dir / SCORE_MODEL_DIR, extra={"tokenizer_fingerprint": getattr(pool, "tokenizer_fingerprint", "")})
         write_manifest(out_dir, Manifest(
             kind="bilevel", config=to_dict(cfg), seed=cfg.seed, parents=parents or [],
@@ -717,7 +953,8 @@ def solve_round(
                     "sequences_seen": int(solver.step * per_step * cfg.batch_size)},
             timings={"solve_s": solver.elapsed},
             extra={"hypergrad_impl": solver.impl, "world_size": world, "final": last,
-                   "tokenizer_fingerprint": getattr(pool, "tokenizer_fingerprint", "")},
+                   "tokenizer_fingerprint": getattr(pool, "tokenizer_fingerprint", ""),
+                   "diagnostics": {k: v for k, v in diagnostics.items() if k != "c_by_source"}},
         ))
         state_path.unlink(missing_ok=True)  # the manifest marks completion; the large state is no longer needed
     if _dist():
