@@ -56,13 +56,6 @@ def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     return dev
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size): from the process group when one is initialised, else torchrun's env, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*); idempotent.
 
