@@ -95,7 +95,7 @@ def run() -> int:
     base = _run(out / "random", "random", args.seeds, overrides)
     pool = ["--pool.path=" + str((out / "random" / "pool").resolve())]
     rand = _final(base, "random")
-    rows, checks = [], []
+    rows: list[dict[str, Any]] = []
     for name in args.variants.split(","):
         t1 = time.perf_counter()
         res = _run(out / name, "bliss", args.seeds, [*overrides, *pool, *VARIANTS[name]])

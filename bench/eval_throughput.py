@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lmselect.eval.tasks import build_tasks
 
     n_req, n_tok = 0, 0
-    for t, task in build_tasks(names, task_data).items():
+    for _t, task in build_tasks(names, task_data).items():
         task.set_config(key="num_fewshot", value=0)
         task.build_all_requests(limit=args.limit)
         for inst in task.instances:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmselect.select.base import method_class, method_names
-from lmselect.testing import make_tokenizer
 from lmselect.artifacts import is_complete, read_manifest
 from lmselect.config import ConfigError
+from lmselect.select.base import method_class, method_names
+from lmselect.testing import make_tokenizer
 
 
 def _selections(run_dir: Path, method: str, rounds: int = 2) -> list[np.ndarray]:

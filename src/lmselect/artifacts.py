@@ -439,7 +439,7 @@ def building(artifact_dir: str | Path, overwrite: bool = False) -> Iterator[Path
 class Timer:
     """``with Timer() as t: ...; t.seconds``"""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         self.seconds = 0.0
         return self

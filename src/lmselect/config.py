@@ -31,6 +31,19 @@ T = TypeVar("T")
 
 
 
+def check_fraction(value: Any, key: str = "fraction", where: str = "") -> float:
+    """``value`` as a float in (0, 1] (a selection / keep fraction), or a one-line ConfigError naming ``key``."""
+    import math
+
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}{where}: a fraction must be a number in (0, 1], got {value!r}", key=key) from None
+    if math.isnan(f) or not 0.0 < f <= 1.0:
+        raise ConfigError(f"{key}{where}: a fraction must be in (0, 1], got {value!r}", key=key)
+    return f
+
+
 def _is_optional(tp: Any) -> tuple[bool, Any]:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -57,7 +70,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}", key=key)
         return from_dict(tp, value, prefix=key + ".")
     origin = get_origin(tp)
-    if origin in (list, tuple, typing.List, typing.Tuple):
+    if origin in (list, tuple, list, tuple):
         args = get_args(tp)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v != ""] if not value.startswith("[") else yaml.safe_load(value)
@@ -65,8 +78,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]
         elem = args[0] if args else Any
         out = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin in (tuple, typing.Tuple) else out
-    if origin in (dict, typing.Dict):
+        return tuple(out) if origin in (tuple, tuple) else out
+    if origin in (dict, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping", key=key)
         return dict(value)

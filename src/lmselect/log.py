@@ -122,7 +122,7 @@ class MetricLogger:
             self._wandb.finish()
             self._wandb = None
 
-    def __enter__(self) -> "MetricLogger":
+    def __enter__(self) -> MetricLogger:
         return self
 
     def __exit__(self, *a: Any) -> None:
@@ -226,7 +226,7 @@ class Progress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *a: Any) -> None:

@@ -322,7 +322,7 @@ class Node:
     uuid: str | None
     status: str  # done / partial / missing, or "" for structural dirs
     parents: list[ParentCheck] = field(default_factory=list)
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
 
     @property
     def is_artifact(self) -> bool:
@@ -332,12 +332,12 @@ class Node:
     def stale(self) -> bool:
         return any(not p.ok for p in self.parents)
 
-    def walk(self) -> Iterator["Node"]:
+    def walk(self) -> Iterator[Node]:
         yield self
         for c in self.children:
             yield from c.walk()
 
-    def find(self, rel: str) -> "Node | None":
+    def find(self, rel: str) -> Node | None:
         """The node whose path relative to the root is ``rel`` (``"."`` = root)."""
         return next((n for n in self.walk() if n.rel == rel), None)
 

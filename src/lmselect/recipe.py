@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from lmselect.config import ConfigError, load_config, read_yaml
+from lmselect.config import ConfigError, check_fraction, load_config, read_yaml
 from lmselect.data.prepare import PrepareConfig
 from lmselect.paths import DATA_DIR, RECIPES_DIR
 from lmselect.select.base import method_class, method_names
@@ -222,10 +222,10 @@ def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
     need(len(set(r.methods)) == len(r.methods), "methods", "each method at most once", r.methods)
     need(bool(r.seeds) and all(0 <= s < 1000 for s in r.seeds) and len(set(r.seeds)) == len(r.seeds), "seeds",
          "distinct method seeds in 0..999", r.seeds)
-    for key, frac in (("select_fraction", r.select_fraction), ("warmup.fraction", r.warmup.fraction)):
-        need(0.0 < frac <= 1.0, key, "a fraction must be in (0, 1]", frac)
-    for key, frac in (("rho1.keep_fraction", r.rho1.keep_fraction), ("blade.keep_fraction", r.blade.keep_fraction)):
-        need(0.0 < frac <= 1.0, key, "a fraction must be in (0, 1]", frac)
+    for key in ("select_fraction", "warmup.fraction", *(f"{m}.keep_fraction" for m in r.methods
+                                                        if hasattr(getattr(r, m, None), "keep_fraction"))):
+        sec, _, leaf = key.rpartition(".")
+        check_fraction(getattr(getattr(r, sec) if sec else r, leaf), f"recipe key '{key}'", where(key))
     for key, val, lo in (("rounds", r.rounds, 1), ("round_steps", r.round_steps, 1), ("warmup.steps", r.warmup.steps, 1),
                          ("decay.steps", r.decay.steps, 0), ("decay.halve_every", r.decay.halve_every, 1),
                          ("train.global_batch", r.train.global_batch, 1), ("score_batch_size", r.score_batch_size, 1),

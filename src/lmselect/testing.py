@@ -46,7 +46,7 @@ def make_pool(path: Path, tokenizer, n_per_shard: int = 16, n_shards: int = 2, n
     n = n_per_shard * n_shards + n_val
     rows, sources = [], []
     eos = tokenizer.eos_token_id
-    for i in range(n):
+    for _i in range(n):
         src = "spam" if rng.random() < 0.3 else "clean"
         pool_txt = spam if src == "spam" else clean
         ids: list[int] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from corpus_helpers import clean_records, spam_records, write_jsonl
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from corpus_helpers import SENTENCES, clean_records, write_jsonl
+
 from lmselect.artifacts import ArtifactError, LmselectError
 from lmselect.cli import main
 from lmselect.config import ConfigError
@@ -52,10 +52,10 @@ def test_packing_matches_tokenized_docs_and_spans(tmp_path, corpus, tok_dir, tin
     spans = pool.doc_spans().to_pydict()
     # every span points at its document's tokens; spans tile each row with no gap or overlap
     by_doc = {}
-    for sid, did, src, start, length in zip(spans["seq_id"], spans["doc_id"], spans["source"], spans["start"], spans["length"]):
+    for sid, did, _src, start, length in zip(spans["seq_id"], spans["doc_id"], spans["source"], spans["start"], spans["length"]):
         by_doc.setdefault(did, []).extend(pool.tokens[sid, start : start + length].tolist())
     partial = 0
-    for text, did, src in docs:
+    for text, did, _src in docs:
         want = tiny_tokenizer.encode(text, add_special_tokens=False) + [eos]
         got = by_doc.get(did, [])
         assert want[: len(got)] == got

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from corpus_helpers import write_jsonl
 
 from lmselect.artifacts import LmselectError
 from lmselect.data.readers import ReadStats, input_fingerprint, iter_documents, resolve_inputs
-
-from corpus_helpers import write_jsonl
 
 RECS = [{"text": "first doc", "id": "a"}, {"text": "second doc", "source": "news"}, {"text": "third doc"}]
 

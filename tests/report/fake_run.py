@@ -145,7 +145,7 @@ def make_fake_run(
     # per-method quality knobs so the results differ in a visible, checkable way
     quality = {"random": 0.0, "bliss": 0.30, "mates": 0.20, "rho1": 0.10, "blade": 0.15}
     round_dirs = []
-    for mi, method in enumerate(methods):
+    for _mi, method in enumerate(methods):
         q = quality.get(method, 0.05)
         for seed in seeds:
             prev_target = warm_t

@@ -94,7 +94,7 @@ class TokenPool:
         codes = self.source_code if ids is None else self.source_code[np.asarray(ids)]
         return names[codes]
 
-    def batch(self, ids: Sequence[int] | np.ndarray) -> "Any":
+    def batch(self, ids: Sequence[int] | np.ndarray) -> Any:
         """LongTensor [len(ids), seq_len] of the given sequences (sorted reads are faster on disk)."""
         import torch
 

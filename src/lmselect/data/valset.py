@@ -57,7 +57,7 @@ class ValidationSet:
             last = int(m.any(0).nonzero().max()) + 2 if m.any() else ids.shape[1]
             yield ids[:, :last].to(device), m[:, : last - 1].to(device)
 
-    def subset(self, idx: Any) -> "ValidationSet":
+    def subset(self, idx: Any) -> ValidationSet:
         assert self.token_mask is not None
         return ValidationSet(self.input_ids[idx], self.loss_mask[idx], self.kind, self.source, self.token_mask[idx])
 

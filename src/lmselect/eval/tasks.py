@@ -265,7 +265,7 @@ def local_task_file(task: str, task_data: str | Path) -> Path:
 
 
 @lru_cache(maxsize=1)
-def harness_task_manager() -> "TaskManager":
+def harness_task_manager() -> TaskManager:
     """A harness ``TaskManager`` indexing only the folders of our ten tasks (their YAML, includes and functions)."""
     import lm_eval.tasks as lm_tasks
     from lm_eval.tasks import TaskManager
@@ -320,7 +320,7 @@ def local_overrides(task: str, task_data: str | Path) -> dict[str, Any]:
 
 def build_tasks(
     tasks: Sequence[str], task_data: str | Path | None = None, *, online: bool = False
-) -> dict[str, "Task"]:
+) -> dict[str, Task]:
     """Harness task objects for ``tasks``: local files under ``task_data``, or the harness's download (``online``).
 
     Built through the harness's own factory (``TaskFactory._build_task``), the same code path as

@@ -44,7 +44,7 @@ class SequenceScorer(nn.Module):
         self.head.to(device=next(lm.parameters()).device, dtype=next(lm.parameters()).dtype)
 
     @classmethod
-    def from_causal_lm(cls, lm: nn.Module, activation: str = "sigmoid", seed: int | None = None) -> "SequenceScorer":
+    def from_causal_lm(cls, lm: nn.Module, activation: str = "sigmoid", seed: int | None = None) -> SequenceScorer:
         """New scorer whose backbone is a deep copy of ``lm`` (parameters equal, storage separate)."""
         return cls(copy.deepcopy(lm), activation=activation, seed=seed)
 
@@ -74,7 +74,7 @@ class SequenceScorer(nn.Module):
             atomic_write_json(tmp / "scorer.json", {"activation": self.activation, "hidden_size": self.lm.config.hidden_size, **(extra or {})})
 
     @classmethod
-    def load(cls, path: str | Path, device: Any = None, dtype: Any = None) -> "SequenceScorer":
+    def load(cls, path: str | Path, device: Any = None, dtype: Any = None) -> SequenceScorer:
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
-
-import math
 
 import numpy as np
 
@@ -173,7 +172,7 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
         xlabel = "tokens"
         n_methods = 0
         for method, seeds in data.rounds.items():
-            for i, (seed, rounds) in enumerate(sorted(seeds.items())):
+            for i, (_seed, rounds) in enumerate(sorted(seeds.items())):
                 logs = [rd.train_log for _, rd in sorted(rounds.items())]
                 if not any(logs):
                     continue
@@ -203,7 +202,7 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
         points: dict[str, list[dict[str, Any]]] = {}
         vl_keys: set[str] = set()
         any_ds = False
-        for method, seeds in data.rounds.items():
+        for method, _seeds in data.rounds.items():
             by_round: dict[int, list[dict[str, Any]]] = {}
             for rd in data.iter_rounds(method):
                 if rd.eval is not None:
@@ -287,7 +286,7 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
     def kept() -> None:
         series = []
         for method, seeds in data.rounds.items():
-            for i, (seed, rounds) in enumerate(sorted(seeds.items())):
+            for i, (_seed, rounds) in enumerate(sorted(seeds.items())):
                 logs = [rd.train_log for _, rd in sorted(rounds.items())]
                 if not any(_metric_key(lg, KEPT_KEYS) for lg in logs):
                     continue

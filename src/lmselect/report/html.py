@@ -20,7 +20,6 @@ from lmselect.report.results import _rate_table, _table_rows, _task_table, resul
 from lmselect.score.sidecar import read_scores
 
 
-
 @dataclass
 class Example:
     seq_id: int
@@ -77,7 +76,7 @@ def examples(data: RunData, n: int = 3, max_chars: int = 400, notes: list[str] |
         top = order[:n]
         bottom = order[::-1][: min(n, max(0, len(order) - len(top)))]
 
-        def ex(i: int) -> Example:
+        def ex(i: int, ids: np.ndarray = ids, sc: np.ndarray = sc, sel: Any = sel) -> Example:  # bound per round
             sid = int(ids[i])
             try:
                 text = pool.decode(sid)

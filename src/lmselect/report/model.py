@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from lmselect.artifacts import MANIFEST, ArtifactError, LmselectError, read_json, read_manifest
 from lmselect.log import read_jsonl
 from lmselect.provenance import DONE, is_run_dir, pool_dir, read_run_config, round_dir, stage_status

@@ -175,7 +175,7 @@ def results(data: RunData) -> dict[str, Any]:
             mrows.append(row)
         vl_keys = sorted({k for r in mrows for k in r["val_loss"]}, key=_val_key)
         rates: dict[str, list[float]] = {}
-        for seed, rounds in sorted(seeds.items()):
+        for _seed, rounds in sorted(seeds.items()):
             for _, rd in sorted(rounds.items()):
                 for src, d in ((rd.summary or {}).get("per_source") or {}).items():
                     if isinstance(d, dict) and isinstance(d.get("rate"), (int, float)):

@@ -44,8 +44,10 @@ import torch
 from torch import nn
 
 from lmselect.artifacts import LmselectError
+from lmselect.config import check_fraction
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
+from lmselect.models.util import freeze
 from lmselect.select.base import SelectionMethod, register
 from lmselect.train.hooks import TokenSelector, topk_token_mask
 
@@ -65,13 +67,6 @@ class BladeConfig:
     seed: int = 0
 
 
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -82,8 +77,7 @@ class BladeSelector(TokenSelector):
     name = "blade"
 
     def __init__(self, cfg: BladeConfig, valset: Any):
-        if not 0.0 < cfg.keep_fraction <= 1.0:
-            raise LmselectError(f"blade.keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
+        check_fraction(cfg.keep_fraction, "blade.keep_fraction")
         if cfg.tau is not None and not (cfg.tau > 0):
             raise LmselectError(f"blade.tau must be > 0 (or null for never), got {cfg.tau}")
         if cfg.ref_steps < 0:
@@ -134,7 +128,7 @@ class BladeSelector(TokenSelector):
             self._materialise(self._loaded)
             self._loaded = None
         if self.reference is not None:
-            _freeze(self.reference.to(self._device))
+            freeze(self.reference.to(self._device))
 
     def on_step_start(self, step: int, model: nn.Module, next_batch: Callable[[], torch.Tensor]) -> None:
         if self._template is None:
@@ -148,17 +142,17 @@ class BladeSelector(TokenSelector):
             if self.cfg.pause_target:
                 for _ in range(self.cfg.ref_steps):
                     self._ref_step(w, opt, model, next_batch)
-                self.reference = _freeze(w)
+                self.reference = freeze(w)
             else:
                 self._pending, self._pending_opt, self._pending_done = w, opt, 0
                 if self.reference is None:  # first episode: the unadapted copy scores until w is ready
-                    self.reference = _freeze(self._copy_target(model))
+                    self.reference = freeze(self._copy_target(model))
         if self._pending is not None:
             if self._pending_done < self.cfg.ref_steps:
                 self._ref_step(self._pending, self._pending_opt, model, next_batch)
                 self._pending_done += 1
             if self._pending_done >= self.cfg.ref_steps:
-                self.reference = _freeze(self._pending)
+                self.reference = freeze(self._pending)
                 self._pending, self._pending_opt, self._pending_done = None, None, 0
         self._ref_seconds += time.perf_counter() - t0
 
@@ -273,7 +267,7 @@ class BladeSelector(TokenSelector):
         if state.get("reference") is not None:
             w = self._copy_target(self._template)
             w.load_state_dict(state["reference"])
-            self.reference = _freeze(w)
+            self.reference = freeze(w)
         self._pending, self._pending_opt, self._pending_done = None, None, 0
         if state.get("pending") is not None:
             w = self._copy_target(self._template)

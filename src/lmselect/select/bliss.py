@@ -86,6 +86,7 @@ from lmselect.models.losses import token_ce, token_kl
 from lmselect.models.scorer import SequenceScorer
 from lmselect.select import bilevel_math as bm
 from lmselect.select.base import Selection, SelectionMethod, register
+from lmselect.train.distributed import rank_world
 
 STATE_FILE = "solver_state.pt"
 LOG_FILE = "bilevel_log.jsonl"
@@ -187,10 +188,6 @@ def _dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def rank_world() -> tuple[int, int]:
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _dist() else (0, 1)
-
-
 def all_gather_cat(t: Tensor) -> Tensor:
     """Concatenate equal-sized tensors of all ranks along dim 0 (no gradient: callers re-insert their own slice)."""
     if not _dist():
@@ -224,12 +221,10 @@ def warmup_cosine(total: int, warmup_ratio: float) -> Callable[[int], float]:
 
 
 def _adamw(params: Sequence[nn.Parameter], lr: float, cfg: BlissConfig) -> torch.optim.AdamW:
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=tuple(cfg.betas),
-    )
+    from lmselect.train.schedules import param_groups  # the training loop's grouping: matrices decay, the rest not
+
+    return torch.optim.AdamW(param_groups(((str(i), p) for i, p in enumerate(params)), cfg.weight_decay), lr=lr,
+                             betas=tuple(cfg.betas))
 
 
 @contextlib.contextmanager
@@ -372,7 +367,7 @@ class BilevelSolver:
             raise LmselectError(f"config key 'hypergrad_impl' must be auto, per_sample or batched, got {cfg.hypergrad_impl!r}")
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else next(proxy.parameters()).device
-        self.rank, self.world = rank_world()
+        self.rank, self.world = rank_world(env_fallback=False)  # collectives need a process group
         if cfg.batch_size % self.world:
             raise LmselectError(f"bliss batch_size {cfg.batch_size} is not divisible by the world size {self.world}")
         if cfg.val_batch_size % self.world:

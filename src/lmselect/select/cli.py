@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -69,14 +68,10 @@ class SelectConfig:
 
 
 def check_fraction(fraction: Any) -> float:
-    """``fraction`` as a float in (0, 1], or a one-line error naming ``fraction``."""
-    try:
-        f = float(fraction)
-    except (TypeError, ValueError):
-        raise LmselectError(f"--fraction must be a number in (0, 1], got {fraction!r}") from None
-    if math.isnan(f) or not 0.0 < f <= 1.0:
-        raise LmselectError(f"--fraction must be in (0, 1], got {fraction}")
-    return f
+    """``fraction`` as a float in (0, 1], or a one-line error naming ``--fraction``."""
+    from lmselect.config import check_fraction as check
+
+    return check(fraction, "--fraction")
 
 
 def select_ids(

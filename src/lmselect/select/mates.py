@@ -53,13 +53,12 @@ Outputs of :func:`run_mates_round` in ``out_dir`` (each written atomically; fini
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -77,6 +76,7 @@ from lmselect.artifacts import (
 )
 from lmselect.context import STREAM_PROBE, STREAM_SELECT, STREAM_TRAIN, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
+from lmselect.models.util import attention_implementation
 from lmselect.select.base import Selection, SelectionMethod, register
 
 
@@ -110,19 +110,6 @@ class MatesConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # oracle probe
-
-
-@contextlib.contextmanager
-def _attn_impl(model: nn.Module, impl: str | None) -> Iterator[None]:
-    old = getattr(model.config, "_attn_implementation", None)
-    if impl is None or old == impl or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation(impl)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
 
 
 def _opt_hparams(optimizer: torch.optim.Optimizer) -> tuple[bool, dict[nn.Parameter, dict[str, Any]]]:
@@ -362,7 +349,7 @@ def probe_oracle(
     """
     if attn_implementation == "auto":
         attn_implementation = "eager" if method == "batched" else None
-    with _attn_impl(model, attn_implementation):
+    with attention_implementation(model, attn_implementation):
         if method == "loop":
             return probe_oracle_loop(
                 model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm,

@@ -39,8 +39,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, read_manifest, write_manifest
+from lmselect.config import check_fraction
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
+from lmselect.models.util import freeze
 from lmselect.select.base import SelectionMethod, register
 from lmselect.train.hooks import TokenSelector
 
@@ -95,20 +97,13 @@ def _sequences_from_texts(texts: Sequence[str], tokenizer: Any, seq_len: int) ->
     return ids, torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
 
 
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def load_reference(path: str | Path, device: Any = None) -> nn.Module:
     """A complete reference checkpoint (manifest kind="reference"), frozen."""
     from transformers import AutoModelForCausalLM
 
     read_manifest(path, kind="reference")
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    return _freeze(model.to(device) if device is not None else model)
+    return freeze(model.to(device) if device is not None else model)
 
 
 def train_reference(
@@ -171,7 +166,7 @@ def train_reference(
         loss_val = float(loss.detach())
         log.append(f'{{"step": {step + 1}, "loss": {loss_val:.6f}}}')
     seconds = time.perf_counter() - t0
-    _freeze(model)
+    freeze(model)
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -233,7 +228,7 @@ def precompute_reference_losses(
     ids = np.asarray(ids, dtype=np.int64)
     if device is not None:
         ref_model = ref_model.to(device)
-    _freeze(ref_model)
+    freeze(ref_model)
     with atomic_path(out_path) as tmp:
         tmp.mkdir(parents=True)
         arr = np.lib.format.open_memmap(tmp / "losses.npy", mode="w+", dtype=np.float16, shape=(len(ids), pool.seq_len - 1))
@@ -279,9 +274,8 @@ class Rho1Selector(TokenSelector):
     name = "rho1"
 
     def __init__(self, reference: nn.Module, keep_fraction: float = 0.6, cache: ReferenceLossCache | None = None):
-        if not 0.0 < keep_fraction <= 1.0:
-            raise LmselectError(f"rho1.keep_fraction must be in (0, 1], got {keep_fraction}")
-        self.reference = _freeze(reference)
+        check_fraction(keep_fraction, "rho1.keep_fraction")
+        self.reference = freeze(reference)
         self.keep_fraction = float(keep_fraction)
         self.cache = cache
         self._kept = 0
@@ -292,7 +286,7 @@ class Rho1Selector(TokenSelector):
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         self.reference.to(device)
-        _freeze(self.reference)
+        freeze(self.reference)
 
     def reference_ce(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:

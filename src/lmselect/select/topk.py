@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from lmselect.artifacts import LmselectError
+from lmselect.config import check_fraction
 
 
 def n_select(n: int, fraction: float) -> int:
-    if not 0.0 < fraction <= 1.0:
-        raise LmselectError(f"selection fraction must be in (0, 1], got {fraction}")
+    check_fraction(fraction, "selection fraction")
     return max(1, int(round(fraction * n))) if n > 0 else 0
 
 

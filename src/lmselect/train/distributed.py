@@ -34,10 +34,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size): from the process group when one is initialised, else torchrun's env, else (0, 1)."""
+def rank_world(env_fallback: bool = True) -> tuple[int, int]:
+    """(rank, world size): from the process group when one is initialised, else torchrun's env (``env_fallback``;
+    code that runs collectives passes False: without a group it is one process), else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not env_fallback:
+        return 0, 1
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -70,8 +70,9 @@ def topk_token_mask(score: torch.Tensor, fraction: float, valid: torch.Tensor | 
     k = max(1, round(fraction · n_valid)) (round half to even, Python's ``round``). Ties are broken by position
     (lower flat index first) so the result is deterministic and equals a brute-force stable sort.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"token fraction must be in (0, 1], got {fraction}")
+    from lmselect.config import check_fraction
+
+    check_fraction(fraction, "token fraction")
     flat = score.reshape(-1).float()
     if valid is not None:
         v = valid.reshape(-1)
