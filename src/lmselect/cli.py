@@ -71,6 +71,10 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        # Output to a file or pipe: no tqdm bars from the libraries underneath (lm-eval, datasets), whose \r frames
+        # clutter logs; lmselect's own progress prints periodic log lines there (lmselect.log.Progress).
+        os.environ.setdefault("TQDM_DISABLE", "1")
     top = build_parser()
     # find the verb: first non-option argument
     verb_idx = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)

@@ -233,6 +233,16 @@ class Progress:
         self.close()
 
 
+def track(iterable: Any, *, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True) -> Any:
+    """``for x in track(items, desc=...)``: a :class:`Progress` over an iterable (a bar on a terminal, periodic log
+    lines elsewhere)."""
+    n = total if total is not None else len(iterable)
+    with Progress(n, desc=desc, unit=unit, enabled=enabled) as bar:
+        for x in iterable:
+            yield x
+            bar.update(1)
+
+
 def _duration(s: float) -> str:
     if not math.isfinite(s):
         return "?"

@@ -52,6 +52,7 @@ from lmselect.artifacts import (
 from lmselect.config import config_hash, save_config, to_dict
 from lmselect.context import (
     STREAM_DECAY,
+    STREAM_SELECT,
     STREAM_TRAIN,
     STREAM_WARMUP_PROXY,
     STREAM_WARMUP_TARGET,
@@ -195,6 +196,7 @@ class Runner:
         self.recompute = recompute
         self.timings: dict[str, float] = {}
         self._specs = stage_specs(recipe)
+        self._ref_loss: dict[int, tuple[str, np.ndarray]] = {}
 
     # ---- shared ------------------------------------------------------------------------------------------------
     @property
@@ -335,12 +337,52 @@ class Runner:
             sel, frac, extra, scores = out.ids, rc.fraction, dict(out.extra), out.scores
             parents += out.parents
         seconds = time.perf_counter() - t0
-        self.ctx.main_only(lambda: write_selection(
-            sel_dir, self.pool, rc.candidates, scores, sel, method=m.name, fraction=frac,
-            extra={**extra, "round": rc.round, "seed": rc.seed, "selection_seconds": seconds, "level": m.level},
-            parents=parents,
-        ))
+
+        def write() -> None:
+            diag = self.selection_diagnostics(rc, scores, sel) if scores is not None else None
+            if diag is not None:
+                extra["diagnostics_verdict"] = diag["verdict"]
+            write_selection(
+                sel_dir, self.pool, rc.candidates, scores, sel, method=m.name, fraction=frac,
+                extra={**extra, "round": rc.round, "seed": rc.seed, "selection_seconds": seconds, "level": m.level},
+                parents=parents,
+                extra_files=(lambda tmp: atomic_write_json(tmp / "diagnostics.json", diag)) if diag else None,
+            )
+
+        self.ctx.main_only(write)
         return np.load(sel_dir / "selected.npy"), seconds  # every rank trains on exactly the artifact rank 0 wrote
+
+    def reference_loss(self, rnd: int) -> tuple[str, np.ndarray]:
+        """Mean next-token CE of every candidate of shard ``rnd`` under the warm-up proxy (else the warm-up target):
+        the "proxy loss" a scorer's ranking is correlated with in the selection diagnostics. Cached per shard."""
+        import torch
+
+        from lmselect.models.losses import token_ce
+        from lmselect.train.checkpoint import load_checkpoint_model
+
+        if rnd not in self._ref_loss:
+            which = "proxy" if is_complete(self.layout.warmup("proxy"), kind="checkpoint") else "target"
+            model = load_checkpoint_model(self.layout.warmup(which), device=self.ctx.device).eval()
+            ids = self.pool.ids(rnd)
+            out = []
+            with torch.no_grad():
+                for i in range(0, len(ids), self.r.score_batch_size):
+                    x = self.pool.batch(ids[i : i + self.r.score_batch_size]).to(self.ctx.device)
+                    out.append(token_ce(model(input_ids=x).logits, x).mean(1).double().cpu().numpy())
+            self._ref_loss[rnd] = (f"warm-up {which}", np.concatenate(out) if out else np.zeros(0))
+        return self._ref_loss[rnd]
+
+    def selection_diagnostics(self, rc: RoundContext, scores: np.ndarray, selected: np.ndarray) -> dict[str, Any]:
+        """What a scorer sorts by (``select/diagnostics.py``): per-source score distributions, Spearman with length,
+        documents per sequence, proxy loss and near-duplication, ties, and a one-line verdict."""
+        from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
+
+        model, loss = self.reference_loss(rc.round)
+        d = selection_diagnostics(self.pool, rc.candidates, scores, selected, proxy_loss=loss,
+                                  seed=rc.derived_seed(STREAM_SELECT))
+        d["proxy_loss_model"] = model
+        d["verdict"] = diagnostics_verdict(d)
+        return d
 
     def _rel(self, rc: RoundContext, stage: str) -> str:
         return f"{rc.method}/seed{rc.seed}/round{rc.round}/{stage}"

@@ -16,7 +16,7 @@ from lmselect.artifacts import LmselectError, atomic_write_json, atomic_write_te
 from lmselect.provenance import DONE, stale_artifacts
 from lmselect.report.figures import FigureEntry, make_figures
 from lmselect.report.model import RoundData, RunData, collect
-from lmselect.report.results import _rate_table, _table_rows, _task_table, results, results_markdown
+from lmselect.report.results import _rate_table, _table_rows, _task_table, headline_sections, results, results_markdown
 from lmselect.score.sidecar import read_scores
 
 
@@ -176,6 +176,13 @@ def render_html(data: RunData, res: dict[str, Any], figs: list[FigureEntry], exs
         f'<p class="meta">{" &middot; ".join(meta)}</p>',
         "<h2>Results</h2>",
     ]
+    for sec in headline_sections(res):
+        parts += [f"<h3>{_e(sec['title'])}</h3>", f'<p class="meta">{_e(sec["note"])}</p>']
+        if sec["rows"]:
+            parts.append(_html_table(sec["header"], sec["rows"]))
+        if sec["bullets"]:
+            parts.append("<ul>" + "".join(f"<li>{_e(b)}</li>" for b in sec["bullets"]) + "</ul>")
+    parts.append("<h3>Per seed</h3>")
     header, rows = _table_rows(res)
     if rows:
         parts.append(_html_table(header, rows, mean_rows=True))

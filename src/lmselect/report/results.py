@@ -202,6 +202,7 @@ def results(data: RunData) -> dict[str, Any]:
             }
     run_m = data.manifest or {}
     return {
+        "diagnostics": _diagnostics(data),
         "decontamination": _decontamination(data),
         "run": data.run_dir.resolve().name,
         "run_uuid": run_m.get("uuid"),
@@ -212,6 +213,72 @@ def results(data: RunData) -> dict[str, Any]:
         "paired_vs_random": paired_differences(rows, _control()) if any(r["method"] == _control() for r in rows) else {},
         "tasks": tasks,
     }
+
+
+def _read_diag(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _diagnostics(data: RunData) -> dict[str, Any]:
+    """Per method and round: what the scorer sorts by (selection/diagnostics.json, first seed; plus top-k overlap and
+    score rank correlation across seeds) and the solver's own diagnostics (any other stage's diagnostics.json, e.g.
+    BLISS's bilevel/, averaged over seeds), with their warnings."""
+    from lmselect.score.sidecar import read_scores
+    from lmselect.select.diagnostics import spearman, topk_overlap
+
+    out: dict[str, Any] = {}
+    for method, seeds in data.rounds.items():
+        per_round: dict[str, Any] = {}
+        rounds = sorted({r for rs in seeds.values() for r in rs})
+        for rnd in rounds:
+            rds = [seeds[s][rnd] for s in sorted(seeds) if rnd in seeds[s]]
+            entry: dict[str, Any] = {}
+            sel = [_read_diag(rd.dir / "selection" / "diagnostics.json") for rd in rds]
+            first = next((d for d in sel if d), None)
+            if first:
+                entry["selection"] = {k: first.get(k) for k in ("verdict", "source_variance_share", "spearman",
+                                                                "tie_fraction", "proxy_loss_model")}
+                entry["selection"]["per_source_mean"] = {k: v.get("mean") for k, v in (first.get("per_source") or {}).items()}
+            if len(rds) > 1:
+                sels = [np.load(rd.selected_path) for rd in rds if rd.selected_path is not None]
+                jac = [topk_overlap(a, b)["jaccard"] for i, a in enumerate(sels) for b in sels[i + 1:]]
+                rho = []
+                scored = [rd for rd in rds if rd.scores_dir is not None]
+                for i, a in enumerate(scored):
+                    for b in scored[i + 1:]:
+                        try:
+                            (ia, sa), (ib, sb) = read_scores(a.scores_dir), read_scores(b.scores_dir)
+                        except Exception:  # noqa: BLE001 - a damaged sidecar is reported elsewhere
+                            continue
+                        if np.array_equal(ia, ib):
+                            rho.append(spearman(sa, sb))
+                if jac and first:
+                    entry["across_seeds"] = {"topk_jaccard": _mean(jac),
+                                             "score_spearman": _mean([r for r in rho if r is not None])}
+            solver: dict[str, list[float]] = {}
+            warnings: list[str] = []
+            for rd in rds:
+                for st in rd.stages:
+                    d = _read_diag(rd.dir / st / "diagnostics.json") if st != "selection" else None
+                    if not d:
+                        continue
+                    for k, v in (d.get("summary") or {}).items():
+                        if isinstance(v, dict) and isinstance(v.get("mean"), (int, float)):
+                            solver.setdefault(k, []).append(float(v["mean"]))
+                    warnings += [w for w in d.get("warnings") or [] if w not in warnings]
+            if solver:
+                entry["solver"] = {k: _mean(v) for k, v in sorted(solver.items())}
+                entry["solver_warnings"] = warnings
+            if entry:
+                per_round[str(rnd)] = entry
+        if per_round:
+            out[method] = per_round
+    return out
 
 
 def _decontamination(data: RunData) -> dict[str, Any] | None:
@@ -405,33 +472,82 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline tables of a run, in reading order, each ``{title, note, header, rows, bullets}``: report-set
+    figures, paired differences to random, exposure, what each scorer sorts by, solver diagnostics (+ warnings),
+    decontamination. results.md and report.html render the same list."""
+    out: list[dict[str, Any]] = []
+
+    def add(title: str, note: str, table: tuple[list[str], list[list[str]]] | None, bullets: list[str] | None = None) -> None:
+        if table is not None and table[1] or bullets:
+            out.append({"title": title, "note": note, "header": table[0] if table else None,
+                        "rows": table[1] if table else None, "bullets": bullets or []})
+
+    if res["methods"]:
+        add("Final round, report sets (mean ± sd over seeds)",
+            "Report sets are held out from every method, reference and probe (checked by item content when the recipe "
+            "loads). Lower loss is better.", _summary_table(res))
+    add("Paired difference to random (by seed; mean [95 % t interval])",
+        "Δ = method − random on the same seed (same pool, warm-up, schedule and token budget). A loss Δ below 0 "
+        "favours the method; 'within noise' = the interval contains 0.", _paired_table(res))
+    add("Exposure (per seed, summed over rounds; mean over seeds)",
+        "What each method was given: tokens fed to the target, next-token predictions backpropagated (token-level "
+        "methods mask the rest), distinct sequences trained on, epochs over the selection, and the estimated FLOPs "
+        "and measured wall time of selection.", _exposure_table(res))
+    diag = res.get("diagnostics") or {}
+    rows_d = []
+    for m, per in diag.items():
+        for rnd, e in per.items():
+            sd = e.get("selection")
+            if not sd:
+                continue
+            sp = sd.get("spearman") or {}
+            share = sd.get("source_variance_share")
+            xs = e.get("across_seeds") or {}
+            rows_d.append([m, rnd, "–" if share is None else f"{share:.2f}",
+                           *[("–" if sp.get(k) is None else f"{sp[k]:+.2f}") for k in ("proxy_loss", "eos", "near_dup")],
+                           f"{sd.get('tie_fraction', 0):.2f}",
+                           "–" if xs.get("topk_jaccard") is None else f"{xs['topk_jaccard']:.2f}", sd.get("verdict", "")])
+    add("What each scorer sorts by (selection diagnostics, first seed)",
+        "Source share: fraction of score variance between sources. ρ: Spearman of the score with the warm-up model's "
+        "loss, documents per sequence and near-duplication (8-gram). Jaccard: top-k overlap across seeds.",
+        (["method", "round", "source share", "ρ proxy loss", "ρ docs/seq", "ρ near-dup", "ties",
+          "top-k Jaccard across seeds", "verdict"], rows_d))
+    rows_s, warns = [], []
+    for m, per in diag.items():
+        for rnd, e in per.items():
+            sv = e.get("solver")
+            if not sv:
+                continue
+            rows_s.append([m, rnd, *[("–" if sv.get(k) is None else f"{sv[k]:.3f}")
+                                     for k in ("cos_zv", "hz_ratio", "z_residual", "v_agreement", "c_source_share")]])
+            warns += [f"{m} round {rnd}: {w}" for w in e.get("solver_warnings") or []]
+    add("Solver diagnostics (mean over outer steps and seeds)",
+        "cos(z, v) near 1 with a small ‖Hz‖/‖v‖: the solve is effectively first-order. v agreement: cosine between v "
+        "of two independent validation batches (low = noise-dominated). c source share: fraction of var(c) between "
+        "sources.", (["method", "round", "cos(z, v)", "‖Hz‖/‖v‖", "residual", "v agreement", "c source share"], rows_s),
+        [f"warning: {w}" for w in warns])
+    dec = res.get("decontamination")
+    if dec:
+        rows_ = ([[k, str(v.get("n_texts", "–")), str(v.get("docs_matched", "–"))] for k, v in (dec.get("per_set") or {}).items()]
+                 if dec.get("enabled") else [])
+        add("Decontamination of the pool", dec["summary"] + "." if dec.get("enabled") else
+            "The pool was prepared without decontamination (pool.prepare.decontaminate).",
+            (["protected set", "texts", "pool documents overlapping"], rows_), [] if rows_ else ["no protected sets"])
+    return out
+
+
 def results_markdown(res: dict[str, Any]) -> str:
-    """``results.md``: the headline table (per method and seed, plus a mean row per method) and per-task table."""
+    """``results.md``: the headline sections, then per-seed, per-source, per-task and eval-vs-tokens tables."""
     out = [f"# Results: {res['run']}", ""]
     if res.get("config_hash"):
         out += [f"Run config hash: `{res['config_hash']}`", ""]
-    if res["methods"]:
-        out += ["## Final round, report sets (mean ± sd over seeds)", "",
-                "Report sets are held out from every method, reference and probe (checked by item content when the "
-                "recipe loads). Lower loss is better.", "", _md_table(*_summary_table(res)), ""]
-    paired = _paired_table(res)
-    if paired:
-        out += ["## Paired difference to random (by seed; mean [95 % t interval])", "",
-                "Δ = method − random on the same seed (same pool, warm-up, schedule and token budget). A loss Δ below 0 "
-                "favours the method; 'within noise' = the interval contains 0.", "", _md_table(*paired), ""]
-    exposure = _exposure_table(res)
-    if exposure:
-        out += ["## Exposure (per seed, summed over rounds; mean over seeds)", "",
-                "What each method was given: tokens fed to the target, next-token predictions backpropagated "
-                "(token-level methods mask the rest), distinct sequences trained on, epochs over the selection, and "
-                "the estimated FLOPs and measured wall time of selection.", "", _md_table(*exposure), ""]
-    dec = res.get("decontamination")
-    if dec:
-        out += ["## Decontamination of the pool", "", dec["summary"] + "." if dec.get("enabled") else
-                "The pool was prepared without decontamination (pool.prepare.decontaminate).", ""]
-        if dec.get("enabled") and dec.get("per_set"):
-            rows_ = [[k, str(v.get("n_texts", "–")), str(v.get("docs_matched", "–"))] for k, v in dec["per_set"].items()]
-            out += [_md_table(["protected set", "texts", "pool documents overlapping"], rows_), ""]
+    for sec in headline_sections(res):
+        out += [f"## {sec['title']}", "", sec["note"], ""]
+        if sec["rows"]:
+            out += [_md_table(sec["header"], sec["rows"]), ""]
+        if sec["bullets"]:
+            out += [*[f"- {b}" for b in sec["bullets"]], ""]
     header, rows = _table_rows(res)
     out += ["## Per seed", "", _md_table(header, rows) if rows else "_no method rounds found_", ""]
     out += ["Final = last round with a complete evaluation. 9-task average: acc_norm where a task reports it, else "

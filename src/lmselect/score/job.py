@@ -269,7 +269,7 @@ def _score_part(
     progress: bool,
 ) -> dict[str, Any]:
     """Compute part ``i`` of ``n`` and write it atomically; returns its timing record."""
-    from tqdm.auto import tqdm
+    from lmselect.log import Progress
 
     part_ids = split_part(job.items, i, n)
     order = part_ids
@@ -284,8 +284,7 @@ def _score_part(
     got_ids, got_sc = [done_ids], [done_sc]
     t0 = time.perf_counter()
     started = time.time()
-    bar = tqdm(total=len(order), initial=len(done_ids), unit="seq", unit_scale=True, dynamic_ncols=True,
-               desc=f"score part {i}/{n}", disable=not progress, mininterval=1.0)
+    bar = Progress(len(order), initial=len(done_ids), unit="seq", desc=f"score part {i}/{n}", enabled=progress)
     try:
         for j, (b, (x, m)) in enumerate(_prefetching(job.fetch, batches, pin=device.type == "cuda"), start=1):
             got_ids.append(b)

@@ -917,16 +917,15 @@ def solve_round(
         return [str(x) for x in pool.sources(train_ids[stream.global_rows(step * per_step + cfg.inner_steps)])]
 
     logger = MetricLogger(out_dir / LOG_FILE if rank == 0 else None, stdout_every=cfg.log_every, prefix="bliss ")
-    from tqdm.auto import tqdm
+    from lmselect.log import Progress
 
-    bar = tqdm(total=cfg.outer_steps, initial=solver.step, desc="bliss", disable=not progress or rank != 0)
+    bar = Progress(cfg.outer_steps, initial=solver.step, desc="bliss", unit="outer step", enabled=progress and rank == 0)
     last: dict[str, float] = {}
     try:
         while solver.step < cfg.outer_steps:
             last = solver.outer_step(batches(solver.step * per_step), outer_sources(solver.step))
             logger.log(solver.step, **last)
-            bar.update(1)
-            bar.set_postfix(F=f"{last['upper_loss']:.3f}", G=f"{last['lower_loss']:.3f}")
+            bar.update(1, F=last["upper_loss"], G=last["lower_loss"])
             stopping = stop_after is not None and solver.step >= stop_after and solver.step < cfg.outer_steps
             if solver.step % max(1, cfg.save_every) == 0 or stopping:
                 _save_state(solver, out_dir)

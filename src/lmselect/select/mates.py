@@ -63,7 +63,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmselect.artifacts import (
     LmselectError,
@@ -75,6 +74,7 @@ from lmselect.artifacts import (
     write_manifest,
 )
 from lmselect.context import STREAM_PROBE, STREAM_SELECT, STREAM_TRAIN, FlopContext, RoundContext
+from lmselect.log import track
 from lmselect.models.losses import token_ce
 from lmselect.models.util import attention_implementation
 from lmselect.select.base import Selection, SelectionMethod, register
@@ -204,7 +204,7 @@ def probe_oracle_loop(
     out = np.empty(probe_batch.shape[0], dtype=np.float64)
     model.eval()
     try:
-        for i in tqdm(range(probe_batch.shape[0]), desc="mates probes", unit="seq", leave=False):
+        for i in track(range(probe_batch.shape[0]), desc="mates probes", unit="seq"):
             probe_step(model, optimizer, probe_batch[i : i + 1], lr=lr, grad_clip=clip_grad_norm, dtype=dtype)
             out[i] = _validation_loss(model, valset, val_batch_size)
             # exact restore: values copied in place, optimizer state from a deep copy (load_state_dict copies again)
@@ -306,7 +306,7 @@ def probe_oracle_batched(
     out = np.empty(probe_batch.shape[0], dtype=np.float64)
     try:
         with torch.no_grad():  # torch.func.grad computes its own gradients inside
-            for s in tqdm(range(0, probe_batch.shape[0], chunk_size), desc=f"mates probes (x{chunk_size})", leave=False):
+            for s in track(range(0, probe_batch.shape[0], chunk_size), desc=f"mates probes (x{chunk_size})", unit="chunk"):
                 x = probe_batch[s : s + chunk_size].to(dev)
                 with torch.enable_grad(), autocast_context(dev, dtype):
                     grads = per_sample_grad(params, x)
@@ -445,7 +445,7 @@ def train_influence_model(
     best_step = 0
     log: list[dict[str, Any]] = [{"step": 0, "holdout_spearman": best}]
     scorer.train()
-    for step in tqdm(range(1, cfg.influence_steps + 1), desc="influence model", leave=False):
+    for step in track(range(1, cfg.influence_steps + 1), desc="influence model", unit="step"):
         rows = torch.from_numpy(train)[torch.randint(0, len(train), (min(cfg.influence_batch_size, len(train)),), generator=gen)]
         pred = scorer(tokens[rows].to(dev))
         loss = torch.mean((pred.float() - z[rows].to(dev)) ** 2)

@@ -36,11 +36,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, read_manifest, write_manifest
 from lmselect.config import check_fraction
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
+from lmselect.log import track
 from lmselect.models.losses import token_ce
 from lmselect.models.util import freeze
 from lmselect.select.base import SelectionMethod, register
@@ -153,7 +153,7 @@ def train_reference(
     log: list[str] = []
     t0 = time.perf_counter()
     loss_val = float("nan")
-    for step in tqdm(range(cfg.steps), desc="rho1 reference", leave=False):
+    for step in track(range(cfg.steps), desc="rho1 reference", unit="step"):
         rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
         x, m = ids[rows].to(device), mask[rows].to(device)
         ce = token_ce(model(input_ids=x).logits, x)
