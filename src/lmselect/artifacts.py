@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from lmselect.config import config_hash, dump_yaml, to_dict
 from lmselect.errors import ArtifactError, LmselectError  # noqa: F401 - re-exported (the error root)
 
 MANIFEST = "manifest.json"
@@ -186,7 +187,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "__dataclass_fields__"):
-        from lmselect.config import to_dict
 
         return to_dict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
@@ -359,7 +359,6 @@ class Manifest:
     created: str = field(default_factory=now_iso)
 
     def to_json(self) -> dict[str, Any]:
-        from lmselect.config import config_hash
 
         d = dict(self.__dict__)
         if not d["checksums"]:
@@ -451,3 +450,8 @@ class Timer:
 def fresh_tmpdir(parent: str | Path, prefix: str = ".tmp-") -> Path:
     Path(parent).mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config ``cfg`` as YAML next to an output (atomically)."""
+    atomic_write_text(path, dump_yaml(cfg))

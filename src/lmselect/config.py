@@ -3,7 +3,7 @@
 Every stage of lmselect is configured by a (nested) dataclass. The same machinery serves all of them:
 
     cfg = load_config(TrainConfig, "recipe.yaml", ["--optim.lr=3e-4", "--steps=100"])
-    save_config(cfg, out_dir / "config.yaml")   # the resolved config lives next to every output
+    artifacts.save_config(cfg, out_dir / "config.yaml")   # the resolved config lives next to every output
     config_hash(cfg)                            # short, stable hash recorded in manifests
 
 Unknown keys are errors that name the key (a typo in a recipe must never be silently ignored). A bad value is blamed
@@ -269,12 +269,6 @@ def replace(cfg: T, **changes: Any) -> T:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    from lmselect.artifacts import atomic_write_text
-
-    atomic_write_text(path, dump_yaml(cfg))
 
 
 def config_hash(cfg: Any) -> str:

@@ -47,9 +47,10 @@ from lmselect.artifacts import (
     parent_ref,
     read_json,
     read_manifest,
+    save_config,
     write_manifest,
 )
-from lmselect.config import config_hash, save_config, to_dict
+from lmselect.config import config_hash, to_dict
 from lmselect.context import (
     STREAM_DECAY,
     STREAM_SELECT,

@@ -381,7 +381,7 @@ def evaluate_checkpoint(
     ``out_dir`` defaults to ``<path>/eval``. Tasks and task files are checked before the model is loaded.
     Returns the results dict as written.
     """
-    from lmselect.config import save_config
+    from lmselect.artifacts import save_config
 
     ckpt = check_checkpoint_dir(path)
     names = resolve_task_names(tasks)

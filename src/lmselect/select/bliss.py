@@ -76,8 +76,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lmselect.artifacts import LmselectError, Manifest, atomic_path, atomic_write_text, is_complete, write_manifest
-from lmselect.config import save_config, to_dict
+from lmselect.artifacts import (
+    LmselectError,
+    Manifest,
+    atomic_path,
+    atomic_write_text,
+    is_complete,
+    save_config,
+    write_manifest,
+)
+from lmselect.config import to_dict
 from lmselect.context import STREAM_METHOD, STREAM_SCORER_INIT, FlopContext, RoundContext
 from lmselect.data.tokenizer import check_same_tokenizer, tokenizer_fingerprint
 from lmselect.data.valset import ValidationSet

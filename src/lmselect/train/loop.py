@@ -31,8 +31,8 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
-from lmselect.artifacts import LmselectError, atomic_write_text, parent_ref, read_manifest
-from lmselect.config import replace, save_config, to_dict
+from lmselect.artifacts import LmselectError, atomic_write_text, parent_ref, read_manifest, save_config
+from lmselect.config import replace, to_dict
 from lmselect.data.pool import TokenPool
 from lmselect.log import MetricLogger, Progress, read_jsonl
 from lmselect.models.losses import token_ce
