@@ -51,6 +51,7 @@ from lmselect.artifacts import (
     atomic_path,
     file_checksums,
     read_json,
+    save_config,
     write_manifest,
     writing,
 )
@@ -62,7 +63,6 @@ from lmselect.config import (
     from_dict,
     parse_overrides,
     read_yaml,
-    save_config,
     to_dict,
 )
 from lmselect.data.decontam import DecontamConfig, Decontaminator, summary_line
