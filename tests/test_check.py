@@ -16,7 +16,7 @@ name: tinycheck
 seed: 0
 pool:
   prepare: {{inputs: ["{corpus}/*.jsonl"], vocab_size: 512, seq_len: 64, n_shards: 3, seed: 0, workers: 1}}
-validation: {{lambada: {sel}, clean: null, select_on: lambada, max_items: 200, seq_len: 64, batch_size: 16}}
+validation: {{selection: {sel}, selection_kind: lambada, lambada: {report}, clean: null, max_items: 200, seq_len: 64, batch_size: 16}}
 target: {{preset: debug}}
 proxy: {{preset: debug}}
 warmup: {{fraction: 0.5, steps: {warm}}}
@@ -48,9 +48,10 @@ def make_check_inputs(d: Path, n_docs: int = 30, doc_chars: int = 1200, n_sel: i
                     break
         (corpus / f"{src}.jsonl").write_text("".join(rows))
     sel = d / "selection.jsonl"
-    sel.write_text("".join((DATA_DIR / "demo" / "lambada_val.jsonl").read_text().splitlines(True)[:n_sel]))
+    sel.write_text("".join((DATA_DIR / "demo" / "lambada_select.jsonl").read_text().splitlines(True)[:n_sel]))
+    report = DATA_DIR / "demo" / "lambada_report.jsonl"  # disjoint from the selection half, as a recipe requires
     p = d / "recipe.yaml"
-    p.write_text(RECIPE.format(corpus=corpus, sel=sel, warm=warm, ref_steps=ref_steps))
+    p.write_text(RECIPE.format(corpus=corpus, sel=sel, report=report, warm=warm, ref_steps=ref_steps))
     return p
 
 
@@ -101,6 +102,26 @@ def test_random_fails_the_check_end_to_end(check_recipe, tmp_path, capsys):
     assert vis and held and not vis & held
     cfg = (out / "run" / "config.yaml").read_text()
     assert "selection_visible.jsonl" in cfg and "methods:\n- random" in cfg
+
+
+def test_bliss_check_runs_end_to_end_at_tiny_scale(check_recipe, tmp_path, capsys):
+    """The CI-sized known-answer check of BLISS: plants, prepares, runs the bilevel solve and judges every planted
+    source in both rounds. Two outer steps cannot learn the answer, so the verdict itself is not asserted here (the
+    demo-scale check is bench/bliss_ablation.py); what is asserted is that the check measures BLISS's own
+    selection and its solver diagnostics."""
+    from lmselect.cli import main
+
+    out = tmp_path / "bliss"
+    rc = main(["check", str(check_recipe), "--method", "bliss", "--out", str(out), "--plant-fraction", "0.1",
+               "--warmup.steps=5"])
+    assert rc in (0, 1)
+    res = json.loads((out / "check.json").read_text())
+    assert res["criteria"] == 8 and {r["source"] for r in res["rows"]} == {
+        "planted_target", "planted_shuffled", "planted_repeated", "planted_random"}
+    assert res["verdict"] == ("PASS" if rc == 0 else "FAIL")
+    assert "Known-answer check: bliss" in capsys.readouterr().out
+    for r in (1, 2):
+        assert (out / "run" / "bliss" / "seed0" / f"round{r}" / "bilevel" / "diagnostics.json").is_file()
 
 
 def test_reference_scorer_picks_target_like_data(check_recipe, tmp_path):

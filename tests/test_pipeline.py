@@ -117,6 +117,10 @@ def test_interrupted_run_resumes_to_same_selection(tiny_recipe, tmp_path, monkey
         ("--warmup.steps=0", "warmup.steps"),
         ("--seeds=0,0", "seeds"),
         ("--validation.selection_kind=words", "validation.selection_kind"),
+        ("--bliss.outer_steps=0", "bliss.outer_steps"),
+        ("--bliss.objective=final", "bliss.objective"),
+        ("--mates.temperature=0", "mates.temperature"),
+        ("--perplexity.band=mid", "perplexity.band"),
         ("--bliss.z_stepz=3", "bliss.z_stepz"),
     ],
 )
@@ -126,7 +130,7 @@ def test_bad_recipe_fails_at_load_naming_the_key(tiny_recipe, override, key):
     with pytest.raises(ConfigError) as e:
         load_recipe(tiny_recipe, [override])
     assert key in str(e.value) and "\n" not in str(e.value)
-    if key not in ("bliss.z_stepz",):  # range / file errors say where the value came from
+    if key not in ("bliss.z_stepz", "bliss.objective"):  # range / file errors say where the value came from
         assert "command line" in str(e.value), str(e.value)
 
 

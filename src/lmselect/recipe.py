@@ -21,6 +21,7 @@ from typing import Any
 
 from lmselect.config import ConfigError, check_fraction, load_config, read_yaml
 from lmselect.data.prepare import PrepareConfig
+from lmselect.errors import LmselectError
 from lmselect.paths import DATA_DIR, RECIPES_DIR
 from lmselect.select.base import method_class, method_names
 from lmselect.train.loop import TrainConfig
@@ -249,6 +250,15 @@ def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
                           "need a selection set")
     need(v.lambada is not None or v.clean is not None, "validation", "at least one report set (lambada or clean)",
          None)
+    # each method checks its own settings (ranges, profiles) before any compute; every section, used or not, like
+    # unknown keys: a broken section in a shipped recipe must not wait for the day someone enables the method
+    for m in (method_class(n) for n in method_names()):
+        sec = getattr(r, m.name, None)
+        try:
+            m(sec).check_config()
+        except LmselectError as e:
+            key = getattr(e, "key", None) or m.name
+            raise ConfigError(f"{str(e).rstrip('.')}{where(key if '.' in key else m.name)}") from None
     # Everything a method sees must be disjoint from the report sets (by item content).
     seen = {"validation.selection": v.selection} if v.selection else {}
     for m in methods:

@@ -100,6 +100,19 @@ class SelectionMethod:
         """Token level: the loss mask the target (and its evaluation branch) trains with this round."""
         raise NotImplementedError(f"{self.name}: a token-level method must implement token_selector()")
 
+    def check_config(self) -> None:
+        """Raise ``ConfigError`` / ``LmselectError`` naming ``<name>.<key>`` for settings that cannot work; called
+        when the recipe loads, before any compute. Default: only positive step / batch counts are checked."""
+        import dataclasses
+
+        if self.cfg is None or not dataclasses.is_dataclass(self.cfg):
+            return
+        for f in dataclasses.fields(self.cfg):
+            v = getattr(self.cfg, f.name)
+            if (f.name.endswith("steps") or f.name.endswith("batch_size") or f.name.startswith("n_")) \
+                    and isinstance(v, int) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"recipe key '{self.name}.{f.name}': must be >= 0, got {v}")
+
     def data_files(self) -> list[str]:
         """Extra files the method reads (e.g. a reference corpus); the recipe checks them against the report sets."""
         return []

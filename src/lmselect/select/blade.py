@@ -296,6 +296,11 @@ class Blade(SelectionMethod):
     stages = ("selection", "target", "eval")
     color = "#d62728"
 
+    def check_config(self) -> None:
+        super().check_config()
+        if self.cfg.tau is not None and not self.cfg.tau > 0:
+            raise LmselectError(f"recipe key 'blade.tau': must be > 0 (or null for never), got {self.cfg.tau}")
+
     def token_selector(self, ctx: RoundContext) -> TokenSelector:
         from lmselect.config import replace
 

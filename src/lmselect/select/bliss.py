@@ -983,6 +983,13 @@ class Bliss(SelectionMethod):
     collective = True  # the solve and the scoring are distributed-aware (global-batch math, rank-sharded scoring)
     color = "#1f77b4"
 
+    def check_config(self) -> None:
+        super().check_config()
+        resolve_profile(self.cfg)  # profile, objective and option ranges, each error naming bliss.<key>
+        for key in ("outer_steps", "batch_size", "inner_steps", "z_steps"):
+            if getattr(self.cfg, key) < 1:
+                raise LmselectError(f"recipe key 'bliss.{key}': must be >= 1, got {getattr(self.cfg, key)}")
+
     def select(self, ctx: RoundContext) -> Selection:
         from lmselect.artifacts import parent_ref
         from lmselect.config import replace

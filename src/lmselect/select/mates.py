@@ -682,6 +682,17 @@ class Mates(SelectionMethod):
         return Selection(selected, scores=scores, parents=[parent_ref(idir), parent_ref(sdir)],
                          extra={"score": "-predicted_val_loss"})
 
+    def check_config(self) -> None:
+        super().check_config()
+        c = self.cfg
+        for key in ("n_probe", "influence_steps", "influence_batch_size"):
+            if getattr(c, key) < 1:
+                raise LmselectError(f"recipe key 'mates.{key}': must be >= 1, got {getattr(c, key)}")
+        if not c.temperature > 0:
+            raise LmselectError(f"recipe key 'mates.temperature': must be > 0, got {c.temperature}")
+        if c.probe_from not in ("holdout", "candidates"):
+            raise LmselectError(f"recipe key 'mates.probe_from': must be holdout or candidates, got {c.probe_from!r}")
+
     def selection_flops(self, f: FlopContext) -> float:
         m, T, r = self.cfg, f.seq_len, f.recipe
         nt = f.params(r.target.preset)

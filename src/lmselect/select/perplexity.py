@@ -56,6 +56,10 @@ class Perplexity(SelectionMethod):
     collective = True  # scoring is rank-sharded; every rank then reads the same sidecar
     color = "#9467bd"
 
+    def check_config(self) -> None:
+        super().check_config()
+        band_scores(np.zeros(1), self.cfg.band)  # an unknown band names perplexity.band
+
     def select(self, ctx: RoundContext) -> Selection:
         from lmselect.artifacts import parent_ref
         from lmselect.score import read_scores, score_pool
