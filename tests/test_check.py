@@ -93,7 +93,7 @@ def test_random_fails_the_check_end_to_end(check_recipe, tmp_path, capsys):
     assert (out / "check.md").read_text().startswith("# Known-answer check: random — FAIL")
     assert res["verdict"] == "FAIL" and res["criteria"] == 8  # 4 planted sources x 2 rounds
     for r in _rows(res, "planted_target"):
-        assert r["candidates"] >= 20 and not r["pass"] and 0.3 < r["ratio"] < 1.7  # about the base rate
+        assert r["candidates"] >= 20 and not r["pass"] and 0.3 < r["ratio"] < 2.0  # about the base rate (35 candidates)
     # the pipeline really ran: the method saw only the visible part of the selection set
     plant = json.loads((out / "inputs" / "plant.json").read_text())
     assert plant["counts"]["visible"] + plant["counts"]["held_out"] == 160
