@@ -399,7 +399,8 @@ def _paired_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | No
     if not paired:
         return None
     keys = sorted({k for v in paired.values() for k in v}, key=lambda k: (k.startswith("downstream"), _val_key(k.split(".")[-1])))
-    header = ["method", *[f"Δ {k.replace('val_loss.', '')} {'loss' if k.startswith('val_loss') else '(pp)'}" for k in keys]]
+    header = ["method", *[f"Δ {k.replace('val_loss.', '')} loss" if k.startswith("val_loss") else "Δ 9-task avg (pp)"
+                          for k in keys]]
     rows = []
     for m, d in paired.items():
         row = [m]
