@@ -39,7 +39,7 @@ def test_inspect_non_pool_uses_lineage(tmp_path, capsys, monkeypatch):
     write_manifest(run, Manifest(kind="run"))
     seen = []
     fake = types.ModuleType("lmselect.provenance")
-    fake.print_lineage = lambda p: seen.append(str(p))
+    fake.print_lineage = lambda p, recipe=None: seen.append(str(p))
     monkeypatch.setitem(sys.modules, "lmselect.provenance", fake)
     assert main(["inspect", str(run)]) == 0 and seen == [str(run)]
     monkeypatch.setitem(sys.modules, "lmselect.provenance", None)  # import now fails
