@@ -86,3 +86,14 @@ def test_second_run_on_one_directory_is_refused(tiny_recipe, tmp_path):
     with run_lock(out):
         with pytest.raises(LmselectError, match="in use"):
             _run(tiny_recipe, out)
+
+
+def test_stage_identity_does_not_depend_on_the_install_location():
+    """Bundled data resolve to absolute paths for reading, but a stage's identity records them as bundled:REL, so a
+    run made with the package in one place is reused after a reinstall elsewhere."""
+    from lmselect.pipeline import stage_specs
+    from lmselect.recipe import load_recipe
+
+    specs = stage_specs(load_recipe("demo"))
+    assert specs["pool"]["pool"]["prepare"]["inputs"] == ["bundled:demo/corpus/*.jsonl.gz"]
+    assert specs["bliss/seed0/round1/selection"]["validation"]["selection"] == "bundled:demo/lambada_select.jsonl"
