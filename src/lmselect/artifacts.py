@@ -455,3 +455,22 @@ def fresh_tmpdir(parent: str | Path, prefix: str = ".tmp-") -> Path:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config ``cfg`` as YAML next to an output (atomically)."""
     atomic_write_text(path, dump_yaml(cfg))
+
+
+def check_replaceable(out: str | Path, kind: str, own_files: set[str] | frozenset[str] = frozenset()) -> None:
+    """Refuse to replace ``out`` unless it is absent, empty, a (possibly incomplete) ``kind`` artifact, or holds only
+    ``own_files`` (and dot-files): any other directory may be someone's data. One-line errors name ``out``."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LmselectError(f"{out}: exists and is not a directory")
+    if is_complete(out):
+        have = read_manifest(out).get("kind")
+        if have != kind:
+            raise LmselectError(f"{out}: holds a '{have}' artifact; choose another --out")
+        return
+    foreign = [q.name for q in out.iterdir() if q.name not in own_files and not q.name.startswith(".")]
+    if foreign:
+        raise LmselectError(f"{out}: not empty and not {'an' if kind[0] in 'aeiou' else 'a'} {kind} (contains "
+                            f"{foreign[0]}); choose another --out")

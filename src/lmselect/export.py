@@ -47,6 +47,7 @@ from lmselect.artifacts import (
     atomic_path,
     atomic_save_npy,
     atomic_write_json,
+    check_replaceable,
     is_complete,
     parent_ref,
     read_manifest,
@@ -275,17 +276,7 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
 
 def _check_out(out: Path) -> None:
     """Refuse to replace a directory that is not an export: it may be someone's data."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise LmselectError(f"{out}: exists and is not a directory")
-    if is_complete(out):
-        kind = read_manifest(out).get("kind")
-        if kind != "export":
-            raise LmselectError(f"{out}: holds a '{kind}' artifact; choose another --out")
-        return
-    if any(not p.name.startswith(".") for p in out.iterdir()):
-        raise LmselectError(f"{out}: not empty and not an export; choose another --out")
+    check_replaceable(out, "export")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from lmselect.artifacts import (
     atomic_save_npy,
     atomic_write_json,
     atomic_write_text,
-    is_complete,
+    check_replaceable,
     parent_ref,
     read_json,
     read_manifest,
@@ -102,18 +102,7 @@ def select_ids(
 
 def _check_out_dir(out: Path) -> None:
     """Refuse to replace a directory that is not a (possibly incomplete) selection: it may be someone's data."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise LmselectError(f"{out}: exists and is not a directory")
-    if is_complete(out):
-        kind = read_manifest(out).get("kind")
-        if kind != "selection":
-            raise LmselectError(f"{out}: holds a '{kind}' artifact; choose another --out")
-        return
-    foreign = [p.name for p in out.iterdir() if p.name not in _OWN_FILES and not p.name.startswith(".")]
-    if foreign:
-        raise LmselectError(f"{out}: not empty and not a selection (contains {foreign[0]}); choose another --out")
+    check_replaceable(out, "selection", _OWN_FILES)
 
 
 def write_selection(
