@@ -32,10 +32,13 @@ from lmselect.report.results import _md_table, paired_interval
 #: name -> overrides of the bliss section (the paper profile reproduces the released code's behaviour)
 VARIANTS: dict[str, list[str]] = {
     "paper": ["--bliss.profile=paper"],
-    "all_tokens": ["--bliss.profile=default", "--bliss.objective=all_tokens"],
-    "mix": ["--bliss.profile=default", "--bliss.objective=mix", "--bliss.objective_mix=0.5"],
-    "all_tokens_vfull": ["--bliss.profile=default", "--bliss.objective=all_tokens", "--bliss.val_batch_size=0"],
-    "all_tokens_zwarm": ["--bliss.profile=default", "--bliss.objective=all_tokens", "--bliss.z_warm_start=true",
+    # one change at a time on top of the paper's solver, then lmselect's default profile (all of them together)
+    "all_tokens": ["--bliss.profile=paper", "--bliss.objective=all_tokens"],
+    "all_tokens_cos": ["--bliss.profile=paper", "--bliss.objective=all_tokens", "--bliss.c_normalize=true"],
+    "default": ["--bliss.profile=default"],  # all_tokens + c_normalize + z_steps=1 + hyper_batches=7
+    "mix": ["--bliss.profile=paper", "--bliss.objective=mix", "--bliss.objective_mix=0.5"],
+    "all_tokens_vfull": ["--bliss.profile=paper", "--bliss.objective=all_tokens", "--bliss.val_batch_size=0"],
+    "all_tokens_zwarm": ["--bliss.profile=paper", "--bliss.objective=all_tokens", "--bliss.z_warm_start=true",
                          "--bliss.z_steps=5"],
 }
 COMMON = ["--eval.downstream=false"]

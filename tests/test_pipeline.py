@@ -55,6 +55,14 @@ def test_every_method_runs_end_to_end(all_methods_run):
             assert set(pool.shard[sel]) == {r}
     # the BLISS score model is inherited across rounds, the proxy reset: round 2's solve starts from round 1's scorer
     assert (out / "bliss" / "seed0" / "round2" / "bilevel" / "score_model").is_dir()
+    # rank stability: round 2's selection diagnostics compare round 1's and round 2's score models on the same
+    # candidates (all 12 here); round 1 has no previous scorer
+    d1, d2 = (json.loads((out / "bliss" / "seed0" / f"round{r}" / "selection" / "diagnostics.json").read_text())
+              for r in (1, 2))
+    stab = d2["rank_stability"]
+    assert "rank_stability" not in d1 and stab["n"] == 12 and stab["scorers"] == "round 1 vs round 2"
+    assert stab["spearman_prev_round"] is not None and -1.0 <= stab["spearman_prev_round"] <= 1.0
+    assert res["diagnostics"]["bliss"]["2"]["selection"]["rank_stability"] == stab
     # token-level methods logged their kept fraction, in training and in the evaluation's decay branch alike
     for sub in ("target", "decay_branch"):
         log = [json.loads(x) for x in (out / "rho1" / "seed0" / "round1" / sub / "train_log.jsonl").read_text().splitlines()]

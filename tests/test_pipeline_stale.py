@@ -97,3 +97,19 @@ def test_stage_identity_does_not_depend_on_the_install_location():
     specs = stage_specs(load_recipe("demo"))
     assert specs["pool"]["pool"]["prepare"]["inputs"] == ["bundled:demo/corpus/*.jsonl.gz"]
     assert specs["bliss/seed0/round1/selection"]["validation"]["selection"] == "bundled:demo/lambada_select.jsonl"
+
+
+def test_a_changed_profile_value_changes_the_stage_identity(tiny_recipe, monkeypatch):
+    """BLISS's ``None`` options take their profile's values; identity hashes the resolved values, so a release that
+    changes a profile makes old BLISS stages stale although the recipe text is the same."""
+    from lmselect.pipeline import stage_specs
+    from lmselect.recipe import load_recipe
+    from lmselect.select import bliss
+
+    r = load_recipe(tiny_recipe, ["--methods=random,bliss"])
+    before = stage_specs(r)
+    assert before["bliss/seed0/round1/bilevel"]["settings"]["hyper_batches"] == bliss.PROFILES["default"]["hyper_batches"]
+    monkeypatch.setitem(bliss.PROFILES, "default", {**bliss.PROFILES["default"], "hyper_batches": 2})
+    after = stage_specs(r)
+    assert after["bliss/seed0/round1/bilevel"] != before["bliss/seed0/round1/bilevel"]
+    assert after["random/seed0/round1/selection"] == before["random/seed0/round1/selection"]

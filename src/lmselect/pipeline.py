@@ -111,7 +111,7 @@ def stage_specs(r: Any) -> dict[str, dict[str, Any]]:
     sel_v = {k: v[k] for k in ("selection", "selection_kind", "max_items", "seq_len", "batch_size")}
     for name, m in methods.items():
         base = {**specs["warmup/target"], **_sub(r, "select_fraction", "round_steps", "lr_per_round", "score_batch_size"),
-                "method": name, "settings": _portable(to_dict(m.cfg)) if m.cfg is not None else None}
+                "method": name, "settings": _portable(to_dict(m.resolved_config())) if m.cfg is not None else None}
         if "proxy" in m.needs:
             base["proxy"] = _portable(to_dict(r.proxy))
         if "selection_set" in m.needs:
@@ -344,12 +344,12 @@ class Runner:
         if m.level == "token":
             # token-level methods see the whole shard; the loss mask does the selecting
             sel, frac, extra = rc.candidates, 1.0, {}
-            scores = None
+            scores, method_diag = None, {}
         else:
             out = m.select(rc) if m.collective else self.ctx.main_first(lambda: m.select(rc))
             if out.scores is not None and len(out.scores) != len(rc.candidates):
                 raise LmselectError(f"{m.name}: select() returned {len(out.scores)} scores for {len(rc.candidates)} candidates")
-            sel, frac, extra, scores = out.ids, rc.fraction, dict(out.extra), out.scores
+            sel, frac, extra, scores, method_diag = out.ids, rc.fraction, dict(out.extra), out.scores, out.diagnostics
             parents += out.parents
         seconds = time.perf_counter() - t0
 
@@ -357,6 +357,7 @@ class Runner:
             diag = self.selection_diagnostics(rc, scores, sel) if scores is not None else None
             if diag is not None:
                 extra["diagnostics_verdict"] = diag["verdict"]
+                diag.update(method_diag)
             write_selection(
                 sel_dir, self.pool, rc.candidates, scores, sel, method=m.name, fraction=frac,
                 extra={**extra, "round": rc.round, "seed": rc.seed, "selection_seconds": seconds, "level": m.level},

@@ -71,7 +71,9 @@ def _run(solver: Any, rank: int, world: int) -> dict[str, Any]:
         "init_scorer": {k: v.clone() for k, v in solver.scorer.state_dict().items()},
     }
     # the validation batch comes from the solver's own val stream: each rank gets its share of one global batch
-    res["stats"] = solver.outer_step(iter([_global_batch(11)[rows], _global_batch(12)[rows]]))
+    # 11: inner step, 12: the outer batch, then the default profile's hyper batches (score steps with the same z)
+    seeds = range(11, 13 + solver.cfg.hyper_batches)
+    res["stats"] = solver.outer_step(iter([_global_batch(s)[rows] for s in seeds]))
     hg = solver.last  # the Hypergradient that outer_step computed and applied
     res.update(scores=hg.scores, weights=hg.weights, c=hg.c, grads=[g.detach().clone() for g in hg.grads],
                upper_loss=hg.upper_loss, z_norm=hg.z_norm, v_norm=hg.v_norm)

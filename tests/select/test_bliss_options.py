@@ -98,18 +98,21 @@ def test_paper_profile_reproduces_the_released_behaviour_numbers():
     assert np.allclose(got["final_scores"], PINNED["final_scores"], rtol=1e-9, atol=1e-12)
     # the default profile is a different solve (all-token objective, warm-started z): the pin is not vacuous
     other = _solver()
-    other.outer_step(iter([_batch(100), _batch(101)]))
+    other.outer_step(iter([_batch(100 + k) for k in range(2 + other.cfg.hyper_batches)]))
     assert not np.allclose(other.last.c.tolist(), PINNED[0]["c"], rtol=1e-3)
 
 
 def test_profiles_fill_only_unset_options_and_bad_values_name_the_key():
     paper = resolve_profile(BlissConfig(profile="paper"))
     assert (paper.objective, paper.z_warm_start, paper.z_tol, paper.v_ema) == ("final_word", False, 0.0, 0.0)
+    assert (paper.c_normalize, paper.hyper_batches, paper.score_activation, paper.z_steps) == (False, 0, "sigmoid", 3)
     assert resolve_profile(BlissConfig(profile="paper", objective="mix")).objective == "mix"
     assert resolve_profile(BlissConfig()).objective == "all_tokens"
     for kw, key in ((dict(objective_mix=1.5), "objective_mix"), (dict(v_ema=1.0), "v_ema"),
-                    (dict(z_tol=0.1, z_max_steps=2), "z_max_steps"), (dict(profile="fast"), "profile"),
-                    (dict(val_batch_size=-1), "val_batch_size")):
+                    (dict(z_tol=0.1, z_steps=3, z_max_steps=2), "z_max_steps"), (dict(profile="fast"), "profile"),
+                    (dict(val_batch_size=-1), "val_batch_size"), (dict(hyper_batches=-1), "hyper_batches"),
+                    (dict(score_activation="tanh"), "score_activation"),
+                    (dict(z_steps=0), "z_steps")):
         with pytest.raises(LmselectError, match=f"bliss.{key}"):
             resolve_profile(BlissConfig(**kw))
 
@@ -210,11 +213,60 @@ def test_z_tolerance_runs_extra_steps_until_the_residual_is_small():
 
     # in the solver (wiring; convergence is the toy's job): a loose tolerance stops right after z_steps and reports
     # the residual it met, an unreachable one runs to z_max_steps
-    s = _solver(z_tol=10.0, z_max_steps=5, objective="final_word", diag_every=0)
+    s = _solver(z_tol=10.0, z_max_steps=5, objective="final_word", diag_every=0, hyper_batches=0, z_steps=3)
     st = s.outer_step(iter([_batch(1), _batch(2)]))
     assert st["z_steps_used"] == 3 and 0 < st["z_residual"] < 10.0
-    s = _solver(z_tol=1e-12, z_max_steps=5, objective="final_word", diag_every=0)
+    s = _solver(z_tol=1e-12, z_max_steps=5, objective="final_word", diag_every=0, hyper_batches=0, z_steps=3)
     assert s.outer_step(iter([_batch(1), _batch(2)]))["z_steps_used"] == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# c normalisation, hyper batches, score activation
+
+
+def test_c_normalize_is_the_cosine_of_each_sequence_gradient_with_z():
+    """c_normalize: c_i = <grad CE_i, z> / ||grad CE_i||, against gradients taken one sequence at a time by hand."""
+    ids = _batch(5)
+    for impl in ("per_sample", "batched"):  # per-sequence norms need per-sequence gradients: one path for both
+        s = _solver(c_normalize=True, hypergrad_impl=impl, objective="final_word")
+        z = tuple(torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(k))
+                  for k, p in enumerate(s.p_params))
+        c = s.compute_c(ids, z)
+        for i in range(ids.shape[0]):
+            loss = token_ce(s.proxy(input_ids=ids[i : i + 1]).logits, ids[i : i + 1]).mean()
+            g = _flat(torch.autograd.grad(loss, s.p_params))
+            assert float(c[i]) == pytest.approx(float(g @ _flat(z) / g.norm()), rel=1e-9)
+        raw = _solver(c_normalize=False, hypergrad_impl=impl, objective="final_word").compute_c(ids, z)
+        assert not torch.allclose(c, raw)  # the norm is not 1: normalising changes the numbers
+
+
+def test_hyper_batches_are_score_steps_with_the_same_z():
+    """hyper_batches = 2: after the outer step's own update, two more AdamW steps on θ_s, each with the c_i of one
+    more batch under the same z — the same as doing it by hand with a solver that has none."""
+    batches = [_batch(40 + k) for k in range(4)]  # inner, outer, hyper 1, hyper 2
+    a = _solver(hyper_batches=2, c_normalize=False, objective="final_word", outer_steps=5)
+    b = _solver(hyper_batches=0, c_normalize=False, objective="final_word", outer_steps=15)  # same schedule length
+    a.outer_step(iter(batches))
+    b.outer_step(iter(batches[:2]))
+    z = b.last.z
+    assert z and torch.equal(_flat(a.last.z), _flat(z))  # the same proxy, batches and v: the same z
+    for ids in batches[2:]:
+        s_all, _, _ = b.global_weights(b.scores(ids))
+        b.score_update(b.score_grads(ids, s_all, b.compute_c(ids, z)))
+    assert a.s_opt.state[a.s_params[0]]["step"] == 3
+    for pa, pb in zip(a.s_params, b.s_params):
+        assert torch.allclose(pa, pb, rtol=1e-10, atol=1e-13)
+    moved = _solver(hyper_batches=0, c_normalize=False, objective="final_word", outer_steps=5)
+    moved.outer_step(iter(batches[:2]))
+    assert any(not torch.allclose(pa, pm) for pa, pm in zip(a.s_params, moved.s_params))  # the extra steps moved θ_s
+    # the score schedule spans every score step: outer_steps · (1 + hyper_batches)
+    assert a.s_sched.lr_lambdas[0](14) > 0 and a.s_sched.lr_lambdas[0](15) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_score_activation_identity_makes_an_unbounded_score_model():
+    proxy = build_model("debug", VOCAB, seed=0)
+    assert init_score_model(proxy, seed=2, activation="identity").activation == "identity"
+    assert init_score_model(proxy, seed=2).activation == "sigmoid"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
             first = next((d for d in sel if d), None)
             if first:
                 entry["selection"] = {k: first.get(k) for k in ("verdict", "source_variance_share", "spearman",
-                                                                "tie_fraction", "proxy_loss_model")}
+                                                                "tie_fraction", "proxy_loss_model", "rank_stability")}
                 entry["selection"]["per_source_mean"] = {k: v.get("mean") for k, v in (first.get("per_source") or {}).items()}
             if len(rds) > 1:
                 sels = [np.load(rd.selected_path) for rd in rds if rd.selected_path is not None]
@@ -505,15 +505,19 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
             sp = sd.get("spearman") or {}
             share = sd.get("source_variance_share")
             xs = e.get("across_seeds") or {}
+            rs = (sd.get("rank_stability") or {}).get("spearman_prev_round")
             rows_d.append([m, rnd, "–" if share is None else f"{share:.2f}",
                            *[("–" if sp.get(k) is None else f"{sp[k]:+.2f}") for k in ("proxy_loss", "eos", "near_dup")],
                            f"{sd.get('tie_fraction', 0):.2f}",
-                           "–" if xs.get("topk_jaccard") is None else f"{xs['topk_jaccard']:.2f}", sd.get("verdict", "")])
+                           "–" if xs.get("topk_jaccard") is None else f"{xs['topk_jaccard']:.2f}",
+                           "–" if rs is None else f"{rs:+.2f}", sd.get("verdict", "")])
     add("What each scorer sorts by (selection diagnostics, first seed)",
         "Source share: fraction of score variance between sources. ρ: Spearman of the score with the warm-up model's "
-        "loss, documents per sequence and near-duplication (8-gram). Jaccard: top-k overlap across seeds.",
+        "loss, documents per sequence and near-duplication (8-gram). Jaccard: top-k overlap across seeds. ρ previous "
+        "round: Spearman of the previous round's and this round's scorer on the same candidates (where the method "
+        "reports it).",
         (["method", "round", "source share", "ρ proxy loss", "ρ docs/seq", "ρ near-dup", "ties",
-          "top-k Jaccard across seeds", "verdict"], rows_d))
+          "top-k Jaccard across seeds", "ρ previous round", "verdict"], rows_d))
     rows_s, warns = [], []
     for m, per in diag.items():
         for rnd, e in per.items():

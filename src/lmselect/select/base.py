@@ -54,13 +54,17 @@ class Selection:
 
     ``ids`` are candidate sequence ids (any order; the runner sorts them); ``scores`` (optional) has one value per
     candidate, aligned with ``RoundContext.candidates``, oriented so that **higher = preferred**; ``parents`` are
-    ``parent_ref`` records of the artifacts the choice was derived from; ``extra`` goes into ``summary.json``.
+    ``parent_ref`` records of the artifacts the choice was derived from; ``extra`` goes into ``summary.json``;
+    ``diagnostics`` (JSON values) are merged into the round's ``selection/diagnostics.json`` beside the generic
+    selection diagnostics, e.g. BLISS's ``rank_stability`` (Spearman of the previous round's and this round's score
+    models on the same candidates).
     """
 
     ids: np.ndarray
     scores: np.ndarray | None = None
     parents: list[dict[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 class SelectionMethod:
@@ -99,6 +103,12 @@ class SelectionMethod:
     def token_selector(self, ctx: RoundContext) -> TokenSelector:
         """Token level: the loss mask the target (and its evaluation branch) trains with this round."""
         raise NotImplementedError(f"{self.name}: a token-level method must implement token_selector()")
+
+    def resolved_config(self) -> Any:
+        """The settings that determine this method's artifacts, with every default that depends on another key filled
+        in (e.g. BLISS's profile options). Stage identity hashes this, so a changed profile value makes old stages
+        stale even when the recipe text is unchanged. Default: ``cfg`` itself."""
+        return self.cfg
 
     def check_config(self) -> None:
         """Raise ``ConfigError`` / ``LmselectError`` naming ``<name>.<key>`` for settings that cannot work; called

@@ -156,12 +156,19 @@ def solve_z(
 # c_i = <grad CE_i, z>
 
 
-def dots_per_sample(ce_fn: PerSeqFn, params: Params, z: Sequence[Tensor], n: int) -> Tensor:
-    """Oracle: one backward pass per sequence, c_i = ⟨∇ CE_i, z⟩ (the authors' loop)."""
+def dots_per_sample(ce_fn: PerSeqFn, params: Params, z: Sequence[Tensor], n: int, normalize: bool = False) -> Tensor:
+    """Oracle: one backward pass per sequence, c_i = ⟨∇ CE_i, z⟩ (the authors' loop).
+
+    ``normalize``: c_i = ⟨∇ CE_i, z⟩ / ‖∇ CE_i‖ (the per-sequence gradient norm needs the per-sequence gradient, so
+    this is the one path that offers it; a zero gradient gives c_i = 0)."""
     out = []
     for i in range(n):
         g = grad_of(lambda p, i=i: ce_fn(p, slice(i, i + 1)).sum(), params)
-        out.append(tree_dot(g, z))
+        d = tree_dot(g, z)
+        if normalize:
+            gn = tree_norm(g)
+            d = d / gn if float(gn) > 0 else torch.zeros_like(d)
+        out.append(d)
     return torch.stack(out).detach()
 
 

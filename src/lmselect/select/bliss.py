@@ -32,7 +32,9 @@ one double-backward pass, one backward through the score model). The two agree t
 bottleneck), and ``per_sample`` on CPU, where there is no parallel width to win: on an idle 2-core CPU
 (``bench/bliss_step.py``, pythia-14m, batch 8, seq 128) per-sample c_i took 0.47 s vs 0.87 s (JVP) / 1.01 s
 (double backward) at the 50k Pythia vocabulary, 0.13–0.14 s vs 0.11–0.16 s at a 4k vocabulary, and the whole
-step differed by < 8 % because the z solve's Hessian-vector products are 75–90 % of it.
+step differed by < 8 % because the z solve's Hessian-vector products are 75–90 % of it. That choice is for the
+c_i; step 5 (one backward through the score model) is the batched VJP under ``auto`` on every device, which on the
+CPU is 3x faster than B single-sequence passes and matters once ``hyper_batches`` repeats it per solve.
 
 Distributed (torchrun): no DDP wrapper; gradients are summed by explicit all-reduce. Each rank holds B/W sequences;
 scores are all-gathered so P is the global softmax; the inner loss on rank r is Σ_{i∈r} P_i CE_i + (γ KL_r + λ‖θ‖²)/W
@@ -86,7 +88,7 @@ from lmselect.artifacts import (
     write_manifest,
 )
 from lmselect.config import to_dict
-from lmselect.context import STREAM_METHOD, STREAM_SCORER_INIT, FlopContext, RoundContext
+from lmselect.context import STREAM_METHOD, STREAM_SCORER_INIT, STREAM_SELECT, FlopContext, RoundContext
 from lmselect.data.tokenizer import check_same_tokenizer, tokenizer_fingerprint
 from lmselect.data.valset import ValidationSet
 from lmselect.log import MetricLogger, log, read_jsonl
@@ -104,6 +106,7 @@ SCORE_MODEL_DIR = "score_model"
 SEED_TRAIN_STREAM = 1
 SEED_VAL_STREAM = 2
 SEED_VAL_AGREE = 3  # the second validation batch of the v-agreement diagnostic (+ step)
+STABILITY_SAMPLE = 1024  # candidates scored by both the previous and the current round's score model
 
 
 @dataclass
@@ -114,7 +117,7 @@ class BlissConfig:
     lam: float = 1e-7  # L2 weight λ‖θ_p‖² in G
     inner_steps: int = 1  # K
     outer_steps: int = 3000  # T per round
-    z_steps: int = 3  # gradient steps of the linear-system solve
+    z_steps: int | None = None  # gradient steps of the linear-system solve (None = the profile's: paper 3)
     z_lr: float = 1e-2  # η_z
     z_damping: float = 1e-2  # λ_z
     # z is re-initialised to this constant every outer step. METHODS says "a small constant"; any constant c in
@@ -152,14 +155,24 @@ class BlissConfig:
     v_ema: float | None = None  # > 0: v = bias-corrected running average of v over outer steps (β); 0 = off
     diag_every: int | None = None  # outer steps between the diagnostics that cost an HVP + a validation gradient
     # (None = log_every, 0 = never); the cheap ones are computed every step. val_batch_size 0 = the whole set.
+    # c_i / ‖∇_θp CE_i‖ (a gradient cosine with z): the raw dot product ranks a sequence by its gradient norm as much
+    # as by its direction, and one sentence repeated has the largest gradient norms of the pool (measured, issue 12)
+    c_normalize: bool | None = None
+    # extra score-model steps per z solve: each draws one more batch of batch_size sequences, takes their c_i with
+    # the same z and takes one AdamW step on θ_s. The z solve is the expensive part of an outer step; the score
+    # model is what has to generalise to the whole pool, and it sees only batch_size labels per outer step without.
+    hyper_batches: int | None = None
+    score_activation: Literal["sigmoid", "identity"] | None = None  # s = sigmoid(w·h + b) (paper) or w·h + b
 
 
 # the values a ``None`` option takes under each profile (resolve_profile)
 PROFILES: dict[str, dict[str, Any]] = {
-    "paper": {"objective": "final_word", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0},
+    "paper": {"objective": "final_word", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0, "c_normalize": False,
+              "hyper_batches": 0, "score_activation": "sigmoid", "z_steps": 3},
     # measured (issue 12, bench/bliss_signal.py): the all-token objective is what aligns v with the validation set's
     # own kind of text; z warm start / tolerance / v EMA are offered but not yet measured to help at demo scale
-    "default": {"objective": "all_tokens", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0},
+    "default": {"objective": "all_tokens", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0, "c_normalize": True,
+                "hyper_batches": 7, "score_activation": "sigmoid", "z_steps": 1},
 }
 # warning thresholds (diagnostics.json "warnings"; METHODS §1.2a)
 FIRST_ORDER_COS = 0.99  # cos(z, v) above this …
@@ -179,9 +192,12 @@ def resolve_profile(cfg: BlissConfig) -> BlissConfig:
         raise LmselectError(f"config key 'bliss.objective' must be final_word, all_tokens or mix, got {out.objective!r}")
     checks = [("objective_mix", 0.0 <= out.objective_mix <= 1.0, "in [0, 1]"),
               ("v_ema", 0.0 <= float(out.v_ema) < 1.0, "in [0, 1)"), ("z_tol", float(out.z_tol) >= 0, ">= 0"),
+              ("z_steps", int(out.z_steps) >= 1, ">= 1"),
               ("z_max_steps", out.z_max_steps >= out.z_steps or not out.z_tol, ">= z_steps when z_tol > 0"),
               ("val_batch_size", out.val_batch_size >= 0, ">= 0 (0 = the whole set)"),
-              ("diag_every", out.diag_every is None or out.diag_every >= 0, ">= 0")]
+              ("diag_every", out.diag_every is None or out.diag_every >= 0, ">= 0"),
+              ("hyper_batches", int(out.hyper_batches) >= 0, ">= 0"),
+              ("score_activation", out.score_activation in ("sigmoid", "identity"), "sigmoid or identity")]
     for key, ok, want in checks:
         if not ok:
             raise LmselectError(f"config key 'bliss.{key}' must be {want}, got {getattr(out, key)!r}")
@@ -330,9 +346,9 @@ def check_compatible(
             raise LmselectError(f"tokenizer mismatch: score model vocabulary has {vs} entries, proxy {vp}")
 
 
-def init_score_model(proxy: nn.Module, seed: int) -> SequenceScorer:
+def init_score_model(proxy: nn.Module, seed: int, activation: str = "sigmoid") -> SequenceScorer:
     """Round-1 score model: backbone deep-copied from the warm-up proxy, head ~ normal(0, 0.02), bias 0 (seeded)."""
-    return SequenceScorer.from_causal_lm(proxy, activation="sigmoid", seed=seed)
+    return SequenceScorer.from_causal_lm(proxy, activation=activation, seed=seed)
 
 
 @dataclass
@@ -348,6 +364,7 @@ class Hypergradient:
     v_norm: float
     timings: dict[str, float] = field(default_factory=dict)
     diag: dict[str, float] = field(default_factory=dict)  # solver diagnostics (METHODS §1.2a)
+    z: tuple[Tensor, ...] = ()  # the solve's z (for the hyper batches of the same outer step)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,7 +415,9 @@ class BilevelSolver:
         self.p_opt = _adamw(self.p_params, cfg.proxy_lr, cfg)
         self.s_opt = _adamw(self.s_params, cfg.score_lr, cfg)
         self.p_sched = torch.optim.lr_scheduler.LambdaLR(self.p_opt, warmup_cosine(cfg.outer_steps * cfg.inner_steps, cfg.warmup_ratio))
-        self.s_sched = torch.optim.lr_scheduler.LambdaLR(self.s_opt, warmup_cosine(cfg.outer_steps, cfg.warmup_ratio))
+        # one score step per outer step plus one per hyper batch: the schedule spans all of them
+        self.s_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.s_opt, warmup_cosine(cfg.outer_steps * (1 + int(cfg.hyper_batches)), cfg.warmup_ratio))
         self.step = 0
         self.elapsed = 0.0
         if cfg.val_batch_size > 0:
@@ -602,10 +621,13 @@ class BilevelSolver:
         return tuple(out)
 
     def compute_c(self, ids: Tensor, z: Sequence[Tensor], impl: str | None = None) -> Tensor:
-        """c_i = ⟨∇_θp CE_i, z⟩ for this rank's sequences [B_local]."""
-        impl = impl or self.impl
+        """c_i = ⟨∇_θp CE_i, z⟩ for this rank's sequences [B_local] (``c_normalize``: / ‖∇_θp CE_i‖)."""
         n = ids.shape[0]
         fn = self.ce_fn(ids)
+        if self.cfg.c_normalize:  # per-sequence gradient norms need the per-sequence gradients
+            with self.autocast():
+                return bm.dots_per_sample(fn, self.p_params, z, n, normalize=True)
+        impl = impl or self.impl
         if impl == "per_sample":
             with self.autocast():  # first-order only: the fused attention path is fine here
                 return bm.dots_per_sample(fn, self.p_params, z, n)
@@ -615,8 +637,10 @@ class BilevelSolver:
             return bm.dots_double_backward(fn, self.p_params, z, n, self.cfg.micro_batch)
 
     def score_grads(self, ids: Tensor, s_all: Tensor, c_local: Tensor, impl: str | None = None) -> bm.Params:
-        """∇_θs of −Σ_i P_i(θ_s) c_i over the global batch (c constant), summed over ranks."""
-        impl = impl or self.impl
+        """∇_θs of −Σ_i P_i(θ_s) c_i over the global batch (c constant), summed over ranks. ``auto`` is the batched
+        VJP on every device: one backward through the score model instead of B (on 2 CPU cores, batch 32, a 2-layer
+        score model: 0.05–0.07 s against 0.19–0.22 s per sequence-by-sequence pass)."""
+        impl = impl or ("batched" if self.cfg.hypergrad_impl == "auto" else self.impl)
         c_all = all_gather_cat(c_local.to(s_all.dtype))
         off = self.rank * ids.shape[0]
         fn = self.score_fn(ids)
@@ -663,7 +687,10 @@ class BilevelSolver:
         s_loc = self.scores(ids)
         s_all, p_all, p_loc = self.global_weights(s_loc)
         teachers = None
-        if cfg.cache_teacher:
+        # from z = 0, one z step needs no HVP (H·0 = 0): cache the teacher logits only when an HVP will run
+        hvp_runs = (cfg.z_steps > 1 or cfg.z_tol > 0 or diagnose or float(cfg.z_init) != 0.0
+                    or (cfg.z_warm_start and self.z_prev is not None))
+        if cfg.cache_teacher and hvp_runs:
             teachers = [self.teacher_logits(ids[sl]) for sl in bm.chunks(ids.shape[0], cfg.micro_batch)]
 
         def hvp(vec: Sequence[Tensor], teachers: list[Tensor] | None = teachers) -> bm.Params:
@@ -705,7 +732,7 @@ class BilevelSolver:
         grads = self.score_grads(ids, s_all, c, impl)
         t["t_hyper"] = time.perf_counter() - t0
         return Hypergradient(grads=grads, c=c, scores=s_all, weights=p_all, upper_loss=f_val,
-                             z_norm=float(bm.tree_norm(z)), v_norm=v_norm, timings=t, diag=diag)
+                             z_norm=float(bm.tree_norm(z)), v_norm=v_norm, timings=t, diag=diag, z=z)
 
     # ---- step 6 + the whole outer step ------------------------------------------------------------------------
     def score_update(self, grads: Sequence[Tensor]) -> float:
@@ -735,6 +762,11 @@ class BilevelSolver:
         hg = self.hypergradient(outer_ids, val_ids, val_mask, val_token_mask=val_tok, diagnose=self.diag_due())
         t0 = time.perf_counter()
         hnorm = self.score_update(hg.grads)
+        # hyper batches: more labelled sequences for θ_s from the same z (steps 4–6 again on a fresh batch)
+        for _ in range(int(self.cfg.hyper_batches)):
+            ids = next(train_batches).to(self.device)
+            s_all, _, _ = self.global_weights(self.scores(ids))
+            self.score_update(self.score_grads(ids, s_all, self.compute_c(ids, hg.z)))
         self.last = hg
         self.step += 1
         # log statistics of the whole global batch (hg.c holds only this rank's rows)
@@ -837,7 +869,8 @@ def summarise_diagnostics(records: Sequence[dict[str, Any]], c_by_source: dict[s
                  for src, a in sorted(c_by_source.items()) if a[0] > 0}
     return {"summary": summary, "warnings": warnings, "c_by_source": by_source,
             "options": {k: getattr(cfg, k) for k in ("profile", "objective", "objective_mix", "z_warm_start", "z_tol",
-                                                     "z_max_steps", "z_steps", "v_ema", "val_batch_size")}}
+                                                     "z_max_steps", "z_steps", "v_ema", "val_batch_size",
+                                                     "c_normalize", "hyper_batches", "score_activation")}}
 
 
 def _save_state(solver: BilevelSolver, out_dir: Path) -> None:
@@ -908,7 +941,7 @@ def solve_round(
         save_config(cfg, out_dir / "config.yaml")
 
     stream = IndexStream(len(train_ids), cfg.batch_size, cfg.seed + SEED_TRAIN_STREAM, rank, world)
-    per_step = cfg.inner_steps + 1
+    per_step = cfg.inner_steps + 1 + int(cfg.hyper_batches)  # batches drawn per outer step
 
     def batches(k0: int) -> Iterator[Tensor]:
         k = k0
@@ -983,10 +1016,13 @@ class Bliss(SelectionMethod):
     collective = True  # the solve and the scoring are distributed-aware (global-batch math, rank-sharded scoring)
     color = "#1f77b4"
 
+    def resolved_config(self) -> BlissConfig:
+        return resolve_profile(self.cfg)  # the profile's values count for stage identity
+
     def check_config(self) -> None:
         super().check_config()
         resolve_profile(self.cfg)  # profile, objective and option ranges, each error naming bliss.<key>
-        for key in ("outer_steps", "batch_size", "inner_steps", "z_steps"):
+        for key in ("outer_steps", "batch_size", "inner_steps"):
             if getattr(self.cfg, key) < 1:
                 raise LmselectError(f"recipe key 'bliss.{key}': must be >= 1, got {getattr(self.cfg, key)}")
 
@@ -1002,10 +1038,18 @@ class Bliss(SelectionMethod):
         target = load_checkpoint_model(ctx.prev_target, device=ctx.device)
         prev = ctx.prev_stage_dir("bilevel")
         if prev is None:
-            scorer = init_score_model(proxy, seed=ctx.derived_seed(STREAM_SCORER_INIT, per_round=False))
+            scorer = init_score_model(proxy, seed=ctx.derived_seed(STREAM_SCORER_INIT, per_round=False),
+                                      activation=resolve_profile(self.cfg).score_activation)
         else:
             scorer = SequenceScorer.load(prev / SCORE_MODEL_DIR, device=ctx.device)
         cfg = replace(self.cfg, seed=ctx.derived_seed(STREAM_METHOD))
+        # rank stability: the inherited (previous round's) score model on a seeded sample of this round's
+        # candidates, compared after the solve with this round's scores of the same sequences
+        stab_ids = stab_prev = None
+        if prev is not None:
+            rng = np.random.default_rng(ctx.derived_seed(STREAM_SELECT))
+            stab_ids = np.sort(rng.choice(ctx.candidates, min(STABILITY_SAMPLE, len(ctx.candidates)), replace=False))
+            stab_prev = score_sequences(scorer, ctx.pool, stab_ids, ctx.recipe.score_batch_size, ctx.device)
         scorer = solve_round(cfg, proxy, target, scorer, ctx.candidates, ctx.pool, ctx.selection_set, bdir,
                              device=ctx.device)
         del proxy, target
@@ -1015,20 +1059,38 @@ class Bliss(SelectionMethod):
                    progress=ctx.run.is_main)
         ctx.run.sync()
         ids, scores = read_scores(sdir)
+        diag: dict[str, Any] = {}
+        if stab_ids is not None and stab_prev is not None:
+            from lmselect.select.diagnostics import spearman
+
+            diag["rank_stability"] = {"spearman_prev_round": spearman(stab_prev, _aligned(stab_ids, ids, scores)),
+                                      "n": int(len(stab_ids)), "scorers": f"round {ctx.round - 1} vs round {ctx.round}"}
         return Selection(top_fraction(ids, scores, ctx.fraction), scores=_aligned(ctx.candidates, ids, scores),
-                         parents=[parent_ref(bdir), parent_ref(sdir)])
+                         parents=[parent_ref(bdir), parent_ref(sdir)], diagnostics=diag)
 
     def selection_flops(self, f: FlopContext) -> float:
-        b, T = self.cfg, f.seq_len
+        b, T = resolve_profile(self.cfg), f.seq_len
+        hb = int(b.hyper_batches)
         npx, nt = f.params(f.recipe.proxy.preset), f.params(f.recipe.target.preset)
         per_outer = (
             b.inner_steps * b.batch_size * T * (6 * npx + 2 * nt)  # inner AdamW steps on G (proxy fwd+bwd, teacher fwd)
             + b.val_batch_size * T * 6 * npx  # validation gradient
             + b.z_steps * b.batch_size * T * 12 * npx  # Hessian-vector products (double backward ≈ 2× fwd+bwd)
-            + b.batch_size * T * 6 * npx  # c_i (one JVP / double-backward pass)
-            + b.batch_size * T * 6 * npx  # score model forward + backward
+            + (1 + hb) * b.batch_size * T * 6 * npx  # c_i (one JVP / double-backward pass), also per hyper batch
+            + (1 + hb) * b.batch_size * T * 6 * npx  # score model forward + backward, also per hyper batch
         )
         return float(b.outer_steps * per_outer + f.shard_size * T * 2 * npx)  # + scoring the shard
+
+
+@torch.no_grad()
+def score_sequences(scorer: SequenceScorer, pool: Any, ids: np.ndarray, batch_size: int, device: Any) -> np.ndarray:
+    """The score model's scores of pool sequences ``ids`` (eval mode, in memory: for small samples)."""
+    was = scorer.training
+    scorer.eval()
+    out = [scorer(pool.batch(ids[i : i + batch_size]).to(device)).double().cpu().numpy()
+           for i in range(0, len(ids), batch_size)]
+    scorer.train(was)
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def _aligned(cand: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
