@@ -94,6 +94,20 @@ def test_random_fails_the_check_end_to_end(check_recipe, tmp_path, capsys):
     assert res["verdict"] == "FAIL" and res["criteria"] == 8  # 4 planted sources x 2 rounds
     for r in _rows(res, "planted_target"):
         assert r["candidates"] >= 20 and not r["pass"] and 0.3 < r["ratio"] < 2.0  # about the base rate (35 candidates)
+    # how many distinct planted documents each rate is made of, against docs.parquet directly
+    import pandas as pd
+
+    from lmselect.data.pool import TokenPool
+
+    pool = TokenPool(out / "pool")
+    docs = pd.read_parquet(out / "pool" / "docs.parquet")
+    for r in res["rows"]:
+        sel = np.load(out / "run" / "random" / "seed0" / f"round{r['round']}" / "selection" / "selected.npy")
+        d = docs[docs["source"] == r["source"]]
+        assert r["documents"] == d.loc[d["seq_id"].isin(pool.ids(r["round"])), "doc_id"].nunique() > 0
+        assert r["selected_documents"] == d.loc[d["seq_id"].isin(sel), "doc_id"].nunique()
+        assert r["selected_documents"] <= r["documents"]
+    assert "| documents (selected) |" in printed
     # the pipeline really ran: the method saw only the visible part of the selection set
     plant = json.loads((out / "inputs" / "plant.json").read_text())
     assert plant["counts"]["visible"] + plant["counts"]["held_out"] == 160

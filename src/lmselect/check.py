@@ -345,13 +345,35 @@ def reference_scores(recipe: Recipe, run_dir: str | Path, out_dir: str | Path, h
 # judging
 
 
-def judge(summaries: list[dict[str, Any]], cfg: CheckConfig) -> dict[str, Any]:
-    """PASS / FAIL rows (one per round and planted source) from per-round selection summaries."""
+def planted_documents(pool: Any, cand: np.ndarray, sel: np.ndarray) -> dict[str, dict[str, int]]:
+    """Per planted source: distinct planted documents with a sequence among the candidates / among the selected.
+
+    A long planted document spans several sequences, so a kind's rate can hinge on a few documents; the count says
+    how many independent documents a rate is made of."""
+    import pandas as pd
+
+    path = Path(pool.path) / "docs.parquet"
+    if not path.is_file():
+        return {}
+    d = pd.read_parquet(path, columns=["seq_id", "doc_id", "source"])
+    d = d[d["source"].isin(PLANTED)]
+    out = {}
+    for name, g in d.groupby("source"):
+        out[str(name)] = {"documents": int(g.loc[g["seq_id"].isin(cand), "doc_id"].nunique()),
+                          "selected_documents": int(g.loc[g["seq_id"].isin(sel), "doc_id"].nunique())}
+    return out
+
+
+def judge(summaries: list[dict[str, Any]], cfg: CheckConfig,
+          documents: dict[int, dict[str, dict[str, int]]] | None = None) -> dict[str, Any]:
+    """PASS / FAIL rows (one per round and planted source) from per-round selection summaries; ``documents``:
+    :func:`planted_documents` per round (reported beside the rates, not judged)."""
     rows, others = [], []
     for i, s in enumerate(summaries, start=1):
         rnd = int(s.get("round", i))
         base = float(s["selected_rate"])
         per = s.get("per_source") or {}
+        docs = (documents or {}).get(rnd, {})
         for name in PLANTED:
             p = per.get(name, {"candidates": 0, "selected": 0, "rate": 0.0})
             is_target = name == TARGET
@@ -365,7 +387,7 @@ def judge(summaries: list[dict[str, Any]], cfg: CheckConfig) -> dict[str, Any]:
                          "candidates": int(p["candidates"]), "selected": int(p["selected"]), "rate": float(p["rate"]),
                          "base": base, "ratio": ratio,
                          "criterion": f">= {cfg.target_ratio:g}x" if is_target else f"<= {cfg.junk_ratio:g}x",
-                         "pass": bool(ok), "note": note})
+                         "pass": bool(ok), "note": note, **docs.get(name, {})})
         for name, p in per.items():
             if name not in PLANTED:
                 others.append({"round": rnd, "source": name, "candidates": int(p["candidates"]),
@@ -384,12 +406,14 @@ def check_markdown(result: dict[str, Any]) -> str:
         f"Pool `{result['pool']}`; base rate = share of each round's shard selected; criteria: target-like "
         f">= {c['target_ratio']:g}x base, each junk kind <= {c['junk_ratio']:g}x base, every round.",
         "",
-        "| round | planted source | candidates | selected | rate | base | x base | criterion | result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| round | planted source | candidates | selected | documents (selected) | rate | base | x base | criterion "
+        "| result |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         res = "PASS" if r["pass"] else "FAIL" + (f" ({r['note']})" if r["note"] else "")
-        lines.append(f"| {r['round']} | {r['source']} | {r['candidates']} | {r['selected']} | {r['rate']:.2f} | "
+        docs = f"{r['documents']} ({r['selected_documents']})" if "documents" in r else "–"
+        lines.append(f"| {r['round']} | {r['source']} | {r['candidates']} | {r['selected']} | {docs} | {r['rate']:.2f} | "
                      f"{r['base']:.2f} | {r['ratio']:.2f} | {r['criterion']} | {res} |")
     lines += ["", f"**Overall: {result['verdict']}** ({result['passed']}/{result['criteria']} criteria met)"]
     if result.get("other_sources"):
@@ -458,22 +482,25 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
         by_round = scores_by_round(pool, ids, s, r.select_fraction, r.rounds, where=str(sdir))
         summaries = [build_summary(pool, cand, sc, sel, "top", r.select_fraction, extra={"round": k})
                      for k, (cand, sc, sel) in by_round.items()]
+        rounds_selected = {k: (cand, sel) for k, (cand, _, sel) in by_round.items()}
     else:
         from lmselect.pipeline import run_recipe
 
         label = cfg.method
         run_dir, _ = run_recipe(r, out_dir / "run", report=False)
-        summaries = []
+        summaries, rounds_selected = [], {}
         for k in range(1, r.rounds + 1):
             rdir = run_dir / cfg.method / "seed0" / f"round{k}"
             summaries.append(read_json(rdir / "selection" / "summary.json"))
+            rounds_selected[k] = (pool.ids(k), np.load(rdir / "selection" / "selected.npy"))
             if is_complete(rdir / "scores", kind="scores"):
                 from lmselect.score import read_scores
 
                 ids, s = read_scores(rdir / "scores")
                 by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
+    docs = {k: planted_documents(pool, *selected) for k, selected in rounds_selected.items()}
     result = {"method": label, "pool": str(pool_dir), "config": asdict(cfg), "planted": planted["counts"],
-              **judge(summaries, cfg), "diagnostics": _diagnostics(pool, by_round)}
+              **judge(summaries, cfg, docs), "diagnostics": _diagnostics(pool, by_round)}
     md = check_markdown(result)
     atomic_write_text(out_dir / "check.md", md)
     atomic_write_json(out_dir / "check.json", result)  # last: its presence means the check finished
