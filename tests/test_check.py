@@ -193,3 +193,29 @@ def test_token_level_and_bad_settings_are_refused_before_compute(check_recipe, t
     assert main(["check", str(check_recipe), "--prepare-only", "--out", str(out)]) == 0
     assert main(["check", str(check_recipe), "--prepare-only", "--out", str(out), "--seed", "3"]) == 2
     assert "planted with other settings" in capsys.readouterr().err
+
+
+def test_several_method_seeds_pass_only_when_every_seed_passes():
+    """judge() over two run seeds: seed 0 meets every criterion, seed 1 keeps repeated junk: FAIL, 1 of 2 seeds."""
+    from lmselect.check import PLANTED, CheckConfig, check_markdown, judge
+
+    def summary(seed: int, repeated_rate: float) -> dict:
+        per = {n: {"candidates": 40, "selected": 0, "rate": 0.0} for n in PLANTED}
+        per["planted_target"] = {"candidates": 40, "selected": 20, "rate": 0.5}
+        per["planted_repeated"] = {"candidates": 40, "selected": int(40 * repeated_rate), "rate": repeated_rate}
+        return {"round": 1, "seed": seed, "selected_rate": 0.2, "per_source": per}
+
+    cfg = CheckConfig(method_seeds=(0, 1))
+    docs = {(0, 1): {"planted_repeated": {"documents": 3, "selected_documents": 0}},
+            (1, 1): {"planted_repeated": {"documents": 3, "selected_documents": 1}}}
+    res = judge([summary(0, 0.05), summary(1, 0.25)], cfg, docs)
+    assert res["verdict"] == "FAIL" and res["seeds"] == [0, 1] and res["seeds_passed"] == [0]
+    assert res["passed"] == 7 and res["criteria"] == 8
+    bad = [r for r in res["rows"] if not r["pass"]]
+    assert [(r["seed"], r["source"], r["selected_documents"]) for r in bad] == [(1, "planted_repeated", 1)]
+    md = check_markdown({"method": "x", "pool": "p", "config": {"target_ratio": 2.0, "junk_ratio": 0.5}, **res})
+    assert "| seed | round | planted source |" in md and "| 1 | 1 | planted_repeated | 40 | 10 | 3 (1) |" in md
+    assert "Seeds passing every criterion: 1 of 2 (0)" in md
+    one = judge([summary(0, 0.05)], CheckConfig())
+    assert one["verdict"] == "PASS" and "| seed |" not in check_markdown(
+        {"method": "x", "pool": "p", "config": {"target_ratio": 2.0, "junk_ratio": 0.5}, **one})

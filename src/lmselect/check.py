@@ -19,8 +19,9 @@ manufactures one from the user's own corpus and selection set, so the answer is 
 2. The planted ``.jsonl`` files are written to ``OUT/inputs/`` and a pool is prepared with the recipe's own
    ``pool.prepare`` settings from the recipe's inputs plus those files (``OUT/pool``).
 3. The method runs through the normal pipeline (:func:`lmselect.pipeline.run_recipe`, ``OUT/run``) on a recipe
-   derived from the user's: that pool, that validation part, ``methods = [method]``, one seed, no downstream eval
-   and no decay branch (neither feeds back into selection). Any ``--key=value`` recipe override applies, e.g. to
+   derived from the user's: that pool, that validation part, ``methods = [method]``, run seed 0 (``--method-seeds
+   0,1,2``: several, on the same pool and warm-up; PASS then needs every seed), no downstream eval and no decay
+   branch (neither feeds back into selection). Any ``--key=value`` recipe override applies, e.g. to
    shorten ``--round_steps``. With ``--method reference`` the built-in reference scorer is used instead
    (:func:`reference_scores`); with ``--scores DIR`` a precomputed scores sidecar of ``OUT/pool`` is judged, so any
    external scorer can be checked: each round r keeps the top ``select_fraction`` of shard r by score.
@@ -85,6 +86,7 @@ class CheckConfig:
     junk_ratio: float = 0.5  # ... and every junk rate <= junk_ratio x base rate, in every round
     reference_score: str = "excess"  # reference scorer: "excess" (CE_general - CE_ref) or "loss" (-CE_ref)
     seed: int = 0
+    method_seeds: tuple[int, ...] = (0,)  # the method's run seeds (recipe ``seeds``); PASS needs every seed to pass
 
     def validate(self) -> None:
         if not 0.0 < self.target_holdout < 1.0:
@@ -93,6 +95,8 @@ class CheckConfig:
             raise ConfigError(f"check: --plant-fraction must be in (0, 1), got {self.plant_fraction}")
         if self.target_ratio <= 0 or self.junk_ratio < 0:
             raise ConfigError("check: --target-ratio must be > 0 and --junk-ratio >= 0")
+        if not self.method_seeds or len(set(self.method_seeds)) != len(self.method_seeds):
+            raise ConfigError(f"check: --method-seeds must be distinct integers, got {list(self.method_seeds)}")
         if self.reference_score not in ("excess", "loss"):
             raise ConfigError(f"check: --reference-score must be 'excess' or 'loss', got {self.reference_score!r}")
         if self.scores is not None or self.method == REFERENCE:
@@ -232,13 +236,15 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
     return info
 
 
-def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path, method: str) -> Recipe:
+def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path, method: str,
+                   seeds: tuple[int, ...] = (0,)) -> Recipe:
     """The user's recipe pointed at the planted pool and the visible part of the selection set, ``method`` only,
-    one seed, no downstream evaluation and no decay branch (the eval branch never feeds back into selection)."""
+    run seeds ``seeds``, no downstream evaluation and no decay branch (the eval branch never feeds back into
+    selection)."""
     sel_key = "validation.selection"
     return replace(recipe, **{
         "pool.path": str((Path(out_dir) / "pool").resolve()), sel_key: planted["selection_visible"],
-        "methods": [method] if method != REFERENCE else [control_name()], "seeds": [0],
+        "methods": [method] if method != REFERENCE else [control_name()], "seeds": list(seeds),
         "eval.downstream": False, "decay.steps": 0,
     })
 
@@ -365,15 +371,16 @@ def planted_documents(pool: Any, cand: np.ndarray, sel: np.ndarray) -> dict[str,
 
 
 def judge(summaries: list[dict[str, Any]], cfg: CheckConfig,
-          documents: dict[int, dict[str, dict[str, int]]] | None = None) -> dict[str, Any]:
-    """PASS / FAIL rows (one per round and planted source) from per-round selection summaries; ``documents``:
-    :func:`planted_documents` per round (reported beside the rates, not judged)."""
+          documents: dict[tuple[int, int], dict[str, dict[str, int]]] | None = None) -> dict[str, Any]:
+    """PASS / FAIL rows (one per seed, round and planted source) from per-round selection summaries (each with its
+    ``round`` and ``seed``, default 0); ``documents``: :func:`planted_documents` per (seed, round), reported beside the
+    rates, not judged. PASS needs every row of every seed."""
     rows, others = [], []
     for i, s in enumerate(summaries, start=1):
-        rnd = int(s.get("round", i))
+        rnd, seed = int(s.get("round", i)), int(s.get("seed", 0))
         base = float(s["selected_rate"])
         per = s.get("per_source") or {}
-        docs = (documents or {}).get(rnd, {})
+        docs = (documents or {}).get((seed, rnd), {})
         for name in PLANTED:
             p = per.get(name, {"candidates": 0, "selected": 0, "rate": 0.0})
             is_target = name == TARGET
@@ -383,18 +390,20 @@ def judge(summaries: list[dict[str, Any]], cfg: CheckConfig,
             else:
                 ok = ratio >= cfg.target_ratio if is_target else ratio <= cfg.junk_ratio
                 note = ""
-            rows.append({"round": rnd, "source": name, "kind": "target" if is_target else "junk",
+            rows.append({"seed": seed, "round": rnd, "source": name, "kind": "target" if is_target else "junk",
                          "candidates": int(p["candidates"]), "selected": int(p["selected"]), "rate": float(p["rate"]),
                          "base": base, "ratio": ratio,
                          "criterion": f">= {cfg.target_ratio:g}x" if is_target else f"<= {cfg.junk_ratio:g}x",
                          "pass": bool(ok), "note": note, **docs.get(name, {})})
         for name, p in per.items():
             if name not in PLANTED:
-                others.append({"round": rnd, "source": name, "candidates": int(p["candidates"]),
+                others.append({"seed": seed, "round": rnd, "source": name, "candidates": int(p["candidates"]),
                                "rate": float(p["rate"]), "ratio": p["rate"] / base if base > 0 else float("nan")})
     n_pass = sum(r["pass"] for r in rows)
+    seeds = sorted({r["seed"] for r in rows})
+    by_seed = {sd: all(r["pass"] for r in rows if r["seed"] == sd) for sd in seeds}
     return {"verdict": "PASS" if rows and n_pass == len(rows) else "FAIL", "passed": n_pass, "criteria": len(rows),
-            "rows": rows, "other_sources": others}
+            "seeds": seeds, "seeds_passed": [sd for sd in seeds if by_seed[sd]], "rows": rows, "other_sources": others}
 
 
 def check_markdown(result: dict[str, Any]) -> str:
@@ -410,12 +419,19 @@ def check_markdown(result: dict[str, Any]) -> str:
         "| result |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    multi = len(result.get("seeds") or [0]) > 1
+    if multi:
+        lines[-2], lines[-1] = "| seed " + lines[-2], "|---" + lines[-1]
     for r in result["rows"]:
         res = "PASS" if r["pass"] else "FAIL" + (f" ({r['note']})" if r["note"] else "")
         docs = f"{r['documents']} ({r['selected_documents']})" if "documents" in r else "–"
-        lines.append(f"| {r['round']} | {r['source']} | {r['candidates']} | {r['selected']} | {docs} | {r['rate']:.2f} | "
+        lines.append(("| " + str(r.get("seed", 0)) + " " if multi else "")
+                     + f"| {r['round']} | {r['source']} | {r['candidates']} | {r['selected']} | {docs} | {r['rate']:.2f} | "
                      f"{r['base']:.2f} | {r['ratio']:.2f} | {r['criterion']} | {res} |")
     lines += ["", f"**Overall: {result['verdict']}** ({result['passed']}/{result['criteria']} criteria met)"]
+    if multi:
+        lines.append(f"Seeds passing every criterion: {len(result['seeds_passed'])} of {len(result['seeds'])} "
+                     f"({', '.join(map(str, result['seeds_passed'])) or 'none'})")
     if result.get("other_sources"):
         by_round: dict[int, list[str]] = {}
         for o in result["other_sources"]:
@@ -459,7 +475,7 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     out_dir = Path(out_dir)
     planted = build_planted_inputs(recipe, out_dir, cfg)
     pool_dir = prepare_planted_pool(recipe, planted, out_dir)
-    r = planted_recipe(recipe, planted, out_dir, cfg.method)
+    r = planted_recipe(recipe, planted, out_dir, cfg.method, tuple(cfg.method_seeds))
     pool = TokenPool(pool_dir)
     if prepare_only:
         return {"pool": str(pool_dir), "planted": planted}
@@ -482,23 +498,24 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
         by_round = scores_by_round(pool, ids, s, r.select_fraction, r.rounds, where=str(sdir))
         summaries = [build_summary(pool, cand, sc, sel, "top", r.select_fraction, extra={"round": k})
                      for k, (cand, sc, sel) in by_round.items()]
-        rounds_selected = {k: (cand, sel) for k, (cand, _, sel) in by_round.items()}
+        rounds_selected = {(0, k): (cand, sel) for k, (cand, _, sel) in by_round.items()}
     else:
         from lmselect.pipeline import run_recipe
 
         label = cfg.method
         run_dir, _ = run_recipe(r, out_dir / "run", report=False)
         summaries, rounds_selected = [], {}
-        for k in range(1, r.rounds + 1):
-            rdir = run_dir / cfg.method / "seed0" / f"round{k}"
-            summaries.append(read_json(rdir / "selection" / "summary.json"))
-            rounds_selected[k] = (pool.ids(k), np.load(rdir / "selection" / "selected.npy"))
-            if is_complete(rdir / "scores", kind="scores"):
-                from lmselect.score import read_scores
+        for sd in cfg.method_seeds:
+            for k in range(1, r.rounds + 1):
+                rdir = run_dir / cfg.method / f"seed{sd}" / f"round{k}"
+                summaries.append({**read_json(rdir / "selection" / "summary.json"), "seed": sd})
+                rounds_selected[(sd, k)] = (pool.ids(k), np.load(rdir / "selection" / "selected.npy"))
+                if sd == cfg.method_seeds[0] and is_complete(rdir / "scores", kind="scores"):
+                    from lmselect.score import read_scores  # the scorer diagnostics: first seed
 
-                ids, s = read_scores(rdir / "scores")
-                by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
-    docs = {k: planted_documents(pool, *selected) for k, selected in rounds_selected.items()}
+                    ids, s = read_scores(rdir / "scores")
+                    by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
+    docs = {key: planted_documents(pool, *selected) for key, selected in rounds_selected.items()}
     result = {"method": label, "pool": str(pool_dir), "config": asdict(cfg), "planted": planted["counts"],
               **judge(summaries, cfg, docs), "diagnostics": _diagnostics(pool, by_round)}
     md = check_markdown(result)
@@ -529,14 +546,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-score", default=d.reference_score, choices=("excess", "loss"),
                    help="--method reference: CE_general - CE_reference (excess) or -CE_reference (loss)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the junk (default 0)")
+    p.add_argument("--method-seeds", default=",".join(map(str, d.method_seeds)),
+                   help="comma-separated run seeds of the method (default 0); PASS needs every seed to pass")
     p.epilog = "Override any recipe key with --key.sub=value, e.g. --round_steps=10 --bliss.outer_steps=10."
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"check: --method-seeds must be comma-separated integers, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = CheckConfig(method=args.method, scores=args.scores, target_holdout=args.target_holdout,
                       plant_fraction=args.plant_fraction, target_ratio=args.target_ratio, junk_ratio=args.junk_ratio,
-                      reference_score=args.reference_score, seed=args.seed)
+                      reference_score=args.reference_score, seed=args.seed,
+                      method_seeds=_seed_list(args.method_seeds))
     out = Path(args.out or Path("runs") / f"{recipe.name}-check-{'scores' if args.scores else args.method}")
     res = run_check(recipe, out, cfg, prepare_only=args.prepare_only)
     if args.prepare_only:
