@@ -203,6 +203,7 @@ def test_several_method_seeds_pass_only_when_every_seed_passes():
         per = {n: {"candidates": 40, "selected": 0, "rate": 0.0} for n in PLANTED}
         per["planted_target"] = {"candidates": 40, "selected": 20, "rate": 0.5}
         per["planted_repeated"] = {"candidates": 40, "selected": int(40 * repeated_rate), "rate": repeated_rate}
+        per["forum"] = {"candidates": 100, "selected": 30 + 10 * seed, "rate": (30 + 10 * seed) / 100}
         return {"round": 1, "seed": seed, "selected_rate": 0.2, "per_source": per}
 
     cfg = CheckConfig(method_seeds=(0, 1))
@@ -216,6 +217,7 @@ def test_several_method_seeds_pass_only_when_every_seed_passes():
     md = check_markdown({"method": "x", "pool": "p", "config": {"target_ratio": 2.0, "junk_ratio": 0.5}, **res})
     assert "| seed | round | planted source |" in md and "| 1 | 1 | planted_repeated | 40 | 10 | 3 (1) |" in md
     assert "Seeds passing every criterion: 1 of 2 (0)" in md
+    assert "seed 0 round 1: forum 0.30 (1.5x); seed 1 round 1: forum 0.40 (2.0x)" in md
     one = judge([summary(0, 0.05)], CheckConfig())
     assert one["verdict"] == "PASS" and "| seed |" not in check_markdown(
         {"method": "x", "pool": "p", "config": {"target_ratio": 2.0, "junk_ratio": 0.5}, **one})

@@ -433,11 +433,12 @@ def check_markdown(result: dict[str, Any]) -> str:
         lines.append(f"Seeds passing every criterion: {len(result['seeds_passed'])} of {len(result['seeds'])} "
                      f"({', '.join(map(str, result['seeds_passed'])) or 'none'})")
     if result.get("other_sources"):
-        by_round: dict[int, list[str]] = {}
+        by_round: dict[tuple[int, int], list[str]] = {}
         for o in result["other_sources"]:
-            by_round.setdefault(o["round"], []).append(f"{o['source']} {o['rate']:.2f} ({o['ratio']:.1f}x)")
+            by_round.setdefault((o.get("seed", 0), o["round"]), []).append(
+                f"{o['source']} {o['rate']:.2f} ({o['ratio']:.1f}x)")
         lines += ["", "Corpus sources (not judged): " + "; ".join(
-            f"round {k}: " + ", ".join(v) for k, v in sorted(by_round.items()))]
+            (f"seed {sd} " if multi else "") + f"round {k}: " + ", ".join(v) for (sd, k), v in sorted(by_round.items()))]
     for r, v in sorted((result.get("diagnostics") or {}).items()):
         lines.append(f"Round {r} {v['verdict']}")
     return "\n".join(lines) + "\n"
