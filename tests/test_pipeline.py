@@ -55,10 +55,10 @@ def test_every_method_runs_end_to_end(all_methods_run):
             assert set(pool.shard[sel]) == {r}
     # the BLISS score model is inherited across rounds, the proxy reset: round 2's solve starts from round 1's scorer
     assert (out / "bliss" / "seed0" / "round2" / "bilevel" / "score_model").is_dir()
-    # the default profile's unbounded score head, saved with the model and inherited by round 2
+    # the default profile's score head (the paper's sigmoid), saved with the model and inherited by round 2
     for r in (1, 2):
         meta = json.loads((out / "bliss" / "seed0" / f"round{r}" / "bilevel" / "score_model" / "scorer.json").read_text())
-        assert meta["activation"] == "identity"
+        assert meta["activation"] == "sigmoid"
     # rank stability: round 2's selection diagnostics compare round 1's and round 2's score models on the same
     # candidates (all 12 here); round 1 has no previous scorer
     d1, d2 = (json.loads((out / "bliss" / "seed0" / f"round{r}" / "selection" / "diagnostics.json").read_text())

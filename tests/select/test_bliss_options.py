@@ -267,7 +267,8 @@ def test_score_activation_identity_makes_an_unbounded_score_model():
     proxy = build_model("debug", VOCAB, seed=0)
     assert init_score_model(proxy, seed=2, activation="identity").activation == "identity"
     assert init_score_model(proxy, seed=2).activation == "sigmoid"
-    assert resolve_profile(BlissConfig()).score_activation == "identity"  # the default profile's head
+    assert resolve_profile(BlissConfig()).score_activation == "sigmoid"  # the default profile keeps the paper's head
+    assert resolve_profile(BlissConfig(score_activation="identity")).score_activation == "identity"
 
 
 # ---------------------------------------------------------------------------------------------------------------

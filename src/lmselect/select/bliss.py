@@ -172,7 +172,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # measured (issue 12, bench/bliss_signal.py): the all-token objective is what aligns v with the validation set's
     # own kind of text; z warm start / tolerance / v EMA are offered but not yet measured to help at demo scale
     "default": {"objective": "all_tokens", "z_warm_start": False, "z_tol": 0.0, "v_ema": 0.0, "c_normalize": True,
-                "hyper_batches": 7, "score_activation": "identity", "z_steps": 1},
+                "hyper_batches": 7, "score_activation": "sigmoid", "z_steps": 1},
 }
 # warning thresholds (diagnostics.json "warnings"; METHODS §1.2a)
 FIRST_ORDER_COS = 0.99  # cos(z, v) above this …
