@@ -221,3 +221,14 @@ def test_several_method_seeds_pass_only_when_every_seed_passes():
     one = judge([summary(0, 0.05)], CheckConfig())
     assert one["verdict"] == "PASS" and "| seed |" not in check_markdown(
         {"method": "x", "pool": "p", "config": {"target_ratio": 2.0, "junk_ratio": 0.5}, **one})
+
+
+def test_planting_key_names_bundled_data_portably(tmp_path):
+    """The planted directory's identity names bundled data as bundled:REL, so it is reused from another install."""
+    from lmselect.check import CheckConfig, build_planted_inputs
+    from lmselect.recipe import load_recipe
+
+    plant = build_planted_inputs(load_recipe("demo"), tmp_path, CheckConfig())
+    assert plant["key"]["corpus"] == ["bundled:demo/corpus/*.jsonl.gz"]
+    assert plant["key"]["selection_set"] == "bundled:demo/lambada_select.jsonl"
+    assert build_planted_inputs(load_recipe("demo"), tmp_path, CheckConfig())["key"] == plant["key"]  # reused

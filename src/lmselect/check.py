@@ -176,9 +176,11 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
     prep = recipe.pool.prepare
     sel_path = recipe.validation.selection
     inp = Path(out_dir) / "inputs"
+    from lmselect.pipeline import _portable  # bundled data as bundled:REL: a reinstall elsewhere is the same key
+
     key = {"seed": cfg.seed, "target_holdout": cfg.target_holdout, "plant_fraction": cfg.plant_fraction,
-           "corpus": list(prep.inputs), "selection_set": str(sel_path), "max_docs": prep.max_docs,
-           "text_field": prep.text_field, "source_field": prep.source_field}
+           "corpus": _portable(list(prep.inputs)), "selection_set": _portable(str(sel_path)),
+           "max_docs": prep.max_docs, "text_field": prep.text_field, "source_field": prep.source_field}
     if (inp / "plant.json").is_file():
         old = read_json(inp / "plant.json")
         if old.get("key") == key:
