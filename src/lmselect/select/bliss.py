@@ -686,15 +686,14 @@ class BilevelSolver:
         t0 = time.perf_counter()
         s_loc = self.scores(ids)
         s_all, p_all, p_loc = self.global_weights(s_loc)
-        teachers = None
-        # from z = 0, one z step needs no HVP (H·0 = 0): cache the teacher logits only when an HVP will run
-        hvp_runs = (cfg.z_steps > 1 or cfg.z_tol > 0 or diagnose or float(cfg.z_init) != 0.0
-                    or (cfg.z_warm_start and self.z_prev is not None))
-        if cfg.cache_teacher and hvp_runs:
-            teachers = [self.teacher_logits(ids[sl]) for sl in bm.chunks(ids.shape[0], cfg.micro_batch)]
+        # teacher logits of the outer batch, kept across the z steps' HVPs; computed at the first HVP, so a solve that
+        # needs none (one step from z = 0: H·0 = 0) never pays for them
+        teachers: list[Tensor] = []
 
-        def hvp(vec: Sequence[Tensor], teachers: list[Tensor] | None = teachers) -> bm.Params:
-            return self.lower_hvp(ids, p_loc, vec, teachers)
+        def hvp(vec: Sequence[Tensor]) -> bm.Params:
+            if cfg.cache_teacher and not teachers:
+                teachers.extend(self.teacher_logits(ids[sl]) for sl in bm.chunks(ids.shape[0], cfg.micro_batch))
+            return self.lower_hvp(ids, p_loc, vec, teachers or None)
 
         # v and every H·z are global (all-reduced), so each rank computes the same z: nothing left to average
         init = self.z_prev if (cfg.z_warm_start and self.z_prev is not None) else cfg.z_init
@@ -723,7 +722,8 @@ class BilevelSolver:
             rho_k = k * rho / (1.0 + (k - 1.0) * rho) if rho > 0 else 0.0  # Spearman–Brown to the v in use
             diag.update(v_agreement=rho, v_signal=math.sqrt(max(0.0, rho_k)))
             t["t_diag"] = time.perf_counter() - t0
-        del teachers, hvp  # the cached teacher logits (B·L·V) are no longer needed
+        teachers.clear()  # the cached teacher logits (B·L·V) are no longer needed
+        del hvp
 
         t0 = time.perf_counter()
         c = self.compute_c(ids, z, impl)
@@ -1082,15 +1082,18 @@ class Bliss(SelectionMethod):
         return float(b.outer_steps * per_outer + f.shard_size * T * 2 * npx)  # + scoring the shard
 
 
-@torch.no_grad()
 def score_sequences(scorer: SequenceScorer, pool: Any, ids: np.ndarray, batch_size: int, device: Any) -> np.ndarray:
-    """The score model's scores of pool sequences ``ids`` (eval mode, in memory: for small samples)."""
-    was = scorer.training
+    """The score model's scores of pool sequences ``ids`` in memory (for small samples), through the same forward
+    (no grad, the device's autocast dtype) as ``score_pool`` uses for the sidecar they are compared with."""
+    from lmselect.score.job import forward_scores, resolve_amp_dtype
+
+    dev = torch.device(device) if device is not None else next(scorer.parameters()).device
+    amp, was = resolve_amp_dtype(None, dev), scorer.training
     scorer.eval()
-    out = [scorer(pool.batch(ids[i : i + batch_size]).to(device)).double().cpu().numpy()
+    out = [forward_scores(scorer, pool.batch(ids[i : i + batch_size]), None, dev, amp)
            for i in range(0, len(ids), batch_size)]
     scorer.train(was)
-    return np.concatenate(out) if out else np.zeros(0)
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
 def _aligned(cand: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
