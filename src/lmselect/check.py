@@ -176,10 +176,10 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
     prep = recipe.pool.prepare
     sel_path = recipe.validation.selection
     inp = Path(out_dir) / "inputs"
-    from lmselect.pipeline import _portable  # bundled data as bundled:REL: a reinstall elsewhere is the same key
+    from lmselect.paths import portable  # bundled data as bundled:REL: a reinstall elsewhere is the same key
 
     key = {"seed": cfg.seed, "target_holdout": cfg.target_holdout, "plant_fraction": cfg.plant_fraction,
-           "corpus": _portable(list(prep.inputs)), "selection_set": _portable(str(sel_path)),
+           "corpus": portable(list(prep.inputs)), "selection_set": portable(str(sel_path)),
            "max_docs": prep.max_docs, "text_field": prep.text_field, "source_field": prep.source_field}
     if (inp / "plant.json").is_file():
         old = read_json(inp / "plant.json")

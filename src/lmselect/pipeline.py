@@ -62,6 +62,7 @@ from lmselect.context import (
     RunContext,
 )
 from lmselect.errors import LmselectError, StaleStageError
+from lmselect.paths import portable
 from lmselect.recipe import load_recipe, recipe_summary
 from lmselect.select.base import STAGE_ORDER, SelectionMethod, get_method
 
@@ -73,22 +74,8 @@ SPECS_FILE = "stages.json"
 # what each stage is made from (stale-stage detection)
 
 
-def _portable(v: Any) -> Any:
-    """Paths into the bundled data folder written back as ``bundled:REL``: a stage's identity must not change when
-    the package is installed somewhere else."""
-    from lmselect.paths import DATA_DIR
-
-    if isinstance(v, dict):
-        return {k: _portable(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_portable(x) for x in v]
-    if isinstance(v, str) and v.startswith(str(DATA_DIR) + "/"):
-        return "bundled:" + v[len(str(DATA_DIR)) + 1:]
-    return v
-
-
 def _sub(r: Any, *keys: str) -> dict[str, Any]:
-    d = _portable(to_dict(r))
+    d = portable(to_dict(r))
     return {k: d[k] for k in keys if k in d}
 
 
@@ -99,21 +86,21 @@ def stage_specs(r: Any) -> dict[str, dict[str, Any]]:
     downstream stale, and nothing else: changing ``eval.limit`` only redoes evaluations, changing
     ``select_fraction`` redoes selections, training and evaluation, changing ``warmup.steps`` redoes everything."""
     specs: dict[str, dict[str, Any]] = {}
-    pool = {"pool": _portable(to_dict(r.pool))}
+    pool = {"pool": portable(to_dict(r.pool))}
     if r.pool.path is None:
         specs["pool"] = pool
     warm = {**pool, **_sub(r, "seed", "warmup", "train")}
-    specs["warmup/target"] = {**warm, "target": _portable(to_dict(r.target))}
+    specs["warmup/target"] = {**warm, "target": portable(to_dict(r.target))}
     methods = {m: get_method(m, getattr(r, m, None)) for m in r.methods}
     if any("proxy" in m.needs for m in methods.values()):
-        specs["warmup/proxy"] = {**warm, "proxy": _portable(to_dict(r.proxy))}
-    v = _portable(to_dict(r.validation))
+        specs["warmup/proxy"] = {**warm, "proxy": portable(to_dict(r.proxy))}
+    v = portable(to_dict(r.validation))
     sel_v = {k: v[k] for k in ("selection", "selection_kind", "max_items", "seq_len", "batch_size")}
     for name, m in methods.items():
         base = {**specs["warmup/target"], **_sub(r, "select_fraction", "round_steps", "lr_per_round", "score_batch_size"),
-                "method": name, "settings": _portable(to_dict(m.resolved_config())) if m.cfg is not None else None}
+                "method": name, "settings": portable(to_dict(m.resolved_config())) if m.cfg is not None else None}
         if "proxy" in m.needs:
-            base["proxy"] = _portable(to_dict(r.proxy))
+            base["proxy"] = portable(to_dict(r.proxy))
         if "selection_set" in m.needs:
             base["validation"] = sel_v
         for seed in r.seeds:
