@@ -40,6 +40,9 @@ VARIANTS: dict[str, list[str]] = {
     "all_tokens_vfull": ["--bliss.profile=paper", "--bliss.objective=all_tokens", "--bliss.val_batch_size=0"],
     "all_tokens_zwarm": ["--bliss.profile=paper", "--bliss.objective=all_tokens", "--bliss.z_warm_start=true",
                          "--bliss.z_steps=5"],
+    # the default with a second-order z: warm-started across outer steps, 3 steps each at η_z ≈ 1 / λ_max(H)
+    # (bench/bliss_labels.py: its labels pass the check, its score model does not)
+    "second_order": ["--bliss.profile=default", "--bliss.z_warm_start=true", "--bliss.z_steps=3", "--bliss.z_lr=0.3"],
 }
 COMMON = ["--eval.downstream=false"]
 

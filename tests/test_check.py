@@ -64,6 +64,39 @@ def _rows(res: dict, source: str) -> list[dict]:
     return [r for r in res["rows"] if r["source"] == source]
 
 
+def test_bench_labels_auc_and_rates_against_brute_force():
+    """bench/bliss_labels.py's ROC AUC is the pairwise (Mann–Whitney) definition; its probe finds a separable kind
+    and not noise; its rates are each source's share of the top fraction over the base rate."""
+    import importlib.util
+
+    from lmselect.paths import REPO_DIR
+
+    spec = importlib.util.spec_from_file_location("bliss_labels", REPO_DIR / "bench" / "bliss_labels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.3).astype(int)
+    s = rng.normal(size=300) + 1.5 * y
+    brute = np.mean([p > n for p in s[y == 1] for n in s[y == 0]])
+    assert bench.roc_auc(y, s) == pytest.approx(brute, abs=1e-12)
+    separable = np.c_[rng.normal(size=(300, 4)), y + 0.3 * rng.normal(size=300)]
+    assert bench.probe_auc(separable, y) > 0.95
+    assert abs(bench.probe_auc(rng.normal(size=(300, 5)), y) - 0.5) < 0.12
+    assert np.isnan(bench.probe_auc(separable[:20], np.r_[np.ones(2), np.zeros(18)].astype(int)))
+    src = np.array(["a"] * 5 + ["b"] * 5)
+    r = bench._rates(src, np.arange(10.0), 0.2)  # top 2 are both "b": b at 2/5 = 0.4 = 2x the base 0.2, a at 0
+    assert r == {"a": 0.0, "b": 2.0}
+
+
+def test_truncate_words_cuts_at_a_word_boundary():
+    from lmselect.check import truncate_words
+
+    text = "alpha beta gamma delta"
+    assert truncate_words(text, 0) == text and truncate_words(text, 100) == text
+    assert truncate_words(text, 12) == "alpha beta"  # "alpha beta g" cut back to the last whole word
+    assert truncate_words("x" * 50, 10) == "x" * 10  # no space: a hard cut
+
+
 def test_junk_makers_are_what_they_say():
     from lmselect.check import random_words, repeat_sentence, shuffle_words
 
@@ -136,6 +169,26 @@ def test_bliss_check_runs_end_to_end_at_tiny_scale(check_recipe, tmp_path, capsy
     assert "Known-answer check: bliss" in capsys.readouterr().out
     for r in (1, 2):
         assert (out / "run" / "bliss" / "seed0" / f"round{r}" / "bilevel" / "diagnostics.json").is_file()
+
+    # bench/bliss_labels.py on this check: it re-runs round 1's solve outside the pipeline, so its score model must
+    # be the pipeline's (same scores for the same sequences), and it labels every sampled candidate with the last z
+    import importlib.util
+
+    from lmselect.paths import REPO_DIR
+    from lmselect.score import read_scores
+
+    spec = importlib.util.spec_from_file_location("bliss_labels", REPO_DIR / "bench" / "bliss_labels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--check", str(out), "--variants", "default", "--candidates", "60"]) == 0
+    got = np.load(out / "labels" / "default-seed0.npz")
+    ids, scores = read_scores(out / "run" / "bliss" / "seed0" / "round1" / "scores")
+    pos = {int(i): k for k, i in enumerate(ids)}
+    np.testing.assert_allclose(got["score"], scores[[pos[int(i)] for i in got["seq_id"]]], rtol=1e-5, atol=1e-6)
+    assert len(got["c"]) == 60 and np.isfinite(got["c"]).all() and np.std(got["c"]) > 0
+    res = json.loads((out / "labels" / "default-seed0.json").read_text())
+    assert set(res["labels"]) == set(res["scores"]) >= {"planted_target"}
+    assert "| default | 0 | score model |" in (out / "labels" / "labels.md").read_text()
 
 
 def test_reference_scorer_picks_target_like_data(check_recipe, tmp_path):
@@ -232,3 +285,24 @@ def test_planting_key_names_bundled_data_portably(tmp_path):
     assert plant["key"]["corpus"] == ["bundled:demo/corpus/*.jsonl.gz"]
     assert plant["key"]["selection_set"] == "bundled:demo/lambada_select.jsonl"
     assert build_planted_inputs(load_recipe("demo"), tmp_path, CheckConfig())["key"] == plant["key"]  # reused
+
+
+def test_junk_documents_are_capped_so_no_document_decides_a_rate(tmp_path):
+    """--max-doc-chars: junk is made from at most that many characters of a corpus document, so one long source
+    cannot become a junk document of dozens of sequences; the same character budget then spans more documents."""
+    from lmselect.check import JUNK, CheckConfig, build_planted_inputs
+    from lmselect.recipe import load_recipe
+
+    def docs(plant: dict, kind: str) -> list[str]:
+        return [json.loads(line)["text"] for line in Path(plant["files"][kind]).read_text().splitlines()]
+
+    whole = build_planted_inputs(load_recipe("demo"), tmp_path / "whole", CheckConfig(max_doc_chars=0))
+    capped = build_planted_inputs(load_recipe("demo"), tmp_path / "capped", CheckConfig(max_doc_chars=500))
+    assert capped["key"]["max_doc_chars"] == 500 and whole["key"] != capped["key"]
+    assert max(map(len, docs(whole, "planted_shuffled"))) > 500  # the demo corpus has longer documents
+    assert max(map(len, docs(capped, "planted_shuffled"))) <= 500  # same characters as its (cut) source
+    # a repeated sentence (at most 60 words) overshoots its cut source by less than one copy of itself
+    assert max(map(len, docs(capped, "planted_repeated"))) < 500 + 1000
+    assert np.median([len(d) for d in docs(capped, "planted_repeated")]) <= 600
+    for kind in JUNK:
+        assert capped["counts"][kind]["documents"] > whole["counts"][kind]["documents"]

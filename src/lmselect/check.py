@@ -14,8 +14,10 @@ manufactures one from the user's own corpus and selection set, so the answer is 
    pool as documents. Junk made from corpus documents: ``planted_shuffled`` (the document's words in random order:
    the same unigram statistics as prose), ``planted_repeated`` (one of its sentences repeated to the document's
    length) and ``planted_random`` (as many words drawn uniformly from the corpus vocabulary, i.e. the distinct
-   whitespace-separated words of the sampled documents). Each junk kind gets about ``--plant-fraction`` of the
-   corpus characters; the target part is capped at the same budget. Everything is seeded (``--seed``).
+   whitespace-separated words of the sampled documents). Each junk document is made from at most
+   ``--max-doc-chars`` characters of its corpus document, so that no single long document carries a large share of
+   its kind's sequences (and so decides its rate). Each junk kind gets about ``--plant-fraction`` of the corpus
+   characters; the target part is capped at the same budget. Everything is seeded (``--seed``).
 2. The planted ``.jsonl`` files are written to ``OUT/inputs/`` and a pool is prepared with the recipe's own
    ``pool.prepare`` settings from the recipe's inputs plus those files (``OUT/pool``).
 3. The method runs through the normal pipeline (:func:`lmselect.pipeline.run_recipe`, ``OUT/run``) on a recipe
@@ -82,6 +84,10 @@ class CheckConfig:
     scores: str | None = None  # judge this precomputed scores sidecar of OUT/pool instead of running a method
     target_holdout: float = 0.5  # share of the selection set planted as target-like documents (hidden from the method)
     plant_fraction: float = 0.05  # characters of each junk kind, as a share of the corpus characters
+    # each junk document is made from the first max_doc_chars characters of a corpus document (0 = whole): an
+    # uncapped 40k-character source made one repeated-sentence document of 24 sequences, 14 % of its kind's
+    # candidates in a demo shard, so that one document decided the kind's rate (measured, issue 12)
+    max_doc_chars: int = 2000
     target_ratio: float = 2.0  # PASS needs target-like rate >= target_ratio x base rate ...
     junk_ratio: float = 0.5  # ... and every junk rate <= junk_ratio x base rate, in every round
     reference_score: str = "excess"  # reference scorer: "excess" (CE_general - CE_ref) or "loss" (-CE_ref)
@@ -93,6 +99,8 @@ class CheckConfig:
             raise ConfigError(f"check: --target-holdout must be in (0, 1), got {self.target_holdout}")
         if not 0.0 < self.plant_fraction < 1.0:
             raise ConfigError(f"check: --plant-fraction must be in (0, 1), got {self.plant_fraction}")
+        if self.max_doc_chars < 0:
+            raise ConfigError(f"check: --max-doc-chars must be >= 0 (0 = no cap), got {self.max_doc_chars}")
         if self.target_ratio <= 0 or self.junk_ratio < 0:
             raise ConfigError("check: --target-ratio must be > 0 and --junk-ratio >= 0")
         if not self.method_seeds or len(set(self.method_seeds)) != len(self.method_seeds):
@@ -111,6 +119,15 @@ class CheckConfig:
 
 # ------------------------------------------------------------------------------------------------------------------
 # planted documents
+
+
+def truncate_words(text: str, max_chars: int) -> str:
+    """``text`` cut to at most ``max_chars`` characters at a whitespace boundary (``max_chars`` 0: unchanged)."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return cut[:space] if space > 0 else cut
 
 
 def shuffle_words(text: str, rng: np.random.Generator) -> str:
@@ -179,6 +196,7 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
     from lmselect.paths import portable  # bundled data as bundled:REL: a reinstall elsewhere is the same key
 
     key = {"seed": cfg.seed, "target_holdout": cfg.target_holdout, "plant_fraction": cfg.plant_fraction,
+           "max_doc_chars": cfg.max_doc_chars,
            "corpus": portable(list(prep.inputs)), "selection_set": portable(str(sel_path)),
            "max_docs": prep.max_docs, "text_field": prep.text_field, "source_field": prep.source_field}
     if (inp / "plant.json").is_file():
@@ -211,7 +229,7 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
         order = rng.permutation(len(sample))
         i = 0
         while c < budget:
-            src = sample[order[i % len(order)]]
+            src = truncate_words(sample[order[i % len(order)]], cfg.max_doc_chars)
             i += 1
             if kind == "planted_shuffled":
                 doc = shuffle_words(src, rng)
@@ -544,6 +562,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the selection set planted as target-like documents (default 0.5)")
     p.add_argument("--plant-fraction", type=float, default=d.plant_fraction,
                    help="characters of each junk kind as a share of the corpus (default 0.05)")
+    p.add_argument("--max-doc-chars", type=int, default=d.max_doc_chars,
+                   help="junk documents are made from at most this many characters of a corpus document, so no "
+                   "single document carries many sequences of its kind (default 2000; 0 = no cap)")
     p.add_argument("--target-ratio", type=float, default=d.target_ratio, help="target-like rate >= this x base (2)")
     p.add_argument("--junk-ratio", type=float, default=d.junk_ratio, help="each junk rate <= this x base (0.5)")
     p.add_argument("--reference-score", default=d.reference_score, choices=("excess", "loss"),
@@ -564,7 +585,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = CheckConfig(method=args.method, scores=args.scores, target_holdout=args.target_holdout,
-                      plant_fraction=args.plant_fraction, target_ratio=args.target_ratio, junk_ratio=args.junk_ratio,
+                      plant_fraction=args.plant_fraction, max_doc_chars=args.max_doc_chars, target_ratio=args.target_ratio, junk_ratio=args.junk_ratio,
                       reference_score=args.reference_score, seed=args.seed,
                       method_seeds=_seed_list(args.method_seeds))
     out = Path(args.out or Path("runs") / f"{recipe.name}-check-{'scores' if args.scores else args.method}")
