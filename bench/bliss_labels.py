@@ -36,6 +36,7 @@ import torch
 
 from lmselect.config import replace
 from lmselect.context import STREAM_METHOD, STREAM_SCORER_INIT
+from lmselect.models.losses import mean_token_ce
 from lmselect.pipeline import Runner
 from lmselect.recipe import load_recipe
 from lmselect.select import bliss as B
@@ -103,22 +104,16 @@ def probe_auc(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> fl
 
 
 @torch.no_grad()
-def _features(scorer: Any, proxy: Any, pool: Any, ids: np.ndarray, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    from lmselect.models.losses import token_ce
-
+def _pooled(scorer: Any, pool: Any, ids: np.ndarray, batch: int = 128) -> np.ndarray:
+    """What the score model's linear head sees: its pooled features of every sequence."""
     scorer.eval()
-    feats, loss = [], []
-    for i in range(0, len(ids), batch):
-        x = pool.batch(ids[i : i + batch])
-        feats.append(scorer.pooled(x).float())
-        loss.append(token_ce(proxy(input_ids=x).logits, x).mean(1, keepdim=True).float())
-    return torch.cat(feats).numpy(), torch.cat(loss).numpy()
+    return torch.cat([scorer.pooled(pool.batch(ids[i : i + batch])).float() for i in range(0, len(ids), batch)]).numpy()
 
 
 def run_variant(check: Path, name: str, overrides: dict[str, Any], n_cand: int, out: Path, seed: int = 0) -> dict[str, Any]:
     recipe = load_recipe(check / "run" / "config.yaml")
     pipe = Runner(recipe, check / "run")
-    ctx, pool = pipe.ctx, pipe.pool
+    pool = pipe.pool
     for which in ("proxy", "target"):
         if not (check / "run" / "warmup" / which / "manifest.json").is_file():
             raise SystemExit(f"{check}/run/warmup/{which}: no warm-up checkpoint; run `lmselect check ... --method bliss` first")
@@ -131,19 +126,11 @@ def run_variant(check: Path, name: str, overrides: dict[str, Any], n_cand: int, 
                               activation=cfg.score_activation)
     cand = rc.candidates
     t0 = time.perf_counter()
-    # solve_round's loop, kept here because its solver (and so the last z) is internal to it
-    solver = B.BilevelSolver(cfg, proxy, target, scorer, ctx.selection_set, "cpu")
-    stream = B.IndexStream(len(cand), cfg.batch_size, cfg.seed + B.SEED_TRAIN_STREAM)
-    per_step = cfg.inner_steps + 1 + int(cfg.hyper_batches)
-
-    def batches(k0: int):
-        k = k0
-        while True:
-            yield pool.batch(cand[stream.batch(k)])
-            k += 1
-
+    # solve_round's loop (its solver, and so the last z, is internal to it), on the same batch stream
+    solver = B.BilevelSolver(cfg, proxy, target, scorer, rc.selection_set, "cpu")
+    stream = B.train_stream(cfg, len(cand))
     while solver.step < cfg.outer_steps:
-        solver.outer_step(batches(solver.step * per_step))
+        solver.outer_step(B.step_batches(pool, cand, stream, cfg, solver.step))
     solve_s = time.perf_counter() - t0
     z = solver.last.z
     rng = np.random.default_rng(0)
@@ -154,7 +141,7 @@ def run_variant(check: Path, name: str, overrides: dict[str, Any], n_cand: int, 
                         for i in range(0, len(sample), 32)])
     label_s = time.perf_counter() - t0
     scores = score_sequences(scorer, pool, sample, 128, "cpu")
-    feats, loss = _features(scorer, solver.proxy.eval(), pool, sample)
+    feats, loss = _pooled(scorer, pool, sample), mean_token_ce(solver.proxy, pool, sample, 128)[:, None]
     corpus = np.array([not s.startswith("planted") for s in sources])
     auc = {}
     for kind in sorted({s for s in sources if s.startswith("planted")}):

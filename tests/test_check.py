@@ -60,13 +60,8 @@ def check_recipe(tmp_path_factory) -> Path:
     return make_check_inputs(tmp_path_factory.mktemp("check"))
 
 
-def _rows(res: dict, source: str) -> list[dict]:
-    return [r for r in res["rows"] if r["source"] == source]
-
-
-def test_bench_labels_auc_and_rates_against_brute_force():
-    """bench/bliss_labels.py's ROC AUC is the pairwise (Mann–Whitney) definition; its probe finds a separable kind
-    and not noise; its rates are each source's share of the top fraction over the base rate."""
+def _bench_labels():
+    """bench/bliss_labels.py as a module (bench scripts are not a package)."""
     import importlib.util
 
     from lmselect.paths import REPO_DIR
@@ -74,6 +69,17 @@ def test_bench_labels_auc_and_rates_against_brute_force():
     spec = importlib.util.spec_from_file_location("bliss_labels", REPO_DIR / "bench" / "bliss_labels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def _rows(res: dict, source: str) -> list[dict]:
+    return [r for r in res["rows"] if r["source"] == source]
+
+
+def test_bench_labels_auc_and_rates_against_brute_force():
+    """bench/bliss_labels.py's ROC AUC is the pairwise (Mann–Whitney) definition; its probe finds a separable kind
+    and not noise; its rates are each source's share of the top fraction over the base rate."""
+    bench = _bench_labels()
     rng = np.random.default_rng(0)
     y = (rng.random(300) < 0.3).astype(int)
     s = rng.normal(size=300) + 1.5 * y
@@ -172,14 +178,9 @@ def test_bliss_check_runs_end_to_end_at_tiny_scale(check_recipe, tmp_path, capsy
 
     # bench/bliss_labels.py on this check: it re-runs round 1's solve outside the pipeline, so its score model must
     # be the pipeline's (same scores for the same sequences), and it labels every sampled candidate with the last z
-    import importlib.util
-
-    from lmselect.paths import REPO_DIR
     from lmselect.score import read_scores
 
-    spec = importlib.util.spec_from_file_location("bliss_labels", REPO_DIR / "bench" / "bliss_labels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_labels()
     assert bench.main(["--check", str(out), "--variants", "default", "--candidates", "60"]) == 0
     got = np.load(out / "labels" / "default-seed0.npz")
     ids, scores = read_scores(out / "run" / "bliss" / "seed0" / "round1" / "scores")

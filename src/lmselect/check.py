@@ -311,21 +311,6 @@ def scores_by_round(pool: Any, seq_ids: np.ndarray, scores: np.ndarray, fraction
     return out
 
 
-def _mean_ce(model: Any, pool: Any, ids: np.ndarray, batch_size: int, device: Any) -> np.ndarray:
-    """Mean next-token CE of every pool row ``ids`` (packed rows: every position counts)."""
-    import torch
-
-    from lmselect.models.losses import token_ce
-
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(ids), batch_size):
-            x = pool.batch(ids[i : i + batch_size]).to(device)
-            out.append(token_ce(model(input_ids=x).logits, x).mean(dim=1).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def reference_scores(recipe: Recipe, run_dir: str | Path, out_dir: str | Path, how: str = "excess") -> Path:
     """The built-in reference scorer; writes a scores sidecar of shards 1..R of the recipe's pool to ``out_dir``.
 
@@ -344,6 +329,8 @@ def reference_scores(recipe: Recipe, run_dir: str | Path, out_dir: str | Path, h
     out_dir = Path(out_dir)
     if is_complete(out_dir, kind="scores"):
         return out_dir
+    from lmselect.models.losses import mean_token_ce
+
     runner = Runner(recipe, run_dir)
     try:
         runner.run_dir.mkdir(parents=True, exist_ok=True)
@@ -353,9 +340,9 @@ def reference_scores(recipe: Recipe, run_dir: str | Path, out_dir: str | Path, h
         ref = train_reference(replace(recipe.rho1, seed=recipe.seed), general, runner.ctx.selection_set,
                               runner.pool.load_tokenizer(), out_dir.parent / "reference_model", device=runner.ctx.device)
         ids = np.concatenate([runner.pool.ids(r) for r in range(1, recipe.rounds + 1)])
-        ce_ref = _mean_ce(ref, runner.pool, ids, recipe.score_batch_size, runner.ctx.device)
+        ce_ref = mean_token_ce(ref, runner.pool, ids, recipe.score_batch_size, runner.ctx.device)
         if how == "excess":
-            score = _mean_ce(general, runner.pool, ids, recipe.score_batch_size, runner.ctx.device) - ce_ref
+            score = mean_token_ce(general, runner.pool, ids, recipe.score_batch_size, runner.ctx.device) - ce_ref
         else:
             score = -ce_ref
         from lmselect.artifacts import parent_ref

@@ -358,21 +358,14 @@ class Runner:
     def reference_loss(self, rnd: int) -> tuple[str, np.ndarray]:
         """Mean next-token CE of every candidate of shard ``rnd`` under the warm-up proxy (else the warm-up target):
         the "proxy loss" a scorer's ranking is correlated with in the selection diagnostics. Cached per shard."""
-        import torch
-
-        from lmselect.models.losses import token_ce
+        from lmselect.models.losses import mean_token_ce
         from lmselect.train.checkpoint import load_checkpoint_model
 
         if rnd not in self._ref_loss:
             which = "proxy" if is_complete(self.layout.warmup("proxy"), kind="checkpoint") else "target"
-            model = load_checkpoint_model(self.layout.warmup(which), device=self.ctx.device).eval()
-            ids = self.pool.ids(rnd)
-            out = []
-            with torch.no_grad():
-                for i in range(0, len(ids), self.r.score_batch_size):
-                    x = self.pool.batch(ids[i : i + self.r.score_batch_size]).to(self.ctx.device)
-                    out.append(token_ce(model(input_ids=x).logits, x).mean(1).double().cpu().numpy())
-            self._ref_loss[rnd] = (f"warm-up {which}", np.concatenate(out) if out else np.zeros(0))
+            model = load_checkpoint_model(self.layout.warmup(which), device=self.ctx.device)
+            loss = mean_token_ce(model, self.pool, self.pool.ids(rnd), self.r.score_batch_size, self.ctx.device)
+            self._ref_loss[rnd] = (f"warm-up {which}", loss.astype(np.float64))
         return self._ref_loss[rnd]
 
     def selection_diagnostics(self, rc: RoundContext, scores: np.ndarray, selected: np.ndarray) -> dict[str, Any]:

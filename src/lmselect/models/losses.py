@@ -6,6 +6,8 @@ position t scores token t+1. Masks use the same [B, L-1] layout.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +50,18 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: t
     p_log = F.log_softmax(_at_least_fp32(student_logits), dim=-1)
     kl = (q_log.exp() * (q_log - p_log)).sum(-1)
     return masked_mean(kl, mask)
+
+
+def mean_token_ce(model: torch.nn.Module, pool: Any, ids: Any, batch_size: int, device: Any = None) -> Any:
+    """Mean next-token CE of every pool row ``ids`` (packed rows: every position counts), no grad, eval mode; a
+    float32 numpy array. The "proxy loss" of the selection diagnostics, the check's reference scorer and benches."""
+    import numpy as np
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            x = pool.batch(ids[i : i + batch_size])
+            x = x.to(device) if device is not None else x
+            out.append(token_ce(model(input_ids=x).logits, x).mean(dim=1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -873,6 +873,24 @@ def summarise_diagnostics(records: Sequence[dict[str, Any]], c_by_source: dict[s
                                                      "c_normalize", "hyper_batches", "score_activation")}}
 
 
+def train_stream(cfg: BlissConfig, n: int, rank: int = 0, world: int = 1) -> IndexStream:
+    """The seeded order in which a round's ``n`` candidates feed the solver (this rank's rows of each batch)."""
+    return IndexStream(n, cfg.batch_size, cfg.seed + SEED_TRAIN_STREAM, rank, world)
+
+
+def batches_per_step(cfg: BlissConfig) -> int:
+    """Training batches one outer step draws: K inner, one outer, one per hyper batch."""
+    return cfg.inner_steps + 1 + int(cfg.hyper_batches)
+
+
+def step_batches(pool: Any, train_ids: np.ndarray, stream: IndexStream, cfg: BlissConfig, step: int) -> Iterator[Tensor]:
+    """The batches of outer step ``step`` (and on), as :meth:`BilevelSolver.outer_step` draws them."""
+    k = step * batches_per_step(cfg)
+    while True:
+        yield pool.batch(train_ids[stream.batch(k)])
+        k += 1
+
+
 def _save_state(solver: BilevelSolver, out_dir: Path) -> None:
     if solver.rank == 0:
         with atomic_path(out_dir / STATE_FILE) as tmp:
@@ -940,14 +958,8 @@ def solve_round(
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
 
-    stream = IndexStream(len(train_ids), cfg.batch_size, cfg.seed + SEED_TRAIN_STREAM, rank, world)
-    per_step = cfg.inner_steps + 1 + int(cfg.hyper_batches)  # batches drawn per outer step
-
-    def batches(k0: int) -> Iterator[Tensor]:
-        k = k0
-        while True:
-            yield pool.batch(train_ids[stream.batch(k)])
-            k += 1
+    stream = train_stream(cfg, len(train_ids), rank, world)
+    per_step = batches_per_step(cfg)
 
     has_sources = callable(getattr(pool, "sources", None))
 
@@ -964,7 +976,7 @@ def solve_round(
     last: dict[str, float] = {}
     try:
         while solver.step < cfg.outer_steps:
-            last = solver.outer_step(batches(solver.step * per_step), outer_sources(solver.step))
+            last = solver.outer_step(step_batches(pool, train_ids, stream, cfg, solver.step), outer_sources(solver.step))
             logger.log(solver.step, **last)
             bar.update(1, F=last["upper_loss"], G=last["lower_loss"])
             stopping = stop_after is not None and solver.step >= stop_after and solver.step < cfg.outer_steps
