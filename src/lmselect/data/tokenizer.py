@@ -2,13 +2,16 @@
 
 Every pool carries its tokenizer as an HF tokenizer directory (``pool/tokenizer``) so that each model trained on the
 pool loads with ``AutoTokenizer.from_pretrained`` and in lm-evaluation-harness. Two models can only be compared or
-distilled (proxy <- target KL) when their tokenizers are identical; :func:`tokenizer_fingerprint` decides that.
+distilled (proxy <- target KL) when their tokenizers are identical; :func:`tokenizer_fingerprint` decides that, and
+:func:`check_same_tokenizer` refuses a mismatch before any compute (tokenizers given as objects, directories or
+16-hex fingerprints).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -77,13 +80,30 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")  # what tokenizer_fingerprint returns
+
+
+def is_fingerprint(x: Any) -> bool:
+    """True for a 16-hex fingerprint string (that is not also the name of an existing path)."""
+    return isinstance(x, str) and FINGERPRINT.fullmatch(x) is not None and not Path(x).exists()
+
+
+def as_fingerprint(x: Any) -> str:
+    """The fingerprint of a tokenizer object or HF tokenizer directory; a fingerprint string is returned as is."""
+    return x if is_fingerprint(x) else tokenizer_fingerprint(x)
+
+
 def check_same_tokenizer(a: Any, b: Any, what_a: str = "proxy", what_b: str = "target") -> None:
-    """Raise a clear error before any compute when two models' tokenizers differ."""
-    fa, fb = tokenizer_fingerprint(a), tokenizer_fingerprint(b)
+    """Raise a clear error before any compute when two models' tokenizers differ. ``a`` / ``b``: tokenizer objects,
+    HF tokenizer directories or fingerprints (:func:`tokenizer_fingerprint`); the error names a directory by its path,
+    anything else by its fingerprint."""
+    fa, fb = as_fingerprint(a), as_fingerprint(b)
     if fa != fb:
+        def label(x: Any, fp: str) -> Any:
+            return x if isinstance(x, (str, Path)) and not is_fingerprint(x) else fp
+
         raise LmselectError(
-            f"tokenizer mismatch: {what_a} ({a if isinstance(a, (str, Path)) else fa}) and "
-            f"{what_b} ({b if isinstance(b, (str, Path)) else fb}) must share one tokenizer"
+            f"tokenizer mismatch: {what_a} ({label(a, fa)}) and {what_b} ({label(b, fb)}) must share one tokenizer"
         )
 
 

@@ -1,4 +1,5 @@
-"""Data-parallel plumbing: process-group setup from torchrun's environment, DDP / FSDP2 wrapping, small collectives.
+"""Data-parallel plumbing: process-group setup from torchrun's environment, DDP / FSDP2 wrapping, small collectives
+(``all_gather_cat`` / ``all_reduce_`` for code that sums gradients itself, e.g. the BLISS solver).
 
 Single-process runs never touch ``torch.distributed``; every helper here degrades to a no-op when the world size is 1.
 Launch data parallel training with torchrun, e.g. ``torchrun --nproc_per_node 8 -m lmselect.cli train ...``:
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,15 @@ class DistInfo:
         return self.world_size > 1
 
 
+def is_distributed() -> bool:
+    """Whether a process group is initialised, i.e. collectives run (False in a plain single process)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def rank_world(env_fallback: bool = True) -> tuple[int, int]:
     """(rank, world size): from the process group when one is initialised, else torchrun's env (``env_fallback``;
     code that runs collectives passes False: without a group it is one process), else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     if not env_fallback:
         return 0, 1
@@ -94,6 +100,27 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / info.world_size
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-sized tensors of all ranks along dim 0, in rank order (no gradient: callers re-insert their
+    own slice); ``t`` itself without a process group."""
+    if not is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_(tensors: Sequence[torch.Tensor], mean: bool = False) -> None:
+    """Sum (``mean``: average) each tensor over ranks, in place; a no-op without a process group."""
+    if not is_distributed():
+        return
+    w = torch.distributed.get_world_size()
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        if mean:
+            t.div_(w)
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

@@ -41,6 +41,7 @@ from lmselect.train import checkpoint as ckpt_io
 from lmselect.train import distributed as D
 from lmselect.train.hooks import TokenSelector, topk_token_mask
 from lmselect.train.lordo import LordoConfig, LordoOptimizer
+from lmselect.train.order import DataOrder
 from lmselect.train.schedules import OptimConfig, apply_hparams, build_optimizer, lr_at, validate_schedule
 
 log = logging.getLogger("lmselect.train")
@@ -131,11 +132,7 @@ def micro_step(
 
 def gather_rows(x: torch.Tensor, info: D.DistInfo) -> torch.Tensor:
     """Concatenation over ranks of each rank's ``x`` (same shape everywhere), in rank order = global-batch order."""
-    if not info.enabled:
-        return x
-    parts = [torch.empty_like(x) for _ in range(info.world_size)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return D.all_gather_cat(x) if info.enabled else x
 
 
 def selected_step(
@@ -195,35 +192,6 @@ def gpu_peak_flops(device: torch.device, override_tflops: float | None = None) -
     name = torch.cuda.get_device_name(device)
     table = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
     return next((f for key, f in table if key in name), None)
-
-
-class DataOrder:
-    """Global batches of ids: epoch e is a permutation under seed + e, consumed in order, wrapping into the next."""
-
-    def __init__(self, ids: np.ndarray, seed: int, epoch: int = 0, offset: int = 0) -> None:
-        self.ids, self.seed, self.epoch, self.offset = ids, seed, epoch, offset
-        self._perm_epoch, self._perm = -1, ids
-
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self.epoch:
-            self._perm = np.random.default_rng(self.seed + self.epoch).permutation(self.ids)
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def next(self, n: int) -> np.ndarray:
-        out: list[np.ndarray] = []
-        while n > 0:
-            perm = self._permutation()
-            take = perm[self.offset : self.offset + n]
-            out.append(take)
-            n -= len(take)
-            self.offset += len(take)
-            if self.offset >= len(perm):
-                self.epoch, self.offset = self.epoch + 1, 0
-        return np.concatenate(out)
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
 
 
 class SideStream:

@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 
 from lmselect.artifacts import LmselectError
+from lmselect.train.distributed import rank_world
 from lmselect.train.schedules import OptimConfig
 
 
@@ -167,9 +168,7 @@ class LordoOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _world() -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank_world(env_fallback=False)  # collectives need a process group: without one, one process
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"]]

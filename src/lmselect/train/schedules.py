@@ -10,13 +10,18 @@ Schedules (``warmup_steps`` of linear warm-up first in all of them; step s is 0-
 * ``wsd``: warm-up, stable, then the last ``decay_steps`` steps decay. Linearly to ``min_lr_ratio``·LR (reached at the
   last step), or, with ``decay_halving_every = N``, stepwise: LR·0.5^(t // N) for the t-th decay step. The evaluation
   branch of METHODS §1.3e is ``wsd`` with ``decay_steps = steps = 200``, ``decay_halving_every = 50``, no warm-up.
+
+:func:`warmup_cosine` is a separate, ``LambdaLR``-style multiplier (the BLISS solver's two optimizers): warm-up over
+a *fraction* of the steps, then cosine to 0 *one step after* the last (span total − W, not ``lr_at``'s total − 1 − W,
+and no floor). It is kept apart from ``lr_at`` on purpose: folding it in would change BLISS's learning rates.
+:func:`adamw` builds an AdamW over a plain parameter list with :func:`param_groups`' decay grouping.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -88,13 +93,35 @@ def param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay:
     ]
 
 
+def adamw(
+    params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float, *,
+    eps: float = 1e-8, fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over ``params`` (those with ``requires_grad``) in :func:`param_groups`' two groups: matrices decay by
+    ``weight_decay``, biases and norm scales not."""
+    groups = param_groups(((str(i), p) for i, p in enumerate(params)), weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``model`` with the grouping above; the fused CUDA kernel when the parameters live on a GPU."""
-    groups = param_groups(model.named_parameters(), cfg.weight_decay)
-    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=on_cuda or None
-    )
+    on_cuda = any(p.is_cuda for p in model.parameters() if p.requires_grad)
+    return adamw(model.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, eps=cfg.eps, fused=on_cuda or None)
+
+
+def warmup_cosine(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR multiplier of optimizer step s (0-based) for ``torch.optim.lr_scheduler.LambdaLR``: (s+1)/W during a
+    warm-up of W = round(warmup_ratio · total) steps (at least 1 when warmup_ratio > 0), then cosine from 1 towards 0,
+    reaching 0 at s = total (one step after the last)."""
+    total = max(1, int(total))
+    warm = max(1, int(round(warmup_ratio * total))) if warmup_ratio > 0 else 0
+
+    def fn(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+
+    return fn
 
 
 def apply_hparams(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
