@@ -225,7 +225,7 @@ def test_bliss_rounds_reset_proxy_inherit_scorer_and_use_previous_target(tiny_re
     from lmselect import pipeline
     from lmselect.models.scorer import SequenceScorer
     from lmselect.recipe import load_recipe
-    from lmselect.select import bliss
+    from lmselect.select.bliss import method as bliss
     from lmselect.train.checkpoint import load_checkpoint_model
 
     seen: dict[int, dict[str, dict[str, torch.Tensor]]] = {}

@@ -14,8 +14,8 @@ from lmselect.log import read_jsonl
 from lmselect.models.losses import token_kl
 from lmselect.models.presets import build_model
 from lmselect.models.scorer import SequenceScorer
-from lmselect.select import bilevel_math as bm
 from lmselect.select.bliss import BilevelSolver, BlissConfig, init_score_model, solve_round
+from lmselect.select.bliss import bilevel_math as bm
 
 VOCAB = 96
 L = 16

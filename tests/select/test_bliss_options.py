@@ -15,7 +15,6 @@ from lmselect.data.valset import ValidationSet
 from lmselect.log import read_jsonl
 from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model
-from lmselect.select import bilevel_math as bm
 from lmselect.select.bliss import (
     BilevelSolver,
     BlissConfig,
@@ -24,6 +23,7 @@ from lmselect.select.bliss import (
     solve_round,
     summarise_diagnostics,
 )
+from lmselect.select.bliss import bilevel_math as bm
 from lmselect.testing import make_valset
 
 VOCAB = 96

@@ -1,7 +1,8 @@
 """The selection-method interface and its registry.
 
-A selection method is one file in ``lmselect/select/`` that defines one :class:`SelectionMethod` subclass and
-registers it with :func:`register`. Everything outside ``select/`` — the multi-round runner, recipe validation,
+A selection method is one file in ``lmselect/select/`` (or one package, e.g. ``select/bliss/``, whose ``__init__``
+imports the module that registers it) that defines one :class:`SelectionMethod` subclass and registers it with
+:func:`register`. Everything outside ``select/`` — the multi-round runner, recipe validation,
 provenance, ``compare``, the report and its figures — reads the registry and never branches on a method's name::
 
     @register
@@ -19,8 +20,9 @@ methods (``level = "token"``) train on every candidate and implement :meth:`Sele
 what the selection costs (forward = 2·N·tokens, forward+backward = 6·N·tokens; N from the presets), for the
 exposure ledger and ``compare``.
 
-Discovery: the registry imports every module of the ``lmselect.select`` package once (so a new file is found without
-editing a list) and every ``lmselect.methods`` entry point (methods shipped by other packages).
+Discovery: the registry imports every module and subpackage of the ``lmselect.select`` package once (so a new file
+or package is found without editing a list; a subpackage is imported through its ``__init__``, not module by module)
+and every ``lmselect.methods`` entry point (methods shipped by other packages).
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ def register(cls: type[SelectionMethod]) -> type[SelectionMethod]:
 
 
 def _discover() -> None:
-    """Import every module of this package (each method file registers itself) and the entry points, once."""
+    """Import every module and subpackage of this package (each method file registers itself; a method package
+    registers through its ``__init__``) and the entry points, once."""
     global _DISCOVERED
     if _DISCOVERED:
         return

@@ -1,7 +1,7 @@
 """Model-agnostic math of the BLISS bilevel solver (METHODS §1.2), on tuples of parameter tensors and closures.
 
 Everything here works on ``params``: a tuple of tensors, and on *closures* ``fn(params, ...) -> Tensor``. The solver
-(:mod:`lmselect.select.bliss`) builds those closures from Hugging Face models with ``torch.func.functional_call``;
+(:mod:`lmselect.select.bliss.solver`) builds those closures from Hugging Face models with ``torch.func.functional_call``;
 the tests build them from tiny hand-written problems. Both run exactly these functions, so a check on a toy problem
 (hypergradient vs finite differences of the converged validation loss) is a check of the solver's math.
 
@@ -58,6 +58,11 @@ def tree_norm(a: Sequence[Tensor]) -> Tensor:
     return tree_dot(a, a).sqrt()
 
 
+def sq_norm(params: Sequence[Tensor]) -> Tensor:
+    """‖θ‖² accumulated in float32 at least (float64 stays float64)."""
+    return sum(p.to(torch.promote_types(p.dtype, torch.float32)).pow(2).sum() for p in params)  # type: ignore[return-value]
+
+
 def chunks(n: int, size: int | None) -> list[slice]:
     """Contiguous slices of ``range(n)`` of at most ``size`` rows (one slice when size is None)."""
     size = n if not size or size <= 0 else size
@@ -79,7 +84,7 @@ def hvp(fn: ScalarFn, params: Params, vec: Sequence[Tensor]) -> Params:
     """Hessian-vector product ∇²fn · vec by double backward: ∇_θ ⟨∇_θ fn(θ), vec⟩.
 
     ``params`` must be leaves with ``requires_grad``. The caller is responsible for an attention implementation
-    that is twice differentiable (fused SDPA kernels are not; see ``bliss.math_attention``).
+    that is twice differentiable (fused SDPA kernels are not; see ``lmselect.models.util.math_attention``).
     """
     loss = fn(params)
     g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
