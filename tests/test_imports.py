@@ -9,6 +9,9 @@ from pathlib import Path
 import lmselect
 
 SRC = Path(lmselect.__file__).parent
+# select/ modules every other room may use: the registry, the selection writer, top-k, summaries, diagnostics
+SELECT_SHARED = {"lmselect.select", "lmselect.select.base", "lmselect.select.cli", "lmselect.select.topk",
+                 "lmselect.select.summary", "lmselect.select.diagnostics"}
 
 
 def _modules() -> dict[str, Path]:
@@ -77,3 +80,8 @@ def test_no_import_circle_in_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle or [])
 
+
+def test_nothing_outside_select_imports_a_method_module():
+    bad = [(m, t) for m, ts in import_graph().items() if not m.startswith("lmselect.select")
+           for t in ts if t.startswith("lmselect.select") and t not in SELECT_SHARED]
+    assert not bad, bad

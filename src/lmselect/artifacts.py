@@ -463,15 +463,16 @@ def _resolve_parent(recorded: str, child_dir: Path, run_dir: Path | None) -> Pat
 
     A path that points into a run directory (a suffix of it starts at one of the run directory's entries: ``pool``,
     ``warmup``, a method) is looked up in the *current* run directory only, so a moved or copied run directory is
-    checked against its own artifacts; any other path as recorded (absolute, or relative to the run directory,
-    the cwd or the child)."""
+    checked against its own artifacts: the longest such suffix that exists there (the path's own ancestors may bear
+    an entry's name, /home/random/runs/RUN/random/seed0/... -> RUN/random/seed0/..., and so may its last part,
+    RUN/reference/seed0/reference: the ``reference`` method's seed stage ``reference``). Any other path as recorded
+    (absolute, or relative to the run directory, the cwd or the child)."""
     p = Path(recorded)
     if run_dir is not None and run_dir.is_dir():
         top = {e.name for e in run_dir.iterdir() if e.is_dir()}
         idx = [i for i, part in enumerate(p.parts) if part in top]
-        if idx:  # the last match: /home/random/runs/RUN/random/seed0/... -> RUN/random/seed0/...
-            c = run_dir.joinpath(*p.parts[idx[-1] :])
-            return c if c.is_dir() else None
+        if idx:
+            return next((c for c in (run_dir.joinpath(*p.parts[i:]) for i in idx) if c.is_dir()), None)
     cands: list[Path] = []
     if p.is_absolute():
         cands.append(p)
