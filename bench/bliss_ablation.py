@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from lmselect.cli import main
-from lmselect.report.results import _md_table, paired_interval
+from lmselect.report.results import _md_table
+from lmselect.stats import paired_interval, sample_sd
 
 #: name -> overrides of the bliss section (the paper profile reproduces the released code's behaviour)
 VARIANTS: dict[str, list[str]] = {
@@ -110,7 +111,7 @@ def run() -> int:
         row: dict[str, Any] = {"variant": name, "overrides": " ".join(VARIANTS[name]), "seeds": sorted(fin)}
         for k in ("lambada", "clean"):
             v = [fin[s][k] for s in sorted(fin)]
-            row[k] = (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)
+            row[k] = (float(np.mean(v)), sample_sd(v))
             row[f"d_{k}"] = paired_interval([fin[s][k] - rand[s][k] for s in sorted(fin) if s in rand])
         row["diagnostics"] = _diagnostics(out / name)
         row["minutes"] = (time.perf_counter() - t1) / 60

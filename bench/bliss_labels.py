@@ -41,7 +41,7 @@ from lmselect.pipeline import Runner
 from lmselect.recipe import load_recipe
 from lmselect.select import bliss as B
 from lmselect.select.bliss import BlissConfig, init_score_model, resolve_profile, score_sequences
-from lmselect.select.diagnostics import spearman
+from lmselect.stats import spearman
 from lmselect.train.checkpoint import load_checkpoint_model
 
 #: name -> overrides of the bliss section

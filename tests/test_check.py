@@ -29,6 +29,7 @@ decay: {{steps: 2, halve_every: 1}}
 eval: {{downstream: false}}
 bliss: {{outer_steps: 2, batch_size: 8, val_batch_size: 8, log_every: 1, save_every: 1}}
 rho1: {{steps: {ref_steps}, batch_size: 16, lr: 1.0e-3, seq_len: 64}}
+reference: {{steps: {ref_steps}, batch_size: 16, lr: 1.0e-3, seq_len: 64}}
 score_batch_size: 64
 """
 
@@ -193,7 +194,7 @@ def test_bliss_check_runs_end_to_end_at_tiny_scale(check_recipe, tmp_path, capsy
 
 
 def test_reference_scorer_picks_target_like_data(check_recipe, tmp_path):
-    """The built-in reference scorer (excess loss of a reference LM trained on the visible selection set).
+    """The ``reference`` method (excess loss of a reference LM trained on the visible selection set).
 
     Measured at this tiny scale: target-like documents are picked at 4-5x the base rate and random-word junk at
     <= 0.3x in both rounds; one-sentence-repeated and word-shuffled junk land near the 0.5x line (0.0-0.9x
@@ -208,7 +209,8 @@ def test_reference_scorer_picks_target_like_data(check_recipe, tmp_path):
         assert r["pass"], r
     junk = [r["rate"] for r in res["rows"] if r["kind"] == "junk"]
     assert np.mean(junk) < 0.5 * res["rows"][0]["base"]
-    assert (tmp_path / "ref" / "reference" / "scores" / "manifest.json").is_file()
+    for r in (1, 2):  # a method like any other: its scores are a stage of each round of the run
+        assert (tmp_path / "ref" / "run" / "reference" / "seed0" / f"round{r}" / "scores" / "manifest.json").is_file()
     assert res["diagnostics"] and "scorer" in res["diagnostics"][1]["verdict"]
 
 

@@ -44,8 +44,8 @@ def test_changed_key_is_refused_then_recomputed(tiny_recipe, tmp_path, monkeypat
                  "--no-report"]) == 2
 
     # inspect marks the stages stale against what the recipe would now make
-    from lmselect.pipeline import find_stale
     from lmselect.recipe import load_recipe
+    from lmselect.stages import find_stale
 
     stale = dict(find_stale(out, load_recipe(tiny_recipe, ["--methods=random", "--select_fraction=0.5"])))
     assert "random/seed0/round1/selection" in stale and "warmup/target" not in stale
@@ -91,8 +91,8 @@ def test_second_run_on_one_directory_is_refused(tiny_recipe, tmp_path):
 def test_stage_identity_does_not_depend_on_the_install_location():
     """Bundled data resolve to absolute paths for reading, but a stage's identity records them as bundled:REL, so a
     run made with the package in one place is reused after a reinstall elsewhere."""
-    from lmselect.pipeline import stage_specs
     from lmselect.recipe import load_recipe
+    from lmselect.stages import stage_specs
 
     specs = stage_specs(load_recipe("demo"))
     assert specs["pool"]["pool"]["prepare"]["inputs"] == ["bundled:demo/corpus/*.jsonl.gz"]
@@ -102,9 +102,9 @@ def test_stage_identity_does_not_depend_on_the_install_location():
 def test_a_changed_profile_value_changes_the_stage_identity(tiny_recipe, monkeypatch):
     """BLISS's ``None`` options take their profile's values; identity hashes the resolved values, so a release that
     changes a profile makes old BLISS stages stale although the recipe text is the same."""
-    from lmselect.pipeline import stage_specs
     from lmselect.recipe import load_recipe
     from lmselect.select import bliss
+    from lmselect.stages import stage_specs
 
     r = load_recipe(tiny_recipe, ["--methods=random,bliss"])
     before = stage_specs(r)

@@ -416,6 +416,98 @@ def is_complete(artifact_dir: str | Path, kind: str | None = None) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# recorded parents, checked against the parents' current manifests (the read side of parent_ref)
+
+
+def read_manifest_loose(d: Path) -> dict[str, Any] | None:
+    """The manifest of ``d`` whatever its status, or None when absent / unreadable."""
+    p = d / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+@dataclass
+class ParentCheck:
+    """One recorded parent of an artifact, checked against the parent's current manifest."""
+
+    uuid: str
+    kind: str
+    path: str  # as recorded
+    resolved: Path | None  # where it was found now (None = not found)
+    current_uuid: str | None
+    state: str  # "ok" | "changed" | "missing" | "incomplete"
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+    def describe(self) -> str:
+        short = self.uuid[:8] if self.uuid else "?"
+        if self.state == "changed":
+            return f"parent {self.kind} {short} changed (now {str(self.current_uuid)[:8]}): {self.resolved}"
+        if self.state == "missing":
+            return f"parent {self.kind} {short} missing: {self.path}"
+        if self.state == "incomplete":
+            return f"parent {self.kind} {short} incomplete (no complete manifest): {self.resolved}"
+        return f"parent {self.kind} {short} ok"
+
+
+def _resolve_parent(recorded: str, child_dir: Path, run_dir: Path | None) -> Path | None:
+    """Find a recorded parent directory now.
+
+    A path that points into a run directory (a suffix of it starts at one of the run directory's entries: ``pool``,
+    ``warmup``, a method) is looked up in the *current* run directory only, so a moved or copied run directory is
+    checked against its own artifacts: the longest such suffix that exists there (the path's own ancestors may bear
+    an entry's name, /home/random/runs/RUN/random/seed0/... -> RUN/random/seed0/..., and so may its last part,
+    RUN/reference/seed0/reference: the ``reference`` method's seed stage ``reference``). Any other path as recorded
+    (absolute, or relative to the run directory, the cwd or the child)."""
+    p = Path(recorded)
+    if run_dir is not None and run_dir.is_dir():
+        top = {e.name for e in run_dir.iterdir() if e.is_dir()}
+        idx = [i for i, part in enumerate(p.parts) if part in top]
+        if idx:
+            return next((c for c in (run_dir.joinpath(*p.parts[i:]) for i in idx) if c.is_dir()), None)
+    cands: list[Path] = []
+    if p.is_absolute():
+        cands.append(p)
+    else:
+        if run_dir is not None:
+            cands.append(run_dir / p)
+        cands += [Path.cwd() / p, child_dir / p]
+    for c in cands:
+        if c.is_dir():
+            return c
+    return None
+
+
+def check_parents(manifest: dict[str, Any], artifact_dir: Path, run_dir: Path | None = None) -> list[ParentCheck]:
+    """Compare each recorded parent uuid with the parent's current manifest."""
+    out = []
+    for ref in manifest.get("parents") or []:
+        if not isinstance(ref, dict):
+            continue
+        rec_uuid = str(ref.get("uuid") or "")
+        rec_path = str(ref.get("path") or "")
+        kind = str(ref.get("kind") or "?")
+        where = _resolve_parent(rec_path, artifact_dir, run_dir) if rec_path else None
+        if where is None:
+            out.append(ParentCheck(rec_uuid, kind, rec_path, None, None, "missing"))
+            continue
+        pm = read_manifest_loose(where)
+        if pm is None or pm.get("status", "complete") != "complete":
+            out.append(ParentCheck(rec_uuid, kind, rec_path, where, (pm or {}).get("uuid"), "incomplete"))
+            continue
+        cur = str(pm.get("uuid") or "")
+        out.append(ParentCheck(rec_uuid, kind, rec_path, where, cur, "ok" if cur == rec_uuid else "changed"))
+    return out
+
+
 @contextlib.contextmanager
 def building(artifact_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build an artifact directory in place, marking it incomplete until the caller writes its manifest.

@@ -1,7 +1,7 @@
 """``lmselect check RECIPE``: a known-answer check — does a method pick planted target-like data and drop junk?
 
     lmselect check demo --method bliss --out runs/check-bliss
-    lmselect check my.yaml --method reference --out runs/check-ref          # the built-in reference scorer
+    lmselect check my.yaml --method reference --out runs/check-ref          # excess loss against a reference LM
     lmselect check my.yaml --prepare-only --out runs/check-x                # then score runs/check-x/pool yourself
     lmselect check my.yaml --scores runs/my-scores --out runs/check-x      # ... and judge those scores
 
@@ -24,8 +24,9 @@ manufactures one from the user's own corpus and selection set, so the answer is 
    derived from the user's: that pool, that validation part, ``methods = [method]``, run seed 0 (``--method-seeds
    0,1,2``: several, on the same pool and warm-up; PASS then needs every seed), no downstream eval and no decay
    branch (neither feeds back into selection). Any ``--key=value`` recipe override applies, e.g. to
-   shorten ``--round_steps``. With ``--method reference`` the built-in reference scorer is used instead
-   (:func:`reference_scores`); with ``--scores DIR`` a precomputed scores sidecar of ``OUT/pool`` is judged, so any
+   shorten ``--round_steps``. ``--method reference`` (``select/reference.py``: excess loss against a reference
+   trained on the visible selection set) is a method like any other; ``--reference.score=loss`` switches it to
+   −CE(reference). With ``--scores DIR`` a precomputed scores sidecar of ``OUT/pool`` is judged instead, so any
    external scorer can be checked: each round r keeps the top ``select_fraction`` of shard r by score.
 4. Per round, the rate of each planted source (selected / candidates) is compared with the base rate (the share of
    the shard selected): target-like must be picked at ≥ ``--target-ratio`` (2) × base, each junk kind at ≤
@@ -61,7 +62,7 @@ from lmselect.artifacts import (
 )
 from lmselect.config import ConfigError, replace
 from lmselect.recipe import Recipe, load_recipe
-from lmselect.select.base import control_name, method_class
+from lmselect.select.base import method_class
 
 log = logging.getLogger("lmselect.check")
 
@@ -72,15 +73,11 @@ RESERVOIR = 5000  # corpus documents kept (seeded reservoir sample) to make junk
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
-#: the built-in reference scorer of the check (not a pipeline method: it scores the planted pool directly)
-REFERENCE = "reference"
-
-
 @dataclass
 class CheckConfig:
     """Settings of one known-answer check (CLI flags of the same names)."""
 
-    method: str = "bliss"  # a sequence-level pipeline method, or REFERENCE (the built-in reference scorer)
+    method: str = "bliss"  # a sequence-level method of the registry
     scores: str | None = None  # judge this precomputed scores sidecar of OUT/pool instead of running a method
     target_holdout: float = 0.5  # share of the selection set planted as target-like documents (hidden from the method)
     plant_fraction: float = 0.05  # characters of each junk kind, as a share of the corpus characters
@@ -90,7 +87,6 @@ class CheckConfig:
     max_doc_chars: int = 2000
     target_ratio: float = 2.0  # PASS needs target-like rate >= target_ratio x base rate ...
     junk_ratio: float = 0.5  # ... and every junk rate <= junk_ratio x base rate, in every round
-    reference_score: str = "excess"  # reference scorer: "excess" (CE_general - CE_ref) or "loss" (-CE_ref)
     seed: int = 0
     method_seeds: tuple[int, ...] = (0,)  # the method's run seeds (recipe ``seeds``); PASS needs every seed to pass
 
@@ -105,9 +101,7 @@ class CheckConfig:
             raise ConfigError("check: --target-ratio must be > 0 and --junk-ratio >= 0")
         if not self.method_seeds or len(set(self.method_seeds)) != len(self.method_seeds):
             raise ConfigError(f"check: --method-seeds must be distinct integers, got {list(self.method_seeds)}")
-        if self.reference_score not in ("excess", "loss"):
-            raise ConfigError(f"check: --reference-score must be 'excess' or 'loss', got {self.reference_score!r}")
-        if self.scores is not None or self.method == REFERENCE:
+        if self.scores is not None:
             return
         level = method_class(self.method).level  # an unknown name: ConfigError with "did you mean"
         if level == "token":
@@ -264,7 +258,7 @@ def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path,
     sel_key = "validation.selection"
     return replace(recipe, **{
         "pool.path": str((Path(out_dir) / "pool").resolve()), sel_key: planted["selection_visible"],
-        "methods": [method] if method != REFERENCE else [control_name()], "seeds": list(seeds),
+        "methods": [method], "seeds": list(seeds),
         "eval.downstream": False, "decay.steps": 0,
     })
 
@@ -283,7 +277,7 @@ def prepare_planted_pool(recipe: Recipe, planted: dict[str, Any], out_dir: str |
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# scores -> per-round selections, the reference scorer
+# scores -> per-round selections
 
 
 def scores_by_round(pool: Any, seq_ids: np.ndarray, scores: np.ndarray, fraction: float, rounds: int,
@@ -309,49 +303,6 @@ def scores_by_round(pool: Any, seq_ids: np.ndarray, scores: np.ndarray, fraction
             )
         out[r] = (cand, sc[pos], top_fraction(cand, sc[pos], fraction))
     return out
-
-
-def reference_scores(recipe: Recipe, run_dir: str | Path, out_dir: str | Path, how: str = "excess") -> Path:
-    """The built-in reference scorer; writes a scores sidecar of shards 1..R of the recipe's pool to ``out_dir``.
-
-    general = the pipeline's warm-up target (trained on a random part of shard 0, ``run_dir/warmup/target``);
-    reference = a copy of it trained briefly on the method-visible selection set with the recipe's ``rho1`` settings
-    (RHO-1's reference model, :func:`lmselect.select.rho1.train_reference`). Score of sequence i:
-    ``excess`` = CE_i(general) − CE_i(reference) (how much more the reference likes it than the general model: a
-    sequence-level RHO-1 excess loss, i.e. the Moore–Lewis cross-entropy difference), or ``loss`` = −CE_i(reference).
-    Higher = preferred.
-    """
-    from lmselect.pipeline import Runner
-    from lmselect.score import write_scores
-    from lmselect.select.rho1 import train_reference
-    from lmselect.train.checkpoint import load_checkpoint_model
-
-    out_dir = Path(out_dir)
-    if is_complete(out_dir, kind="scores"):
-        return out_dir
-    from lmselect.models.losses import mean_token_ce
-
-    runner = Runner(recipe, run_dir)
-    try:
-        runner.run_dir.mkdir(parents=True, exist_ok=True)
-        runner.stage_pool()
-        general_dir = runner.stage_warmup("target")
-        general = load_checkpoint_model(general_dir, device=runner.ctx.device)
-        ref = train_reference(replace(recipe.rho1, seed=recipe.seed), general, runner.ctx.selection_set,
-                              runner.pool.load_tokenizer(), out_dir.parent / "reference_model", device=runner.ctx.device)
-        ids = np.concatenate([runner.pool.ids(r) for r in range(1, recipe.rounds + 1)])
-        ce_ref = mean_token_ce(ref, runner.pool, ids, recipe.score_batch_size, runner.ctx.device)
-        if how == "excess":
-            score = mean_token_ce(general, runner.pool, ids, recipe.score_batch_size, runner.ctx.device) - ce_ref
-        else:
-            score = -ce_ref
-        from lmselect.artifacts import parent_ref
-
-        return write_scores(out_dir, ids, score, parents=[parent_ref(runner.layout.pool), parent_ref(general_dir)],
-                            extra={"score": "ce_general - ce_reference" if how == "excess" else "-ce_reference",
-                                   "pool": str(runner.layout.pool)})
-    finally:
-        runner.close()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -488,12 +439,8 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     if prepare_only:
         return {"pool": str(pool_dir), "planted": planted}
     by_round: dict[int, tuple] = {}
-    if cfg.scores is not None or cfg.method == "reference":
-        if cfg.scores is not None:
-            sdir, label = Path(cfg.scores), f"scores {cfg.scores}"
-        else:
-            sdir, label = out_dir / "reference" / "scores", f"reference ({cfg.reference_score})"
-            reference_scores(r, out_dir / "run", sdir, cfg.reference_score)
+    if cfg.scores is not None:
+        sdir, label = Path(cfg.scores), f"scores {cfg.scores}"
         from lmselect.score import read_scores
 
         m = read_manifest(sdir, kind="scores")
@@ -540,8 +487,8 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = CheckConfig()
     p.add_argument("recipe", help="recipe YAML (or 'demo'); its pool.prepare inputs and selection set are used")
-    p.add_argument("--method", default=d.method, help="sequence-level method to check (bliss, mates, random) or "
-                   "'reference' (built-in reference scorer); default bliss")
+    p.add_argument("--method", default=d.method, help="sequence-level method to check (bliss, mates, perplexity, "
+                   "reference, random, ...); default bliss")
     p.add_argument("--scores", help="judge this scores sidecar of OUT/pool (see --prepare-only) instead of a method")
     p.add_argument("--out", help="output directory (default runs/<recipe name>-check-<method>)")
     p.add_argument("--prepare-only", action="store_true", help="stop after planting and preparing OUT/pool")
@@ -554,8 +501,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "single document carries many sequences of its kind (default 2000; 0 = no cap)")
     p.add_argument("--target-ratio", type=float, default=d.target_ratio, help="target-like rate >= this x base (2)")
     p.add_argument("--junk-ratio", type=float, default=d.junk_ratio, help="each junk rate <= this x base (0.5)")
-    p.add_argument("--reference-score", default=d.reference_score, choices=("excess", "loss"),
-                   help="--method reference: CE_general - CE_reference (excess) or -CE_reference (loss)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the junk (default 0)")
     p.add_argument("--method-seeds", default=",".join(map(str, d.method_seeds)),
                    help="comma-separated run seeds of the method (default 0); PASS needs every seed to pass")
@@ -573,7 +518,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = CheckConfig(method=args.method, scores=args.scores, target_holdout=args.target_holdout,
                       plant_fraction=args.plant_fraction, max_doc_chars=args.max_doc_chars, target_ratio=args.target_ratio, junk_ratio=args.junk_ratio,
-                      reference_score=args.reference_score, seed=args.seed,
+                      seed=args.seed,
                       method_seeds=_seed_list(args.method_seeds))
     out = Path(args.out or Path("runs") / f"{recipe.name}-check-{'scores' if args.scores else args.method}")
     res = run_check(recipe, out, cfg, prepare_only=args.prepare_only)

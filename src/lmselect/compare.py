@@ -25,6 +25,7 @@ from lmselect.pipeline import add_run_arguments, run_recipe
 from lmselect.recipe import load_recipe
 from lmselect.report.results import fmt_flops, results_markdown
 from lmselect.select.base import control_name, get_method, method_names
+from lmselect.stats import sample_sd
 from lmselect.train.distributed import rank_world
 
 
@@ -86,7 +87,7 @@ def plot_comparison(run_dir: Path, path: Path) -> None:
             if not pts:
                 continue
             xs = sorted(pts)
-            ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x], ddof=1) if len(pts[x]) > 1 else 0.0 for x in xs], marker="o", capsize=3, label=m)
+            ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[sample_sd(pts[x]) or 0.0 for x in xs], marker="o", capsize=3, label=m)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("target tokens trained")
         ax.grid(alpha=0.3)

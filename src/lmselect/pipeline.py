@@ -50,7 +50,7 @@ from lmselect.artifacts import (
     save_config,
     write_manifest,
 )
-from lmselect.config import config_hash, to_dict
+from lmselect.config import to_dict
 from lmselect.context import (
     STREAM_DECAY,
     STREAM_SELECT,
@@ -62,124 +62,11 @@ from lmselect.context import (
     RunContext,
 )
 from lmselect.errors import LmselectError, StaleStageError
-from lmselect.paths import portable
 from lmselect.recipe import load_recipe, recipe_summary
-from lmselect.select.base import STAGE_ORDER, SelectionMethod, get_method
+from lmselect.select.base import SelectionMethod, get_method
+from lmselect.stages import downstream, find_stale, forget_specs, record_spec, stage_specs
 
 log = logging.getLogger("lmselect.pipeline")
-SPECS_FILE = "stages.json"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# what each stage is made from (stale-stage detection)
-
-
-def _sub(r: Any, *keys: str) -> dict[str, Any]:
-    d = portable(to_dict(r))
-    return {k: d[k] for k in keys if k in d}
-
-
-def stage_specs(r: Any) -> dict[str, dict[str, Any]]:
-    """Run-relative stage path -> the recipe slice that determines it, for every stage this recipe makes.
-
-    A stage depends on the keys of every stage upstream of it, so a changed key makes its first stage and everything
-    downstream stale, and nothing else: changing ``eval.limit`` only redoes evaluations, changing
-    ``select_fraction`` redoes selections, training and evaluation, changing ``warmup.steps`` redoes everything."""
-    specs: dict[str, dict[str, Any]] = {}
-    pool = {"pool": portable(to_dict(r.pool))}
-    if r.pool.path is None:
-        specs["pool"] = pool
-    warm = {**pool, **_sub(r, "seed", "warmup", "train")}
-    specs["warmup/target"] = {**warm, "target": portable(to_dict(r.target))}
-    methods = {m: get_method(m, getattr(r, m, None)) for m in r.methods}
-    if any("proxy" in m.needs for m in methods.values()):
-        specs["warmup/proxy"] = {**warm, "proxy": portable(to_dict(r.proxy))}
-    v = portable(to_dict(r.validation))
-    sel_v = {k: v[k] for k in ("selection", "selection_kind", "max_items", "seq_len", "batch_size")}
-    for name, m in methods.items():
-        base = {**specs["warmup/target"], **_sub(r, "select_fraction", "round_steps", "lr_per_round", "score_batch_size"),
-                "method": name, "settings": portable(to_dict(m.resolved_config())) if m.cfg is not None else None}
-        if "proxy" in m.needs:
-            base["proxy"] = portable(to_dict(r.proxy))
-        if "selection_set" in m.needs:
-            base["validation"] = sel_v
-        for seed in r.seeds:
-            for st in m.seed_stages:
-                specs[f"{name}/seed{seed}/{st}"] = base
-            for rnd in range(1, r.rounds + 1):
-                for st in m.stages:
-                    spec = base
-                    if st == "eval":
-                        spec = {**base, **_sub(r, "decay", "eval"), "report_sets": {k: v[k] for k in ("lambada", "clean")},
-                                "report_validation": {k: v[k] for k in ("max_items", "seq_len", "batch_size")}}
-                    specs[f"{name}/seed{seed}/round{rnd}/{st}"] = spec
-    return specs
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ ("key: old -> new")."""
-    a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys())
-            if a.get(k, "<unset>") != b.get(k, "<unset>")]
-
-
-def _downstream(rel: str, planned: list[str]) -> list[str]:
-    """``rel`` and every planned stage that depends on it (in plan order)."""
-    parts = rel.split("/")
-    if parts[0] in ("pool", "warmup"):
-        if rel == "warmup/proxy":  # only methods that use the proxy depend on it
-            return [rel] + [p for p in planned if "/seed" in p]
-        return [p for p in planned if p == rel or p.startswith("warmup/") or "/seed" in p]
-    method, seed = parts[0], parts[1]
-    chain = [p for p in planned if p.startswith(f"{method}/{seed}/")]
-    if len(parts) == 3:  # a per-seed stage (e.g. a reference): the whole chain depends on it
-        return chain
-    rnd, stage = int(parts[2][len("round"):]), parts[3]
-    if stage == "eval":  # evaluation feeds nothing downstream
-        return [rel]
-    out = [rel]
-    for p in chain:
-        q = p.split("/")
-        if len(q) == 4 and (int(q[2][len("round"):]) > rnd or
-                            (int(q[2][len("round"):]) == rnd and STAGE_ORDER.index(q[3]) > STAGE_ORDER.index(stage))):
-            out.append(p)
-    return out
-
-
-def find_stale(run_dir: str | Path, recipe: Any) -> list[tuple[str, list[str]]]:
-    """Stages on disk that the recipe would not reuse: (run-relative path, reasons), in plan order."""
-    from lmselect.provenance import check_parents
-
-    root = Path(run_dir)
-    specs = stage_specs(recipe)
-    recorded = read_json(root / SPECS_FILE) if (root / SPECS_FILE).is_file() else {}
-    stale: list[tuple[str, list[str]]] = []
-    for rel, spec in specs.items():
-        d = root / rel
-        if not d.exists():
-            continue
-        rec = recorded.get(rel)
-        if rec is None:
-            if any(d.iterdir()):
-                stale.append((rel, ["no record of the configuration that made it (made by another lmselect run?)"]))
-            continue
-        if rec.get("hash") != config_hash(spec):
-            stale.append((rel, changed_keys(rec.get("spec", {}), spec) or ["configuration changed"]))
-            continue
-        if is_complete(d):
-            bad = [c for c in check_parents(read_manifest(d), d, root) if not c.ok]
-            if bad:
-                stale.append((rel, [c.describe() for c in bad]))
-    return stale
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -233,7 +120,7 @@ class Runner:
         planned = list(self._specs)
         doomed: list[str] = []
         for rel, _ in stale:
-            doomed += [p for p in _downstream(rel, planned) if p not in doomed]
+            doomed += [p for p in downstream(rel, planned) if p not in doomed]
         for rel in doomed:
             d = self.run_dir / rel
             if d.exists():
@@ -247,23 +134,11 @@ class Runner:
         self._forget(doomed)
 
     def _forget(self, rels: list[str]) -> None:
-        path = self.run_dir / SPECS_FILE
-        rec = read_json(path) if path.is_file() else {}
-        for rel in rels:
-            rec.pop(rel, None)
-        atomic_write_json(path, rec)
+        forget_specs(self.run_dir, rels)
 
     def _record(self, rel: str) -> None:
         """Record the recipe slice a stage is being made from (before computing it)."""
-        def write() -> None:
-            path = self.run_dir / SPECS_FILE
-            rec = read_json(path) if path.is_file() else {}
-            spec = self._specs[rel]
-            if rec.get(rel, {}).get("hash") != config_hash(spec):
-                rec[rel] = {"hash": config_hash(spec), "spec": spec}
-                atomic_write_json(path, rec)
-
-        self.ctx.main_only(write)
+        self.ctx.main_only(lambda: record_spec(self.run_dir, rel, self._specs[rel]))
 
     # ---- stages ------------------------------------------------------------------------------------------------
     def stage_pool(self) -> None:

@@ -19,13 +19,12 @@ Rounds are numbered 1..R (METHODS §1.3) unless the directory already holds a ``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from lmselect.artifacts import MANIFEST, LmselectError
+from lmselect.artifacts import MANIFEST, LmselectError, ParentCheck, check_parents, read_manifest_loose
 from lmselect.context import RunLayout
 from lmselect.select.base import STAGE_ORDER as _SELECT_STAGE_ORDER
 from lmselect.select.base import method_class, method_names
@@ -46,24 +45,12 @@ _ROUND_RE = re.compile(r"^round(\d+)$")
 # small readers
 
 
-def _read_manifest_loose(d: Path) -> dict[str, Any] | None:
-    """The manifest of ``d`` whatever its status, or None when absent / unreadable."""
-    p = d / MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return m if isinstance(m, dict) else None
-
-
 def dir_status(d: str | Path) -> str:
     """``done`` / ``partial`` / ``missing`` for one artifact directory (see module docstring)."""
     d = Path(d)
     if not d.is_dir():
         return MISSING
-    m = _read_manifest_loose(d)
+    m = read_manifest_loose(d)
     if m is None:
         return PARTIAL
     return DONE if m.get("status", "complete") == "complete" else PARTIAL
@@ -126,7 +113,7 @@ def run_plan(run_dir: str | Path) -> RunPlan:
     ``seeds`` is a list of seed values (a bare int n means n seeds ``seed, seed+1, ...``); ``rounds`` an int R
     (rounds 1..R, or 0..R-1 when a ``round0`` directory exists) or an explicit list."""
     run_dir = Path(run_dir)
-    m = _read_manifest_loose(run_dir) or {}
+    m = read_manifest_loose(run_dir) or {}
     extra = m.get("extra") if isinstance(m.get("extra"), dict) else {}
     cfg = read_run_config(run_dir)
 
@@ -182,7 +169,7 @@ def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    m = _read_manifest_loose(path)
+    m = read_manifest_loose(path)
     if m is not None:
         return m.get("kind") == "run"
     if (path / "warmup").is_dir() or any(path.glob("*/seed*/round*")):
@@ -220,7 +207,7 @@ def round_dir(run_dir: str | Path, method: str, seed: int, rnd: int) -> Path:
 def expected_stages(method: str, rdir: Path | None = None) -> list[str]:
     """Stages a round of ``method`` should have (``extra.stages`` of the round manifest overrides the default)."""
     if rdir is not None:
-        m = _read_manifest_loose(rdir)
+        m = read_manifest_loose(rdir)
         st = (m or {}).get("extra", {}).get("stages") if isinstance((m or {}).get("extra"), dict) else None
         if isinstance(st, (list, tuple)) and st:
             return [str(s) for s in st]
@@ -287,32 +274,6 @@ def stage_status(run_dir: str | Path) -> dict[str, Any]:
 
 
 @dataclass
-class ParentCheck:
-    """One recorded parent of an artifact, checked against the parent's current manifest."""
-
-    uuid: str
-    kind: str
-    path: str  # as recorded
-    resolved: Path | None  # where it was found now (None = not found)
-    current_uuid: str | None
-    state: str  # "ok" | "changed" | "missing" | "incomplete"
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "ok"
-
-    def describe(self) -> str:
-        short = self.uuid[:8] if self.uuid else "?"
-        if self.state == "changed":
-            return f"parent {self.kind} {short} changed (now {str(self.current_uuid)[:8]}): {self.resolved}"
-        if self.state == "missing":
-            return f"parent {self.kind} {short} missing: {self.path}"
-        if self.state == "incomplete":
-            return f"parent {self.kind} {short} incomplete (no complete manifest): {self.resolved}"
-        return f"parent {self.kind} {short} ok"
-
-
-@dataclass
 class Node:
     """An artifact directory (or a structural directory such as ``bliss/`` or ``seed0/``) in the lineage tree."""
 
@@ -357,55 +318,6 @@ class Node:
         }
 
 
-def _resolve_parent(recorded: str, child_dir: Path, run_dir: Path | None) -> Path | None:
-    """Find a recorded parent directory now.
-
-    A path that points into a run directory (a suffix of it starts at one of the run directory's entries: ``pool``,
-    ``warmup``, a method) is looked up in the *current* run directory only, so a moved or copied run directory is
-    checked against its own artifacts; any other path as recorded (absolute, or relative to the run directory,
-    the cwd or the child)."""
-    p = Path(recorded)
-    if run_dir is not None and run_dir.is_dir():
-        top = {e.name for e in run_dir.iterdir() if e.is_dir()}
-        idx = [i for i, part in enumerate(p.parts) if part in top]
-        if idx:  # the last match: /home/random/runs/RUN/random/seed0/... -> RUN/random/seed0/...
-            c = run_dir.joinpath(*p.parts[idx[-1] :])
-            return c if c.is_dir() else None
-    cands: list[Path] = []
-    if p.is_absolute():
-        cands.append(p)
-    else:
-        if run_dir is not None:
-            cands.append(run_dir / p)
-        cands += [Path.cwd() / p, child_dir / p]
-    for c in cands:
-        if c.is_dir():
-            return c
-    return None
-
-
-def check_parents(manifest: dict[str, Any], artifact_dir: Path, run_dir: Path | None = None) -> list[ParentCheck]:
-    """Compare each recorded parent uuid with the parent's current manifest."""
-    out = []
-    for ref in manifest.get("parents") or []:
-        if not isinstance(ref, dict):
-            continue
-        rec_uuid = str(ref.get("uuid") or "")
-        rec_path = str(ref.get("path") or "")
-        kind = str(ref.get("kind") or "?")
-        where = _resolve_parent(rec_path, artifact_dir, run_dir) if rec_path else None
-        if where is None:
-            out.append(ParentCheck(rec_uuid, kind, rec_path, None, None, "missing"))
-            continue
-        pm = _read_manifest_loose(where)
-        if pm is None or pm.get("status", "complete") != "complete":
-            out.append(ParentCheck(rec_uuid, kind, rec_path, where, (pm or {}).get("uuid"), "incomplete"))
-            continue
-        cur = str(pm.get("uuid") or "")
-        out.append(ParentCheck(rec_uuid, kind, rec_path, where, cur, "ok" if cur == rec_uuid else "changed"))
-    return out
-
-
 def _child_sort_key(p: Path) -> tuple[int, int, str]:
     name = p.name
     if name == "pool":
@@ -423,7 +335,7 @@ def _child_sort_key(p: Path) -> tuple[int, int, str]:
 
 
 def _build(d: Path, root: Path, run_dir: Path | None, depth: int) -> Node | None:
-    m = _read_manifest_loose(d)
+    m = read_manifest_loose(d)
     children: list[Node] = []
     if depth < 8:
         try:
@@ -451,7 +363,7 @@ def _build(d: Path, root: Path, run_dir: Path | None, depth: int) -> Node | None
 
 def _enclosing_run(path: Path) -> Path | None:
     for p in [path, *path.parents]:
-        if (p / MANIFEST).is_file() and (_read_manifest_loose(p) or {}).get("kind") == "run":
+        if (p / MANIFEST).is_file() and (read_manifest_loose(p) or {}).get("kind") == "run":
             return p
         if (p / "config.yaml").is_file() and ((p / "warmup").is_dir() or any(p.glob("*/seed*"))):
             return p
@@ -475,7 +387,7 @@ def lineage(path: str | Path) -> Node:
     if run_dir is not None and Path(run_dir) == path:
         pool = pool_dir(path)
         if pool is not None and not (path / "pool").is_dir():
-            pm = _read_manifest_loose(pool)
+            pm = read_manifest_loose(pool)
             pn = Node(pool, str(pool), (pm or {}).get("kind"), (pm or {}).get("uuid"), dir_status(pool),
                       check_parents(pm, pool, None) if pm else [], [])
             root.children.insert(0, pn)
@@ -495,7 +407,7 @@ def ancestry(path: str | Path, max_depth: int = 12) -> list[str]:
     seen: set[str] = set()
 
     def rec(d: Path, depth: int) -> None:
-        m = _read_manifest_loose(d)
+        m = read_manifest_loose(d)
         if m is None or depth > max_depth:
             return
         for pc in check_parents(m, d, run_dir):
@@ -565,8 +477,8 @@ def format_status(status: dict[str, Any]) -> list[str]:
 
 def stale_stages(run_dir: str | Path, recipe: Any = None) -> list[tuple[str, list[str]]]:
     """Stages of a run that a rerun of ``recipe`` (default: the run's own ``config.yaml``) would not reuse."""
-    from lmselect.pipeline import find_stale
     from lmselect.recipe import load_recipe
+    from lmselect.stages import find_stale
 
     run_dir = Path(run_dir)
     if recipe is None:

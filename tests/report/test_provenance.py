@@ -147,6 +147,26 @@ def test_copied_run_is_checked_against_its_own_artifacts(fake_run, tmp_path):
     assert any(n.rel == "random/seed0/round1/target" for n, _ in stale_artifacts(copy))
 
 
+def test_parent_path_is_resolved_when_a_stage_bears_a_method_name(tmp_path):
+    """RUN/reference/seed0/reference: the ``reference`` method's seed stage bears the method's name, and the run sits
+    below a directory that bears it too; the parent is found at the longest suffix that exists in the run."""
+    from lmselect.artifacts import check_parents, parent_ref
+
+    run = tmp_path / "reference" / "RUN"
+    ref, child = run / "reference" / "seed0" / "reference", run / "reference" / "seed0" / "round1" / "scores"
+    ref.mkdir(parents=True)
+    child.mkdir(parents=True)
+    write_manifest(ref, Manifest(kind="reference"))
+    write_manifest(child, Manifest(kind="scores", parents=[parent_ref(ref)]))
+    (got,) = check_parents(read_manifest(child), child, run)
+    assert got.ok and got.resolved == ref
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    cchild = copy / "reference" / "seed0" / "round1" / "scores"
+    (got,) = check_parents(read_manifest(cchild), cchild, copy)
+    assert got.ok and got.resolved == copy / "reference" / "seed0" / "reference"  # the copy's own, not the original
+
+
 def test_print_lineage_of_one_artifact(fake_run, capsys):
     tgt = fake_run / "bliss/seed1/round2/target"
     print_lineage(tgt)

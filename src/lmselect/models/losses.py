@@ -54,7 +54,7 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: t
 
 def mean_token_ce(model: torch.nn.Module, pool: Any, ids: Any, batch_size: int, device: Any = None) -> Any:
     """Mean next-token CE of every pool row ``ids`` (packed rows: every position counts), no grad, eval mode; a
-    float32 numpy array. The "proxy loss" of the selection diagnostics, the check's reference scorer and benches."""
+    float32 numpy array. The "proxy loss" of the selection diagnostics, the ``reference`` method and benches."""
     import numpy as np
 
     model.eval()

@@ -11,8 +11,9 @@ import numpy as np
 
 from lmselect.artifacts import LmselectError
 from lmselect.report.model import RunData
-from lmselect.report.results import _mean, _se_of_mean, _val_key
+from lmselect.report.results import _val_key
 from lmselect.score.sidecar import read_scores
+from lmselect.stats import finite_mean, se_of_mean, standard_error
 
 BILEVEL_KEYS: tuple[tuple[str, str], ...] = (
     ("upper_loss", "upper loss"),
@@ -209,20 +210,20 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
                     by_round.setdefault(rd.round, []).append(rd.eval)
             pts = []
             for r, evs in sorted(by_round.items()):
-                pt: dict[str, Any] = {"round": r, "tokens": _mean([e.get("tokens") for e in evs])}
+                pt: dict[str, Any] = {"round": r, "tokens": finite_mean([e.get("tokens") for e in evs])}
                 keys = {k for e in evs for k in (e.get("val_loss") or {})}
                 for k in keys:
                     vals = [(e.get("val_loss") or {}).get(k) for e in evs]
                     vals = [float(v) for v in vals if isinstance(v, (int, float))]
-                    pt[f"val_{k}"] = _mean(vals)
-                    pt[f"val_{k}_se"] = float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else None
+                    pt[f"val_{k}"] = finite_mean(vals)
+                    pt[f"val_{k}_se"] = standard_error(vals)
                     vl_keys.add(k)
                 ds = [e.get("downstream") for e in evs if isinstance(e.get("downstream"), dict)]
                 avgs = [d.get("average") for d in ds if isinstance(d.get("average"), (int, float))]
                 if avgs:
                     any_ds = True
-                    pt["downstream"] = _mean(avgs)
-                    pt["downstream_se"] = _se_of_mean([d.get("average_stderr") for d in ds])
+                    pt["downstream"] = finite_mean(avgs)
+                    pt["downstream_se"] = se_of_mean([d.get("average_stderr") for d in ds])
                 if pt["tokens"] is not None:
                     pts.append(pt)
             if pts:

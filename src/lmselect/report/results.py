@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 from lmselect.artifacts import atomic_write_json, atomic_write_text
 from lmselect.provenance import DONE
 from lmselect.report.model import RunData, collect
+from lmselect.stats import finite_mean, paired_interval, sample_sd, se_of_mean, spearman
 
 VAL_LOSS_ORDER: tuple[str, ...] = ("lambada", "clean")
 
@@ -26,40 +26,9 @@ def _downstream_score(task: dict[str, Any]) -> tuple[float | None, float | None,
     return None, None, ""
 
 
-def _mean(vals: Sequence[float | None]) -> float | None:
-    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(v)) if v else None
-
-
 def _sum_or_none(vals: Sequence[Any]) -> float | None:
     v = [float(x) for x in vals if isinstance(x, (int, float))]
     return round(sum(v), 3) if v else None
-
-
-def _sd(vals: Sequence[float | None]) -> float | None:
-    """Sample standard deviation (n - 1); None with fewer than two values."""
-    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.std(v, ddof=1)) if len(v) > 1 else None
-
-
-# two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96 is within 2 %)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def paired_interval(diffs: Sequence[float]) -> dict[str, Any]:
-    """Mean of paired differences with a 95 % t interval; ``within_noise`` when the interval contains 0 (or n < 2)."""
-    d = np.asarray([x for x in diffs if x is not None], dtype=np.float64)
-    n = len(d)
-    if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "ci95": None, "within_noise": True}
-    mean = float(d.mean())
-    if n < 2:
-        return {"n": 1, "mean": mean, "sd": None, "ci95": None, "within_noise": True}
-    sd = float(d.std(ddof=1))
-    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
-    lo, hi = mean - half, mean + half
-    return {"n": n, "mean": mean, "sd": sd, "ci95": [lo, hi], "within_noise": bool(lo <= 0.0 <= hi)}
 
 
 def _control() -> str:
@@ -105,16 +74,10 @@ def _exposure(rounds: dict[int, Any]) -> dict[str, Any] | None:
     if not ex:
         return None
     out: dict[str, Any] = {k: _sum_or_none([e.get(k) for e in ex]) for k in EXPOSURE_SUMS}
-    out["epochs"] = _mean([e.get("epochs") for e in ex])
-    out["kept_token_fraction"] = _mean([e.get("kept_token_fraction") for e in ex])
+    out["epochs"] = finite_mean([e.get("epochs") for e in ex])
+    out["kept_token_fraction"] = finite_mean([e.get("kept_token_fraction") for e in ex])
     out["rounds"] = len(ex)
     return out
-
-
-def _se_of_mean(ses: Sequence[float | None]) -> float | None:
-    """Standard error of the mean of independent estimates with standard errors ``ses``."""
-    v = [x for x in ses if x is not None]
-    return float(math.sqrt(sum(x * x for x in v)) / len(v)) if v else None
 
 
 def results(data: RunData) -> dict[str, Any]:
@@ -181,22 +144,22 @@ def results(data: RunData) -> dict[str, Any]:
                     if isinstance(d, dict) and isinstance(d.get("rate"), (int, float)):
                         rates.setdefault(src, []).append(float(d["rate"]))
         methods[method] = {
-            "rate_per_source": {k: _mean(v) for k, v in sorted(rates.items())},
+            "rate_per_source": {k: finite_mean(v) for k, v in sorted(rates.items())},
             "n_seeds": len(mrows),
-            "tokens": _mean([r["tokens"] for r in mrows]),
-            "val_loss": {k: _mean([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
-            "val_loss_sd": {k: _sd([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
-            "downstream_average_sd": _sd([r["downstream_average"] for r in mrows]),
-            "exposure": {k: _mean([(r["exposure"] or {}).get(k) for r in mrows])
+            "tokens": finite_mean([r["tokens"] for r in mrows]),
+            "val_loss": {k: finite_mean([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
+            "val_loss_sd": {k: sample_sd([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
+            "downstream_average_sd": sample_sd([r["downstream_average"] for r in mrows]),
+            "exposure": {k: finite_mean([(r["exposure"] or {}).get(k) for r in mrows])
                          for k in (*EXPOSURE_SUMS, "epochs", "kept_token_fraction")} if any(r["exposure"] for r in mrows) else None,
-            "downstream_average": _mean([r["downstream_average"] for r in mrows]),
-            "downstream_stderr": _se_of_mean([r["downstream_stderr"] for r in mrows if r["downstream_average"] is not None]),
-            "selection_seconds": _mean([r["selection_seconds"] for r in mrows]),
-            "train_seconds": _mean([r["train_seconds"] for r in mrows]),
+            "downstream_average": finite_mean([r["downstream_average"] for r in mrows]),
+            "downstream_stderr": se_of_mean([r["downstream_stderr"] for r in mrows if r["downstream_average"] is not None]),
+            "selection_seconds": finite_mean([r["selection_seconds"] for r in mrows]),
+            "train_seconds": finite_mean([r["train_seconds"] for r in mrows]),
         }
         if task_vals:
             tasks[method] = {
-                t: {"score": _mean([v[0] for v in vals]), "stderr": _se_of_mean([v[1] for v in vals]),
+                t: {"score": finite_mean([v[0] for v in vals]), "stderr": se_of_mean([v[1] for v in vals]),
                     "metric": vals[0][2], "n_seeds": len(vals)}
                 for t, vals in sorted(task_vals.items())
             }
@@ -229,7 +192,7 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
     score rank correlation across seeds) and the solver's own diagnostics (any other stage's diagnostics.json, e.g.
     BLISS's bilevel/, averaged over seeds), with their warnings."""
     from lmselect.score.sidecar import read_scores
-    from lmselect.select.diagnostics import spearman, topk_overlap
+    from lmselect.select.diagnostics import topk_overlap
 
     out: dict[str, Any] = {}
     for method, seeds in data.rounds.items():
@@ -258,8 +221,8 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
                         if np.array_equal(ia, ib):
                             rho.append(spearman(sa, sb))
                 if jac and first:
-                    entry["across_seeds"] = {"topk_jaccard": _mean(jac),
-                                             "score_spearman": _mean([r for r in rho if r is not None])}
+                    entry["across_seeds"] = {"topk_jaccard": finite_mean(jac),
+                                             "score_spearman": finite_mean([r for r in rho if r is not None])}
             solver: dict[str, list[float]] = {}
             warnings: list[str] = []
             for rd in rds:
@@ -272,7 +235,7 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
                             solver.setdefault(k, []).append(float(v["mean"]))
                     warnings += [w for w in d.get("warnings") or [] if w not in warnings]
             if solver:
-                entry["solver"] = {k: _mean(v) for k, v in sorted(solver.items())}
+                entry["solver"] = {k: finite_mean(v) for k, v in sorted(solver.items())}
                 entry["solver_warnings"] = warnings
             if entry:
                 per_round[str(rnd)] = entry

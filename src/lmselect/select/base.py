@@ -182,7 +182,7 @@ def _discover() -> None:
 
 
 #: display order of the built-in methods; others follow alphabetically
-_ORDER = ("random", "bliss", "mates", "rho1", "blade", "perplexity")
+_ORDER = ("random", "bliss", "mates", "rho1", "blade", "perplexity", "reference")
 
 
 def method_names() -> list[str]:

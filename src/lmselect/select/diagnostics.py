@@ -12,7 +12,8 @@ Definitions (all on the candidates of one round):
   default), and the selection rate of the source.
 * ``source_variance_share`` (η²): between-source sum of squares / total sum of squares of the score. 1 = the score
   is a function of the source alone; 0 = every source has the same mean score.
-* Spearman rank correlation (ties get their average rank; None when either side is constant) of the score with
+* Spearman rank correlation (:func:`lmselect.stats.spearman`: ties get their average rank; None when either side
+  is constant) of the score with
   - ``length``: real tokens of the sequence = the summed document-span lengths in ``docs.parquet`` (packed pools are
     full, so this is constant there and the correlation is None),
   - ``eos``: the number of EOS tokens in the row (documents ending in it, i.e. documents per sequence),
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lmselect.artifacts import LmselectError
+from lmselect.stats import spearman  # also what BLISS's rank stability imports from here
 
 QUANTILES = (5, 25, 50, 75, 95)
 NGRAM = 8
@@ -47,42 +49,6 @@ LENGTH_RHO_THRESHOLD = 0.5
 
 # ------------------------------------------------------------------------------------------------------------------
 # statistics
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of ``x`` with ties given their average rank (scipy's ``rankdata(method="average")``)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    # boundaries of runs of equal values in sorted order
-    new = np.concatenate([[True], xs[1:] != xs[:-1]])
-    run_id = np.cumsum(new) - 1
-    starts = np.flatnonzero(new)
-    ends = np.concatenate([starts[1:], [len(xs)]])
-    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = avg[run_id]
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's ρ (Pearson correlation of average ranks). None when n < 2, either side is constant or non-finite
-    values are present in every pair (pairs with a non-finite value are dropped)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise LmselectError(f"spearman: arrays must be 1-D of one length (got {a.shape} and {b.shape})")
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
-    if len(a) < 2:
-        return None
-    ra, rb = rankdata(a), rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    if den == 0:
-        return None
-    return float((ra * rb).sum() / den)
 
 
 def tie_fraction(scores: np.ndarray) -> float:

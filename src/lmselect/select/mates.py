@@ -78,6 +78,7 @@ from lmselect.log import track
 from lmselect.models.losses import token_ce
 from lmselect.models.util import attention_implementation
 from lmselect.select.base import Selection, SelectionMethod, register
+from lmselect.stats import spearman
 
 
 @dataclass
@@ -367,25 +368,6 @@ def probe_oracle(
 # influence model
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
-
-    def ranks(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x), dtype=np.float64)
-        r[order] = np.arange(len(x), dtype=np.float64)
-        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-        sums = np.bincount(inv, weights=r)
-        return (sums / counts)[inv]
-
-    ra, rb = ranks(a), ranks(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
 @torch.no_grad()
 def predict(scorer: nn.Module, pool: Any, ids: np.ndarray, batch_size: int = 64, device: Any = None) -> np.ndarray:
     """Influence-model outputs for pool rows ``ids`` (eval mode, no grad, batched)."""
@@ -437,7 +419,7 @@ def train_influence_model(
                 [scorer(x_hold[i : i + cfg.predict_batch_size].to(dev)).double().cpu().numpy() for i in range(0, len(hold), cfg.predict_batch_size)]
             )
         scorer.train()
-        return spearman(preds, z_hold)
+        return spearman(preds, z_hold, undefined=float("nan"))  # nan: never the best step
 
     best = evaluate()
     best = best if np.isfinite(best) else -np.inf

@@ -107,14 +107,20 @@ def load_reference(path: str | Path, device: Any = None) -> nn.Module:
 
 
 def train_reference(
-    cfg: Rho1Config,
+    cfg: Any,
     init_model: nn.Module,
     texts_or_valset: Any,
     tokenizer: Any,
     out_dir: str | Path,
     device: Any = None,
+    *,
+    method: str = "rho1",
 ) -> nn.Module:
     """Train the RHO-1 reference: a copy of ``init_model`` trained for ``cfg.steps`` AdamW steps on high-quality text.
+
+    ``cfg``: a :class:`Rho1Config`, or any config with its reference-training fields (``steps``, ``lr``,
+    ``batch_size``, ``weight_decay``, ``betas``, ``grad_clip``, ``files``, ``seq_len``, ``seed``; the ``reference``
+    method's); ``method`` is recorded in the manifest.
 
     Text source: ``cfg.files`` when given, else ``texts_or_valset`` (a ``ValidationSet`` -> its whole passages, or a
     list of strings). Batches are drawn uniformly with replacement from a generator seeded with ``cfg.seed``
@@ -184,7 +190,7 @@ def train_reference(
                 counts={"steps": cfg.steps, "train_sequences": int(ids.shape[0]), "train_tokens": int(mask.sum())},
                 timings={"train_s": seconds},
                 extra={
-                    "method": "rho1",
+                    "method": method,
                     "final_loss": loss_val,
                     "source": source,
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
