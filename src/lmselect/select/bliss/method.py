@@ -79,7 +79,7 @@ class Bliss(SelectionMethod):
         ids, scores = read_scores(sdir)
         diag: dict[str, Any] = {}
         if stab_ids is not None and stab_prev is not None:
-            from lmselect.select.diagnostics import spearman
+            from lmselect.stats import spearman
 
             diag["rank_stability"] = {"spearman_prev_round": spearman(stab_prev, _aligned(stab_ids, ids, scores)),
                                       "n": int(len(stab_ids)), "scorers": f"round {ctx.round - 1} vs round {ctx.round}"}
