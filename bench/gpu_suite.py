@@ -3,7 +3,8 @@
     python bench/gpu_suite.py --out gpu_suite.json                    # one H100/H200: at most --budget s (420)
     python bench/gpu_suite.py --device cpu --tiny --out tiny.json     # CI smoke mode: tiny presets, < 1 min on CPU
 
-Sections, in priority order (each guarded: an error or OOM is recorded and the suite goes on; a global time budget
+Sections (run in two passes: the core figures of every section first, then the extras: torch.compile, the speed
+choices on/off and pythia-1b; each item guarded: an error or OOM is recorded and the suite goes on; a global time budget
 skips what would not fit and says so; the JSON is rewritten after every item, so a killed run keeps what it measured):
 
 * ``env``: device, versions, the peak used for MFU (``--peak-tflops`` overrides the table in
@@ -11,7 +12,7 @@ skips what would not fit and says so; the JSON is rewritten after every item, so
 * ``train``: tokens/s, MFU and peak memory of the real training step (the loop's ``micro_step``, ``clip_grads``,
   AdamW grouping and autocast policy) for pythia-160m / pythia-410m at seq 1024, compile off and on, pythia-1b if
   time allows; speed choices on/off at pythia-160m: fused vs foreach AdamW, SDPA backend (flash / efficient / math),
-  bf16 autocast vs fp32 (TF32).
+  bf16 autocast vs fp32 (TF32); host-to-device batch copies pageable vs pinned at a launch-bound size (pythia-14m).
 * ``score``: tokens/s and MFU of the scoring forward (``score.job.forward_scores``: pinned host batch, non-blocking
   copy, inference mode, bf16 autocast, scores back on the host) for the BLISS score model (pythia-160m backbone) at
   batch 64 and 256, compile off / on, and the LM-loss scorer of pythia-410m.
@@ -47,7 +48,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lmselect.models.presets import build_model, count_params, flops_per_token, get_preset, matmul_params
-from lmselect.train.loop import autocast_context, clip_grads, gpu_peak_flops, micro_step
+from lmselect.train.loop import autocast_context, clip_grads, gpu_peak_flops, micro_step, to_device
 from lmselect.train.schedules import OptimConfig, build_optimizer, param_groups
 
 # the paper's BLISS selection stage at 1B (METHODS §1.3, §1.4; the 1B script's 6,000 outer steps)
@@ -61,13 +62,13 @@ FULL = {"vocab": 50304, "seq": 1024, "train_presets": ["pythia-160m", "pythia-41
         "score_preset": "pythia-160m", "score_lm_preset": "pythia-410m", "score_batches": [64, 256], "score_iters": 8,
         "proxy": "pythia-160m", "target": "pythia-410m", "bliss_batch": 32, "bliss_micro": 8, "bliss_val_batch": 32,
         "bliss_val_seq": 256, "mates_preset": "pythia-160m", "mates_probes": 16, "mates_chunk": 8,
-        "mates_val_items": 64, "mates_val_seq": 128, "matmul_n": 8192}
+        "mates_val_items": 64, "mates_val_seq": 128, "matmul_n": 8192, "h2d_preset": "pythia-14m"}
 TINY = {"vocab": 256, "seq": 32, "train_presets": ["debug"], "train_big": "pythia-14m",
         "train_batch": {}, "default_batch": 4, "steps": 2, "warmup": 1,
         "score_preset": "debug", "score_lm_preset": "debug", "score_batches": [8], "score_iters": 2,
         "proxy": "debug", "target": "debug", "bliss_batch": 4, "bliss_micro": 2, "bliss_val_batch": 4,
         "bliss_val_seq": 16, "mates_preset": "debug", "mates_probes": 4, "mates_chunk": 2, "mates_val_items": 4,
-        "mates_val_seq": 16, "matmul_n": 256}
+        "mates_val_seq": 16, "matmul_n": 256, "h2d_preset": "debug"}
 
 SECTIONS = ("env", "train", "score", "bliss", "mates", "projection")
 
@@ -197,7 +198,9 @@ def random_tokens(n: int, seq: int, vocab: int, seed: int) -> torch.Tensor:
 # env
 
 
-def section_env(suite: Suite) -> None:
+def section_env(suite: Suite, extra: bool) -> None:
+    if extra:
+        return
     dev = suite.device
 
     def info() -> dict[str, Any]:
@@ -245,13 +248,18 @@ def section_env(suite: Suite) -> None:
 
 
 def train_item(suite: Suite, preset: str, *, compile_: bool = False, fused: bool | None = None,
-               sdpa: str | None = None, dtype: str = "auto") -> dict[str, Any]:
-    """Tokens/s and MFU of ``steps`` timed training steps (after ``warmup``) of ``preset`` on one batch."""
+               sdpa: str | None = None, dtype: str = "auto", h2d: str | None = None, batch: int | None = None
+               ) -> dict[str, Any]:
+    """Tokens/s and MFU of ``steps`` timed training steps (after ``warmup``) of ``preset`` on one batch.
+
+    ``h2d``: copy the batch from the host every step, ``pageable`` (``.to(non_blocking=True)`` from ordinary memory,
+    the loop before issue 23) or ``pinned`` (``train.loop.to_device``, the loop now); None: the batch stays on the
+    device."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     S, dev = suite.sizes, suite.device
     vocab, seq = S["vocab"], S["seq"]
-    batch = S["train_batch"].get(preset, S.get("default_batch", 32))
+    batch = batch or S["train_batch"].get(preset, S.get("default_batch", 32))
     model = build_model(preset, vocab, seed=0, device=dev).train()
     if fused is None:
         opt = build_optimizer(model, OptimConfig())  # the loop's choice: fused on CUDA
@@ -260,14 +268,16 @@ def train_item(suite: Suite, preset: str, *, compile_: bool = False, fused: bool
                                 fused=fused or None, foreach=None if fused else True)
     fwd = torch.compile(model, backend=suite.args.compile_backend) if compile_ else model
     autocast = lambda: autocast_context(dev, dtype)  # noqa: E731
-    x = random_tokens(batch, seq, vocab, 0).to(dev)
+    x_host = random_tokens(batch, seq, vocab, 0)
+    x = x_host.to(dev)
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(sdpa or "")
     kernel = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
 
     def step() -> torch.Tensor:
+        xb = x if h2d is None else (to_device(x_host, dev) if h2d == "pinned" else x_host.to(dev, non_blocking=True))
         with kernel():
-            loss = micro_step(fwd, x, 1, autocast)
+            loss = micro_step(fwd, xb, 1, autocast)
         clip_grads(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -287,27 +297,32 @@ def train_item(suite: Suite, preset: str, *, compile_: bool = False, fused: bool
     flops = flops_per_token(preset, vocab, seq) * tps
     return {"preset": preset, "params_m": round(count_params(model) / 1e6, 2), "batch": batch, "seq": seq,
             "compile": compile_, "fused_adamw": (dev.type == "cuda") if fused is None else fused,
-            "sdpa": sdpa or "default", "dtype": dtype, "tokens_per_s": round(tps, 1),
+            "sdpa": sdpa or "default", "dtype": dtype, "h2d": h2d or "on_device", "tokens_per_s": round(tps, 1),
             "step_ms": round(1000 * dt / S["steps"], 2), "tflops": round(flops / 1e12, 2), "mfu": suite.mfu(flops),
             "warmup_s": round(warm_s, 2), "loss": round(float(loss), 4), "peak_mem_gib": peak_gib(dev)}
 
 
-def section_train(suite: Suite) -> None:
+def section_train(suite: Suite, extra: bool) -> None:
     S, tiny = suite.sizes, suite.args.tiny
     # rough item costs (s) on an H100/H200 including model build; compile adds its compilation
     est = {"pythia-160m": 8, "pythia-410m": 15, "pythia-1b": 30}
     first, *rest = S["train_presets"]
-    for p in [first, *rest]:
-        suite.run("train", f"{p}", 2 if tiny else est.get(p, 10), lambda p=p: train_item(suite, p))
-    # speed choices on/off at the first (smallest) preset: each a few seconds
-    if suite.device.type == "cuda" or tiny:
-        suite.run("train", f"{first}+foreach_adamw", 2 if tiny else 8, lambda: train_item(suite, first, fused=False))
-        suite.run("train", f"{first}+fp32", 2 if tiny else 12, lambda: train_item(suite, first, dtype="float32"))
-        for b in (["math"] if tiny else ["flash", "efficient", "cudnn", "math"]):
-            suite.run("train", f"{first}+sdpa_{b}", 2 if tiny else 8, lambda b=b: train_item(suite, first, sdpa=b))
+    if not extra:
+        for p in [first, *rest]:
+            suite.run("train", f"{p}", 2 if tiny else est.get(p, 10), lambda p=p: train_item(suite, p))
+        return
     for p in [first, *rest]:
         suite.run("train", f"{p}+compile", 10 if tiny else 3 * est.get(p, 10) + 45,
                   lambda p=p: train_item(suite, p, compile_=True))
+    # speed choices on/off at the first (smallest) preset: each a few seconds
+    suite.run("train", f"{first}+foreach_adamw", 2 if tiny else 8, lambda: train_item(suite, first, fused=False))
+    suite.run("train", f"{first}+fp32", 2 if tiny else 12, lambda: train_item(suite, first, dtype="float32"))
+    for b in (["math"] if tiny else ["flash", "efficient", "cudnn", "math"]):
+        suite.run("train", f"{first}+sdpa_{b}", 2 if tiny else 8, lambda b=b: train_item(suite, first, sdpa=b))
+    # host -> device copies in a launch-bound regime (a small model): pageable vs pinned
+    small = S["h2d_preset"]
+    for h in ("pageable", "pinned"):
+        suite.run("train", f"{small}+h2d_{h}", 2 if tiny else 6, lambda h=h: train_item(suite, small, h2d=h, batch=8))
     big = S["train_big"]
     suite.run("train", big, 3 if tiny else est.get(big, 30), lambda: train_item(suite, big))
 
@@ -352,13 +367,14 @@ def score_item(suite: Suite, preset: str, batch: int, *, lm_loss: bool = False, 
             "peak_mem_gib": peak_gib(dev)}
 
 
-def section_score(suite: Suite) -> None:
+def section_score(suite: Suite, extra: bool) -> None:
     S, tiny = suite.sizes, suite.args.tiny
-    p = S["score_preset"]
+    p, b = S["score_preset"], S["score_batches"][-1]
+    if extra:
+        suite.run("score", f"{p}_b{b}+compile", 8 if tiny else 60, lambda: score_item(suite, p, b, compile_=True))
+        return
     for b in S["score_batches"]:
         suite.run("score", f"{p}_b{b}", 2 if tiny else 8, lambda b=b: score_item(suite, p, b))
-    b = S["score_batches"][-1]
-    suite.run("score", f"{p}_b{b}+compile", 8 if tiny else 60, lambda: score_item(suite, p, b, compile_=True))
     q = S["score_lm_preset"]
     suite.run("score", f"{q}_lm_loss_b{S['score_batches'][0]}", 2 if tiny else 12,
               lambda: score_item(suite, q, S["score_batches"][0], lm_loss=True))
@@ -444,7 +460,9 @@ def bliss_agreement_item(suite: Suite, st: dict[str, Any]) -> dict[str, Any]:
             "c_max_abs": float(cp.abs().max()), "hypergrad_norm": float(gp.norm())}
 
 
-def section_bliss(suite: Suite) -> None:
+def section_bliss(suite: Suite, extra: bool) -> None:
+    if extra:
+        return
     tiny = suite.args.tiny
     box: dict[str, Any] = {}
 
@@ -507,7 +525,9 @@ def mates_item(suite: Suite, method: str) -> dict[str, Any]:
             "finite": bool(np.isfinite(vals).all()), "peak_mem_gib": peak_gib(dev)}
 
 
-def section_mates(suite: Suite) -> None:
+def section_mates(suite: Suite, extra: bool) -> None:
+    if extra:
+        return
     tiny = suite.args.tiny
     b = suite.run("mates", "batched", 3 if tiny else 30, lambda: mates_item(suite, "batched"))
     lp = suite.run("mates", "loop", 3 if tiny else 20, lambda: mates_item(suite, "loop"))
@@ -557,7 +577,8 @@ def projection(suite: Suite) -> dict[str, Any]:
             "meets_target": total < P["authors_hours"]}
 
 
-def section_projection(suite: Suite) -> None:
+def section_projection(suite: Suite, extra: bool) -> None:
+    # after the core pass, and again after the extras (a compiled scorer may be faster: the best rate counts)
     suite.run("projection", "paper_1b_selection", 0, lambda: projection(suite))
 
 
@@ -653,9 +674,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
-    for name in SECTIONS:
-        if name in wanted:
-            globals()[f"section_{name}"](suite)
+    # core figures first (no compile), then the extras: compilation, speed choices on/off, the largest model
+    for extra in (False, True):
+        for name in SECTIONS:
+            if name in wanted:
+                globals()[f"section_{name}"](suite, extra)
     suite.results["finished_utc"] = _utc()
     suite.save()
     print(table(suite.results), flush=True)
