@@ -18,7 +18,7 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-160}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ "$MODE" != "--cpu" ] && ls .whl/*.whl >/dev/null 2>&1; then  # built for the GPU image's python, not this one
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "gpu_run: carried wheels did not install; lm-eval tests will skip"
 fi
