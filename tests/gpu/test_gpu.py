@@ -264,26 +264,7 @@ def test_rho1_mask_on_cuda_equals_brute_force(tiny_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# end to end: `lmselect run` (every method's CUDA path, masks included) and `lmselect eval`
-
-
-def test_tiny_run_end_to_end_on_cuda(tiny_recipe, tmp_path):
-    from lmselect.artifacts import is_complete
-    from lmselect.cli import main
-    from lmselect.log import read_jsonl
-
-    out = tmp_path / "run"
-    methods = "[random,bliss,mates,rho1,blade]"
-    assert main(["run", str(tiny_recipe), "--out", str(out), "--no-report", f"--methods={methods}"]) == 0
-    for m in ("random", "bliss", "mates", "rho1", "blade"):
-        assert is_complete(out / m / "seed0" / "round2", kind="round"), m
-        ev = json.loads((out / m / "seed0" / "round2" / "eval" / "results.json").read_text())
-        assert np.isfinite(ev["val_loss"]["lambada"]), m
-        log = read_jsonl(out / m / "seed0" / "round2" / "target" / "train_log.jsonl")
-        assert next(r for r in log if r.get("event") in ("start", "resume"))["device"].startswith(DEV), m
-        if m in ("rho1", "blade"):  # the token masks ran on CUDA and kept about their fraction
-            kept = [r["sel_kept_fraction"] for r in log if "sel_kept_fraction" in r]
-            assert kept and all(0.5 < k < 0.7 for k in kept), (m, kept)
+# `lmselect eval`, then end to end `lmselect run` (every method's CUDA path, masks included; the longest, last)
 
 
 def test_eval_cli_on_cuda_matches_cpu(tiny_tokenizer, tmp_path):
@@ -309,3 +290,22 @@ def test_eval_cli_on_cuda_matches_cpu(tiny_tokenizer, tmp_path):
         assert res[DEV]["tasks"][t]["acc"] == res["cpu"]["tasks"][t]["acc"], t
     np.testing.assert_allclose(res[DEV]["tasks"]["lambada_openai"]["perplexity"],
                                res["cpu"]["tasks"]["lambada_openai"]["perplexity"], rtol=1e-3)
+
+
+def test_tiny_run_end_to_end_on_cuda(tiny_recipe, tmp_path):
+    from lmselect.artifacts import is_complete
+    from lmselect.cli import main
+    from lmselect.log import read_jsonl
+
+    out = tmp_path / "run"
+    methods = "[random,bliss,mates,rho1,blade]"
+    assert main(["run", str(tiny_recipe), "--out", str(out), "--no-report", f"--methods={methods}"]) == 0
+    for m in ("random", "bliss", "mates", "rho1", "blade"):
+        assert is_complete(out / m / "seed0" / "round2", kind="round"), m
+        ev = json.loads((out / m / "seed0" / "round2" / "eval" / "results.json").read_text())
+        assert np.isfinite(ev["val_loss"]["lambada"]), m
+        log = read_jsonl(out / m / "seed0" / "round2" / "target" / "train_log.jsonl")
+        assert next(r for r in log if r.get("event") in ("start", "resume"))["device"].startswith(DEV), m
+        if m in ("rho1", "blade"):  # the token masks ran on CUDA and kept about their fraction
+            kept = [r["sel_kept_fraction"] for r in log if "sel_kept_fraction" in r]
+            assert kept and all(0.5 < k < 0.7 for k in kept), (m, kept)
