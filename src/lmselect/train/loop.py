@@ -130,6 +130,15 @@ def micro_step(
     return backward_loss(forward_ce(model, x, autocast), accum)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``. On CUDA through pinned memory, so the copy is queued without stalling the host: from
+    pageable memory ``non_blocking`` is a staged, synchronous copy that makes the host wait for the GPU to drain
+    before it can launch the next step's kernels. Elsewhere a plain ``.to``."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def gather_rows(x: torch.Tensor, info: D.DistInfo) -> torch.Tensor:
     """Concatenation over ranks of each rank's ``x`` (same shape everywhere), in rank order = global-batch order."""
     return D.all_gather_cat(x) if info.enabled else x
@@ -208,7 +217,7 @@ class SideStream:
         rng = np.random.default_rng([self.seed, SIDE_STREAM_TAG, self.rank, self.draws])
         self.draws += 1
         pick = rng.choice(len(self.ids), size=self.batch, replace=len(self.ids) < self.batch)
-        return self.pool.batch(self.ids[pick]).to(self.device)
+        return to_device(self.pool.batch(self.ids[pick]), self.device)
 
 
 def _check_ids(ids: np.ndarray, pool: TokenPool) -> np.ndarray:
@@ -387,11 +396,11 @@ def train(
         loss_sum = torch.zeros((), device=device)
         if selector.keep_fraction is None:  # plain training: one pass, every token counts
             for i in range(accum):
-                x = pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]).to(device, non_blocking=True)
+                x = to_device(pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]), device)
                 with D.grad_sync(dmodel, enabled=i == accum - 1):  # all-reduce gradients once, on the last micro-step
                     loss_sum += micro_step(dmodel, x, accum, autocast)
         else:  # token selection: top-k over the global batch (LoRDO workers: over their own slice)
-            xs = [pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]).to(device, non_blocking=True)
+            xs = [to_device(pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]), device)
                   for i in range(accum)]
             loss_sum += selected_step(dmodel, xs, selector, autocast, info, global_ranks=not lordo)
         grad_norm = clip_grads(raw_model, cfg.optim.grad_clip)
