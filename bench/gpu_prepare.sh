@@ -2,12 +2,12 @@
 # Issue 23, the prepared device check, step 1 of 2 (here, on the CPU): then ONE call of the device tool.
 #
 #   bash bench/gpu_prepare.sh prepare [REPO]   # here: wheels for what the GPU image lacks (lm-eval & co.) into
-#                                                # REPO/.whl (git-ignored, ~16 MB), then the CPU mode of the device
-#                                                # script (bench/gpu_run.sh --cpu, ~2 min on a shared 2-core box)
+#                                              # REPO/.whl (git-ignored, ~16 MB), then the CPU mode of the device
+#                                              # script (bench/gpu_run.sh --cpu, ~2 min on a shared 2-core box)
 #   bash bench/gpu_prepare.sh cpu [REPO]       # only the CPU mode
 #   bash bench/gpu_prepare.sh show             # print the device call
 #
-# REPO = the checkout the session was started in (what `run` sends; default: the git top level of $PWD). The device
+# REPO = the checkout the session was started in (what `run` sends; default: the checkout this script is in). The device
 # call (the `run` tool, not a shell command):
 #
 #   run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)
