@@ -122,6 +122,7 @@ mates: {{n_probe: 6, influence_steps: 3, influence_batch_size: 2, influence_eval
 rho1: {{steps: 2, batch_size: 2, seq_len: 32}}
 blade: {{tau: 2, ref_steps: 1, ref_batch_size: 2}}
 perplexity: {{band: low, batch_size: 8}}
+fasttext: {{dim: 16, bucket: 10000, epoch: 20}}
 score_batch_size: 8
 """
 
