@@ -53,6 +53,11 @@ def test_newlines_are_joined_not_an_error():
     assert p[1] == 0.0 and 0 < p[0] < 1
 
 
+def test_a_side_without_words_is_one_line():
+    with pytest.raises(LmselectError, match="no negative example has any word"):
+        classify(TARGET_LIKE, ["", " \n "], ["x"], SMALL, seed=0)
+
+
 def test_a_binding_that_fails_to_import_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "fasttext", None)  # import fasttext -> ImportError
     with pytest.raises(LmselectError, match="pip install fasttext-numpy2-wheel==0.9.2") as e:

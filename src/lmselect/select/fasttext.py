@@ -130,7 +130,12 @@ def classify(positives: list[str], negatives: list[str], texts: list[str], cfg: 
     import sys
 
     import_fasttext()  # a broken binding: one line, before the child starts
-    rows = [f"{TARGET} {t}" for t in _clean(positives) if t.split()] + [f"{POOL} {t}" for t in _clean(negatives) if t.split()]
+    pos = [f"{TARGET} {t}" for t in _clean(positives) if t.split()]
+    neg = [f"{POOL} {t}" for t in _clean(negatives) if t.split()]
+    if not pos or not neg:
+        raise LmselectError(f"fasttext: no {'positive' if not pos else 'negative'} example has any word after "
+                            "normalisation; the classifier needs text on both sides (check the selection set / pool)")
+    rows = pos + neg
     order = np.random.default_rng(seed).permutation(len(rows))
     args = {"wordNgrams": cfg.word_ngrams, "dim": cfg.dim, "lr": cfg.lr, "epoch": cfg.epoch, "minCount": cfg.min_count,
             "bucket": cfg.bucket, "loss": "softmax", "thread": 1, "seed": int(seed % (2**31 - 1)), "verbose": 0}
