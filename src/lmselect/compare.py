@@ -109,14 +109,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in (args.methods or ",".join(method_names())).split(",") if m.strip()]
+def with_controls(methods: list[str]) -> list[str]:
+    """``methods`` plus the control (random selection, first) and, for every level among them, that level's
+    registered control (random_tokens beside rho1 / blade: a random mask of the same kept fraction)."""
+    methods = list(methods)
     if control_name() not in methods:
         methods.insert(0, control_name())  # every comparison is paired with the control (random selection)
-    for level in sorted({method_class(m).level for m in methods}):  # and each level's own control, if registered
+    for level in sorted({method_class(m).level for m in methods}):
         lc = level_control_name(level)
         if lc is not None and lc not in methods:
-            methods.append(lc)  # e.g. random_tokens beside rho1 / blade: a random mask of the same kept fraction
+            methods.append(lc)
+    return methods
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = with_controls([m.strip() for m in (args.methods or ",".join(method_names())).split(",") if m.strip()])
     recipe = load_recipe(args.recipe, list(args.overrides) + [f"--methods={','.join(methods)}"])
     recipe = replace(recipe, seeds=list(range(args.seeds)))
     out = Path(args.out or Path("runs") / f"{recipe.name}-compare")

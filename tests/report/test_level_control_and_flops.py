@@ -52,3 +52,11 @@ def test_sections_show_bpb_the_level_control_table_and_the_multiple():
     assert [r[0] for r in ctrl["rows"]] == ["rho1"] and "Δ lambada bits/byte" in ctrl["header"]
     expo = next(s for t, s in secs.items() if t.startswith("Exposure"))
     assert "1.84×" in expo["rows"][0]
+
+
+def test_compare_adds_the_controls_of_the_levels_it_runs():
+    from lmselect.compare import with_controls
+
+    assert with_controls(["fasttext", "dsir"]) == ["random", "fasttext", "dsir"]
+    assert with_controls(["rho1", "blade"]) == ["random", "rho1", "blade", "random_tokens"]
+    assert with_controls(["random_tokens", "rho1"]) == ["random", "random_tokens", "rho1"]
