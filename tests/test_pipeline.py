@@ -28,6 +28,7 @@ def test_every_method_runs_end_to_end(all_methods_run):
         ev = json.loads((out / m / "seed0" / "round2" / "eval" / "results.json").read_text())
         assert np.isfinite(ev["val_loss"]["lambada"]) and np.isfinite(ev["val_loss"]["clean"])
         assert ev["val_split"] == "report"
+        assert set(ev["val_bpb"]) == {"lambada", "clean"} and all(v > 0 for v in ev["val_bpb"].values())
         # the exposure ledger: what the method was given this round
         ex = ev["exposure"]
         assert ex["tokens_fed"] == 2 * 4 * 32 and ex["candidates"] == 12
@@ -38,7 +39,9 @@ def test_every_method_runs_end_to_end(all_methods_run):
             assert 0.5 < ex["kept_token_fraction"] < 0.7 and ex["tokens_backprop"] < 8 * 31
         else:
             assert ex["tokens_backprop"] == 8 * 31
-        assert (ex["selection_flops"] == 0) == (m == "random")
+        # only the controls (random selection, the random token mask) select at no FLOPs of their own
+        assert (ex["selection_flops"] == 0) == (method_class(m).control or method_class(m).level_control)
+        assert ex["target_flops"] > 0 and (ex["scoring_flops"] > 0) == (level == "token")
     # equal token budget: every method trained the target for the same number of tokens
     tokens = {m: read_manifest(out / m / "seed0" / "round2" / "target")["extra"]["tokens_seen"] for m in res["methods"]}
     assert len(set(tokens.values())) == 1, tokens

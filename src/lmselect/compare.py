@@ -4,6 +4,8 @@ Runs every method on the same pool, from the same warm-up, with the same budget 
 schedule (one run directory; methods and seeds are just more branches of it), then writes one table
 (``comparison.md`` / ``comparison.json``: report-set losses and 9-task average, mean ± sd over seeds, the paired
 difference to random by seed with a 95 % interval, the exposure ledger, wall time and estimated FLOPs of selection) and one plot (``comparison.png``: metric vs trained tokens).
+Methods of a level with its own registered control (``level_control``: random_tokens for RHO-1 / BLADE) are run
+with that control too and also paired with it.
 
 Selection FLOPs are *estimates* from the model sizes and the token counts each method processes
 (forward = 2·N·tokens, forward+backward = 6·N·tokens; N = non-embedding params + output projection), recorded with
@@ -24,7 +26,7 @@ from lmselect.context import FlopContext
 from lmselect.pipeline import add_run_arguments, run_recipe
 from lmselect.recipe import load_recipe
 from lmselect.report.results import fmt_flops, results_markdown
-from lmselect.select.base import control_name, get_method, method_names
+from lmselect.select.base import control_name, get_method, level_control_name, method_class, method_names
 from lmselect.stats import sample_sd
 from lmselect.train.distributed import rank_world
 
@@ -108,10 +110,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in (args.methods or ",".join(method_names())).split(",") if m.strip()]
+def with_controls(methods: list[str]) -> list[str]:
+    """``methods`` plus the control (random selection, first) and, for every level among them, that level's
+    registered control (random_tokens beside rho1 / blade: a random mask of the same kept fraction)."""
+    methods = list(methods)
     if control_name() not in methods:
         methods.insert(0, control_name())  # every comparison is paired with the control (random selection)
+    for level in sorted({method_class(m).level for m in methods}):
+        lc = level_control_name(level)
+        if lc is not None and lc not in methods:
+            methods.append(lc)
+    return methods
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = with_controls([m.strip() for m in (args.methods or ",".join(method_names())).split(",") if m.strip()])
     recipe = load_recipe(args.recipe, list(args.overrides) + [f"--methods={','.join(methods)}"])
     recipe = replace(recipe, seeds=list(range(args.seeds)))
     out = Path(args.out or Path("runs") / f"{recipe.name}-compare")

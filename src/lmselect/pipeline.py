@@ -314,8 +314,15 @@ class Runner:
             kept = float(total[-1]) if total else (float(np.mean(per_step)) if per_step else float("nan"))
         summary = read_json(rc.stage_dir("selection") / "summary.json")
         f = FlopContext(self.r, self.pool.vocab_size, L, len(rc.candidates))
+        fed = int(extra.get("tokens_seen", fed_seqs * L))
+        n_t = f.params(self.r.target.preset)
+        # a token selector with several micro-batches per rank and step costs the loop one extra no-grad forward
+        # (the scoring pass, train/hooks.py); with one micro-batch the grad forward doubles as it
+        accum = max(1, gb // max(1, self.r.train.micro_batch * self.ctx.dist.world_size))
         return {
-            "tokens_fed": int(extra.get("tokens_seen", fed_seqs * L)),
+            "tokens_fed": fed,
+            "target_flops": 6.0 * n_t * fed,  # plain training of the target on the tokens fed
+            "scoring_flops": 2.0 * n_t * fed if m.level == "token" and accum > 1 else 0.0,
             "tokens_backprop": int(round(fed_seqs * (L - 1) * kept)) if kept == kept else None,
             "kept_token_fraction": kept,
             "selected_sequences": int(len(selected)),
@@ -329,7 +336,7 @@ class Runner:
 
     def _evaluate(self, m: SelectionMethod, rc: RoundContext, model_dir: Path, selected: np.ndarray) -> dict[str, Any]:
         """Report-set losses (+ lm-eval) of ``model_dir`` and the exposure ledger -> ``eval/``."""
-        from lmselect.data.valset import validation_loss
+        from lmselect.data.valset import bits_per_byte, validation_loss
         from lmselect.train.checkpoint import load_checkpoint_model
 
         edir = rc.stage_dir("eval")
@@ -345,6 +352,9 @@ class Runner:
         res["val_loss"] = {k: validation_loss(model, vs, self.r.validation.batch_size, self.ctx.device)
                            for k, vs in self.ctx.report_sets().items()}
         res["val_split"] = "report"
+        # bits per byte: tokenizer-independent, comparable across vocabularies and with other work
+        res["val_bpb"] = {k: bits_per_byte(res["val_loss"][k], vs, self.pool.load_tokenizer())
+                          for k, vs in self.ctx.report_sets().items()}
         res["exposure"] = self.exposure(m, rc, selected)
         res["downstream"] = None
         if self.r.eval.downstream:

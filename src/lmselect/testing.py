@@ -123,6 +123,7 @@ rho1: {{steps: 2, batch_size: 2, seq_len: 32}}
 blade: {{tau: 2, ref_steps: 1, ref_batch_size: 2}}
 perplexity: {{band: low, batch_size: 8}}
 reference: {{steps: 2, batch_size: 2, seq_len: 32}}
+fasttext: {{dim: 16, bucket: 10000, epoch: 20}}
 score_batch_size: 8
 """
 

@@ -151,3 +151,26 @@ def validation_loss(model: torch.nn.Module, vset: ValidationSet, batch_size: int
         count += int(m.sum())
     model.train(was_training)
     return total / max(count, 1)
+
+
+def scored_bytes(vset: ValidationSet, tokenizer: Any) -> int:
+    """UTF-8 bytes of the text whose tokens a set's loss scores: per row, the tokens at the ``loss_mask`` positions
+    (the predicted tokens: ``input_ids[:, 1:]``) decoded together (a LAMBADA row: its final word with the leading
+    space; a text row: everything after its first token)."""
+    ids = vset.input_ids[:, 1:]
+    total = 0
+    for row, m in zip(ids, vset.loss_mask.bool()):
+        total += len(tokenizer.decode(row[m].tolist()).encode("utf-8"))
+    return total
+
+
+def bits_per_byte(mean_ce: float, vset: ValidationSet, tokenizer: Any) -> float:
+    """Bits per byte of a set from its token-weighted mean CE (nats, as :func:`validation_loss` returns):
+    ``bpb = Σ CE / (ln 2 · bytes)`` with Σ CE = mean CE · scored tokens (tokenizer-independent, comparable across
+    vocabularies and with other work)."""
+    import math
+
+    n_bytes = scored_bytes(vset, tokenizer)
+    if n_bytes == 0:
+        raise LmselectError(f"{vset.source}: the scored text has no bytes; bits per byte is undefined")
+    return float(mean_ce) * int(vset.loss_mask.sum()) / (math.log(2) * n_bytes)

@@ -40,8 +40,8 @@ def _control() -> str:
 def paired_differences(rows: Sequence[dict[str, Any]], base: str | None = None) -> dict[str, dict[str, Any]]:
     """Per method != base: metric -> paired (by seed) difference method − base of the final-round figures.
 
-    Metrics: every report-set loss (lower is better, so a negative difference favours the method) and the
-    9-task average (higher is better)."""
+    Metrics: every report-set loss and bits per byte (lower is better, so a negative difference favours the
+    method) and the 9-task average (higher is better)."""
     base = base or _control()
     by = {(r["method"], r["seed"]): r for r in rows}
     methods = sorted({r["method"] for r in rows if r["method"] != base})
@@ -56,6 +56,10 @@ def paired_differences(rows: Sequence[dict[str, Any]], base: str | None = None) 
             diffs = [by[(m, s)]["val_loss"].get(k) - by[(base, s)]["val_loss"][k] for s in seeds
                      if by[(m, s)]["val_loss"].get(k) is not None and by[(base, s)]["val_loss"].get(k) is not None]
             res[f"val_loss.{k}"] = {**paired_interval(diffs), "seeds": seeds, "better": "lower"}
+            bd = [by[(m, s)]["val_bpb"].get(k) - by[(base, s)]["val_bpb"][k] for s in seeds
+                  if by[(m, s)].get("val_bpb", {}).get(k) is not None and by[(base, s)].get("val_bpb", {}).get(k) is not None]
+            if bd:
+                res[f"val_bpb.{k}"] = {**paired_interval(bd), "seeds": seeds, "better": "lower"}
         avg = [by[(m, s)]["downstream_average"] - by[(base, s)]["downstream_average"] for s in seeds
                if by[(m, s)]["downstream_average"] is not None and by[(base, s)]["downstream_average"] is not None]
         if avg:
@@ -64,7 +68,34 @@ def paired_differences(rows: Sequence[dict[str, Any]], base: str | None = None) 
     return out
 
 
-EXPOSURE_SUMS = ("tokens_fed", "tokens_backprop", "distinct_sequences", "selection_flops", "selection_seconds")
+EXPOSURE_SUMS = ("tokens_fed", "tokens_backprop", "distinct_sequences", "selection_flops", "selection_seconds",
+                 "target_flops", "scoring_flops")
+
+
+def flops_multiple(e: dict[str, Any]) -> float | None:
+    """Total FLOPs as a multiple of plain training: (target training + the loop's scoring passes + selection) /
+    target training (6·N per token fed). 1.0 = no selection cost; None without a target estimate."""
+    t = e.get("target_flops")
+    if not t:
+        return None
+    return float((t + (e.get("scoring_flops") or 0.0) + (e.get("selection_flops") or 0.0)) / t)
+
+
+def _paired_vs_level_controls(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """control -> its level's methods -> metric -> paired difference, for every registered level control in the
+    run (random_tokens: RHO-1 and BLADE against a random mask of the same kept fraction)."""
+    from lmselect.select.base import level_control_name, method_class, method_names
+
+    known = set(method_names())
+    out: dict[str, dict[str, Any]] = {}
+    for level in ("sequence", "token"):
+        ctrl = level_control_name(level)
+        if ctrl is None or not any(r["method"] == ctrl for r in rows):
+            continue
+        mine = [r for r in rows if r["method"] in known and method_class(r["method"]).level == level]
+        if any(r["method"] != ctrl for r in mine):
+            out[ctrl] = paired_differences(mine, ctrl)
+    return out
 
 
 def _exposure(rounds: dict[int, Any]) -> dict[str, Any] | None:
@@ -77,6 +108,7 @@ def _exposure(rounds: dict[int, Any]) -> dict[str, Any] | None:
     out["epochs"] = finite_mean([e.get("epochs") for e in ex])
     out["kept_token_fraction"] = finite_mean([e.get("kept_token_fraction") for e in ex])
     out["rounds"] = len(ex)
+    out["flops_multiple"] = flops_multiple(out)
     return out
 
 
@@ -104,6 +136,7 @@ def results(data: RunData) -> dict[str, Any]:
                 "final_round": final.round if final else None,
                 "tokens": None,
                 "val_loss": {},
+                "val_bpb": {},
                 "downstream_average": None,
                 "downstream_stderr": None,
                 "selection_seconds": round(sum(sel_v), 3) if sel_v else None,
@@ -123,6 +156,7 @@ def results(data: RunData) -> dict[str, Any]:
                 row["val_split"] = ev.get("val_split")  # "report" (held out from every method) since lmselect 0.2
                 vl = ev.get("val_loss") or {}
                 row["val_loss"] = {k: float(v) for k, v in vl.items() if isinstance(v, (int, float))}
+                row["val_bpb"] = {k: float(v) for k, v in (ev.get("val_bpb") or {}).items() if isinstance(v, (int, float))}
                 ds = ev.get("downstream")
                 if isinstance(ds, dict):
                     if isinstance(ds.get("average"), (int, float)):
@@ -149,9 +183,12 @@ def results(data: RunData) -> dict[str, Any]:
             "tokens": finite_mean([r["tokens"] for r in mrows]),
             "val_loss": {k: finite_mean([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
             "val_loss_sd": {k: sample_sd([r["val_loss"].get(k) for r in mrows]) for k in vl_keys},
+            "val_bpb": {k: finite_mean([r["val_bpb"].get(k) for r in mrows]) for k in vl_keys},
+            "val_bpb_sd": {k: sample_sd([r["val_bpb"].get(k) for r in mrows]) for k in vl_keys},
             "downstream_average_sd": sample_sd([r["downstream_average"] for r in mrows]),
             "exposure": {k: finite_mean([(r["exposure"] or {}).get(k) for r in mrows])
-                         for k in (*EXPOSURE_SUMS, "epochs", "kept_token_fraction")} if any(r["exposure"] for r in mrows) else None,
+                         for k in (*EXPOSURE_SUMS, "epochs", "kept_token_fraction", "flops_multiple")}
+            if any(r["exposure"] for r in mrows) else None,
             "downstream_average": finite_mean([r["downstream_average"] for r in mrows]),
             "downstream_stderr": se_of_mean([r["downstream_stderr"] for r in mrows if r["downstream_average"] is not None]),
             "selection_seconds": finite_mean([r["selection_seconds"] for r in mrows]),
@@ -174,6 +211,7 @@ def results(data: RunData) -> dict[str, Any]:
         "curves": _eval_curves(data),
         "methods": methods,
         "paired_vs_random": paired_differences(rows, _control()) if any(r["method"] == _control() for r in rows) else {},
+        "paired_vs_level_control": _paired_vs_level_controls(rows),
         "tasks": tasks,
     }
 
@@ -348,22 +386,37 @@ def _pm(mean: float | None, sd: float | None, fmt: str = "{:.4f}") -> str:
 def _summary_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Mean ± sd over seeds of the final-round report-set figures, one row per method."""
     vl_keys = sorted({k for m in res["methods"].values() for k in m["val_loss"]}, key=_val_key)
-    header = ["method", "seeds", *[f"{k} loss (report set)" for k in vl_keys], "9-task avg (%)"]
+    bpb = any(v is not None for m in res["methods"].values() for v in (m.get("val_bpb") or {}).values())
+    header = ["method", "seeds", *[h for k in vl_keys for h in ([f"{k} loss (report set)"] + ([f"{k} bits/byte"] if bpb else []))],
+              "9-task avg (%)"]
     rows = []
     for m, agg in res["methods"].items():
         avg, sd = agg.get("downstream_average"), agg.get("downstream_average_sd")
-        rows.append([m, str(agg["n_seeds"]), *[_pm(agg["val_loss"].get(k), agg.get("val_loss_sd", {}).get(k)) for k in vl_keys],
+        cells = []
+        for k in vl_keys:
+            cells.append(_pm(agg["val_loss"].get(k), agg.get("val_loss_sd", {}).get(k)))
+            if bpb:
+                cells.append(_pm((agg.get("val_bpb") or {}).get(k), (agg.get("val_bpb_sd") or {}).get(k)))
+        rows.append([m, str(agg["n_seeds"]), *cells,
                      _pm(None if avg is None else 100 * avg, None if sd is None else 100 * sd, "{:.2f}")])
     return header, rows
 
 
-def _paired_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    paired = res.get("paired_vs_random") or {}
+def _paired_label(k: str) -> str:
+    if k.startswith("val_loss."):
+        return f"Δ {k[len('val_loss.'):]} loss"
+    if k.startswith("val_bpb."):
+        return f"Δ {k[len('val_bpb.'):]} bits/byte"
+    return "Δ 9-task avg (pp)"
+
+
+def _paired_table(res: dict[str, Any], paired: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]] | None:
+    paired = (res.get("paired_vs_random") or {}) if paired is None else paired
     if not paired:
         return None
-    keys = sorted({k for v in paired.values() for k in v}, key=lambda k: (k.startswith("downstream"), _val_key(k.split(".")[-1])))
-    header = ["method", *[f"Δ {k.replace('val_loss.', '')} loss" if k.startswith("val_loss") else "Δ 9-task avg (pp)"
-                          for k in keys]]
+    keys = sorted({k for v in paired.values() for k in v},
+                  key=lambda k: (k.startswith("downstream"), _val_key(k.split(".")[-1]), k.startswith("val_bpb")))
+    header = ["method", *[_paired_label(k) for k in keys]]
     rows = []
     for m, d in paired.items():
         row = [m]
@@ -398,11 +451,12 @@ def _exposure_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | 
         rows.append([m, fmt_tokens(e.get("tokens_fed")), fmt_tokens(e.get("tokens_backprop")),
                      "–" if kept is None else f"{kept:.2f}", fmt_tokens(e.get("distinct_sequences")),
                      "–" if e.get("epochs") is None else f"{e['epochs']:.2f}", fmt_flops(e.get("selection_flops")),
+                     "–" if e.get("flops_multiple") is None else f"{e['flops_multiple']:.2f}×",
                      fmt_seconds(e.get("selection_seconds"))])
     if not rows:
         return None
     return ["method", "tokens fed", "tokens backpropagated", "kept token fraction", "distinct sequences",
-            "epochs over selection", "selection FLOPs (est.)", "selection time"], rows
+            "epochs over selection", "selection FLOPs (est.)", "FLOPs × plain training", "selection time"], rows
 
 
 def _task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -454,10 +508,17 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
     add("Paired difference to random (by seed; mean [95 % t interval])",
         "Δ = method − random on the same seed (same pool, warm-up, schedule and token budget). A loss Δ below 0 "
         "favours the method; 'within noise' = the interval contains 0.", _paired_table(res))
+    for ctrl, paired in (res.get("paired_vs_level_control") or {}).items():
+        add(f"Paired difference to {ctrl} (methods of its level; by seed; mean [95 % t interval])",
+            f"Δ = method − {ctrl} on the same seed: the same tokens fed and the same kept fraction, chosen at random. "
+            "A method that is not below 0 here selects nothing a random mask of the same size would not give.",
+            _paired_table(res, paired))
     add("Exposure (per seed, summed over rounds; mean over seeds)",
         "What each method was given: tokens fed to the target, next-token predictions backpropagated (token-level "
-        "methods mask the rest), distinct sequences trained on, epochs over the selection, and the estimated FLOPs "
-        "and measured wall time of selection.", _exposure_table(res))
+        "methods mask the rest), distinct sequences trained on, epochs over the selection, the estimated FLOPs "
+        "of selection, total FLOPs as a multiple of plain training (target training 6·N per token fed, plus the "
+        "scoring forward a token selector costs the loop, plus selection: reference / proxy passes and reference "
+        "training) and measured wall time of selection.", _exposure_table(res))
     diag = res.get("diagnostics") or {}
     rows_d = []
     for m, per in diag.items():

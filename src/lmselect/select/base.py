@@ -94,6 +94,9 @@ class SelectionMethod:
     color: ClassVar[str | None] = None
     #: the control every comparison is paired with (exactly one registered method: random selection)
     control: ClassVar[bool] = False
+    #: the control of the other methods of its ``level`` (random_tokens for the token-level methods): they are also
+    #: paired with it, so that a token-level method is compared with a mask of the same size, not only with random
+    level_control: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
@@ -216,6 +219,15 @@ def control_name() -> str:
     if len(names) != 1:
         raise ConfigError(f"exactly one selection method must be the control, found {names}")
     return names[0]
+
+
+def level_control_name(level: str) -> str | None:
+    """The registered control of the methods of ``level`` (``level_control = True``), or None."""
+    _discover()
+    names = sorted(n for n, c in _REGISTRY.items() if c.level_control and c.level == level)
+    if len(names) > 1:
+        raise ConfigError(f"at most one {level}-level control may be registered, found {names}")
+    return names[0] if names else None
 
 
 def method_color(name: str) -> str | None:
