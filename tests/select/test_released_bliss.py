@@ -1,7 +1,7 @@
 """The transcription of the released BLISS loop (released_bliss.py) on its own: the z initialisation and clip
 semantics, the schedule's first step, the stale normaliser and the batch pattern, the per-sample hypergradient
-against autograd through the softmax, and determinism. (Its agreement with lmselect's solver is tested where the
-paper profile adopts the released choices.)"""
+against autograd through the softmax, and determinism. (Its agreement with lmselect's ``profile: paper``:
+test_bliss_released.py.)"""
 
 from __future__ import annotations
 
