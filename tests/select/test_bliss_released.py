@@ -208,3 +208,40 @@ def test_default_profile_differs_from_the_released_loop():
     errs = _errors(ref, got, {k: v.clone() for k, v in models[0].state_dict().items()},
                    {k: v.clone() for k, v in models[2].state_dict().items()})[0]
     assert errs["z"] > 1e-2 and errs["c"] > 1e-2 and errs["hypergrad"] > 1e-2, errs
+
+
+def test_paper_profile_resumes_exactly():
+    """A solve stopped after one outer step and resumed from the solver state (the stale normaliser, the released
+    schedule, the fp32 z init of later steps, the stream position) takes the same second step as an uninterrupted
+    one."""
+    a = CASES["fast_k2"]
+    models, (pool, valset) = _models(), _data()
+    cfg = _config(a, hypergrad_impl="batched")
+    whole = _run_lmselect(cfg, models, pool, valset, 2)
+    first = BilevelSolver(cfg, *(copy.deepcopy(m) for m in models), valset)
+    stream, train_ids = train_stream(first.cfg, N), np.arange(N)
+    first.outer_step(step_batches(pool, train_ids, stream, first.cfg, 0))
+    state = copy.deepcopy(first.state_dict())
+    assert state["norm_prev"] is not None
+    resumed = BilevelSolver(cfg, *(copy.deepcopy(m) for m in _models()), valset)
+    resumed.load_state_dict(state)
+    resumed.outer_step(step_batches(pool, train_ids, stream, resumed.cfg, resumed.step))
+    assert torch.equal(_flat(resumed.last.z), _flat(whole[1]["z"])) and torch.equal(resumed.last.c, whole[1]["c"])
+    assert torch.equal(_flat(resumed.last.grads), _flat(whole[1]["hypergrad"]))
+    assert all(torch.equal(resumed.proxy.state_dict()[k], v) for k, v in whole[1]["proxy_state"].items())
+
+
+def test_released_schedule_is_transformers_cosine_with_warmup():
+    """``schedule: released`` = transformers' get_cosine_schedule_with_warmup with the unrounded warm-up
+    ratio·outer_steps (bilevel_selection.py:359-368), step 0 at multiplier 0; lmselect's own starts at 1/W."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from lmselect.train.schedules import warmup_cosine
+
+    for ratio, total in ((0.1, 6000), (0.0, 30), (0.1, 25), (0.05, 7)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        hf = get_cosine_schedule_with_warmup(opt, num_warmup_steps=ratio * total, num_training_steps=total).lr_lambdas[0]
+        ours = warmup_cosine(total, ratio, released=True)
+        for s in sorted({0, 1, 2, 3, int(ratio * total), int(ratio * total) + 1, total // 2, total - 1}):
+            assert ours(s) == pytest.approx(hf(s), abs=1e-15), (ratio, total, s)
+    assert warmup_cosine(6000, 0.1, released=True)(0) == 0.0 and warmup_cosine(6000, 0.1)(0) == 1 / 600
