@@ -45,11 +45,12 @@ def check_fraction(value: Any, key: str = "fraction", where: str = "") -> float:
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:
+    """(whether None is allowed, the type without None): ``X | None`` -> X, ``X | Y | None`` -> ``X | Y``."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(get_args(tp)) == 2:
-            return True, args[0]
+        if len(args) < len(get_args(tp)):
+            return True, args[0] if len(args) == 1 else Union[tuple(args)]
     return False, tp
 
 
@@ -70,6 +71,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}", key=key)
         return from_dict(tp, value, prefix=key + ".")
     origin = get_origin(tp)
+    if origin in (Union, types.UnionType):  # e.g. float | str: the first member the value already is, else converts to
+        members = get_args(tp)
+        if any(type(value) is m for m in members):
+            return value
+        for m in members:
+            try:
+                return _coerce(value, m, key)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(m, "__name__", str(m)) for m in members)
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}", key=key)
     if origin in (list, tuple, list, tuple):
         args = get_args(tp)
         if isinstance(value, str):

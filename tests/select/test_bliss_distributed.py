@@ -1,4 +1,5 @@
-"""BLISS under torch.distributed (2 gloo processes) equals one process on the global batch (METHODS §1.2).
+"""BLISS under torch.distributed (2 gloo processes) equals one process on the global batch (METHODS §1.2), under
+the default profile (one outer step) and the paper profile (two, so its stale softmax normaliser is live).
 
 Each rank holds the same seeded proxy / target / score model (float64, debug preset) and half of every global batch
 of 8 sequences. One full outer step (inner step, ``hypergradient`` = steps 2-5, score update) is compared with the
@@ -41,7 +42,7 @@ def _valset() -> Any:
     return ValidationSet(ids, mask, "lambada", "test")
 
 
-def _solver(world: int) -> Any:
+def _solver(world: int, **kw: Any) -> Any:
     """The same seeded float64 solver, and the same config, on every rank and in the single process."""
     from lmselect.models.presets import build_model
     from lmselect.select.bliss import BilevelSolver, BlissConfig, init_score_model
@@ -52,8 +53,8 @@ def _solver(world: int) -> Any:
     scorer = init_score_model(proxy, seed=2)
     # score_lr / proxy_lr large enough that one AdamW step visibly moves every parameter (non-vacuous comparison);
     # warmup_ratio 0 so step 0 runs at the full LR
-    cfg = BlissConfig(batch_size=GLOBAL_B, micro_batch=2, val_batch_size=VAL_GLOBAL, outer_steps=4,
-                      inner_steps=1, dtype="float64", proxy_lr=1e-3, score_lr=1e-3, warmup_ratio=0.0)
+    cfg = BlissConfig(**{**dict(batch_size=GLOBAL_B, micro_batch=2, val_batch_size=VAL_GLOBAL, outer_steps=4,
+                                inner_steps=1, dtype="float64", proxy_lr=1e-3, score_lr=1e-3, warmup_ratio=0.0), **kw})
     return BilevelSolver(cfg, proxy, target, scorer, _valset())
 
 
@@ -82,6 +83,22 @@ def _run(solver: Any, rank: int, world: int) -> dict[str, Any]:
     return res
 
 
+def _run_paper(solver: Any, rank: int, world: int) -> list[dict[str, Any]]:
+    """Two outer steps of the paper profile (K = 1, released batch pattern: the outer batch is the inner batch; the
+    second step's weights use the first step's global softmax normaliser)."""
+    local = GLOBAL_B // world
+    rows = slice(rank * local, (rank + 1) * local)
+    out = []
+    for t in range(2):
+        b = _global_batch(21 + t)[rows]
+        solver.outer_step(iter([b, b]))
+        hg = solver.last
+        out.append(dict(weights=hg.weights, c=hg.c, grads=[g.detach().clone() for g in hg.grads],
+                        proxy={k: v.clone() for k, v in solver.proxy.state_dict().items()},
+                        scorer={k: v.clone() for k, v in solver.scorer.state_dict().items()}))
+    return out
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """One torchrun-style rank (env vars + gloo), running the solver on its half of the batches."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -92,6 +109,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(_run(_solver(world), rank, world), Path(out_dir) / f"rank{rank}.pt")
+        torch.save(_run_paper(_solver(world, profile="paper"), rank, world), Path(out_dir) / f"paper{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -143,3 +161,17 @@ def test_two_rank_bliss_equals_single_process_on_the_global_batch(tmp_path: Path
         + ", ".join(f"{k}={max(_rel(d[k], ref[k]) for d in ranks):.1e}" for k in ("scores", "weights", "grads", "proxy", "scorer"))
         + f", c={_rel(c_dist, ref['c']):.1e}"
     )
+
+    # the paper profile's stale normaliser (METHODS §1.2): the second step's weights are exp(s − m)/S with the first
+    # step's *global* (m, S), so they sum to ≈ 1 over all ranks as on one process (the released code's per-rank
+    # division gives ≈ 1/W there)
+    paper = [torch.load(tmp_path / f"paper{r}.pt", weights_only=False) for r in range(WORLD)]
+    ref_p = _run_paper(_solver(1, profile="paper"), 0, 1)
+    s1 = float(ref_p[1]["weights"].sum())
+    assert abs(s1 - 1.0) > 1e-9 and abs(s1 - 1.0) < 0.1
+    for r, d in enumerate(paper):
+        for t in range(2):
+            for key in ("weights", "grads", "proxy", "scorer"):
+                assert _rel(d[t][key], ref_p[t][key]) < TOL, (r, t, key, _rel(d[t][key], ref_p[t][key]))
+    for t in range(2):
+        assert _rel(torch.cat([d[t]["c"] for d in paper]), ref_p[t]["c"]) < TOL, t

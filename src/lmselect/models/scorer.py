@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +29,46 @@ def base_model(lm: nn.Module) -> nn.Module:
     raise LmselectError(f"cannot find the backbone of {type(lm).__name__}")
 
 
+HEAD_INITS = ("normal", "torch_default")
+
+
 class SequenceScorer(nn.Module):
-    def __init__(self, lm: nn.Module, activation: str = "sigmoid", head_std: float = 0.02, seed: int | None = None):
+    """``head_init`` (drawn from a generator seeded with ``seed`` when given):
+
+    * ``normal``: weight ~ N(0, head_std²), bias 0 (METHODS §1.3a, lmselect's default);
+    * ``torch_default``: weight and bias ~ U(−1/√d, 1/√d), what ``nn.Linear(d, 1)`` gets from PyTorch's default
+      initialisation (kaiming_uniform with a = √5 has exactly that bound). The released BLISS code's head is this,
+      because it is replaced after the model's weight init ran (bilevel_selection.py:246, 254-257). Drawn in
+      float64, weight then bias."""
+
+    def __init__(self, lm: nn.Module, activation: str = "sigmoid", head_std: float = 0.02, seed: int | None = None,
+                 head_init: str = "normal"):
         super().__init__()
         if activation not in ("sigmoid", "identity"):
             raise LmselectError(f"unknown scorer activation '{activation}' (sigmoid, identity)")
+        if head_init not in HEAD_INITS:
+            raise LmselectError(f"unknown scorer head_init '{head_init}' ({', '.join(HEAD_INITS)})")
         self.lm = lm  # keep the full causal LM so the backbone saves/loads as an HF checkpoint
         self.activation = activation
         d = lm.config.hidden_size
         self.head = nn.Linear(d, 1)
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
-            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * head_std)
-            self.head.bias.zero_()
+            if head_init == "normal":
+                self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * head_std)
+                self.head.bias.zero_()
         self.head.to(device=next(lm.parameters()).device, dtype=next(lm.parameters()).dtype)
+        if head_init == "torch_default":  # drawn in float64 and rounded once to the backbone's dtype
+            bound = 1.0 / math.sqrt(d)
+            with torch.no_grad():
+                for t in (self.head.weight, self.head.bias):
+                    t.copy_(torch.empty(t.shape, dtype=torch.float64).uniform_(-bound, bound, generator=g))
 
     @classmethod
-    def from_causal_lm(cls, lm: nn.Module, activation: str = "sigmoid", seed: int | None = None) -> SequenceScorer:
+    def from_causal_lm(cls, lm: nn.Module, activation: str = "sigmoid", seed: int | None = None,
+                       head_init: str = "normal") -> SequenceScorer:
         """New scorer whose backbone is a deep copy of ``lm`` (parameters equal, storage separate)."""
-        return cls(copy.deepcopy(lm), activation=activation, seed=seed)
+        return cls(copy.deepcopy(lm), activation=activation, seed=seed, head_init=head_init)
 
     @property
     def backbone(self) -> nn.Module:

@@ -95,11 +95,15 @@ def param_groups(params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay:
 
 def adamw(
     params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float, *,
-    eps: float = 1e-8, fused: bool | None = None,
+    eps: float = 1e-8, fused: bool | None = None, decay_1d: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over ``params`` (those with ``requires_grad``) in :func:`param_groups`' two groups: matrices decay by
-    ``weight_decay``, biases and norm scales not."""
-    groups = param_groups(((str(i), p) for i, p in enumerate(params)), weight_decay)
+    ``weight_decay``, biases and norm scales not; ``decay_1d``: one group that decays every tensor (the released
+    BLISS code's optimizers, bilevel_selection.py:272-289)."""
+    if decay_1d:
+        groups = [{"params": [p for p in params if p.requires_grad], "weight_decay": weight_decay}]
+    else:
+        groups = param_groups(((str(i), p) for i, p in enumerate(params)), weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
 
 
@@ -109,10 +113,24 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     return adamw(model.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, eps=cfg.eps, fused=on_cuda or None)
 
 
-def warmup_cosine(total: int, warmup_ratio: float) -> Callable[[int], float]:
+def warmup_cosine(total: int, warmup_ratio: float, released: bool = False) -> Callable[[int], float]:
     """LR multiplier of optimizer step s (0-based) for ``torch.optim.lr_scheduler.LambdaLR``: (s+1)/W during a
     warm-up of W = round(warmup_ratio · total) steps (at least 1 when warmup_ratio > 0), then cosine from 1 towards 0,
-    reaching 0 at s = total (one step after the last)."""
+    reaching 0 at s = total (one step after the last).
+
+    ``released``: transformers' ``get_cosine_schedule_with_warmup`` with the unrounded warm-up W = warmup_ratio·total
+    of the released BLISS code (bilevel_selection.py:359-368, 657-660): s/max(1, W) while s < W, so step 0 runs at
+    LR 0, then max(0, ½(1 + cos(π·(s − W)/max(1, total − W))))."""
+    if released:
+        warm_f, total_f = float(warmup_ratio) * int(total), int(total)
+
+        def released_fn(s: int) -> float:
+            if s < warm_f:
+                return float(s) / max(1.0, warm_f)
+            progress = float(s - warm_f) / max(1.0, total_f - warm_f)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+        return released_fn
     total = max(1, int(total))
     warm = max(1, int(round(warmup_ratio * total))) if warmup_ratio > 0 else 0
 

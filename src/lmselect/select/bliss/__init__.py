@@ -13,10 +13,12 @@ steps) and the **score model** θ_s (:class:`lmselect.models.scorer.SequenceScor
 
 One outer step (approximate implicit differentiation):
 
-1. K inner AdamW steps on θ_p, each on a fresh training batch (P detached: the inner level does not move θ_s).
+1. K inner AdamW steps on θ_p, each on a training batch (P detached: the inner level does not move θ_s).
 2. v = ∇_θp F on one validation batch.
-3. z ≈ (H + λ_z I)⁻¹ v, H = ∇²_θp G on the outer training batch, by ``z_steps`` updates
-   z ← z − η_z (H z + λ_z z − v) (each tensor's update clipped to unit norm), z re-initialised to ``z_init``;
+3. z ≈ (H + λ_z I)⁻¹ v, H = ∇²_θp G on the outer training batch (``outer_batch``: a fresh batch, or the released
+   code's stream batch t), by ``z_steps`` updates z ← z − η_z (H z + λ_z z − v), per tensor either the step or (as
+   released) the residual clipped to norm ``z_clip`` (``z_clip_mode``), z re-initialised to ``z_init`` (a constant,
+   or the released 1/numel per tensor);
    Hessian-vector products by double backward through the *math* attention path (fused SDPA is not twice
    differentiable). Under torchrun every z step uses the *global* H·z (per-rank HVPs all-reduced), so z is the
    single-process z of the global batch (see "Distributed" below).
@@ -51,8 +53,9 @@ reference, and every collective below exists so that W ranks compute the same nu
   and the same H·z, hence the same z, so the average of z across ranks is z itself and needs no collective.
 * c_i on each rank's own rows with that z; c all-gathered for ∇_θs; score gradients summed.
 
-Options and diagnostics (METHODS §1.2a): ``profile`` (``paper`` = the released code's behaviour, pinned by a test;
-``default`` = the all-token objective), the selection ``objective``, ``z_warm_start`` / ``z_tol``, ``v_ema`` and
+Options and diagnostics (METHODS §1.2a): ``profile`` (``paper`` = the released code's single-process behaviour,
+checked against a transcription of its loop to 1e-10 by tests/select/test_bliss_released.py, its bugs not
+reproduced, METHODS §1.2; ``default`` = lmselect's measured choices, each difference an option), the selection ``objective``, ``z_warm_start`` / ``z_tol``, ``v_ema`` and
 ``val_batch_size: 0`` (whole set). Each outer step logs cos(z, v), ‖Hz‖/‖v‖, the z residual, the v agreement of two
 validation batches, the share of var(c) between sources and the weight ratio; ``solve_round`` summarises them in
 ``diagnostics.json`` (with ``warnings``) and the manifest, and logs one warning line per round when the solve is
@@ -90,9 +93,11 @@ from lmselect.select.bliss.method import Bliss, score_sequences
 from lmselect.select.bliss.round import (
     DIAG_KEYS,
     batches_per_step,
+    distinct_batches,
     solve_round,
     step_batches,
     summarise_diagnostics,
+    train_batch_indices,
     train_stream,
 )
 from lmselect.select.bliss.solver import BilevelSolver, Hypergradient, check_compatible, init_score_model
@@ -100,7 +105,7 @@ from lmselect.train.order import IndexStream
 
 __all__ = [
     "DIAG_KEYS", "FIRST_ORDER_COS", "FIRST_ORDER_HZ", "NOISY_V_SIGNAL", "PROFILES", "BilevelSolver", "Bliss",
-    "BlissConfig", "Hypergradient", "IndexStream", "batches_per_step", "bilevel_math", "check_compatible",
+    "BlissConfig", "Hypergradient", "IndexStream", "batches_per_step", "bilevel_math", "check_compatible", "distinct_batches",
     "init_score_model", "resolve_profile", "score_sequences", "solve_round", "step_batches", "summarise_diagnostics",
-    "train_stream",
+    "train_batch_indices", "train_stream",
 ]

@@ -16,8 +16,9 @@ Only the weighted-CE term of G = Σ_i P_i(θ_s) CE_i(θ_p) + γ KL + λ‖θ_p�
 
 and with P = softmax(s), ∂/∂s_j [−Σ_i P_i c_i] = −P_j (c_j − Σ_i P_i c_i)  (:func:`softmax_weight_grad`).
 
-z is approximated by a few damped gradient steps on ½ zᵀ(H + λ_z I)z − vᵀz (:func:`solve_z`), optionally
-warm-started and run to a residual tolerance; :func:`cosine` and :func:`source_variance_share` are the solver's
+z is approximated by a few damped gradient steps on ½ zᵀ(H + λ_z I)z − vᵀz (:func:`solve_z`, the clip on the
+step or, as released, on the residual), from 0, a constant, the released 1/numel (:func:`inv_numel_init`) or the
+previous z, optionally run to a residual tolerance; :func:`cosine` and :func:`source_variance_share` are the solver's
 diagnostics (METHODS §1.2a).
 
 Two ways to get the c_i and the hypergradient:
@@ -103,6 +104,22 @@ class ZSolveInfo:
     hz: Params | None  # H z at the returned z, when it was computed
 
 
+def inv_numel_init(like: Sequence[Tensor], first_step: bool) -> Params:
+    """The released code's z₀: 1/numel(θ_k) in every entry of tensor k, as that code *stores* it.
+
+    It builds ``1/numel * torch.ones(...)`` in float32 (fp32(1/n)) and, before the first outer step of a run only,
+    casts it to float16 (bilevel_selection.py:375; after every step it is rebuilt in float32, :513). Float16 rounds
+    1/n by up to 2⁻¹¹ relative and to 0 for n ≥ 2²⁵ (pythia-160m's embedding starts its first step at z = 0). The
+    stored value is widened exactly to each tensor's dtype."""
+    out = []
+    for t in like:
+        stored = torch.tensor(1.0 / t.numel(), dtype=torch.float32)
+        if first_step:
+            stored = stored.to(torch.float16)
+        out.append(torch.full_like(t, float(stored)))
+    return tuple(out)
+
+
 def solve_z(
     hvp_fn: Callable[[Params], Params],
     v: Sequence[Tensor],
@@ -112,21 +129,31 @@ def solve_z(
     damping: float,
     init: float | Sequence[Tensor] = 0.0,
     clip: float | None = 1.0,
+    clip_mode: str = "step",
     tol: float = 0.0,
     max_steps: int | None = None,
     return_info: bool = False,
 ) -> Params | tuple[Params, ZSolveInfo]:
     """Approximate z ≈ (H + λ_z I)⁻¹ v by ``steps`` gradient steps  z ← z − η_z (H z + λ_z z − v).
 
-    Each tensor's update η_z(...) is clipped to norm ``clip`` (METHODS §1.2) so a large curvature direction cannot
-    blow z up in the first step; with small updates the clip is inactive and this is plain Richardson iteration,
-    which converges to the exact solve when 0 < η_z < 2 / λ_max(H + λ_z I).
-    ``init``: a constant fill value (the code re-initialises z to a small constant every outer step) or tensors
-    (a warm start from the previous outer step's z).
+    ``clip_mode`` says what is clipped, per tensor, to norm ``clip`` (METHODS §1.2):
+
+    * ``step``: the update η_z·r (r = H z + λ_z z − v), so a large curvature direction cannot blow z up in the first
+      step; the clip bites only when ‖r‖ > clip/η_z (lmselect's default profile);
+    * ``residual``: r itself before the step, so no tensor of z moves by more than η_z·clip per update. This is the
+      released code's z loop (bilevel_selection.py:474-478 at 420da66), which normalises r to *unit* norm when
+      ‖r‖ > grad_clip; at its default grad_clip = 1 (and ``z_clip`` = 1) the two are the same operation.
+
+    With the clip inactive this is plain Richardson iteration, which converges to the exact solve when
+    0 < η_z < 2 / λ_max(H + λ_z I).
+    ``init``: a constant fill value or tensors (a warm start from the previous outer step's z, or the released
+    per-tensor 1/numel of :func:`inv_numel_init`).
     ``tol`` > 0: after the first ``steps`` updates keep going, up to ``max_steps`` updates in all, until the relative
     residual ‖(H + λ_z I) z − v‖ / ‖v‖ < tol. The residual of the current z is the update direction the next step
     computes anyway, so checking it costs nothing; a tolerance stop returns that residual and H z with the z.
     """
+    if clip_mode not in ("step", "residual"):
+        raise ValueError(f"clip_mode must be step or residual, got {clip_mode!r}")
     zero_start = isinstance(init, (int, float)) and float(init) == 0.0
     if isinstance(init, (int, float)):
         z = tuple(torch.full_like(vi, float(init)) for vi in v)
@@ -146,11 +173,15 @@ def solve_z(
                 break
         new = []
         for zi, ri in zip(z, r):
-            upd = lr * ri
-            if clip is not None:
-                n = upd.norm()
-                if n > clip:
-                    upd = upd * (clip / n)
+            if clip is not None and clip_mode == "residual":
+                n = ri.norm()
+                upd = lr * (ri * (clip / n) if n > clip else ri)
+            else:
+                upd = lr * ri
+                if clip is not None:
+                    n = upd.norm()
+                    if n > clip:
+                        upd = upd * (clip / n)
             new.append(zi - upd)
         z = tuple(new)
         info.steps += 1

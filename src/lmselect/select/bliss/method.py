@@ -56,8 +56,9 @@ class Bliss(SelectionMethod):
         target = load_checkpoint_model(ctx.prev_target, device=ctx.device)
         prev = ctx.prev_stage_dir("bilevel")
         if prev is None:
+            rcfg = resolve_profile(self.cfg)
             scorer = init_score_model(proxy, seed=ctx.derived_seed(STREAM_SCORER_INIT, per_round=False),
-                                      activation=resolve_profile(self.cfg).score_activation)
+                                      activation=rcfg.score_activation, head_init=rcfg.score_head_init)
         else:
             scorer = SequenceScorer.load(prev / SCORE_MODEL_DIR, device=ctx.device)
         cfg = replace(self.cfg, seed=ctx.derived_seed(STREAM_METHOD))

@@ -75,7 +75,9 @@ def summarise_diagnostics(records: Sequence[dict[str, Any]], c_by_source: dict[s
     return {"summary": summary, "warnings": warnings, "c_by_source": by_source,
             "options": {k: getattr(cfg, k) for k in ("profile", "objective", "objective_mix", "z_warm_start", "z_tol",
                                                      "z_max_steps", "z_steps", "v_ema", "val_batch_size",
-                                                     "c_normalize", "hyper_batches", "score_activation")}}
+                                                     "c_normalize", "hyper_batches", "score_activation",
+                                                     "z_init", "z_clip_mode", "weight_decay_1d", "outer_batch",
+                                                     "schedule", "score_head_init", "softmax_normaliser")}}
 
 
 def train_stream(cfg: BlissConfig, n: int, rank: int = 0, world: int = 1) -> IndexStream:
@@ -88,12 +90,43 @@ def batches_per_step(cfg: BlissConfig) -> int:
     return cfg.inner_steps + 1 + int(cfg.hyper_batches)
 
 
+def train_batch_indices(cfg: BlissConfig, step: int) -> list[int]:
+    """Stream batch indices (``IndexStream.batch(k)``) of outer step ``step``, in the order ``outer_step`` draws them:
+    K inner, the outer batch, the hyper batches.
+
+    ``outer_batch: fresh``: consecutive, batches_per_step per step. ``released``: the released code's two cursors
+    on one loader (bilevel_selection.py:392-403): the inner cursor reads t·K … t·K+K−1, the outer cursor stream
+    batch t, so for K = 1 the outer batch is the batch just trained on and for K > 1 it was trained on ~t·(K−1)
+    steps earlier. Hyper batches (not in the released code) continue the outer cursor, which then advances
+    1 + hyper_batches per step (the outer batch of step t is t·(1 + hyper_batches))."""
+    r = resolve_profile(cfg)
+    k, h = r.inner_steps, int(r.hyper_batches)
+    if r.outer_batch == "released":
+        return [step * k + i for i in range(k)] + [step * (1 + h) + j for j in range(1 + h)]
+    first = step * (k + 1 + h)
+    return list(range(first, first + k + 1 + h))
+
+
+def distinct_batches(cfg: BlissConfig, steps: int) -> int:
+    """How many distinct stream batches ``steps`` outer steps read (the released pattern re-reads batches)."""
+    r = resolve_profile(cfg)
+    if steps <= 0:
+        return 0
+    if r.outer_batch == "released":
+        return steps * max(r.inner_steps, 1 + int(r.hyper_batches))
+    return steps * batches_per_step(r)
+
+
 def step_batches(pool: Any, train_ids: np.ndarray, stream: IndexStream, cfg: BlissConfig, step: int) -> Iterator[Tensor]:
-    """The batches of outer step ``step`` (and on), as :meth:`BilevelSolver.outer_step` draws them."""
-    k = step * batches_per_step(cfg)
+    """The batches of outer step ``step`` (and on), as :meth:`BilevelSolver.outer_step` draws them
+    (:func:`train_batch_indices`; a batch read twice in a row, the released pattern at K = 1, is read once)."""
+    last: tuple[int, Tensor] | None = None
     while True:
-        yield pool.batch(train_ids[stream.batch(k)])
-        k += 1
+        for k in train_batch_indices(cfg, step):
+            if last is None or last[0] != k:
+                last = (k, pool.batch(train_ids[stream.batch(k)]))
+            yield last[1]
+        step += 1
 
 
 def _save_state(solver: BilevelSolver, out_dir: Path) -> None:
@@ -164,15 +197,15 @@ def solve_round(
         save_config(cfg, out_dir / "config.yaml")
 
     stream = train_stream(cfg, len(train_ids), rank, world)
-    per_step = batches_per_step(cfg)
 
     has_sources = callable(getattr(pool, "sources", None))
 
     def outer_sources(step: int) -> list[str] | None:
-        """Sources of the global outer batch of outer step ``step`` (the last of its K + 1 batches)."""
+        """Sources of the global outer batch of outer step ``step`` (the one after its K inner batches)."""
         if not has_sources:
             return None
-        return [str(x) for x in pool.sources(train_ids[stream.global_rows(step * per_step + cfg.inner_steps)])]
+        k = train_batch_indices(cfg, step)[cfg.inner_steps]
+        return [str(x) for x in pool.sources(train_ids[stream.global_rows(k)])]
 
     logger = MetricLogger(out_dir / LOG_FILE if rank == 0 else None, stdout_every=cfg.log_every, prefix="bliss ")
     from lmselect.log import Progress
@@ -202,7 +235,7 @@ def solve_round(
         write_manifest(out_dir, Manifest(
             kind="bilevel", config=to_dict(cfg), seed=cfg.seed, parents=parents or [],
             counts={"outer_steps": solver.step, "train_candidates": int(len(train_ids)),
-                    "sequences_seen": int(solver.step * per_step * cfg.batch_size)},
+                    "sequences_seen": int(distinct_batches(cfg, solver.step) * cfg.batch_size)},
             timings={"solve_s": solver.elapsed},
             extra={"hypergrad_impl": solver.impl, "world_size": world, "final": last,
                    "tokenizer_fingerprint": getattr(pool, "tokenizer_fingerprint", ""),

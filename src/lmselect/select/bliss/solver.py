@@ -55,9 +55,11 @@ def check_compatible(
             raise LmselectError(f"tokenizer mismatch: score model vocabulary has {vs} entries, proxy {vp}")
 
 
-def init_score_model(proxy: nn.Module, seed: int, activation: str = "sigmoid") -> SequenceScorer:
-    """Round-1 score model: backbone deep-copied from the warm-up proxy, head ~ normal(0, 0.02), bias 0 (seeded)."""
-    return SequenceScorer.from_causal_lm(proxy, activation=activation, seed=seed)
+def init_score_model(proxy: nn.Module, seed: int, activation: str = "sigmoid",
+                     head_init: str = "normal") -> SequenceScorer:
+    """Round-1 score model: backbone deep-copied from the warm-up proxy, a seeded fresh head (``head_init``: normal
+    = N(0, 0.02) weight and zero bias; torch_default = U(±1/√d) weight and bias, the released code's)."""
+    return SequenceScorer.from_causal_lm(proxy, activation=activation, seed=seed, head_init=head_init)
 
 
 @dataclass
@@ -121,12 +123,19 @@ class BilevelSolver:
         self.s_names = [n for n, _ in named]
         self.s_params: tuple[nn.Parameter, ...] = tuple(p for _, p in named)
 
-        self.p_opt = adamw(self.p_params, cfg.proxy_lr, cfg.betas, cfg.weight_decay)
-        self.s_opt = adamw(self.s_params, cfg.score_lr, cfg.betas, cfg.weight_decay)
-        self.p_sched = torch.optim.lr_scheduler.LambdaLR(self.p_opt, warmup_cosine(cfg.outer_steps * cfg.inner_steps, cfg.warmup_ratio))
-        # one score step per outer step plus one per hyper batch: the schedule spans all of them
-        self.s_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.s_opt, warmup_cosine(cfg.outer_steps * (1 + int(cfg.hyper_batches)), cfg.warmup_ratio))
+        # weight_decay_1d: one group that decays every tensor, as released (bilevel_selection.py:272-289)
+        self.p_opt = adamw(self.p_params, cfg.proxy_lr, cfg.betas, cfg.weight_decay, decay_1d=cfg.weight_decay_1d)
+        self.s_opt = adamw(self.s_params, cfg.score_lr, cfg.betas, cfg.weight_decay, decay_1d=cfg.weight_decay_1d)
+        if cfg.schedule == "released":  # both stepped once per outer step (bilevel_selection.py:553-554)
+            self.p_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.p_opt, warmup_cosine(cfg.outer_steps, cfg.warmup_ratio, released=True))
+            self.s_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.s_opt, warmup_cosine(cfg.outer_steps, cfg.warmup_ratio, released=True))
+        else:  # the proxy's per inner step; one score step per outer step plus one per hyper batch
+            self.p_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.p_opt, warmup_cosine(cfg.outer_steps * cfg.inner_steps, cfg.warmup_ratio))
+            self.s_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.s_opt, warmup_cosine(cfg.outer_steps * (1 + int(cfg.hyper_batches)), cfg.warmup_ratio))
         self.step = 0
         self.elapsed = 0.0
         if cfg.val_batch_size > 0:
@@ -142,6 +151,8 @@ class BilevelSolver:
         self.v_avg: bm.Params | None = None
         self.v_count = 0
         self.c_by_source: dict[str, list[float]] = {}  # source -> [n, Σ c, Σ standardised c]
+        # softmax_normaliser "previous": (max, Σ exp(s − max)) of the previous outer batch's global scores
+        self.norm_prev: tuple[float, float] | None = None
 
     # ---- configuration helpers --------------------------------------------------------------------------------
     @property
@@ -212,9 +223,20 @@ class BilevelSolver:
         return s.to(torch.promote_types(s.dtype, torch.float32))
 
     def global_weights(self, s_local: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(all scores, P over the global batch, this rank's P slice); P in float32 at least."""
+        """(all scores, the weights w of G over the global batch, this rank's slice of w); w in float32 at least.
+
+        w = P = softmax over the global batch, or with ``softmax_normaliser: previous`` (after the first outer step)
+        exp(s_i − m)/S with the previous outer batch's global (m, S), as released (bilevel_selection.py:409-410,
+        449-450): Σ w is then only ≈ 1. Computed from the global m and S, so under torchrun Σ over all ranks stays
+        ≈ 1 (the released code divides each rank's local scores by the global S: Σ_local w ≈ 1/W, a bug not
+        reproduced). The hypergradient's softmax is always fresh (``score_grads``)."""
         s_all = all_gather_cat(s_local.detach())
-        p_all = torch.softmax(s_all.to(torch.promote_types(s_all.dtype, torch.float32)), 0)
+        s_w = s_all.to(torch.promote_types(s_all.dtype, torch.float32))
+        if self.cfg.softmax_normaliser == "previous" and self.norm_prev is not None:
+            m, S = self.norm_prev
+            p_all = torch.exp(s_w - m) / S
+        else:
+            p_all = torch.softmax(s_w, 0)
         off = self.rank * s_local.shape[0]
         return s_all, p_all, p_all[off : off + s_local.shape[0]]
 
@@ -241,7 +263,8 @@ class BilevelSolver:
         all_reduce_([tot])
         gnorm = torch.nn.utils.clip_grad_norm_(self.p_params, self.cfg.proxy_clip if self.cfg.proxy_clip > 0 else float("inf"))
         self.p_opt.step()
-        self.p_sched.step()
+        if self.cfg.schedule != "released":  # released: once per outer step (outer_step)
+            self.p_sched.step()
         self.p_opt.zero_grad(set_to_none=True)
         return {"lower_loss": float(tot[0]), "kl": float(tot[1]), "weighted_ce": float(tot[2]), "proxy_grad_norm": float(gnorm)}
 
@@ -405,9 +428,15 @@ class BilevelSolver:
             return self.lower_hvp(ids, p_loc, vec, teachers or None)
 
         # v and every H·z are global (all-reduced), so each rank computes the same z: nothing left to average
-        init = self.z_prev if (cfg.z_warm_start and self.z_prev is not None) else cfg.z_init
+        if cfg.z_warm_start and self.z_prev is not None:
+            init: float | bm.Params = self.z_prev
+        elif cfg.z_init == "inv_numel":  # float16-rounded in the solve's first outer step, as released
+            init = bm.inv_numel_init(self.p_params, first_step=self.step == 0)
+        else:
+            init = float(cfg.z_init)
         z, info = bm.solve_z(hvp, v, steps=cfg.z_steps, lr=cfg.z_lr, damping=cfg.z_damping, init=init,
-                             clip=cfg.z_clip, tol=float(cfg.z_tol), max_steps=cfg.z_max_steps, return_info=True)
+                             clip=cfg.z_clip, clip_mode=cfg.z_clip_mode, tol=float(cfg.z_tol),
+                             max_steps=cfg.z_max_steps, return_info=True)
         if cfg.z_warm_start:
             self.z_prev = tuple(zi.detach() for zi in z)
         t["t_z"] = time.perf_counter() - t0
@@ -451,13 +480,16 @@ class BilevelSolver:
             p.grad = g.detach().to(p.dtype).clone()
         bm.clip_per_tensor_([p.grad for p in self.s_params], self.cfg.score_clip)
         self.s_opt.step()
-        self.s_sched.step()
+        if self.cfg.schedule != "released":  # released: once per outer step (outer_step)
+            self.s_sched.step()
         self.s_opt.zero_grad(set_to_none=True)
         return norm
 
     def outer_step(self, train_batches: Iterator[Tensor], sources: Sequence[str] | None = None) -> dict[str, float]:
-        """One outer step; draws K + 1 batches ([B_local, L] LongTensors) from ``train_batches``:
-        K for the inner steps, one fresh outer batch for the HVPs, the c_i and the hypergradient.
+        """One outer step; draws K + 1 + hyper_batches batches ([B_local, L] LongTensors) from ``train_batches``:
+        K for the inner steps, the outer batch for the HVPs, the c_i and the hypergradient, then the hyper batches.
+        Which stream batches those are (``outer_batch``: a fresh one, or as released stream batch t, for K = 1 the
+        batch just trained on) is the stream's business: :func:`train_batch_indices` / :func:`step_batches`.
         ``sources``: the source label of every row of the *global* outer batch (rank order), for the share of
         var(c) explained by source and the per-source mean c (diagnostics)."""
         t_start = time.perf_counter()
@@ -471,11 +503,17 @@ class BilevelSolver:
         hg = self.hypergradient(outer_ids, val_ids, val_mask, val_token_mask=val_tok, diagnose=self.diag_due())
         t0 = time.perf_counter()
         hnorm = self.score_update(hg.grads)
+        if self.cfg.softmax_normaliser == "previous":  # the next step's normaliser (bilevel_selection.py:510)
+            m = hg.scores.max()
+            self.norm_prev = (float(m), float(torch.exp(hg.scores - m).sum()))
         # hyper batches: more labelled sequences for θ_s from the same z (steps 4–6 again on a fresh batch)
         for _ in range(int(self.cfg.hyper_batches)):
             ids = next(train_batches).to(self.device)
             s_all, _, _ = self.global_weights(self.scores(ids))
             self.score_update(self.score_grads(ids, s_all, self.compute_c(ids, hg.z)))
+        if self.cfg.schedule == "released":  # both schedules once per outer step (bilevel_selection.py:553-554)
+            self.p_sched.step()
+            self.s_sched.step()
         self.last = hg
         self.step += 1
         # log statistics of the whole global batch (hg.c holds only this rank's rows)
@@ -520,6 +558,7 @@ class BilevelSolver:
             "proxy_opt": self.p_opt.state_dict(), "score_opt": self.s_opt.state_dict(),
             "proxy_sched": self.p_sched.state_dict(), "score_sched": self.s_sched.state_dict(), "rng": rng,
             "z_prev": self.z_prev, "v_avg": self.v_avg, "v_count": self.v_count, "c_by_source": self.c_by_source,
+            "norm_prev": self.norm_prev,
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -533,6 +572,7 @@ class BilevelSolver:
         to_dev = (lambda ts: None if ts is None else tuple(t.to(self.device) for t in ts))  # noqa: E731
         self.z_prev, self.v_avg = to_dev(d.get("z_prev")), to_dev(d.get("v_avg"))
         self.v_count = int(d.get("v_count", 0))
+        self.norm_prev = tuple(float(x) for x in d["norm_prev"]) if d.get("norm_prev") is not None else None  # type: ignore[assignment]
         self.c_by_source = {k: list(v) for k, v in d.get("c_by_source", {}).items()}
         rng = d.get("rng", {})
         if "torch" in rng:
