@@ -26,7 +26,7 @@ One outer step (approximate implicit differentiation):
 5. Hypergradient  ∇Φ(θ_s) ≈ −∇_θs Σ_i P_i(θ_s) c_i  with c held constant.
 6. AdamW step on θ_s (per-tensor gradient clip to unit norm, cosine schedule with warm-up).
 
-Steps 4–5 have two implementations (``BlissConfig.hypergrad_impl``), both in :mod:`lmselect.select.bilevel_math`:
+Steps 4–5 have two implementations (``BlissConfig.hypergrad_impl``), both in :mod:`lmselect.select.bliss.bilevel_math`:
 ``per_sample`` (one backward per sequence through the proxy and one through the score model, as in the released
 code; the test oracle and benchmark baseline) and ``batched`` (all c_i as one forward-mode directional derivative or
 one double-backward pass, one backward through the score model). The two agree to floating-point tolerance (tests).
