@@ -67,11 +67,20 @@ def _ctx(tmp_path, tiny_pool, tiny_tokenizer, texts=None):
     class Run:
         selection_set = vs
 
+        def main_only(self, fn):
+            fn()
+
+        def sync(self):
+            pass
+
     class Ctx:
         pool, selection_set, candidates, fraction, run = tiny_pool, vs, tiny_pool.ids(1), 0.25, Run()
 
         def derived_seed(self, stream):
             return 1234 + stream
+
+        def stage_dir(self, stage):
+            return tmp_path / "round" / stage
 
     return Ctx()
 
@@ -82,7 +91,8 @@ def test_selection_is_deterministic_and_topk_keeps_the_largest(sampling, tmp_pat
 
     ctx = _ctx(tmp_path, tiny_pool, tiny_tokenizer)
     m = get_method("dsir", DsirConfig(sampling=sampling))
-    a, b = m.select(ctx), m.select(ctx)
+    a = m.select(ctx)  # computes and writes the scores stage
+    b = m.select(ctx)  # reads it back (a rerun after an interruption)
     assert np.array_equal(a.ids, b.ids) and len(a.ids) == round(0.25 * len(ctx.candidates))
     if sampling == "topk":
         want = ctx.candidates[np.lexsort((ctx.candidates, -a.scores))[: len(a.ids)]]
@@ -111,3 +121,32 @@ def test_bad_input_is_one_line(tmp_path, tiny_pool, tiny_tokenizer):
         get_method("dsir").select(ctx)
     with pytest.raises(LmselectError, match="candidates hold no words"):
         dsir_log_weights(TARGET, ["", "  "], DsirConfig())
+
+
+def test_the_saved_text_scorer_scores_text_as_the_round_did(tmp_path, tiny_pool, tiny_tokenizer):
+    """``scores/text_scorer`` (what ``score --jsonl`` loads through the registry) gives the round's log w for the
+    round's own candidate texts, and the sidecar holds those values."""
+    import json
+
+    from lmselect.score import read_scores
+    from lmselect.select.base import get_method, is_text_scorer, load_text_scorer
+    from lmselect.select.texts import pool_texts, selection_texts
+
+    ctx = _ctx(tmp_path, tiny_pool, tiny_tokenizer)
+    cfg = DsirConfig(buckets=64)
+    sel = get_method("dsir", cfg).select(ctx)
+    sdir = ctx.stage_dir("scores")
+    assert is_text_scorer(sdir) and json.loads((sdir / "text_scorer" / "text_scorer.json").read_text())["method"] == "dsir"
+    texts = pool_texts(tiny_pool, ctx.candidates)
+    got = load_text_scorer(sdir).score_texts(texts)
+    want = dsir_log_weights(selection_texts(ctx, "dsir", 1), texts, cfg)
+    assert np.array_equal(got, want)
+    ids, stored = read_scores(sdir)
+    assert np.array_equal(ids, ctx.candidates) and np.array_equal(stored, want.astype(np.float32))
+    assert np.array_equal(sel.scores, stored.astype(np.float64))
+    assert load_text_scorer(sdir / "text_scorer").score_texts(["", "!!"])[0] == 0.0  # no n-gram: no evidence
+    (sdir / "text_scorer" / "log_ratio.npy").unlink()
+    with pytest.raises(LmselectError, match="incomplete DSIR text scorer"):
+        load_text_scorer(sdir)
+    with pytest.raises(ConfigError, match="no text_scorer.json"):
+        load_text_scorer(tmp_path)

@@ -109,3 +109,38 @@ def test_texts_negatives_and_too_small_selection_sets(tmp_path, tiny_pool, tiny_
         negative_ids(_Ctx(tiny_pool, vs, tiny_pool.ids(0)), FastTextConfig(), 3, seed=1)
     with pytest.raises(LmselectError, match=r"sel\.jsonl: the selection set has 6 item\(s\).*fasttext.min_target_items"):
         selection_texts(ctx, "fasttext", 7)
+
+
+def test_the_saved_text_scorer_reproduces_the_round_and_refuses_a_different_classifier(tmp_path, tiny_pool,
+                                                                                        tiny_tokenizer):
+    """A round's ``scores/text_scorer`` retrains the round's classifier (same data, settings, seed) and scores
+    text exactly as the round scored its candidates; a classifier that does not reproduce the round's probe scores
+    is refused."""
+    import json
+
+    from lmselect.score import read_scores
+    from lmselect.select.base import get_method, load_text_scorer
+    from lmselect.select.texts import pool_texts
+    from lmselect.testing import make_valset
+
+    vs = make_valset(tmp_path / "sel.jsonl", tiny_tokenizer)
+    ctx = _Ctx(tiny_pool, vs, tiny_pool.ids(0)[::2])
+    ctx.fraction = 0.25
+    ctx.derived_seed = lambda stream: 99 + stream
+    ctx.stage_dir = lambda stage: tmp_path / "round" / stage
+    ctx.run.main_only = staticmethod(lambda fn: fn())
+    ctx.run.sync = staticmethod(lambda: None)
+    get_method("fasttext", FastTextConfig(bucket=40_000, dim=10, min_target_items=1)).select(ctx)
+    sdir = ctx.stage_dir("scores")
+    ids, stored = read_scores(sdir)
+    texts = pool_texts(tiny_pool, ids)
+    scorer = load_text_scorer(sdir)
+    got = scorer.score_texts(texts[::-1])[::-1]  # order-independent: one prediction per line
+    assert np.array_equal(got.astype(np.float32), stored) and scorer.description == "fastText P(target)"
+    meta_file = sdir / "text_scorer" / "text_scorer.json"
+    meta = json.loads(meta_file.read_text())
+    assert len(meta["probe_texts"]) == 4 and meta["positives"] >= 1
+    meta["probe_p"][0] = 1.0 - meta["probe_p"][0]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(LmselectError, match="does not reproduce the round's scores"):
+        load_text_scorer(sdir).score_texts(texts[:2])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,8 +135,10 @@ def write_scores(
     parents: list[dict[str, str]] | None = None,
     extra: dict[str, Any] | None = None,
     counts: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write already-computed scores as a complete one-part sidecar (atomically), e.g. MATES predictions."""
+    """Write already-computed scores as a complete one-part sidecar (atomically), e.g. MATES predictions.
+    ``write_extra(dir)`` adds files of the caller's (e.g. a saved text scorer) before the manifest is written."""
     seq_ids = np.asarray(seq_ids, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float32)
     if seq_ids.shape != scores.shape or seq_ids.ndim != 1:
@@ -148,6 +150,8 @@ def write_scores(
         tmp.mkdir(parents=True)
         write_part_table(tmp / part_name(0, 1), seq_ids[order], scores[order], None,
                      {"part": 0, "of": 1, "sequences": int(len(seq_ids))})
+        if write_extra is not None:
+            write_extra(tmp)
         write_manifest(tmp, Manifest(kind="scores", config=config or {}, parents=parents or [],
                                      counts={"sequences": int(len(seq_ids)), "parts": 1, **(counts or {})},
                                      extra={"n_parts": 1, "input": "pool", **(extra or {})}))

@@ -31,8 +31,10 @@ import difflib
 import importlib
 import logging
 import pkgutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -135,6 +137,54 @@ class SelectionMethod:
     def selection_flops(self, f: FlopContext) -> float:
         """Estimated FLOPs one round of selection costs (not counting the target's own training)."""
         return 0.0
+
+    @classmethod
+    def load_text_scorer(cls, path: Path) -> TextScorer:
+        """The text scorer a round of this method saved in ``path`` (see :func:`load_text_scorer`). Methods that
+        score raw text (``fasttext``, ``dsir``) override this; the others have none."""
+        raise ConfigError(f"{path}: method '{cls.name}' saves no text scorer")
+
+
+#: the file that marks a directory as a saved text scorer: ``{"method": NAME, "format": 1, ...}``
+TEXT_SCORER_FILE = "text_scorer.json"
+
+
+class TextScorer(Protocol):
+    """A scorer of raw text that a text-feature method (``fasttext``, ``dsir``) saves in its round's ``scores``
+    stage (``scores/text_scorer/``), so that ``lmselect score --jsonl`` and the datatrove step score whole documents
+    with the classifier or importance weights of that round. Higher = preferred, as in the round's own scores."""
+
+    #: what the score is (one line, e.g. "fastText P(target)")
+    description: str
+
+    def score_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """One float64 score per text, in order."""
+        ...
+
+
+def is_text_scorer(path: str | Path) -> bool:
+    """Whether ``path`` (or its ``text_scorer/`` subdirectory) holds a saved text scorer."""
+    p = Path(path)
+    return (p / TEXT_SCORER_FILE).is_file() or (p / "text_scorer" / TEXT_SCORER_FILE).is_file()
+
+
+def load_text_scorer(path: str | Path) -> TextScorer:
+    """Load the text scorer saved in ``path`` (a ``text_scorer/`` directory, or the ``scores`` stage that holds one)
+    through the registry: ``text_scorer.json`` names the method, whose ``load_text_scorer`` reads the rest."""
+    import json
+
+    p = Path(path)
+    if not (p / TEXT_SCORER_FILE).is_file() and (p / "text_scorer" / TEXT_SCORER_FILE).is_file():
+        p = p / "text_scorer"
+    f = p / TEXT_SCORER_FILE
+    if not f.is_file():
+        raise ConfigError(f"{path}: no {TEXT_SCORER_FILE} (a fasttext or dsir round's scores/text_scorer directory)")
+    try:
+        meta = json.loads(f.read_text())
+        name = meta["method"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{f}: not a text scorer description (need a JSON object with 'method')") from None
+    return method_class(name).load_text_scorer(p)
 
 
 _REGISTRY: dict[str, type[SelectionMethod]] = {}

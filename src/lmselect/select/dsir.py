@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -120,15 +121,61 @@ def log_importance(indptr: np.ndarray, indices: np.ndarray, log_ratio: np.ndarra
     return out[:n]
 
 
-def dsir_log_weights(target_texts: list[str], raw_texts: list[str], cfg: DsirConfig) -> np.ndarray:
-    """log importance weights of ``raw_texts`` (the estimator is fit on the target and on the raw texts)."""
+def fit_log_ratio(target_texts: list[str], raw_texts: list[str], cfg: DsirConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(log p̂_target − log p̂_raw per bucket, and log w of each of ``raw_texts``): the estimator is fit on the target
+    and on the raw texts."""
     h = NgramHasher(cfg.buckets, cfg.orders)
     _, t_idx = h.features(target_texts)
     indptr, r_idx = h.features(raw_texts)
     if len(r_idx) == 0:
         raise LmselectError("dsir: the candidates hold no words (every decoded sequence is empty after normalisation)")
     log_ratio = np.log(ngram_distribution(t_idx, cfg.buckets) + EPS) - np.log(ngram_distribution(r_idx, cfg.buckets) + EPS)
-    return log_importance(indptr, r_idx, log_ratio, cfg.normalize)
+    return log_ratio, log_importance(indptr, r_idx, log_ratio, cfg.normalize)
+
+
+def dsir_log_weights(target_texts: list[str], raw_texts: list[str], cfg: DsirConfig) -> np.ndarray:
+    """log importance weights of ``raw_texts`` (the estimator is fit on the target and on the raw texts)."""
+    return fit_log_ratio(target_texts, raw_texts, cfg)[1]
+
+
+class DsirTextScorer:
+    """The importance weights of one round, for scoring raw text (``lmselect score --jsonl``, the datatrove step):
+    the fitted log-ratio per hash bucket (``log_ratio.npy``) and the featurisation (``text_scorer.json``). A text's
+    score is its log w under the round's target and raw estimates, exactly as the round scored its candidates."""
+
+    description = "DSIR log importance weight"
+
+    def __init__(self, path: str | Path):
+        import json
+
+        from lmselect.select.base import TEXT_SCORER_FILE
+
+        p = Path(path)
+        for f in (TEXT_SCORER_FILE, "log_ratio.npy"):
+            if not (p / f).is_file():
+                raise LmselectError(f"{p}: incomplete DSIR text scorer (no {f})")
+        meta = json.loads((p / TEXT_SCORER_FILE).read_text())
+        self.log_ratio = np.load(p / "log_ratio.npy")
+        self.hasher = NgramHasher(int(meta["buckets"]), list(meta["orders"]))
+        self.normalize = bool(meta["normalize"])
+        if self.log_ratio.shape != (self.hasher.buckets,):
+            raise LmselectError(f"{p}: log_ratio.npy has shape {self.log_ratio.shape}, expected ({self.hasher.buckets},)")
+
+    def score_texts(self, texts: Any) -> np.ndarray:
+        indptr, idx = self.hasher.features(list(texts))
+        return log_importance(indptr, idx, self.log_ratio, self.normalize)
+
+
+def _save_text_scorer(out: Path, log_ratio: np.ndarray, cfg: DsirConfig, info: dict[str, Any]) -> None:
+    import json
+
+    from lmselect.select.base import TEXT_SCORER_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "log_ratio.npy", log_ratio)
+    meta = {"method": "dsir", "format": 1, "score": DsirTextScorer.description + (" per n-gram" if cfg.normalize else ""),
+            "buckets": cfg.buckets, "orders": sorted(set(cfg.orders)), "normalize": cfg.normalize, **info}
+    (out / TEXT_SCORER_FILE).write_text(json.dumps(meta, indent=1))
 
 
 @register
@@ -140,7 +187,7 @@ class Dsir(SelectionMethod):
     description = "DSIR: hashed-n-gram importance weights (selection set vs candidates), importance resampling"
     config_cls = DsirConfig
     needs = frozenset({"selection_set"})
-    stages = ("selection", "target", "eval")
+    stages = ("scores", "selection", "target", "eval")
     collective = True  # numpy and seed-determined: every rank computes the same selection
     color = "#bcbd22"
 
@@ -160,19 +207,44 @@ class Dsir(SelectionMethod):
                               key="dsir.min_target_items")
 
     def select(self, ctx: RoundContext) -> Selection:
+        from lmselect.artifacts import is_complete, parent_ref, read_manifest
+        from lmselect.score import read_scores
+        from lmselect.score.sidecar import write_scores
         from lmselect.select.texts import pool_texts, selection_texts
         from lmselect.select.topk import gumbel_topk, top_fraction
 
-        target = selection_texts(ctx, "dsir", self.cfg.min_target_items)
-        logw = dsir_log_weights(target, pool_texts(ctx.pool, ctx.candidates), self.cfg)
-        ids = np.asarray(ctx.candidates, dtype=np.int64)
+        sdir = ctx.stage_dir("scores")
+        if not is_complete(sdir, kind="scores"):
+            target = selection_texts(ctx, "dsir", self.cfg.min_target_items)
+            log_ratio, logw = fit_log_ratio(target, pool_texts(ctx.pool, ctx.candidates), self.cfg)
+            info = {"target_items": len(target)}
+
+            def write() -> None:
+                if not is_complete(sdir, kind="scores"):
+                    # float64 in the scorer, float32 in the sidecar: the selection reads the sidecar's values
+                    write_scores(sdir, ctx.candidates, logw, config={"dsir": vars(self.cfg)},
+                                 parents=[parent_ref(ctx.pool.path)], extra={"score": "DSIR log importance weight", **info},
+                                 write_extra=lambda tmp: _save_text_scorer(tmp / "text_scorer", log_ratio, self.cfg, info))
+
+            ctx.run.main_only(write)
+            ctx.run.sync()
+        target_items = read_manifest(sdir, kind="scores")["extra"].get("target_items")
+        ids, logw = read_scores(sdir)
+        if not np.array_equal(ids, np.asarray(ctx.candidates, dtype=np.int64)):
+            raise LmselectError(f"{sdir}: scores of other sequences than this round's candidates; delete it and rerun")
+        logw = logw.astype(np.float64)
         if self.cfg.sampling == "gumbel":  # P(x) ∝ w(x) = exp(log w): Gumbel-top-k at temperature 1
             sel = gumbel_topk(ids, logw, ctx.fraction, temperature=1.0, seed=ctx.derived_seed(STREAM_METHOD))
         else:
             sel = top_fraction(ids, logw, ctx.fraction)
         return Selection(sel, scores=logw, extra={
             "score": "DSIR log importance weight" + (" per n-gram" if self.cfg.normalize else ""),
-            "sampling": self.cfg.sampling, "target_items": len(target), "log_w_median": float(np.median(logw))})
+            "sampling": self.cfg.sampling, "target_items": target_items, "log_w_median": float(np.median(logw))},
+            parents=[parent_ref(sdir)])
+
+    @classmethod
+    def load_text_scorer(cls, path: Any) -> DsirTextScorer:
+        return DsirTextScorer(path)
 
     def selection_flops(self, f: FlopContext) -> float:
         # hashing and one gather-add per n-gram: ~ one operation per token and order; negligible

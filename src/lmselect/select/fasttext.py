@@ -31,9 +31,9 @@ Choices and why.
 * Binding: ``fasttext-numpy2-wheel`` (import name ``fasttext``), a maintained wheel of the official bindings whose
   ``predict`` works under NumPy 2 (``fasttext`` 0.9.3's does not); datatrove depends on it too.
 
-Not (yet) offered: scoring a ``.jsonl`` file per document with ``lmselect score --jsonl`` (that command loads torch
-score models only; the classifier is retrained per round from the recipe and not saved; :func:`classify` trains and
-scores texts outside a run).
+Each round keeps its classifier as a text scorer (``scores/text_scorer/``: its training data and settings, see
+:class:`FastTextTextScorer`), which ``lmselect score --jsonl`` and the datatrove step load to score whole documents;
+:func:`classify` trains and scores texts outside a run.
 """
 
 from __future__ import annotations
@@ -119,17 +119,11 @@ def _child(work: str) -> None:
         json.dump({"vocabulary": len(model.words)}, f)
 
 
-def classify(positives: list[str], negatives: list[str], texts: list[str], cfg: FastTextConfig,
-             seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Train a fastText supervised model of ``positives`` (label target) against ``negatives`` (label pool)
-    single-threaded with ``seed`` (deterministic), and return P(target | t) for each of ``texts`` (0 for a text
-    with no word) and facts about the model. Runs in a child process (see ``_CHILD_ENV``); training examples are
-    written in a seeded shuffled order (fastText's SGD sees them in file order)."""
+def _write_training(d: str, positives: list[str], negatives: list[str], cfg: FastTextConfig, seed: int) -> None:
+    """``d/train.txt`` (labelled examples in a seeded shuffled order: fastText's SGD sees them in file order) and
+    ``d/args.json`` (the supervised settings, single-threaded, seeded)."""
     import json
-    import subprocess
-    import sys
 
-    import_fasttext()  # a broken binding: one line, before the child starts
     pos = [f"{TARGET} {t}" for t in _clean(positives) if t.split()]
     neg = [f"{POOL} {t}" for t in _clean(negatives) if t.split()]
     if not pos or not neg:
@@ -139,27 +133,101 @@ def classify(positives: list[str], negatives: list[str], texts: list[str], cfg: 
     order = np.random.default_rng(seed).permutation(len(rows))
     args = {"wordNgrams": cfg.word_ngrams, "dim": cfg.dim, "lr": cfg.lr, "epoch": cfg.epoch, "minCount": cfg.min_count,
             "bucket": cfg.bucket, "loss": "softmax", "thread": 1, "seed": int(seed % (2**31 - 1)), "verbose": 0}
-    with tempfile.TemporaryDirectory(prefix="lmselect-fasttext-") as d:
-        with open(os.path.join(d, "train.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(rows[i] + "\n" for i in order))
-        with open(os.path.join(d, "predict.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(t + "\n" for t in _clean(texts)))
-        with open(os.path.join(d, "args.json"), "w") as f:
-            json.dump(args, f)
-        import lmselect
+    with open(os.path.join(d, "train.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(rows[i] + "\n" for i in order))
+    with open(os.path.join(d, "args.json"), "w") as f:
+        json.dump(args, f)
 
-        src = os.path.dirname(os.path.dirname(os.path.abspath(lmselect.__file__)))
-        env = {**os.environ, **_CHILD_ENV, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-        env.pop("MALLOC_PERTURB_", None)
-        code = "import sys; from lmselect.select.fasttext import _child; _child(sys.argv[1])"
-        r = subprocess.run([sys.executable, "-c", code, d], env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["no message"])[-1][:300]
-            raise LmselectError(f"fasttext: training the classifier failed ({last}); lower fasttext.lr or check "
-                                "that the selection set and the pool hold text")
-        p = np.load(os.path.join(d, "p.npy"))
-        info = json.loads(open(os.path.join(d, "info.json")).read())
-    return p, info
+
+def _train_and_predict(d: str, texts: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train on ``d/train.txt`` with ``d/args.json`` in a child process (see ``_CHILD_ENV``) and return
+    P(target | t) of each of ``texts`` and facts about the model."""
+    import json
+    import subprocess
+    import sys
+
+    import lmselect
+
+    with open(os.path.join(d, "predict.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t in _clean(texts)))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(lmselect.__file__)))
+    env = {**os.environ, **_CHILD_ENV, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    env.pop("MALLOC_PERTURB_", None)
+    code = "import sys; from lmselect.select.fasttext import _child; _child(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-c", code, d], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        raise LmselectError(f"fasttext: training the classifier failed ({last}); lower fasttext.lr or check "
+                            "that the selection set and the pool hold text")
+    return np.load(os.path.join(d, "p.npy")), json.loads(open(os.path.join(d, "info.json")).read())
+
+
+def classify(positives: list[str], negatives: list[str], texts: list[str], cfg: FastTextConfig,
+             seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train a fastText supervised model of ``positives`` (label target) against ``negatives`` (label pool)
+    single-threaded with ``seed`` (deterministic), and return P(target | t) for each of ``texts`` (0 for a text
+    with no word) and facts about the model. Runs in a child process (see ``_CHILD_ENV``)."""
+    import_fasttext()  # a broken binding: one line, before the child starts
+    with tempfile.TemporaryDirectory(prefix="lmselect-fasttext-") as d:
+        _write_training(d, positives, negatives, cfg, seed)
+        return _train_and_predict(d, texts)
+
+
+#: candidates whose texts and scores a saved text scorer keeps to prove that its retrained classifier is the round's
+N_PROBES = 4
+
+
+class FastTextTextScorer:
+    """The classifier of one round, for scoring raw text (``lmselect score --jsonl``, the datatrove step).
+
+    Saved as its training data and settings (``train.txt``, ``args.json``), not as a model file: a bigram model with
+    fastText's 2M hash buckets is 800 MB, and single-threaded training in a fresh child process is deterministic
+    (see ``_CHILD_ENV``), so retraining gives the round's classifier bit for bit in about a second at demo size.
+    Every :meth:`score_texts` call retrains once and also scores ``N_PROBES`` of the round's candidates, which must
+    get exactly the round's scores (``text_scorer.json`` ``probe_p``); otherwise it refuses. Score large batches."""
+
+    description = "fastText P(target)"
+
+    def __init__(self, path: str | os.PathLike):
+        import json
+
+        from lmselect.select.base import TEXT_SCORER_FILE
+
+        self.path = os.fspath(path)
+        for f in (TEXT_SCORER_FILE, "train.txt", "args.json"):
+            if not os.path.isfile(os.path.join(self.path, f)):
+                raise LmselectError(f"{self.path}: incomplete fastText text scorer (no {f})")
+        self.meta = json.loads(open(os.path.join(self.path, TEXT_SCORER_FILE)).read())
+
+    def score_texts(self, texts: Any) -> np.ndarray:
+        import shutil
+
+        import_fasttext()
+        texts, probes = list(texts), list(self.meta.get("probe_texts", []))
+        with tempfile.TemporaryDirectory(prefix="lmselect-fasttext-") as d:
+            for f in ("train.txt", "args.json"):
+                shutil.copyfile(os.path.join(self.path, f), os.path.join(d, f))
+            p, _ = _train_and_predict(d, probes + texts)
+        if not np.array_equal(p[: len(probes)], np.asarray(self.meta.get("probe_p", []), dtype=np.float64)):
+            raise LmselectError(f"{self.path}: the retrained fastText classifier does not reproduce the round's scores "
+                                "(a different fasttext binding or platform?); rescore inside the run instead")
+        return p[len(probes):]
+
+
+def _save_text_scorer(out: str | os.PathLike, train: str, args: str, probe_texts: list[str], probe_p: np.ndarray,
+                      info: dict[str, Any]) -> None:
+    import json
+
+    from lmselect.select.base import TEXT_SCORER_FILE
+
+    os.makedirs(out, exist_ok=True)
+    for name, text in (("train.txt", train), ("args.json", args)):
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    meta = {"method": "fasttext", "format": 1, "score": FastTextTextScorer.description, **info,
+            "probe_texts": probe_texts, "probe_p": [float(x) for x in probe_p]}
+    with open(os.path.join(out, TEXT_SCORER_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
 
 
 def holdout_ids(ctx: RoundContext) -> np.ndarray:
@@ -221,16 +289,23 @@ class FastTextFilter(SelectionMethod):
             seed = ctx.derived_seed(STREAM_METHOD)
             pos = selection_texts(ctx, "fasttext", self.cfg.min_target_items)
             neg_ids = negative_ids(ctx, self.cfg, len(pos), seed)
-            p, model_info = classify(pos, pool_texts(ctx.pool, neg_ids), pool_texts(ctx.pool, ctx.candidates),
-                                     self.cfg, seed)
+            cand_texts = pool_texts(ctx.pool, ctx.candidates)
+            import_fasttext()
+            with tempfile.TemporaryDirectory(prefix="lmselect-fasttext-") as d:
+                _write_training(d, pos, pool_texts(ctx.pool, neg_ids), self.cfg, seed)
+                p, model_info = _train_and_predict(d, cand_texts)
+                train, args = (open(os.path.join(d, f), encoding="utf-8").read() for f in ("train.txt", "args.json"))
             info = {"positives": len(pos), "negatives": int(len(neg_ids)), "negatives_from": self.cfg.negatives,
                     **model_info}
+            probes = [i for i, t in enumerate(cand_texts) if t.split()][:N_PROBES]
 
             def write() -> None:
                 if not is_complete(sdir, kind="scores"):
                     write_scores(sdir, ctx.candidates, p, config={"fasttext": vars(self.cfg), "seed": seed},
                                  parents=[parent_ref(ctx.pool.path)], extra={"score": "P(target) of a fastText "
-                                 "classifier", **info})
+                                 "classifier", **info},
+                                 write_extra=lambda tmp: _save_text_scorer(
+                                     tmp / "text_scorer", train, args, [cand_texts[i] for i in probes], p[probes], info))
 
             ctx.run.main_only(write)
             ctx.run.sync()
@@ -242,6 +317,10 @@ class FastTextFilter(SelectionMethod):
         scores = p.astype(np.float64)
         return Selection(top_fraction(ids, scores, ctx.fraction), scores=scores, parents=[parent_ref(sdir)],
                          extra={"score": "fastText P(target)", "p_target_median": float(np.median(scores)), **info})
+
+    @classmethod
+    def load_text_scorer(cls, path: Any) -> FastTextTextScorer:
+        return FastTextTextScorer(path)
 
     def selection_flops(self, f: FlopContext) -> float:
         # a linear model: ~2·dim FLOPs per n-gram feature per epoch (train) and per candidate feature (predict),
