@@ -90,9 +90,14 @@ def measure(setup: dict[str, Any], case: str, steps: int) -> dict[str, list[dict
     return out
 
 
+def _pct(x: float) -> str:
+    v = 100 * x
+    return f"{v:.0f} %" if v >= 10 else (f"{v:.2g} %" if v >= 0.01 else f"{v:.0e} %")
+
+
 def _range(vals: list[float], pct: bool) -> str:
     lo, hi = min(vals), max(vals)
-    f = (lambda x: f"{100 * x:.2g} %") if pct else (lambda x: f"{x:.2g}")
+    f = _pct if pct else (lambda x: f"{x:.2g}")
     return f(lo) if f(lo) == f(hi) else f"{f(lo)} – {f(hi)}"
 
 
