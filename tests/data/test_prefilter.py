@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from corpus_helpers import clean_records, write_jsonl
+from corpus_helpers import write_jsonl
 
 from lmselect.artifacts import LmselectError
 from lmselect.cli import main
@@ -199,3 +199,28 @@ def test_recipe_key_and_stage_identity(tmp_path):
     assert stage_specs(r2)["pool"]["pool"]["prepare"]["prefilter"] == ["c4"]
     with pytest.raises(ConfigError, match="'pool.prepare.prefilter': unknown prefilter 'c5'; did you mean 'c4'"):
         load_recipe("demo", ["--pool.prepare.prefilter=c5"])
+
+
+def test_inspect_and_export_show_what_was_dropped(tmp_path, mixed, tok_dir, capsys):
+    import gzip
+
+    pool_dir = prepare(_cfg(mixed, tok_dir, prefilter=["gopher_repetition", "c4"]), tmp_path / "pool", progress=False)
+    assert main(["inspect", str(pool_dir), "--n", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "prefilter gopher_repetition, c4: 9 of 21 documents removed" in out
+    assert "gopher_repetition: 5 (dup_para_frac 5)" in out and "r0 (gopher_repetition: dup_para_frac)" in out
+    assert main(["export", str(pool_dir), "--dropped", "--out", str(tmp_path / "x")]) == 0
+    assert "exported 9 documents the prefilter removed" in capsys.readouterr().out
+    with gzip.open(tmp_path / "x" / "dropped.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)] + [f"s{i}" for i in range(4)]
+    assert rows[0]["text"] == "\n\n".join([PROSE[0]] * 6) and rows[0]["filter"] == "gopher_repetition"
+    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["kind"] == "export"
+    # inputs changed since: refused in one line; a pool without a prefilter has nothing to export
+    with open(mixed[1], "a") as f:
+        f.write(json.dumps({"text": "one more note"}) + "\n")
+    assert main(["export", str(pool_dir), "--dropped", "--out", str(tmp_path / "y")]) == 2
+    assert "inputs changed since it was prepared" in capsys.readouterr().err
+    plain = prepare(_cfg(mixed, tok_dir), tmp_path / "plain", progress=False)
+    assert main(["export", str(plain), "--dropped", "--out", str(tmp_path / "z")]) == 2
+    assert "prepared without a prefilter" in capsys.readouterr().err

@@ -348,3 +348,42 @@ def read_dropped(pool_dir: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 raise LmselectError(f"{path}:{i}: not a JSON line; the pool is damaged, rerun lmselect prepare") from None
     return rows
+
+
+def export_dropped(pool_dir: str | Path, out_dir: str | Path) -> tuple[Path, int]:
+    """Write ``OUT/dropped.jsonl.gz``: each document the pool's prefilter removed, with its filter, reason and text,
+    read back from the pool's inputs (refused when they changed since the pool was prepared: the positions in
+    ``prefilter_dropped.jsonl`` would point at other documents). The text is the input's, before any filter edited it.
+    ``OUT`` is an artifact (manifest kind ``export``), built in a temporary directory. Returns (OUT, documents)."""
+    import gzip
+
+    from lmselect.artifacts import Manifest, atomic_path, parent_ref, read_manifest, write_manifest
+    from lmselect.data.readers import input_fingerprint, iter_documents, resolve_inputs
+
+    pool_dir, out_dir = Path(pool_dir), Path(out_dir)
+    m = read_manifest(pool_dir, kind="pool")
+    if not (m.get("extra") or {}).get("prefilter"):
+        raise LmselectError(f"{pool_dir}: the pool was prepared without a prefilter; nothing was dropped")
+    rows = {r["index"]: r for r in read_dropped(pool_dir)}
+    c = m["config"]  # the pool's PrepareConfig, as written (data.prepare imports this module: no import back)
+    specs = resolve_inputs(c["inputs"])
+    recorded = [(i.get("path"), i.get("sha256")) for i in m["extra"].get("inputs", [])]
+    now = [(f["path"], f["sha256"]) for f in map(input_fingerprint, specs)]
+    if recorded and [h for _, h in recorded] != [h for _, h in now]:
+        raise LmselectError(f"{pool_dir}: its inputs changed since it was prepared ({', '.join(c['inputs'])}); the "
+                            "dropped documents cannot be read back")
+    n = 0
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        with gzip.open(tmp / "dropped.jsonl.gz", "wt", encoding="utf-8") as f:
+            docs = iter_documents(specs, c.get("text_field", "text"), c.get("id_field", "id"),
+                                  c.get("source_field", "source"), False, c.get("max_docs"))
+            for i, d in enumerate(docs):
+                r = rows.get(i)
+                if r is None:
+                    continue
+                f.write(json.dumps({**r, "text": d.text}, ensure_ascii=False) + "\n")
+                n += 1
+        write_manifest(tmp, Manifest(kind="export", parents=[parent_ref(pool_dir)], counts={"documents": n},
+                                     extra={"dropped": "dropped.jsonl.gz", "pool": str(pool_dir)}))
+    return out_dir, n
