@@ -33,6 +33,16 @@ manufactures one from the user's own corpus and selection set, so the answer is 
    ``--junk-ratio`` (0.5) × base. A PASS / FAIL table goes to stdout, ``OUT/check.md`` and ``OUT/check.json``; the
    exit code is 0 on PASS and 1 on FAIL.
 
+The planted files pass through the recipe's heuristic prefilter (``pool.prepare.prefilter``, ``--prefilter``; see
+:mod:`lmselect.data.prefilter`) like any input, so two tables are printed. The **pipeline** table counts every
+planted document: per kind, documents planted, removed by each filter, reaching the method, selected, and rate = the
+kind's tokens selected in the round / its input tokens before the prefilter, against the corpus's own sources' same
+share (the round's share of the input cancels in the ratio); its verdict is the check's verdict and exit code. The
+**method** table is step 4 on the candidates that reached the method; a kind of which fewer than ``--min-reached``
+(10) documents are among a round's candidates is "not judged (n reached)" there, never a pass. ``--prefilter=none``
+runs the method alone on everything. A recipe with ``pool.path`` is checked on the corpus that pool was prepared
+from (inputs and settings from its manifest).
+
 Token-level methods (rho1, blade) feed the whole shard and select tokens inside the loss, so there is no
 per-source selection rate to judge; the check refuses them before any compute ("not applicable (token-level)").
 Reruns resume: the planted inputs, pool and run are reused when complete; other check settings into the same
