@@ -224,3 +224,17 @@ def test_inspect_and_export_show_what_was_dropped(tmp_path, mixed, tok_dir, caps
     plain = prepare(_cfg(mixed, tok_dir), tmp_path / "plain", progress=False)
     assert main(["export", str(plain), "--dropped", "--out", str(tmp_path / "z")]) == 2
     assert "prepared without a prefilter" in capsys.readouterr().err
+
+
+def test_report_section_shows_the_prefilter(tmp_path, mixed, tok_dir):
+    """The run report's "What the prefilter removed" section, from a pool manifest's extra.prefilter."""
+    from lmselect.report.results import headline_sections, results_markdown
+
+    pool_dir = prepare(_cfg(mixed, tok_dir, prefilter=["gopher_repetition", "c4"]), tmp_path / "pool", progress=False)
+    res = {"methods": {}, "rows": [], "paired_vs_random": {}, "paired_vs_level_control": {}, "diagnostics": {},
+           "prefilter": prefilter_report(pool_dir), "run": "r", "tasks": {}, "curves": []}
+    (sec,) = [s for s in headline_sections(res) if s["title"].startswith("What the prefilter removed")]
+    assert sec["note"].startswith("prefilter gopher_repetition, c4: 9 of 21 documents removed")
+    assert sec["rows"] == [["notes", "4", "4", "c4 4", "0%"], ["web", "17", "5", "gopher_repetition 5", "71%"]]
+    assert sec["bullets"] == ["gopher_repetition: 5 removed (dup_para_frac 5)", "c4: 4 removed (too_few_sentences 4)"]
+    assert "## What the prefilter removed" in results_markdown(res)
