@@ -346,6 +346,11 @@ def test_prefilter_pipeline_and_method_tables_oracle_and_random(check_recipe, tm
     planted = json.loads((out / "inputs" / "plant.json").read_text())["counts"]
     assert info["per_source"]["planted_repeated"]["by_filter"] == {
         "gopher_repetition": planted["planted_repeated"]["documents"]}
+    # the pipeline's denominators: every planted document's tokens (with EOS), removed ones included
+    tok = pool.load_tokenizer()
+    for name in ("planted_target", "planted_repeated"):
+        texts = [json.loads(x)["text"] for x in (out / "inputs" / f"{name}.jsonl").read_text().splitlines()]
+        assert info["per_source"][name]["input_tokens"] == sum(len(tok(t)["input_ids"]) + 1 for t in texts)
     for kind in ("oracle", "random"):
         write_scores(tmp_path / kind, *_scores(pool, kind))
         rc = main(args + ["--scores", str(tmp_path / kind)])
@@ -355,6 +360,17 @@ def test_prefilter_pipeline_and_method_tables_oracle_and_random(check_recipe, tm
         assert [(r["planted"], r["removed"], r["reached"], r["selected_documents"], r["pass"]) for r in rep] == [
             (planted["planted_repeated"]["documents"],) * 2 + (0, 0, True)] * 2
         assert all(r["removed_by_filter"] == {"gopher_repetition": r["removed"]} for r in rep)
+        # rate = the kind's selected tokens (docs.parquet spans of the round's top sequences) / its input tokens
+        import pandas as pd
+
+        spans = pd.read_parquet(out / "pool" / "docs.parquet")
+        t1 = next(r for r in pipe["rows"] if r["source"] == "planted_target" and r["round"] == 1)
+        from lmselect.check import scores_by_round
+        from lmselect.score import read_scores
+
+        _, _, sel1 = scores_by_round(pool, *read_scores(tmp_path / kind), 0.2, 2)[1]
+        want = spans.loc[spans["seq_id"].isin(sel1) & (spans["source"] == "planted_target"), "length"].sum()
+        assert t1["selected_tokens"] == want and t1["rate"] == pytest.approx(want / t1["input_tokens"])
         m_rep = [r for r in res["rows"] if r["source"] == "planted_repeated"]
         assert [(r["judged"], r["pass"], r["note"]) for r in m_rep] == [(False, False, "not judged (0 reached)")] * 2
         assert res["not_judged"] >= 2 and res["criteria"] + res["not_judged"] == 8
@@ -365,6 +381,9 @@ def test_prefilter_pipeline_and_method_tables_oracle_and_random(check_recipe, tm
             assert rc == (0 if pipe["verdict"] == "PASS" else 1)
         md = (out / "check.md").read_text()
         assert "## Pipeline: prefilter (gopher_repetition) + scores" in md and "not judged (0 reached)" in md
+    capsys.readouterr()
+    assert main(args[:-4] + ["--prefilter", "none", "--prepare-only"]) == 2  # the same --out, another prefilter
+    assert "its pool was prepared with prefilter gopher_repetition; this check asks for none" in capsys.readouterr().err
 
 
 def test_check_plants_into_the_corpus_a_prepared_pool_came_from(check_recipe, tmp_path, capsys):

@@ -287,6 +287,20 @@ def prepare_from_pool(recipe: Recipe) -> Recipe:
     return replace(data, **{"pool.prepare": to_dict(prep)})
 
 
+def _same_prefilter(recipe: Recipe, out_dir: Path) -> None:
+    """Refuse, in one line, a check into an output directory whose pool was prepared with another prefilter."""
+    from lmselect.data.prefilter import normalize_names
+
+    m = out_dir / "pool" / "manifest.json"
+    if not m.is_file():
+        return
+    old = normalize_names(read_json(m).get("config", {}).get("prefilter"))
+    new = normalize_names(recipe.pool.prepare.prefilter)
+    if old != new:
+        raise LmselectError(f"{out_dir}: its pool was prepared with prefilter {','.join(old) or 'none'}; this check "
+                            f"asks for {','.join(new) or 'none'}: use another --out")
+
+
 def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path, method: str,
                    seeds: tuple[int, ...] = (0,)) -> Recipe:
     """The user's recipe pointed at the planted pool and the visible part of the selection set, ``method`` only,
@@ -550,6 +564,7 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     cfg.validate()
     recipe = prepare_from_pool(recipe)
     out_dir = Path(out_dir)
+    _same_prefilter(recipe, out_dir)
     planted = build_planted_inputs(recipe, out_dir, cfg)
     pool_dir = prepare_planted_pool(recipe, planted, out_dir)
     r = planted_recipe(recipe, planted, out_dir, cfg.method, tuple(cfg.method_seeds))
