@@ -604,6 +604,10 @@ bad input: malformed records (bad JSON, no text field, text not a string, non-UT
 counted in the manifest; --strict makes them fatal. An empty corpus, a missing file, seq_len < 2 or a tokenizer
 directory that does not load is always an error naming the file and line.
 
+prefilter: --prefilter gopher_repetition,c4 runs datatrove's heuristic filters first (also gopher_quality,
+c4_datatrove, fineweb_quality); counts go to the manifest (extra.prefilter), removed documents to
+prefilter_dropped.jsonl.
+
 decontamination: --decontaminate PATH (repeatable; files, folders, globs, bundled:REL) lists protected texts;
 documents sharing a --decontam-n word n-gram (default 13) with them are flagged in contamination.parquet and the
 manifest, or removed with --decontam-mode drop.
