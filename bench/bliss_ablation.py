@@ -155,7 +155,8 @@ def run() -> int:
             for s in srcs:
                 rs = sorted((x for x in c["rows"] if x["source"] == s), key=lambda x: x["round"])
                 cells.append(", ".join(f"{x['ratio']:.2f}{'' if x['pass'] else '!'}" for x in rs) or "–")
-            crow.append([r["variant"], f"{c['verdict']} ({c['passed']}/{c['criteria']})", *cells])
+            # the rows and counts are the method table's (check.json's "verdict" is the pipeline's since the prefilter)
+            crow.append([r["variant"], f"{c.get('method_verdict', c['verdict'])} ({c['passed']}/{c['criteria']})", *cells])
         print("\nKnown-answer check (lmselect check demo --method bliss; rate / base rate per round; ! = criterion "
               "failed: target >= 2x, junk <= 0.5x)\n")
         print(_md_table(ch, crow))

@@ -125,13 +125,20 @@ def test_random_fails_the_check_end_to_end(check_recipe, tmp_path, capsys):
 
     out = tmp_path / "random"
     rc = main(["check", str(check_recipe), "--method", "random", "--out", str(out), "--plant-fraction", "0.1",
-               "--warmup.steps=5"])
+               "--warmup.steps=5", "--min-reached", "1"])
     assert rc == 1
     printed = capsys.readouterr().out
     assert "Known-answer check: random — FAIL" in printed and "| 1 | planted_target |" in printed
     res = json.loads((out / "check.json").read_text())
     assert (out / "check.md").read_text().startswith("# Known-answer check: random — FAIL")
     assert res["verdict"] == "FAIL" and res["criteria"] == 8  # 4 planted sources x 2 rounds
+    # no prefilter: the pipeline table is the method on everything (token rates, about the sequence rates)
+    pipe = res["pipeline"]
+    assert pipe["filters"] == [] and pipe["verdict"] == res["method_verdict"] == "FAIL" and pipe["criteria"] == 8
+    for p, m in zip(pipe["rows"], res["rows"]):
+        assert (p["round"], p["source"], p["removed"], p["reached"]) == (m["round"], m["source"], 0, m["documents"])
+        assert abs(p["ratio"] - m["ratio"]) < 0.5
+    assert "## Pipeline: prefilter (none) + random" in printed and "## Method alone" in printed
     for r in _rows(res, "planted_target"):
         assert r["candidates"] >= 20 and not r["pass"] and 0.3 < r["ratio"] < 2.0  # about the base rate (35 candidates)
     # how many distinct planted documents each rate is made of, against docs.parquet directly
@@ -167,7 +174,7 @@ def test_bliss_check_runs_end_to_end_at_tiny_scale(check_recipe, tmp_path, capsy
 
     out = tmp_path / "bliss"
     rc = main(["check", str(check_recipe), "--method", "bliss", "--out", str(out), "--plant-fraction", "0.1",
-               "--warmup.steps=5"])
+               "--warmup.steps=5", "--min-reached", "1"])  # ~10 planted documents per kind at this scale
     assert rc in (0, 1)
     res = json.loads((out / "check.json").read_text())
     assert res["criteria"] == 8 and {r["source"] for r in res["rows"]} == {
@@ -202,7 +209,8 @@ def test_reference_scorer_picks_target_like_data(check_recipe, tmp_path):
     from lmselect.check import CheckConfig, run_check
     from lmselect.recipe import load_recipe
 
-    res = run_check(load_recipe(check_recipe), tmp_path / "ref", CheckConfig(method="reference", plant_fraction=0.1))
+    res = run_check(load_recipe(check_recipe), tmp_path / "ref", CheckConfig(method="reference", plant_fraction=0.1,
+                                                                                   min_reached=1))
     for r in _rows(res, "planted_target"):
         assert r["pass"] and r["ratio"] >= 3.0, r
     for r in _rows(res, "planted_random"):
@@ -221,7 +229,7 @@ def test_scores_mode_judges_an_external_scorer(check_recipe, tmp_path):
     from lmselect.score import write_scores
 
     out = tmp_path / "ext"
-    args = ["check", str(check_recipe), "--out", str(out), "--plant-fraction", "0.1"]
+    args = ["check", str(check_recipe), "--out", str(out), "--plant-fraction", "0.1", "--min-reached", "1"]
     assert main(args + ["--prepare-only"]) == 0
     pool = TokenPool(out / "pool")
     ids = pool.ids(None)
@@ -262,7 +270,7 @@ def test_several_method_seeds_pass_only_when_every_seed_passes():
         per["forum"] = {"candidates": 100, "selected": 30 + 10 * seed, "rate": (30 + 10 * seed) / 100}
         return {"round": 1, "seed": seed, "selected_rate": 0.2, "per_source": per}
 
-    cfg = CheckConfig(method_seeds=(0, 1))
+    cfg = CheckConfig(method_seeds=(0, 1), min_reached=3)
     docs = {(0, 1): {"planted_repeated": {"documents": 3, "selected_documents": 0}},
             (1, 1): {"planted_repeated": {"documents": 3, "selected_documents": 1}}}
     res = judge([summary(0, 0.05), summary(1, 0.25)], cfg, docs)
@@ -309,3 +317,104 @@ def test_junk_documents_are_capped_so_no_document_decides_a_rate(tmp_path):
     assert np.median([len(d) for d in docs(capped, "planted_repeated")]) <= 600
     for kind in JUNK:
         assert capped["counts"][kind]["documents"] > whole["counts"][kind]["documents"]
+
+
+def _scores(pool, kind: str, seed: int = 0) -> np.ndarray:
+    """An oracle (target-like 1, junk 0, corpus 0.5) or random scores for every sequence of ``pool``."""
+    ids = pool.ids(None)
+    src = pool.sources(ids).astype(str)
+    if kind == "random":
+        return ids, np.random.default_rng(seed).random(len(ids))
+    return ids, np.where(src == "planted_target", 1.0, np.where(np.char.startswith(src, "planted_"), 0.0, 0.5))
+
+
+def test_prefilter_pipeline_and_method_tables_oracle_and_random(check_recipe, tmp_path, capsys):
+    """--prefilter gopher_repetition: the planted junk goes through it like any input. The pipeline table counts
+    what it removed (every repeated-sentence document), the method table judges only kinds that reached the method;
+    an oracle scorer passes both, random scores fail the method on what reached it."""
+    from lmselect.cli import main
+    from lmselect.data.pool import TokenPool
+    from lmselect.score import write_scores
+
+    out = tmp_path / "pre"
+    args = ["check", str(check_recipe), "--out", str(out), "--plant-fraction", "0.1", "--prefilter",
+            "gopher_repetition", "--min-reached", "3"]
+    assert main(args + ["--prepare-only"]) == 0
+    pool = TokenPool(out / "pool")
+    info = pool.manifest["extra"]["prefilter"]
+    assert info["filters"] == ["gopher_repetition"]
+    planted = json.loads((out / "inputs" / "plant.json").read_text())["counts"]
+    assert info["per_source"]["planted_repeated"]["by_filter"] == {
+        "gopher_repetition": planted["planted_repeated"]["documents"]}
+    # the pipeline's denominators: every planted document's tokens (with EOS), removed ones included
+    tok = pool.load_tokenizer()
+    for name in ("planted_target", "planted_repeated"):
+        texts = [json.loads(x)["text"] for x in (out / "inputs" / f"{name}.jsonl").read_text().splitlines()]
+        assert info["per_source"][name]["input_tokens"] == sum(len(tok(t)["input_ids"]) + 1 for t in texts)
+    for kind in ("oracle", "random"):
+        write_scores(tmp_path / kind, *_scores(pool, kind))
+        rc = main(args + ["--scores", str(tmp_path / kind)])
+        res = json.loads((out / "check.json").read_text())
+        pipe = res["pipeline"]
+        rep = [r for r in pipe["rows"] if r["source"] == "planted_repeated"]
+        assert [(r["planted"], r["removed"], r["reached"], r["selected_documents"], r["pass"]) for r in rep] == [
+            (planted["planted_repeated"]["documents"],) * 2 + (0, 0, True)] * 2
+        assert all(r["removed_by_filter"] == {"gopher_repetition": r["removed"]} for r in rep)
+        # rate = the kind's selected tokens (docs.parquet spans of the round's top sequences) / its input tokens
+        import pandas as pd
+
+        spans = pd.read_parquet(out / "pool" / "docs.parquet")
+        t1 = next(r for r in pipe["rows"] if r["source"] == "planted_target" and r["round"] == 1)
+        from lmselect.check import scores_by_round
+        from lmselect.score import read_scores
+
+        _, _, sel1 = scores_by_round(pool, *read_scores(tmp_path / kind), 0.2, 2)[1]
+        want = spans.loc[spans["seq_id"].isin(sel1) & (spans["source"] == "planted_target"), "length"].sum()
+        assert t1["selected_tokens"] == want and t1["rate"] == pytest.approx(want / t1["input_tokens"])
+        m_rep = [r for r in res["rows"] if r["source"] == "planted_repeated"]
+        assert [(r["judged"], r["pass"], r["note"]) for r in m_rep] == [(False, False, "not judged (0 reached)")] * 2
+        assert res["not_judged"] >= 2 and res["criteria"] + res["not_judged"] == 8
+        if kind == "oracle":
+            assert rc == 0 and res["verdict"] == pipe["verdict"] == "PASS" and res["method_verdict"] == "PASS"
+        else:  # random on what reached it: target-like about the base rate
+            assert res["method_verdict"] == "FAIL"
+            assert rc == (0 if pipe["verdict"] == "PASS" else 1)
+        md = (out / "check.md").read_text()
+        assert "## Pipeline: prefilter (gopher_repetition) + scores" in md and "not judged (0 reached)" in md
+    capsys.readouterr()
+    assert main(args[:-4] + ["--prefilter", "none", "--prepare-only"]) == 2  # the same --out, another prefilter
+    assert "its pool was prepared with prefilter gopher_repetition; this check asks for none" in capsys.readouterr().err
+
+
+def test_check_plants_into_the_corpus_a_prepared_pool_came_from(check_recipe, tmp_path, capsys):
+    """A recipe with pool.path: the check reads that pool's inputs and settings from its manifest and plants there;
+    a pool whose inputs are gone is a one-line error that says what to set."""
+    import shutil
+
+    from lmselect.check import prepare_from_pool
+    from lmselect.cli import main
+    from lmselect.recipe import load_recipe
+
+    r = load_recipe(check_recipe)
+    pool = tmp_path / "pool"
+    assert main(["prepare", *r.pool.prepare.inputs, "-o", str(pool), "--vocab-size", "512", "--seq-len", "64",
+                 "--n-shards", "3", "--workers", "1", "--no-progress"]) == 0
+    with_path = load_recipe(check_recipe, [f"--pool.path={pool}"])
+    got = prepare_from_pool(with_path)
+    assert got.pool.path is None and got.pool.prepare.inputs == r.pool.prepare.inputs
+    assert got.pool.prepare.seq_len == 64 and got.pool.prepare.vocab_size == 512
+    out = tmp_path / "chk"
+    assert main(["check", str(check_recipe), f"--pool.path={pool}", "--out", str(out), "--plant-fraction", "0.1",
+                 "--prepare-only"]) == 0
+    assert (out / "pool" / "manifest.json").is_file()
+    moved = tmp_path / "moved"
+    shutil.copytree(pool, tmp_path / "pool2")
+    m = json.loads((tmp_path / "pool2" / "manifest.json").read_text())
+    m["config"]["inputs"] = [str(moved / "*.jsonl")]
+    (tmp_path / "pool2" / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["check", str(check_recipe), f"--pool.path={tmp_path / 'pool2'}", "--out", str(tmp_path / "c2"),
+                 "--prepare-only"]) == 2
+    err = capsys.readouterr().err
+    assert "was prepared from inputs that cannot be read now" in err and "set pool.prepare.inputs" in err
+    assert len(err.strip().splitlines()) == 1

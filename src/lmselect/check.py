@@ -33,6 +33,16 @@ manufactures one from the user's own corpus and selection set, so the answer is 
    ``--junk-ratio`` (0.5) × base. A PASS / FAIL table goes to stdout, ``OUT/check.md`` and ``OUT/check.json``; the
    exit code is 0 on PASS and 1 on FAIL.
 
+The planted files pass through the recipe's heuristic prefilter (``pool.prepare.prefilter``, ``--prefilter``; see
+:mod:`lmselect.data.prefilter`) like any input, so two tables are printed. The **pipeline** table counts every
+planted document: per kind, documents planted, removed by each filter, reaching the method, selected, and rate = the
+kind's tokens selected in the round / its input tokens before the prefilter, against the corpus's own sources' same
+share (the round's share of the input cancels in the ratio); its verdict is the check's verdict and exit code. The
+**method** table is step 4 on the candidates that reached the method; a kind of which fewer than ``--min-reached``
+(10) documents are among a round's candidates is "not judged (n reached)" there, never a pass. ``--prefilter=none``
+runs the method alone on everything. A recipe with ``pool.path`` is checked on the corpus that pool was prepared
+from (inputs and settings from its manifest).
+
 Token-level methods (rho1, blade) feed the whole shard and select tokens inside the loss, so there is no
 per-source selection rate to judge; the check refuses them before any compute ("not applicable (token-level)").
 Reruns resume: the planted inputs, pool and run are reused when complete; other check settings into the same
@@ -60,7 +70,7 @@ from lmselect.artifacts import (
     read_json,
     read_manifest,
 )
-from lmselect.config import ConfigError, replace
+from lmselect.config import ConfigError, replace, to_dict
 from lmselect.recipe import Recipe, load_recipe
 from lmselect.select.base import method_class
 
@@ -89,6 +99,9 @@ class CheckConfig:
     junk_ratio: float = 0.5  # ... and every junk rate <= junk_ratio x base rate, in every round
     seed: int = 0
     method_seeds: tuple[int, ...] = (0,)  # the method's run seeds (recipe ``seeds``); PASS needs every seed to pass
+    # the method table judges a kind in a round only when at least this many of its documents reached the method:
+    # below 10, one document moves the kind's rate by more than a tenth of it (the prefilter can leave that few)
+    min_reached: int = 10
 
     def validate(self) -> None:
         if not 0.0 < self.target_holdout < 1.0:
@@ -99,6 +112,8 @@ class CheckConfig:
             raise ConfigError(f"check: --max-doc-chars must be >= 0 (0 = no cap), got {self.max_doc_chars}")
         if self.target_ratio <= 0 or self.junk_ratio < 0:
             raise ConfigError("check: --target-ratio must be > 0 and --junk-ratio >= 0")
+        if self.min_reached < 1:
+            raise ConfigError(f"check: --min-reached must be >= 1, got {self.min_reached}")
         if not self.method_seeds or len(set(self.method_seeds)) != len(self.method_seeds):
             raise ConfigError(f"check: --method-seeds must be distinct integers, got {list(self.method_seeds)}")
         if self.scores is not None:
@@ -250,6 +265,42 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
     return info
 
 
+def prepare_from_pool(recipe: Recipe) -> Recipe:
+    """A recipe that points at a prepared pool (``pool.path``) -> the same recipe preparing from that pool's inputs
+    with its settings (the pool manifest's config), so that documents can be planted among them."""
+    if recipe.pool.path is None:
+        return recipe
+    from lmselect.config import from_dict
+    from lmselect.data.prepare import PrepareConfig
+    from lmselect.data.readers import resolve_inputs
+
+    path = recipe.pool.path
+    prep = from_dict(PrepareConfig, dict(read_manifest(path, kind="pool")["config"]))
+    try:
+        resolve_inputs(prep.inputs)
+    except LmselectError as e:
+        raise ConfigError(
+            f"check: pool.path {path} was prepared from inputs that cannot be read now ({str(e).splitlines()[0]}); "
+            "set pool.prepare.inputs (and no pool.path) to the corpus files to plant documents among"
+        ) from None
+    data = replace(recipe, **{"pool.path": None})
+    return replace(data, **{"pool.prepare": to_dict(prep)})
+
+
+def _same_prefilter(recipe: Recipe, out_dir: Path) -> None:
+    """Refuse, in one line, a check into an output directory whose pool was prepared with another prefilter."""
+    from lmselect.data.prefilter import normalize_names
+
+    m = out_dir / "pool" / "manifest.json"
+    if not m.is_file():
+        return
+    old = normalize_names(read_json(m).get("config", {}).get("prefilter"))
+    new = normalize_names(recipe.pool.prepare.prefilter)
+    if old != new:
+        raise LmselectError(f"{out_dir}: its pool was prepared with prefilter {','.join(old) or 'none'}; this check "
+                            f"asks for {','.join(new) or 'none'}: use another --out")
+
+
 def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path, method: str,
                    seeds: tuple[int, ...] = (0,)) -> Recipe:
     """The user's recipe pointed at the planted pool and the visible part of the selection set, ``method`` only,
@@ -343,50 +394,135 @@ def judge(summaries: list[dict[str, Any]], cfg: CheckConfig,
             p = per.get(name, {"candidates": 0, "selected": 0, "rate": 0.0})
             is_target = name == TARGET
             ratio = p["rate"] / base if base > 0 else float("nan")
-            if p["candidates"] == 0:
-                ok, note = False, "no candidates in this shard (raise --plant-fraction)"
-            else:
-                ok = ratio >= cfg.target_ratio if is_target else ratio <= cfg.junk_ratio
-                note = ""
+            reached = docs.get(name, {}).get("documents", int(p["candidates"]))
+            judged = reached >= cfg.min_reached
+            ok = judged and (ratio >= cfg.target_ratio if is_target else ratio <= cfg.junk_ratio)
+            note = "" if judged else f"not judged ({reached} reached)"
             rows.append({"seed": seed, "round": rnd, "source": name, "kind": "target" if is_target else "junk",
                          "candidates": int(p["candidates"]), "selected": int(p["selected"]), "rate": float(p["rate"]),
                          "base": base, "ratio": ratio,
                          "criterion": f">= {cfg.target_ratio:g}x" if is_target else f"<= {cfg.junk_ratio:g}x",
-                         "pass": bool(ok), "note": note, **docs.get(name, {})})
+                         "judged": judged, "pass": bool(ok), "note": note, **docs.get(name, {})})
         for name, p in per.items():
             if name not in PLANTED:
                 others.append({"seed": seed, "round": rnd, "source": name, "candidates": int(p["candidates"]),
                                "rate": float(p["rate"]), "ratio": p["rate"] / base if base > 0 else float("nan")})
+    judged = [r for r in rows if r["judged"]]
+    n_pass = sum(r["pass"] for r in judged)
+    seeds = sorted({r["seed"] for r in rows})
+    by_seed = {sd: any(r["seed"] == sd for r in judged) and all(r["pass"] for r in judged if r["seed"] == sd)
+               for sd in seeds}
+    verdict = "NOT JUDGED" if not judged else "PASS" if n_pass == len(judged) else "FAIL"
+    return {"verdict": verdict, "passed": n_pass, "criteria": len(judged), "not_judged": len(rows) - len(judged),
+            "seeds": seeds, "seeds_passed": [sd for sd in seeds if by_seed[sd]], "rows": rows, "other_sources": others}
+
+
+def pipeline_rows(pool: Any, rounds_selected: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+                  planted_counts: dict[str, Any], cfg: CheckConfig) -> dict[str, Any]:
+    """The pipeline table: per seed, round and planted kind, what became of every planted document.
+
+    Rate = tokens of the kind selected in the round / the kind's input tokens (before the prefilter: removed
+    documents and lines count, from the pool manifest's ``extra.prefilter``; without a prefilter, the pool's tokens);
+    base = the same share for the corpus's own sources together. The shard's share of the input cancels in the ratio,
+    so it needs no per-round input count. Same thresholds as the method table; every row is judged."""
+    import pandas as pd
+
+    m = pool.manifest
+    pre = (m.get("extra") or {}).get("prefilter") or {}
+    pre_src = pre.get("per_source") or {}
+    per = m["counts"]["per_source"]
+
+    def input_tokens(src: str) -> int:
+        if src in pre_src and pre.get("tokens_counted"):
+            return int(pre_src[src]["input_tokens"])
+        return int(per.get(src, {}).get("tokens", 0))
+
+    corpus = sorted(s for s in set(per) | set(pre_src) if s not in PLANTED)
+    in_corpus = sum(input_tokens(s) for s in corpus)
+    d = pd.read_parquet(Path(pool.path) / "docs.parquet", columns=["seq_id", "doc_id", "source", "length"])
+    rows = []
+    for (seed, rnd), (cand, sel) in sorted(rounds_selected.items()):
+        ds = d[d["seq_id"].isin(sel)]
+        dc = d[d["seq_id"].isin(cand)]
+        tok = ds.groupby("source")["length"].sum()
+        base = float(sum(tok.get(s, 0) for s in corpus)) / max(in_corpus, 1)
+        for name in PLANTED:
+            is_target = name == TARGET
+            in_k = input_tokens(name)
+            rate = float(tok.get(name, 0)) / in_k if in_k else 0.0
+            ratio = rate / base if base > 0 else float("nan")
+            ok = ratio >= cfg.target_ratio if is_target else ratio <= cfg.junk_ratio
+            removed = (pre_src.get(name) or {}).get("by_filter") or {}
+            rows.append({
+                "seed": seed, "round": rnd, "source": name, "kind": "target" if is_target else "junk",
+                "planted": int((planted_counts.get(name) or {}).get("documents", 0)),
+                "removed": int(sum(removed.values())), "removed_by_filter": dict(removed),
+                "reached": int(dc.loc[dc["source"] == name, "doc_id"].nunique()),
+                "selected_documents": int(ds.loc[ds["source"] == name, "doc_id"].nunique()),
+                "input_tokens": in_k, "selected_tokens": int(tok.get(name, 0)), "rate": rate, "base": base,
+                "ratio": ratio, "criterion": f">= {cfg.target_ratio:g}x" if is_target else f"<= {cfg.junk_ratio:g}x",
+                "pass": bool(ok),
+            })
     n_pass = sum(r["pass"] for r in rows)
     seeds = sorted({r["seed"] for r in rows})
-    by_seed = {sd: all(r["pass"] for r in rows if r["seed"] == sd) for sd in seeds}
     return {"verdict": "PASS" if rows and n_pass == len(rows) else "FAIL", "passed": n_pass, "criteria": len(rows),
-            "seeds": seeds, "seeds_passed": [sd for sd in seeds if by_seed[sd]], "rows": rows, "other_sources": others}
+            "seeds_passed": [sd for sd in seeds if all(r["pass"] for r in rows if r["seed"] == sd)],
+            "filters": list(pre.get("filters") or []), "rows": rows}
 
 
 def check_markdown(result: dict[str, Any]) -> str:
     """The PASS / FAIL table as Markdown (what ``check.md`` holds and the CLI prints)."""
     c = result["config"]
-    lines = [
-        f"# Known-answer check: {result['method']} — {result['verdict']}",
-        "",
-        f"Pool `{result['pool']}`; base rate = share of each round's shard selected; criteria: target-like "
-        f">= {c['target_ratio']:g}x base, each junk kind <= {c['junk_ratio']:g}x base, every round.",
-        "",
+    multi = len(result.get("seeds") or [0]) > 1
+    pipe = result.get("pipeline")
+    lines = [f"# Known-answer check: {result['method']} — {result['verdict']}"
+             + (f" (pipeline {pipe['verdict']}, method {result['method_verdict']})" if pipe else ""), ""]
+    if pipe:
+        filters = ", ".join(pipe["filters"]) or "none"
+        lines += [
+            f"## Pipeline: prefilter ({filters}) + {result['method']}", "",
+            "Every planted document counts. Rate = the kind's tokens selected / its input tokens (before the "
+            "prefilter); base = the same for the corpus's own sources; criteria: target-like "
+            f">= {c['target_ratio']:g}x base, each junk kind <= {c['junk_ratio']:g}x base, every round.", "",
+            ("| seed " if multi else "") + "| round | planted source | planted | removed by prefilter | reached the "
+            "method | selected (docs) | rate | base | x base | criterion | result |",
+            ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in pipe["rows"]:
+            rem = (f"{r['removed']} (" + ", ".join(f"{k} {v}" for k, v in r["removed_by_filter"].items()) + ")"
+                   if r["removed"] else "0")
+            lines.append(("| " + str(r["seed"]) + " " if multi else "")
+                         + f"| {r['round']} | {r['source']} | {r['planted']} | {rem} | {r['reached']} | "
+                         f"{r['selected_documents']} | {r['rate']:.4f} | {r['base']:.4f} | {r['ratio']:.2f} | "
+                         f"{r['criterion']} | {'PASS' if r['pass'] else 'FAIL'} |")
+        lines += ["", f"**Pipeline: {pipe['verdict']}** ({pipe['passed']}/{pipe['criteria']} criteria met)"]
+        if multi:
+            lines.append(f"Seeds passing every criterion: {len(pipe['seeds_passed'])} of {len(result['seeds'])} "
+                         f"({', '.join(map(str, pipe['seeds_passed'])) or 'none'})")
+        lines += ["", f"## Method alone: {result['method']} on the candidates that reached it", "",
+                  f"Rate = selected / candidates (sequences) of the kind in the round's shard; base = share of the "
+                  f"shard selected. A kind with fewer than {c.get('min_reached', 1)} documents among the candidates "
+                  "is not judged.", ""]
+    else:
+        lines += [f"Pool `{result['pool']}`; base rate = share of each round's shard selected; criteria: target-like "
+                  f">= {c['target_ratio']:g}x base, each junk kind <= {c['junk_ratio']:g}x base, every round.", ""]
+    lines += [
         "| round | planted source | candidates | selected | documents (selected) | rate | base | x base | criterion "
         "| result |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    multi = len(result.get("seeds") or [0]) > 1
     if multi:
         lines[-2], lines[-1] = "| seed " + lines[-2], "|---" + lines[-1]
     for r in result["rows"]:
-        res = "PASS" if r["pass"] else "FAIL" + (f" ({r['note']})" if r["note"] else "")
+        res = ("PASS" if r["pass"] else "FAIL") if r.get("judged", True) else r["note"]
         docs = f"{r['documents']} ({r['selected_documents']})" if "documents" in r else "–"
         lines.append(("| " + str(r.get("seed", 0)) + " " if multi else "")
                      + f"| {r['round']} | {r['source']} | {r['candidates']} | {r['selected']} | {docs} | {r['rate']:.2f} | "
                      f"{r['base']:.2f} | {r['ratio']:.2f} | {r['criterion']} | {res} |")
-    lines += ["", f"**Overall: {result['verdict']}** ({result['passed']}/{result['criteria']} criteria met)"]
+    label = "Method" if pipe else "Overall"
+    verdict = result.get("method_verdict", result["verdict"])
+    lines += ["", f"**{label}: {verdict}** ({result['passed']}/{result['criteria']} criteria met"
+              + (f"; {result['not_judged']} not judged" if result.get("not_judged") else "") + ")"]
     if multi:
         lines.append(f"Seeds passing every criterion: {len(result['seeds_passed'])} of {len(result['seeds'])} "
                      f"({', '.join(map(str, result['seeds_passed'])) or 'none'})")
@@ -426,12 +562,9 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     from lmselect.data.pool import TokenPool
 
     cfg.validate()
-    if recipe.pool.path is not None:
-        raise ConfigError(
-            "check: the recipe points at an existing pool (pool.path); the check needs the corpus files to plant "
-            "documents among: set pool.prepare.inputs instead"
-        )
+    recipe = prepare_from_pool(recipe)
     out_dir = Path(out_dir)
+    _same_prefilter(recipe, out_dir)
     planted = build_planted_inputs(recipe, out_dir, cfg)
     pool_dir = prepare_planted_pool(recipe, planted, out_dir)
     r = planted_recipe(recipe, planted, out_dir, cfg.method, tuple(cfg.method_seeds))
@@ -471,8 +604,11 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
                     ids, s = read_scores(rdir / "scores")
                     by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
     docs = {key: planted_documents(pool, *selected) for key, selected in rounds_selected.items()}
+    method = judge(summaries, cfg, docs)
+    pipe = pipeline_rows(pool, rounds_selected, planted["counts"], cfg)
     result = {"method": label, "pool": str(pool_dir), "config": asdict(cfg), "planted": planted["counts"],
-              **judge(summaries, cfg, docs), "diagnostics": _diagnostics(pool, by_round)}
+              **method, "verdict": pipe["verdict"], "method_verdict": method["verdict"], "pipeline": pipe,
+              "diagnostics": _diagnostics(pool, by_round)}
     md = check_markdown(result)
     atomic_write_text(out_dir / "check.md", md)
     atomic_write_json(out_dir / "check.json", result)  # last: its presence means the check finished
@@ -502,6 +638,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-ratio", type=float, default=d.target_ratio, help="target-like rate >= this x base (2)")
     p.add_argument("--junk-ratio", type=float, default=d.junk_ratio, help="each junk rate <= this x base (0.5)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the junk (default 0)")
+    p.add_argument("--prefilter", default=None, metavar="NAME,...|none",
+                   help="the prefilter the planted documents pass through with the corpus (default: the recipe's "
+                   "pool.prepare.prefilter); none = the method alone on everything")
+    p.add_argument("--min-reached", type=int, default=d.min_reached,
+                   help="the method table judges a kind only when this many of its documents reach the method "
+                   f"(default {d.min_reached})")
     p.add_argument("--method-seeds", default=",".join(map(str, d.method_seeds)),
                    help="comma-separated run seeds of the method (default 0); PASS needs every seed to pass")
     p.epilog = "Override any recipe key with --key.sub=value, e.g. --round_steps=10 --bliss.outer_steps=10."
@@ -515,10 +657,13 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides or [])
+    if args.prefilter is not None:
+        overrides.append(f"--pool.prepare.prefilter={args.prefilter}")
+    recipe = load_recipe(args.recipe, overrides)
     cfg = CheckConfig(method=args.method, scores=args.scores, target_holdout=args.target_holdout,
                       plant_fraction=args.plant_fraction, max_doc_chars=args.max_doc_chars, target_ratio=args.target_ratio, junk_ratio=args.junk_ratio,
-                      seed=args.seed,
+                      seed=args.seed, min_reached=args.min_reached,
                       method_seeds=_seed_list(args.method_seeds))
     out = Path(args.out or Path("runs") / f"{recipe.name}-check-{'scores' if args.scores else args.method}")
     res = run_check(recipe, out, cfg, prepare_only=args.prepare_only)

@@ -351,12 +351,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="documents as jsonl (documents.jsonl.gz) or parquet (documents.parquet)")
     parser.add_argument("--round", type=int, help="run directory: export this round instead of the final one")
     parser.add_argument("--pool", help="pool the selection refers to (default: the one its manifest names)")
+    parser.add_argument("--dropped", action="store_true",
+                        help="SOURCE is a pool: write the documents its prefilter removed (dropped.jsonl.gz)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lmselect export`` and print what was written."""
     if getattr(args, "overrides", None):
         raise LmselectError(f"export takes no --key=value overrides (got {args.overrides[0]})")
+    if getattr(args, "dropped", False):
+        from lmselect.data.prefilter import export_dropped
+
+        out, n = export_dropped(args.source, args.out)
+        print(f"exported {n} documents the prefilter removed -> {out / 'dropped.jsonl.gz'}")
+        return 0
     out = export(args.source, args.out, fmt=args.format, round_=args.round, pool=args.pool)
     m = read_manifest(out, kind="export")
     if "exports" in m["extra"]:

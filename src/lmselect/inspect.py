@@ -136,6 +136,18 @@ def print_pool_summary(path: str | Path, n: int = 3, shard: int | None = None, s
             out.write(f"  {reason}: {k}\n")
         for ex in c.get("skipped_examples", [])[:5]:
             out.write(f"  e.g. {ex}\n")
+    if x.get("prefilter"):  # datatrove heuristic filters (lmselect.data.prefilter)
+        from lmselect.data.prefilter import read_dropped, source_rows, summary_line
+
+        pre = x["prefilter"]
+        out.write(f"\n{summary_line(pre)}\n")
+        for fname, v in pre.get("by_filter", {}).items():
+            out.write(f"  {fname}: {v['dropped']} ({', '.join(f'{k} {n}' for k, n in v['reasons'].items()) or '-'})\n")
+        _table(source_rows(pre), ["source", "documents", "removed", "by filter", "chars kept"], out)
+        dropped = read_dropped(pool.path)
+        if dropped:
+            ex = ", ".join(f"{r['id']} ({r['filter']}: {r['reason']})" for r in dropped[:5])
+            out.write(f"  {pool.path / pre.get('file', 'prefilter_dropped.jsonl')}: {len(dropped)} rows, e.g. {ex}\n")
     if x.get("inputs"):
         out.write("\ninputs\n")
         for i in x["inputs"]:

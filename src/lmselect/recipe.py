@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmselect.config import ConfigError, check_fraction, load_config, read_yaml
+from lmselect.data.prefilter import normalize_names, validate_names
 from lmselect.data.prepare import PrepareConfig
 from lmselect.errors import LmselectError
 from lmselect.paths import DATA_DIR, RECIPES_DIR
@@ -284,6 +285,8 @@ def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
         dec = r.pool.prepare.decontaminate  # bundled: paths stay as written: they label the protected sets
         dec.protected = [p if p.startswith("bundled:") else (resolve_path(p, base) or p) for p in dec.protected]
         dec.validate("pool.prepare.decontaminate.")
+        r.pool.prepare.prefilter = normalize_names(r.pool.prepare.prefilter)
+        validate_names(r.pool.prepare.prefilter, "pool.prepare.prefilter")
         need(r.pool.prepare.n_shards >= r.rounds + 1, "pool.prepare.n_shards",
              f"need rounds + 1 = {r.rounds + 1} shards (shard 0 is the warm-up)", r.pool.prepare.n_shards)
     return r

@@ -17,6 +17,14 @@ one fatal. Empty-text records are skipped and counted as ``empty``. A missing in
 or dataset without the text column, a tokenizer directory that does not load, ``seq_len < 2`` and an **empty corpus**
 (no usable text) are always fatal. Every error is one line naming the file and line / record.
 
+Prefilter (``prefilter``, ``--prefilter NAME,...``; :mod:`lmselect.data.prefilter`): datatrove's heuristic
+filters (``gopher_repetition``, ``gopher_quality``, ``c4``, ``c4_datatrove``, ``fineweb_quality``) run on every
+document first, in the order given; removed documents are counted per filter and per source in
+``extra.prefilter`` and listed in ``prefilter_dropped.jsonl``; kept documents go on with the text the filters left
+(the C4 rules remove lines). They run before decontamination, so that the overlap is measured on the text that is
+actually tokenized (a line C4 removes cannot contaminate the pool), and before the tokenizer is trained, so that
+removed text does not shape the vocabulary.
+
 Decontamination (``decontaminate.protected``, ``--decontaminate PATH``; :mod:`lmselect.data.decontam`): every
 document is checked for word n-grams (default 13) shared with protected texts -- the selection and report sets, the
 eval task files. ``flag`` keeps it and lists it, ``drop`` removes it before the tokenizer is trained and before
@@ -67,6 +75,8 @@ from lmselect.config import (
 )
 from lmselect.data.decontam import DecontamConfig, Decontaminator, summary_line
 from lmselect.data.pool import VAL_SHARD, token_dtype
+from lmselect.data.prefilter import DROPPED_FILE, Prefilter, normalize_names, validate_names
+from lmselect.data.prefilter import summary_line as prefilter_summary
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
 
 log = logging.getLogger(__name__)
@@ -97,6 +107,8 @@ class PrepareConfig:
     workers: int = 0  # tokenizer threads; 0 = all cores
     strict: bool = False  # malformed records are fatal instead of skipped and counted
     max_docs: int | None = None  # read at most this many documents (quick trials)
+    # datatrove heuristic filters run first, in this order (lmselect.data.prefilter.FILTERS); [] / "none" = off
+    prefilter: list[str] = field(default_factory=list)
     # n-gram overlap with protected texts (selection / report sets, eval tasks): flag or drop (lmselect.data.decontam)
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
 
@@ -118,6 +130,8 @@ class PrepareConfig:
             raise ConfigError("config key 'text_field' may not be empty")
         if not self.inputs:
             raise ConfigError("config key 'inputs': no corpus files given")
+        self.prefilter = normalize_names(self.prefilter)
+        validate_names(self.prefilter)
         self.decontaminate.validate()
 
 
@@ -128,6 +142,8 @@ def pool_config_hash(cfg: PrepareConfig) -> str:
         d.pop(k, None)
     if not cfg.decontaminate.enabled:
         d.pop("decontaminate", None)  # off: pools prepared before the option existed keep their identity
+    if not normalize_names(cfg.prefilter):
+        d.pop("prefilter", None)  # likewise
     return config_hash(d)
 
 
@@ -232,8 +248,22 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
         yield batch
 
 
+def _documents(
+    cfg: PrepareConfig, specs: Sequence[InputSpec], stats: ReadStats, pre: Prefilter | None, decon: Decontaminator | None,
+    *, record: bool, count_tokens: Any = None, sink: Any = None,
+) -> Iterator[Document]:
+    """The corpus as the pool sees it: read, prefiltered (counted and listed when ``record``), decontaminated."""
+    docs = iter_documents(specs, cfg.text_field, cfg.id_field, cfg.source_field, cfg.strict, cfg.max_docs, stats)
+    if pre is not None:
+        docs = pre.filter(docs, record=record, count_tokens=count_tokens, sink=sink)
+    if decon is not None and (record or cfg.decontaminate.mode == "drop"):
+        docs = decon.filter(docs, record=record)  # counts and lists overlapping documents; drop mode removes them
+    return docs
+
+
 def _get_tokenizer(
-    cfg: PrepareConfig, specs: Sequence[InputSpec], where: str, decon: Decontaminator | None = None
+    cfg: PrepareConfig, specs: Sequence[InputSpec], where: str, decon: Decontaminator | None = None,
+    pre: Prefilter | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     from lmselect.data.tokenizer import load_tokenizer, train_bpe
 
@@ -246,10 +276,8 @@ def _get_tokenizer(
     budget = [cfg.tokenizer_train_chars]
 
     def texts() -> Iterator[str]:
-        docs = iter_documents(specs, cfg.text_field, cfg.id_field, cfg.source_field, cfg.strict, cfg.max_docs, stats)
-        if decon is not None and cfg.decontaminate.mode == "drop":
-            docs = decon.filter(docs, record=False)  # dropped documents do not shape the vocabulary either
-        for d in docs:
+        # removed documents (prefilter, decontamination drop) do not shape the vocabulary either
+        for d in _documents(cfg, specs, stats, pre, decon, record=False):
             yield d.text
             budget[0] -= len(d.text)
             if budget[0] <= 0:
@@ -294,8 +322,9 @@ def prepare_pool(
         timings["hash_inputs_s"] = time.perf_counter() - t0
 
         decon = Decontaminator.build(cfg.decontaminate) if cfg.decontaminate.enabled else None
+        pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
         t0, c0 = time.perf_counter(), time.process_time()
-        tok, tok_info = _get_tokenizer(cfg, specs, where, decon)
+        tok, tok_info = _get_tokenizer(cfg, specs, where, decon, pre)
         timings["tokenizer_s"] = time.perf_counter() - t0
         timings["tokenizer_cpu_s"] = time.process_time() - c0
 
@@ -304,7 +333,9 @@ def prepare_pool(
             # CPU seconds (all threads) next to wall seconds: on a shared machine wall time depends on the load
             t0, c0 = time.perf_counter(), time.process_time()
             with writing(out_dir / "tokens.bin", tmp / "tokens.bin"):  # a full disk names tokens.bin, not the temp dir
-                packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where, decon)
+                with contextlib.ExitStack() as stack:
+                    sink = stack.enter_context(open(tmp / DROPPED_FILE, "w", encoding="utf-8")) if pre else None
+                    packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where, decon, pre, sink)
             timings["tokenize_pack_s"] = time.perf_counter() - t0
             timings["tokenize_pack_cpu_s"] = time.process_time() - c0
             t0 = time.perf_counter()
@@ -315,6 +346,9 @@ def prepare_pool(
                 decon.write(tmp)
                 extra["decontamination"] = decon.manifest_info()
                 timings.update(decon.timings())
+            if pre is not None:
+                extra["prefilter"] = pre.manifest_info()
+                timings["prefilter_s"] = pre.seconds
             timings["index_write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - t_start
             extra.update(
@@ -340,7 +374,7 @@ def prepare_pool(
 
 def _tokenize_and_pack(
     cfg: PrepareConfig, specs: Sequence[InputSpec], tok: Any, tokens_path: Path, progress: bool, where: str,
-    decon: Decontaminator | None = None,
+    decon: Decontaminator | None = None, pre: Prefilter | None = None, sink: Any = None,
 ) -> dict[str, Any]:
     """Stream documents -> token ids + EOS -> full rows of ``seq_len`` appended to ``tokens_path``.
 
@@ -364,9 +398,10 @@ def _tokenize_and_pack(
     total = 0
     rows = 0
     bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=None if progress else True, leave=False)
-    docs = iter_documents(specs, cfg.text_field, cfg.id_field, cfg.source_field, cfg.strict, cfg.max_docs, stats)
-    if decon is not None:
-        docs = decon.filter(docs)  # counts and lists overlapping documents; drop mode removes them here
+    def count_tokens(texts: list[str]) -> list[int]:  # with the EOS, as the pool counts a document's tokens
+        return [len(ids) + 1 for ids in encode(texts)]
+
+    docs = _documents(cfg, specs, stats, pre, decon, record=True, count_tokens=count_tokens, sink=sink)
     with open(tokens_path, "wb") as fout:
         for batch in _batches(docs):
             ids_lists = encode([d.text for d in batch])
@@ -569,6 +604,10 @@ bad input: malformed records (bad JSON, no text field, text not a string, non-UT
 counted in the manifest; --strict makes them fatal. An empty corpus, a missing file, seq_len < 2 or a tokenizer
 directory that does not load is always an error naming the file and line.
 
+prefilter: --prefilter gopher_repetition,c4 runs datatrove's heuristic filters first (also gopher_quality,
+c4_datatrove, fineweb_quality); counts go to the manifest (extra.prefilter), removed documents to
+prefilter_dropped.jsonl.
+
 decontamination: --decontaminate PATH (repeatable; files, folders, globs, bundled:REL) lists protected texts;
 documents sharing a --decontam-n word n-gram (default 13) with them are flagged in contamination.parquet and the
 manifest, or removed with --decontam-mode drop.
@@ -607,6 +646,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flag: keep and list overlapping documents (default); drop: remove them before tokenizing")
     parser.add_argument("--decontam-min-fraction", dest="decontam_min_fraction", type=float, default=S,
                         help="contaminated when at least this fraction of a document's n-grams overlap (default 0: any)")
+    parser.add_argument("--prefilter", default=S, metavar="NAME,...",
+                        help="datatrove heuristic filters run first, in order: gopher_repetition, gopher_quality, c4 "
+                        "(TFDS constants), c4_datatrove, fineweb_quality; 'none' = off (default)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pool built with a different config")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -645,6 +687,8 @@ def run(args: argparse.Namespace) -> int:
         f"({c['documents']} documents, {c['corpus_tokens']} tokens, {c['skipped']} malformed records skipped) "
         f"in {m['timings']['total_s']:.1f}s"
     )
+    if "prefilter" in m["extra"]:
+        print(prefilter_summary(m["extra"]["prefilter"]))
     if "decontamination" in m["extra"]:
         print(summary_line(m["extra"]["decontamination"]))
     return 0

@@ -204,6 +204,7 @@ def results(data: RunData) -> dict[str, Any]:
     return {
         "diagnostics": _diagnostics(data),
         "decontamination": _decontamination(data),
+        "prefilter": _prefilter(data),
         "run": data.run_dir.resolve().name,
         "run_uuid": run_m.get("uuid"),
         "config_hash": run_m.get("config_hash"),
@@ -300,6 +301,21 @@ def _decontamination(data: RunData) -> dict[str, Any] | None:
     out = {k: info.get(k) for k in keep}
     out["top"] = [{k: r.get(k) for k in ("doc_id", "source", "matched", "fraction")} for r in info.get("top", [])]
     return out
+
+
+def _prefilter(data: RunData) -> dict[str, Any] | None:
+    """What the pool's heuristic prefilter removed (manifest ``extra.prefilter``), or None without one."""
+    from lmselect.data.prefilter import prefilter_report
+    from lmselect.provenance import pool_dir
+
+    p = pool_dir(data.run_dir)
+    if p is None or not (p / "manifest.json").is_file():
+        return None
+    try:
+        info = prefilter_report(p)
+    except Exception:  # noqa: BLE001 - the report never fails on a pool it cannot read
+        return None
+    return info if info.get("enabled") else None
 
 
 def _eval_curves(data: RunData) -> list[dict[str, Any]]:
@@ -556,6 +572,14 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
         "of two independent validation batches (low = noise-dominated). c source share: fraction of var(c) between "
         "sources.", (["method", "round", "cos(z, v)", "‖Hz‖/‖v‖", "residual", "v agreement", "c source share"], rows_s),
         [f"warning: {w}" for w in warns])
+    pre = res.get("prefilter")
+    if pre:
+        from lmselect.data.prefilter import source_rows
+
+        add("What the prefilter removed (datatrove heuristic filters, before tokenizing)", pre["summary"] + ".",
+            (["source", "documents", "removed", "by filter", "characters kept"], source_rows(pre)),
+            [f"{n}: {v['dropped']} removed ({', '.join(f'{k} {c}' for k, c in v['reasons'].items()) or '–'})"
+             for n, v in pre.get("by_filter", {}).items()])
     dec = res.get("decontamination")
     if dec:
         rows_ = ([[k, str(v.get("n_texts", "–")), str(v.get("docs_matched", "–"))] for k, v in (dec.get("per_set") or {}).items()]
