@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lmselect.inspect", "summarise a pool or run directory: manifest, samples, lineage"),
     "check": ("lmselect.check", "known-answer check: does a method pick planted target-like data and drop junk?"),
     "export": ("lmselect.export", "write a selection's documents (jsonl/parquet) and flat tokens for other trainers"),
+    "slurm": ("lmselect.slurm", "write (and --submit) an sbatch script running run/train/score/compare on N nodes"),
 }
 
 
