@@ -46,7 +46,7 @@ def test_rendered_script_text():
 def _fake_slurm(tmp_path: Path, srun_rc: int = 0) -> dict[str, str]:
     """A PATH with fake scontrol / srun: srun records its argv, one argument per line."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu03\\ngpu04\\n'\n")
     (bin_dir / "srun").write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path}/srun.args\nexit {srun_rc}\n")
     for f in bin_dir.iterdir():
@@ -80,6 +80,16 @@ def test_script_failure_is_one_line_and_keeps_the_exit_code(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "lmselect slurm: job 1234567: lmselect run ended with exit code 3; see logs/lmselect-run-1234567-node*.log; "
         "resubmitting this script resumes it"]
+    # a node that never reached the rendezvous: torchrun's RendezvousTimeoutError in a node log, named in one line
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "logs" / "lmselect-run-1234567-node1.log").write_text(
+        "torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n")
+    r = subprocess.run(["bash", str(script)], env=_fake_slurm(tmp_path, srun_rc=1), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"lmselect slurm: job 1234567: not every node joined the rendezvous at gpu03:{rdzv_port(1234567)} (torchrun "
+        "RendezvousTimeoutError); check that all 2 nodes reach gpu03; see logs/lmselect-run-1234567-node*.log"]
 
 
 def test_array_scoring_script():

@@ -191,9 +191,13 @@ def render(spec: SlurmSpec) -> str:
         '    --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID" \\',
         f"    {cmd}",
         "rc=$?",
-        'if [ "$rc" -ne 0 ]; then',
+        f'LOGS="{log_dir}/{name}-{job_ref}-node*.log"',
+        'if [ "$rc" -ne 0 ] && grep -qs RendezvousTimeoutError $LOGS; then',
+        '    echo "lmselect slurm: job $SLURM_JOB_ID: not every node joined the rendezvous at $HEAD_NODE:$RDZV_PORT '
+        '(torchrun RendezvousTimeoutError); check that all $SLURM_NNODES nodes reach $HEAD_NODE; see $LOGS" >&2',
+        'elif [ "$rc" -ne 0 ]; then',
         f'    echo "lmselect slurm: job $SLURM_JOB_ID: lmselect {spec.verb} ended with exit code $rc; see '
-        f'{log_dir}/{name}-{job_ref}-node*.log; resubmitting this script resumes it" >&2',
+        '$LOGS; resubmitting this script resumes it" >&2',
         "fi",
         'exit "$rc"',
         "",
