@@ -76,9 +76,11 @@ class LmselectScorer(PipelineStep):
         if data is None:
             return
         it: Iterator[Any] = iter(data)
+        scorer = None
         while chunk := list(islice(it, self.docs_per_batch)):
+            scorer = scorer or self.scorer()  # loaded outside the timed part: the step's time is scoring time
             with self.track_time(unit="batch"):
-                scores = self.scorer().score([d.text for d in chunk])
+                scores = scorer.score([d.text for d in chunk])
             for doc, s in zip(chunk, scores):
                 self.stat_update("documents")
                 value = float(s) if math.isfinite(float(s)) else None
