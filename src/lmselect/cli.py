@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # say which rank saw it; the failed rank's own line (or torchrun's summary) names the cause
         if debug or not _is_peer_failure(e):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = _peer_error_text(e)
         print(f"lmselect {verb}: {_rank_prefix()}error: lost contact with the other ranks ({first}); "
               "another rank or node failed; rerun the same command to resume", file=sys.stderr)
         return 2
@@ -173,6 +173,15 @@ def _is_peer_failure(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, dist_error) or any(k in text for k in (
         "connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl", "socket timeout"))
+
+
+def _peer_error_text(e: BaseException) -> str:
+    """The gist of a collective's error: its first sentence without gloo's ``[file.cc:line]`` prefix."""
+    import re
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)
+    return first.split(". ")[0].rstrip(".")[:160]
 
 
 def _rank_prefix() -> str:

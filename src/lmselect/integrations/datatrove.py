@@ -16,7 +16,7 @@ text with the same model (the same ``seq_len``-token windows, the unweighted mea
 text has no token), computed by :class:`lmselect.score.documents.DocumentScorer`. With ``threshold`` the step also
 drops documents scoring below it (and those without a score). The model is loaded once per task process, on first
 use, so the step pickles as its arguments (what the executors ship to their workers); ``device="auto"`` takes the
-task's GPU when it has one (``SlurmPipelineExecutor(..., sbatch_args={"gres": "gpu:1"})``), else the CPU.
+task's GPU when it has one (``SlurmPipelineExecutor(..., gpus_per_task=1)``), else the CPU.
 Documents are scored ``docs_per_batch`` at a time (their windows batched ``batch_size`` at a time) and leave the step
 in their input order.
 """
