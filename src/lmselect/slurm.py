@@ -251,7 +251,9 @@ def check_verb_args(verb: str, verb_args: list[str]) -> None:
     parser, _ = _verb_parser(verb)
     try:
         _, rest = parser.parse_known_args(verb_args)
-    except SystemExit:  # argparse printed its usage error
+    except SystemExit as e:  # argparse printed the verb's --help (code 0) or its usage error
+        if not e.code:
+            raise
         raise LmselectError(f"lmselect {verb}: the arguments above do not parse; nothing was written") from None
     bad = [a for a in rest if not (a.startswith("--") and ("." in a.split("=")[0] or "=" in a))]
     if bad:
