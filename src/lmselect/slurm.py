@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     verb_args = split_args(list(args.verb_args or []), args) + list(getattr(args, "overrides", []) or [])
     if args.verb not in DISTRIBUTED_VERBS:
         raise LmselectError(f"'{args.verb}' is not a distributed verb; choose from {', '.join(DISTRIBUTED_VERBS)}")
+    check_verb_args(args.verb, verb_args)  # first: a typo (or --help) concerns the verb, whatever else is missing
     missing = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "partition", "time")
                if getattr(args, k) in (None, "")]
     if missing:
@@ -277,7 +278,6 @@ def run(args: argparse.Namespace) -> int:
         python_bin=str(Path(sys.executable).parent),
     )
     check_spec(spec)
-    check_verb_args(spec.verb, verb_args)
     text = render(spec)
     script = Path(args.script or f"lmselect-{spec.verb}.sbatch")
     atomic_write_text(script, text)
