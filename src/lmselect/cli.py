@@ -48,6 +48,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    # a second SIGTERM (torchrun and srun may both send one) must not interrupt the cleanup the first one started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 
