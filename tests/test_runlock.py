@@ -85,3 +85,103 @@ def test_released_on_error(tmp_path):
             raise ValueError("boom")
     assert not (run / LOCK_NAME).exists()
     assert issubclass(RunLockedError, LmselectError)
+
+
+# ---- Slurm requeue, explicit take-over, SIGTERM -------------------------------------------------------------------
+
+
+def test_slurm_job_identity():
+    from lmselect.runlock import slurm_job
+
+    assert slurm_job({}) is None
+    assert slurm_job({"SLURM_JOB_ID": "4242"}) == "4242"
+    # an array task keeps ARRAYJOB_TASK across a requeue (its SLURM_JOB_ID is the task's own id)
+    assert slurm_job({"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "7"}) == "4242_7"
+
+
+def test_requeued_slurm_job_takes_over_its_lock_from_another_host(tmp_path, monkeypatch, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = {"pid": 77, "host": "node-a.example", "started": "T", "slurm_job": "4242"}
+    (run / LOCK_NAME).write_text(json.dumps(holder))
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "999")  # another job: refused, and the message names the way out
+    with pytest.raises(RunLockedError) as e:
+        with run_lock(run):
+            pass  # pragma: no cover
+    msg = str(e.value)
+    assert "pid 77 on host node-a.example (Slurm job 4242) since T" in msg and "--take-over-lock" in msg
+    assert "\n" not in msg
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued onto this host
+    with caplog.at_level("WARNING", logger="lmselect"):
+        with run_lock(run) as lock:
+            assert json.loads(lock.read_text())["slurm_job"] == "4242"
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "Slurm job 4242" in caplog.text and "requeued" in caplog.text
+    assert not list(run.glob(".lock*"))
+
+
+def test_explicit_take_over(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "T"}))
+    with run_lock(run, take_over=True) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "T"}))
+    monkeypatch.setenv("LMSELECT_TAKE_OVER_LOCK", "1")  # what --take-over-lock sets
+    with run_lock(run):
+        pass
+    # never from a live process of this very run (its own pid)
+    with run_lock(run):
+        with pytest.raises(RunLockedError):
+            with run_lock(run):
+                pass  # pragma: no cover
+
+
+def test_two_runs_on_one_directory_one_line(tiny_recipe, tmp_path):
+    """A second `lmselect run` into a directory held by a live job ends in one line, exit 2, before compute."""
+    run = tmp_path / "run"
+    with run_lock(run):
+        r = subprocess.run([sys.executable, "-m", "lmselect.cli", "run", str(tiny_recipe), "--out", str(run),
+                            "--no-report"], capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 2, r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("lmselect run:")]
+    assert len(line) == 1 and "is in use by pid" in line[0] and "--take-over-lock" in line[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def test_sigterm_stops_run_cleanly(tiny_recipe, tmp_path):
+    """SIGTERM (Slurm's time limit / preemption) ends `lmselect run` like Ctrl-C: one line, exit 143, the lock
+    released, nothing half-written that looks complete. (That a rerun resumes an interrupted run is the method
+    contract's interruption test and the two-node test's; here: nothing stands in a rerun's way.)"""
+    import signal
+    import time
+
+    from lmselect.artifacts import is_complete
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmselect.cli", "run", str(tiny_recipe), "--out", str(run), "--no-report",
+           "--methods=random", "--rounds=1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    # wait until it has started computing: the warm-up's train log exists
+    while time.time() < deadline and not list(run.glob("warmup/*/train_log.jsonl")) and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("lmselect run:")]
+    assert lines == ["lmselect run: stopped by SIGTERM (time limit, preemption or a failed rank); rerun the same "
+                     "command to resume"], err[-3000:]
+    assert "Traceback" not in err
+    assert not (run / LOCK_NAME).exists()
+    assert not is_complete(run, kind="run") and not is_complete(run / "warmup" / "target", kind="checkpoint")
+    assert not list(run.rglob(".*.tmp-*"))  # no temp file of an atomic write left over
+    with run_lock(run):  # a rerun is not refused
+        pass

@@ -8,6 +8,11 @@ Each verb lives in its own module, which defines::
 Modules are imported lazily so ``lmselect --help`` stays fast. Errors derived from ``LmselectError`` (and config
 errors) are printed as one line, ``lmselect: error: ...``, with exit code 2; so is, as a last resort, an ``OSError``
 that names a file (a full or read-only disk no stage caught). ``--debug`` shows the traceback.
+
+SIGTERM (what Slurm sends at a time limit or on preemption, and what torchrun sends the other ranks when one fails)
+stops a verb the way Ctrl-C does: it is raised as :class:`Terminated`, a ``KeyboardInterrupt``, so every ``finally``
+(the run lock, progress checkpoints, the process group) runs, and the verb ends with one line and exit code 143;
+rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,7 +39,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lmselect.inspect", "summarise a pool or run directory: manifest, samples, lineage"),
     "check": ("lmselect.check", "known-answer check: does a method pick planted target-like data and drop junk?"),
     "export": ("lmselect.export", "write a selection's documents (jsonl/parquet) and flat tokens for other trainers"),
+    "slurm": ("lmselect.slurm", "write (and --submit) an sbatch script running run/train/score/compare on N nodes"),
 }
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: unwind like Ctrl-C (a ``KeyboardInterrupt``), so cleanup code needs no second path."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    # a second SIGTERM (torchrun and srun may both send one) must not interrupt the cleanup the first one started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,15 +117,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmselect.artifacts import LmselectError
     from lmselect.config import ConfigError
 
+    if getattr(args, "take_over_lock", False):
+        from lmselect.runlock import TAKE_OVER_ENV
+
+        os.environ[TAKE_OVER_ENV] = "1"
+    prev_term = _install_sigterm()
     try:
         rc = mod.run(args)  # type: ignore[attr-defined]
+    except Terminated:
+        where = _rank_prefix()
+        print(f"lmselect {verb}: {where}stopped by SIGTERM (time limit, preemption or a failed rank); rerun the same "
+              "command to resume", file=sys.stderr)
+        return 143
     except (LmselectError, ConfigError) as e:
         if debug:
             raise
         print(f"lmselect {verb}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # a collective failed because another rank or node went away (killed, out of memory, node failure):
+        # say which rank saw it; the failed rank's own line (or torchrun's summary) names the cause
+        if debug or not _is_peer_failure(e):
+            raise
+        first = _peer_error_text(e)
+        print(f"lmselect {verb}: {_rank_prefix()}error: lost contact with the other ranks ({first}); "
+              "another rank or node failed; rerun the same command to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"lmselect {verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"lmselect {verb}: {_rank_prefix()}interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except OSError as e:
         # last resort for filesystem errors that no stage turned into an LmselectError: a file named by the OS
@@ -117,7 +153,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lmselect {verb}: error: {_one_line(os_error_message(e))}", file=sys.stderr)
         return 2
+    finally:
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
     return int(rc or 0)
+
+
+def _install_sigterm() -> Any:
+    """Route SIGTERM to :class:`Terminated`; returns the previous handler (None when not in the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding application): leave its signals alone
+        return None
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A torch.distributed error of a multi-process run whose cause is a peer that is gone."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return False
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistError", ())
+    text = str(e).lower()
+    return isinstance(e, dist_error) or any(k in text for k in (
+        "connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl", "socket timeout"))
+
+
+def _peer_error_text(e: BaseException) -> str:
+    """The gist of a collective's error: its first sentence without gloo's ``[file.cc:line]`` prefix."""
+    import re
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)
+    return first.split(". ")[0].rstrip(".")[:160]
+
+
+def _rank_prefix() -> str:
+    """``rank R of W: `` under torchrun, so the line of each rank in a multi-node log says which one it is."""
+    world = os.environ.get("WORLD_SIZE")
+    if world and world != "1":
+        return f"rank {os.environ.get('RANK', '?')} of {world}: "
+    return ""
 
 
 def os_error_message(e: OSError) -> str:

@@ -437,6 +437,8 @@ def add_run_arguments(p: argparse.ArgumentParser, default_out: str | None = None
     p.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
     p.add_argument("--recompute", action="store_true",
                    help="redo stages whose configuration changed (and everything after them) instead of refusing")
+    p.add_argument("--take-over-lock", action="store_true",
+                   help="take over the run directory's lock from a process that is gone (e.g. on a dead node)")
     p.epilog = ("Override any recipe key with --key.sub=value, e.g. --rounds=3 --bliss.outer_steps=50. Precedence: "
                 "the recipe's defaults, then the YAML file, then --key=value overrides.")
 

@@ -7,8 +7,13 @@ The lock is the file ``RUN/.lock`` (JSON: pid, host, started, argv), created wit
 one process wins even when two start at the same moment. Why a file and not ``fcntl.flock``: the holder must be
 *nameable* in the refusal ("in use by pid N on host H since T"), and a file survives on network filesystems where
 advisory locks are unreliable. A lock left by a killed process on this host (its pid is gone) is stale and taken
-over with a warning naming the dead pid; a lock from another host cannot be checked and is always respected.
-Under torchrun only rank 0 should take it (the caller decides; this module knows nothing of ranks).
+over with a warning naming the dead pid; a lock from another host cannot be checked and is respected, with two
+exceptions. A Slurm job that is requeued (time limit, preemption, node failure) may restart on another node: the lock
+records the job's id (``SLURM_JOB_ID``, or ``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID`` for an array task, which Slurm
+keeps across a requeue), and the same job id taking the lock again is the requeued job replacing its own dead
+incarnation, so it takes over (Slurm never runs two incarnations of one job at once). Anything else that is known to
+be gone is taken over by the explicit ``--take-over-lock`` flag (or ``LMSELECT_TAKE_OVER_LOCK=1``), which the refusal
+names. Under torchrun only rank 0 should take it (the caller decides; this module knows nothing of ranks).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from lmselect.artifacts import LmselectError, now_iso
 log = logging.getLogger("lmselect")
 
 LOCK_NAME = ".lock"
+TAKE_OVER_ENV = "LMSELECT_TAKE_OVER_LOCK"  # "1": take over any lock (the --take-over-lock flag sets it)
 
 
 class RunLockedError(LmselectError):
@@ -44,6 +50,20 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def slurm_job(env: dict[str, str] | None = None) -> str | None:
+    """This process's Slurm job identity, stable across a requeue: ``ARRAYJOB_TASK`` for an array task, else
+    ``SLURM_JOB_ID``; None outside Slurm."""
+    env = os.environ if env is None else env
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def _take_over_requested() -> bool:
+    return os.environ.get(TAKE_OVER_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def _read_holder(lock: Path) -> dict[str, Any] | None:
@@ -76,8 +96,11 @@ def _try_create(lock: Path, info: dict[str, Any]) -> bool:
     return True
 
 
-def acquire(run_dir: str | Path, argv: list[str] | None = None) -> Path:
-    """Take the lock of ``run_dir`` (created if missing) or raise :class:`RunLockedError` naming the holder."""
+def acquire(run_dir: str | Path, argv: list[str] | None = None, *, take_over: bool | None = None) -> Path:
+    """Take the lock of ``run_dir`` (created if missing) or raise :class:`RunLockedError` naming the holder.
+
+    ``take_over`` (default: ``LMSELECT_TAKE_OVER_LOCK``): take over a lock held by anyone (the caller knows the
+    holder is gone, e.g. a job that died on a node that no longer answers)."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +109,10 @@ def acquire(run_dir: str | Path, argv: list[str] | None = None) -> Path:
     lock = run_dir / LOCK_NAME
     host = socket.gethostname()
     info = {"pid": os.getpid(), "host": host, "started": now_iso(), "argv": list(sys.argv if argv is None else argv)}
+    job = slurm_job()
+    if job is not None:
+        info["slurm_job"] = job
+    force = _take_over_requested() if take_over is None else take_over
     for _ in range(5):  # a few rounds: another process may take over a stale lock between our read and unlink
         if _try_create(lock, info):
             return lock
@@ -93,13 +120,22 @@ def acquire(run_dir: str | Path, argv: list[str] | None = None) -> Path:
         if holder is None:  # released between our attempt and the read: try again
             continue
         pid, h_host, since = holder.get("pid"), holder.get("host"), holder.get("started", "?")
-        stale = isinstance(pid, int) and h_host == host and not _pid_alive(pid) and pid != os.getpid()
-        if not stale:
+        h_job = holder.get("slurm_job")
+        alive_here = h_host == host and isinstance(pid, int) and (_pid_alive(pid) or pid == os.getpid())
+        if h_host == host and isinstance(pid, int) and not alive_here:
+            log.warning("%s: taking over the stale lock of pid %d (no longer running on %s)", run_dir, pid, host)
+        elif job is not None and h_job == job and not alive_here:
+            log.warning("%s: taking over the lock of Slurm job %s (pid %s on %s): the job was requeued", run_dir,
+                        job, pid, h_host)
+        elif force and not (h_host == host and pid == os.getpid()):
+            log.warning("%s: taking over the lock of pid %s on host %s since %s (--take-over-lock)", run_dir, pid,
+                        h_host, since)
+        else:
+            who = f"pid {pid} on host {h_host}" + (f" (Slurm job {h_job})" if h_job else "")
             raise RunLockedError(
-                f"{run_dir} is in use by pid {pid} on host {h_host} since {since} (lock {lock}); "
-                "wait for it or use another --out"
+                f"{run_dir} is in use by {who} since {since} (lock {lock}); wait for it or use another --out; "
+                "if that process is gone (e.g. its node died), rerun with --take-over-lock"
             )
-        log.warning("%s: taking over the stale lock of pid %d (no longer running on %s)", run_dir, pid, host)
         # rename (atomic) rather than unlink, so that of two processes taking over at once only one removes it
         grave = lock.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
         try:
@@ -124,9 +160,9 @@ def release(lock: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path, argv: list[str] | None = None) -> Iterator[Path]:
+def run_lock(run_dir: str | Path, argv: list[str] | None = None, *, take_over: bool | None = None) -> Iterator[Path]:
     """Hold the lock of ``run_dir`` for the duration of the ``with`` block (released on exceptions too)."""
-    lock = acquire(run_dir, argv)
+    lock = acquire(run_dir, argv, take_over=take_over)
     try:
         yield lock
     finally:

@@ -410,6 +410,10 @@ def _run_job(
         n = num_parts or existing_split(out) or 1
         mine = list(range(n))
     have = existing_split(out)
+    if have is not None and have != n and shard is None and world > 1:  # resumed on another number of processes
+        raise LmselectError(f"{out}: already split into {have} parts by an earlier run, this run has {world} processes "
+                            f"(one part each); rerun with {have} processes (nodes x processes per node) or delete "
+                            "the directory to rescore it")
     if have is not None and have != n:
         raise LmselectError(f"{out}: already split into {have} parts, this run asks for {n}; use --num-parts {have} "
                             "(or matching --shard) or a fresh --out")

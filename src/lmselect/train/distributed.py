@@ -77,7 +77,15 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        except (RuntimeError, TimeoutError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise LmselectError(
+                f"rank {rank} of {world}: could not join the process group at {where} ({first}); check that every "
+                "node started, that they reach the head node, and that --nnodes matches the allocation"
+            ) from None
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)

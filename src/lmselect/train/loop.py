@@ -324,6 +324,13 @@ def train(
     side = SideStream(pool, ids, cfg.seed, info.rank, cfg.micro_batch, device)
     step, tokens_seen, seconds_before = 0, 0, 0.0  # seconds_before: training wall time of earlier (resumed) runs
     if state is not None:
+        saved_world = int(state.get("world_size", info.world_size))
+        if lordo and saved_world != info.world_size:  # one local replica per worker: the state cannot be re-split
+            raise LmselectError(f"{resume_dir}: saved by {saved_world} LoRDO workers, this run has {info.world_size}; "
+                                f"resume with {saved_world} processes (nodes x processes per node) or a fresh --out")
+        if saved_world != info.world_size:  # DDP / FSDP: the global batch and the data order do not depend on it
+            log.info("%s: resuming a %d-process run with %d processes (same global batch)", out_dir, saved_world,
+                     info.world_size)
         _load_optimizer(raw_model, optimizer, state["optimizer"], fsdp=cfg.fsdp and info.enabled)
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         seconds_before = float(state.get("train_seconds", 0.0))

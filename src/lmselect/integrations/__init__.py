@@ -1,0 +1,1 @@
+"""Adapters that let other data engines call lmselect (datatrove: :mod:`lmselect.integrations.datatrove`)."""

@@ -1,0 +1,91 @@
+"""Score documents in memory, one call per batch of texts: the same windows and roll-up as ``lmselect score --jsonl``.
+
+``score_jsonl`` (:mod:`lmselect.score.windows`) is a resumable job over one file that writes a sidecar;
+:class:`DocumentScorer` is its streaming counterpart for code that already holds the documents (a datatrove pipeline,
+:mod:`lmselect.integrations.datatrove`): the model and tokenizer are loaded once, each text is cut into the same
+``seq_len``-token windows (:func:`~lmselect.score.windows.make_windows`), every window is scored by the same batched
+forward (:func:`~lmselect.score.job.forward_scores`, right padding with a mask when a batch mixes lengths), and a
+document's score is the same unweighted mean of its finite window scores
+(:func:`~lmselect.score.windows.rollup_documents`), float32, NaN when it has none (an empty text).
+
+Window scores do not depend on which other windows share their batch in exact arithmetic; in float32 a batch of
+another shape may round differently (~1e-7 relative). With the same ``batch_size`` of 1 both paths run identical
+shapes and agree bit for bit (tests/integrations/test_datatrove.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lmselect.artifacts import LmselectError, is_complete
+from lmselect.score.job import _check_vocab, _device, forward_scores, load_scoring_model, resolve_amp_dtype
+from lmselect.score.windows import JsonlDoc, make_windows, resolve_tokenizer_dir, rollup_documents
+
+
+class DocumentScorer:
+    """A score model (BLISS / MATES ``scorer.json``) or, with ``lm_loss``, a causal LM (the perplexity proxy),
+    with the tokenizer of ``tokenizer_from``; :meth:`score` maps texts to document scores (higher = preferred)."""
+
+    def __init__(self, model: str | Path, tokenizer_from: str | Path, *, lm_loss: bool = False,
+                 seq_len: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto"):
+        from lmselect.data.pool import TokenPool
+        from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+        if batch_size < 1:
+            raise LmselectError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_from)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.model, self.meta = load_scoring_model(model, lm_loss=lm_loss)
+        _check_vocab(self.meta, tokenizer_fingerprint(self.tokenizer), len(self.tokenizer), str(self.tokenizer_dir))
+        # the window length, resolved as score_jsonl resolves it
+        if seq_len is None:
+            seq_len = self.meta.get("seq_len")
+        if seq_len is None and is_complete(tokenizer_from, "pool"):
+            seq_len = TokenPool(tokenizer_from).seq_len
+        if seq_len is None:
+            seq_len = self.meta.get("max_positions")
+        if seq_len is None:
+            raise LmselectError(f"{model}: cannot tell the window length; pass seq_len")
+        self.seq_len = int(seq_len)
+        if self.meta.get("max_positions") and self.seq_len > int(self.meta["max_positions"]):
+            raise LmselectError(f"seq_len {self.seq_len} exceeds the model's {self.meta['max_positions']} positions")
+        self.batch_size = int(batch_size)
+        self.device = _device(device)
+        self.amp_dtype = resolve_amp_dtype(dtype, self.device)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.model.to(self.device).eval()
+
+    def score_windows(self, texts: Sequence[str]) -> tuple[Any, np.ndarray]:
+        """(windows of ``texts``, their scores float32) — the rows ``score --jsonl`` writes as window scores."""
+        win = make_windows([(str(i), t) for i, t in enumerate(texts)], self.tokenizer, self.seq_len)
+        n = len(win.length)
+        scores = np.full(n, np.nan, dtype=np.float32)
+        order = np.lexsort((np.arange(n), -win.length))  # longest first, as score_jsonl: little padding
+        for s in range(0, n, self.batch_size):
+            b = order[s : s + self.batch_size]
+            lens = win.length[b]
+            width = int(lens.max())
+            x = np.full((len(b), width), self.pad_id, dtype=np.int64)
+            for r, (st, k) in enumerate(zip(win.start[b], lens)):
+                x[r, :k] = win.tokens[st : st + k]
+            mask = None
+            if int(lens.min()) != width:
+                mask = torch.from_numpy((np.arange(width)[None, :] < lens[:, None]).astype(np.int64))
+            scores[b] = forward_scores(self.model, torch.from_numpy(x), mask, self.device, self.amp_dtype)
+        return win, scores
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        """Document scores (float32; NaN for a text without a scorable window)."""
+        import pyarrow as pa
+
+        if not len(texts):
+            return np.zeros(0, dtype=np.float32)
+        win, scores = self.score_windows(texts)
+        docs = [JsonlDoc(str(i), t, "", i + 1) for i, t in enumerate(texts)]
+        table = pa.table({"doc_index": pa.array(win.doc_index), "score": pa.array(scores)})
+        return rollup_documents(table, docs).column("score").to_numpy(zero_copy_only=False).astype(np.float32)

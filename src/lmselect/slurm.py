@@ -1,0 +1,300 @@
+"""``lmselect slurm VERB ...``: write (and optionally submit) an sbatch script that runs a distributed verb on N nodes.
+
+    lmselect slurm run recipes/paper.yaml --out runs/paper --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00
+    lmselect slurm train --pool POOL --out ckpt --nodes 2 --gpus-per-node 8 --partition gpu --time 4:00:00 --submit
+    lmselect slurm score --model M --pool POOL --out scores --nodes 1 --gpus-per-node 8 --array 16 ...   # 16 array tasks
+
+This is a template, not a scheduler: the script has one Slurm task per node, and each task starts one ``torchrun``
+agent (``srun --kill-on-bad-exit=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=G --rdzv-backend=c10d
+--rdzv-endpoint=HEAD:PORT --rdzv-id=$SLURM_JOB_ID -m lmselect.cli VERB ...``), as torchtitan's
+``multinode_trainer.slurm`` does. The head node is the first of ``scontrol show hostnames "$SLURM_JOB_NODELIST"``;
+the rendezvous port is derived from the job id, ``60000 + SLURM_JOB_ID % 5000``, the formula OLMo-core's Slurm
+entrypoint uses (allenai/OLMo-core ``src/scripts/lambda/entrypoint.sh``), so two jobs sharing a node do not collide.
+Each node writes its own log (``LOG_DIR/lmselect-VERB-JOBID-nodeK.log``). ``--array K`` (score) makes K array tasks,
+each scoring ``--shard $SLURM_ARRAY_TASK_ID/K`` (its torchrun ranks split the part further).
+
+Faults: Slurm sends SIGTERM at the time limit and on preemption; srun passes it to torchrun, torchrun to the ranks, and
+every lmselect verb stops on it as on Ctrl-C (one line, resumable). With ``--requeue`` (on by default) a preempted or
+failed-node job is requeued, possibly onto other nodes; the run lock recognises the same job id and lets the requeued
+job take over (:mod:`lmselect.runlock`). The verb's own arguments are checked here, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmselect.artifacts import LmselectError, atomic_write_text
+
+DISTRIBUTED_VERBS = ("run", "train", "score", "compare")
+PORT_BASE, PORT_SPAN = 60000, 5000  # OLMo-core's entrypoint: MASTER_PORT=$((60000 + SLURM_JOB_ID % 5000))
+
+
+def rdzv_port(job_id: int | str) -> int:
+    """The rendezvous port of a Slurm job, the same formula as the script's ``$((60000 + SLURM_JOB_ID % 5000))``."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+@dataclass(frozen=True)
+class SlurmEnv:
+    """What a process learns from Slurm's environment (None / defaults outside Slurm)."""
+
+    job_id: str | None
+    array_job_id: str | None
+    array_task_id: int | None
+    array_task_count: int | None
+    nnodes: int
+    node_id: int
+    nodelist: str | None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> SlurmEnv:
+        env = dict(os.environ if env is None else env)
+
+        def num(key: str) -> int | None:
+            v = env.get(key, "").strip()
+            if not v:
+                return None
+            if not v.isdigit():
+                raise LmselectError(f"${key}={v!r}: expected a number (is this a Slurm job environment?)")
+            return int(v)
+
+        return cls(
+            job_id=env.get("SLURM_JOB_ID") or None, array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
+            array_task_id=num("SLURM_ARRAY_TASK_ID"), array_task_count=num("SLURM_ARRAY_TASK_COUNT"),
+            nnodes=num("SLURM_NNODES") or num("SLURM_JOB_NUM_NODES") or 1, node_id=num("SLURM_NODEID") or 0,
+            nodelist=env.get("SLURM_JOB_NODELIST") or None,
+        )
+
+    @property
+    def in_slurm(self) -> bool:
+        return self.job_id is not None
+
+    @property
+    def job_key(self) -> str | None:
+        """Stable across a requeue: ``ARRAYJOB_TASK`` for an array task, else the job id (see :mod:`runlock`)."""
+        from lmselect.runlock import slurm_job
+
+        env = {"SLURM_JOB_ID": self.job_id or "", "SLURM_ARRAY_JOB_ID": self.array_job_id or "",
+               "SLURM_ARRAY_TASK_ID": "" if self.array_task_id is None else str(self.array_task_id)}
+        return slurm_job(env)
+
+    @property
+    def port(self) -> int | None:
+        return rdzv_port(self.job_id) if self.job_id and self.job_id.isdigit() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the script
+
+
+@dataclass
+class SlurmSpec:
+    """Everything the sbatch script is made from."""
+
+    verb: str
+    verb_args: list[str]
+    nodes: int
+    gpus_per_node: int
+    partition: str
+    time: str
+    account: str | None = None
+    job_name: str | None = None
+    cpus_per_task: int | None = None
+    log_dir: str = "slurm-logs"
+    setup: tuple[str, ...] = ()
+    array: int | None = None
+    requeue: bool = True
+    workdir: str = "."
+    python_bin: str | None = None  # directory of the python that has lmselect (put first on PATH)
+
+
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+
+
+def check_spec(spec: SlurmSpec) -> None:
+    """One-line errors, before anything is written or submitted."""
+    if spec.verb not in DISTRIBUTED_VERBS:
+        raise LmselectError(f"lmselect slurm: '{spec.verb}' is not a distributed verb; choose from "
+                            f"{', '.join(DISTRIBUTED_VERBS)}")
+    if spec.nodes < 1:
+        raise LmselectError(f"--nodes must be >= 1, got {spec.nodes}")
+    if spec.gpus_per_node < 1:
+        raise LmselectError(f"--gpus-per-node must be >= 1, got {spec.gpus_per_node}")
+    if not spec.partition.strip():
+        raise LmselectError("--partition is empty")
+    if not _TIME.match(spec.time.strip()):
+        raise LmselectError(f"--time {spec.time!r}: use a Slurm time limit like 30, 4:00:00 or 1-12:00:00")
+    if spec.array is not None:
+        if spec.verb != "score":
+            raise LmselectError("--array splits scoring into shards; it works with 'lmselect slurm score' only")
+        if spec.array < 1:
+            raise LmselectError(f"--array must be >= 1, got {spec.array}")
+        if any(a == "--shard" or a.startswith("--shard=") for a in spec.verb_args):
+            raise LmselectError("--array sets each task's --shard itself; drop --shard")
+
+
+def render(spec: SlurmSpec) -> str:
+    """The sbatch script text (see the module docstring for its shape)."""
+    check_spec(spec)
+    name = spec.job_name or f"lmselect-{spec.verb}"
+    log_dir = spec.log_dir.rstrip("/") or "."
+    d = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={spec.gpus_per_node}",
+         f"--partition={spec.partition}", f"--time={spec.time}"]
+    if spec.account:
+        d.append(f"--account={spec.account}")
+    if spec.cpus_per_task:
+        d.append(f"--cpus-per-task={spec.cpus_per_task}")
+    job = "%A_%a" if spec.array else "%j"
+    d.append(f"--output={log_dir}/{name}-{job}.out")  # the batch script's own lines; each node has its log below
+    if spec.array:
+        d.append(f"--array=0-{spec.array - 1}")
+    if spec.requeue:
+        d += ["--requeue", "--open-mode=append"]  # a requeued job appends to the same logs
+    verb_args = list(spec.verb_args)
+    shard = ""
+    if spec.array:
+        shard = f' --shard "${{SLURM_ARRAY_TASK_ID}}/{spec.array}"'
+    cmd = shlex.join(["-m", "lmselect.cli", spec.verb, *verb_args]) + shard
+    job_ref = "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" if spec.array else "${SLURM_JOB_ID}"
+    node_log = f"{log_dir}/{name}-{job_ref}-node%n.log"  # srun expands %n to the node's index in the job
+    lines = ["#!/bin/bash",
+             "# Written by lmselect slurm; submit with: sbatch THIS_FILE",
+             f"# lmselect {spec.verb} on {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s)"
+             + (f", {spec.array} array tasks" if spec.array else "")]
+    lines += [f"#SBATCH {x}" for x in d]
+    lines += ["", "set -uo pipefail", f"cd {shlex.quote(spec.workdir)}"]
+    if spec.python_bin:
+        lines.append(f'export PATH={shlex.quote(spec.python_bin)}:"$PATH"')
+    lines += list(spec.setup)
+    lines += [
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
+        "",
+        "# rendezvous on the first node of the allocation, at a port derived from the job id (as OLMo-core does), so",
+        "# two jobs that share a node do not collide",
+        'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        f"RDZV_PORT=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
+        f'mkdir -p {shlex.quote(log_dir)}',
+        'echo "lmselect slurm: job $SLURM_JOB_ID on $SLURM_NNODES node(s): $SLURM_JOB_NODELIST; '
+        f'rendezvous $HEAD_NODE:$RDZV_PORT; logs {log_dir}/{name}-{job_ref}-node*.log"',
+        "",
+        "# one task per node, each a torchrun agent for its GPUs; a rank that fails takes the whole step down",
+        f'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --output="{node_log}" \\',
+        '    torchrun --nnodes="$SLURM_NNODES" --nproc-per-node=' + str(spec.gpus_per_node) + " \\",
+        '    --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID" \\',
+        f"    {cmd}",
+        "rc=$?",
+        f'LOGS="{log_dir}/{name}-{job_ref}-node*.log"',
+        'if [ "$rc" -ne 0 ] && grep -qs RendezvousTimeoutError $LOGS; then',
+        '    echo "lmselect slurm: job $SLURM_JOB_ID: not every node joined the rendezvous at $HEAD_NODE:$RDZV_PORT '
+        '(torchrun RendezvousTimeoutError); check that all $SLURM_NNODES nodes reach $HEAD_NODE; see $LOGS" >&2',
+        'elif [ "$rc" -ne 0 ]; then',
+        f'    echo "lmselect slurm: job $SLURM_JOB_ID: lmselect {spec.verb} ended with exit code $rc; see '
+        '$LOGS; resubmitting this script resumes it" >&2',
+        "fi",
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _slurm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slurm")
+    g.add_argument("--nodes", type=int, help="number of nodes (one torchrun agent each)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node = processes per node")
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--time", help="time limit, e.g. 4:00:00 or 1-00:00:00")
+    g.add_argument("--account", help="Slurm account")
+    g.add_argument("--job-name", help="job name (default lmselect-VERB)")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per node task")
+    g.add_argument("--array", type=int, help="score only: K array tasks, task i scores --shard i/K")
+    g.add_argument("--log-dir", help="where the per-node logs go (default slurm-logs/)")
+    g.add_argument("--setup", action="append", help="a shell line run before launch, e.g. 'source .venv/bin/activate'")
+    g.add_argument("--no-requeue", action="store_true", help="do not let Slurm requeue the job after preemption")
+    g.add_argument("--script", help="where to write the script (default lmselect-VERB.sbatch)")
+    g.add_argument("--submit", action="store_true", help="submit with sbatch (prints the script if there is none)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``lmselect slurm VERB [verb arguments and slurm options]``."""
+    _slurm_options(p)
+    p.add_argument("verb", help=f"the verb to launch: {', '.join(DISTRIBUTED_VERBS)}")
+    p.add_argument("verb_args", nargs=argparse.REMAINDER, help="the verb's own arguments")
+
+
+def split_args(verb_args: list[str], args: argparse.Namespace) -> list[str]:
+    """Take the slurm options out of ``verb_args`` (they may follow the verb) into ``args``; the rest is the verb's."""
+    p = argparse.ArgumentParser(add_help=False)
+    _slurm_options(p)
+    ours, rest = p.parse_known_args(verb_args)
+    for k, v in vars(ours).items():
+        if v not in (None, False):
+            setattr(args, k, v)
+    return rest
+
+
+def check_verb_args(verb: str, verb_args: list[str]) -> None:
+    """Parse the verb's arguments with the verb's own parser, so a typo fails here, not on the cluster."""
+    from lmselect.cli import _verb_parser
+
+    parser, _ = _verb_parser(verb)
+    try:
+        _, rest = parser.parse_known_args(verb_args)
+    except SystemExit as e:  # argparse printed the verb's --help (code 0) or its usage error
+        if not e.code:
+            raise
+        raise LmselectError(f"lmselect {verb}: the arguments above do not parse; nothing was written") from None
+    bad = [a for a in rest if not (a.startswith("--") and ("." in a.split("=")[0] or "=" in a))]
+    if bad:
+        raise LmselectError(f"lmselect {verb}: unrecognized arguments: {' '.join(bad)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the script (and submit it with ``--submit``)."""
+    verb_args = split_args(list(args.verb_args or []), args) + list(getattr(args, "overrides", []) or [])
+    if args.verb not in DISTRIBUTED_VERBS:
+        raise LmselectError(f"'{args.verb}' is not a distributed verb; choose from {', '.join(DISTRIBUTED_VERBS)}")
+    check_verb_args(args.verb, verb_args)  # first: a typo (or --help) concerns the verb, whatever else is missing
+    missing = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "partition", "time")
+               if getattr(args, k) in (None, "")]
+    if missing:
+        raise LmselectError(f"missing {', '.join(missing)}")
+    spec = SlurmSpec(
+        verb=args.verb, verb_args=verb_args, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
+        cpus_per_task=args.cpus_per_task, log_dir=args.log_dir or "slurm-logs", setup=tuple(args.setup or ()),
+        array=args.array, requeue=not args.no_requeue, workdir=os.getcwd(),
+        python_bin=str(Path(sys.executable).parent),
+    )
+    check_spec(spec)
+    text = render(spec)
+    script = Path(args.script or f"lmselect-{spec.verb}.sbatch")
+    atomic_write_text(script, text)
+    script.chmod(0o755)
+    Path(spec.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create the --output directory
+    if not args.submit:
+        print(f"slurm script: {script}; submit with: sbatch {shlex.quote(str(script))}")
+        return 0
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        print(text)
+        print(f"lmselect slurm: sbatch not found on this machine; wrote {script} (printed above): copy it to a "
+              "Slurm login node and run sbatch there", file=sys.stderr)
+        return 2
+    r = subprocess.run([sbatch, str(script)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        first = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        raise LmselectError(f"sbatch {script} failed (exit {r.returncode}): {first}")
+    print(r.stdout.strip() or f"submitted {script}")
+    return 0

@@ -1,0 +1,166 @@
+"""``lmselect slurm``: the rendered sbatch script (its text, and what it runs under a fake Slurm), Slurm environment
+parsing, and the one-line faults (a verb typo, a non-distributed verb, no sbatch)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmselect.artifacts import LmselectError
+from lmselect.cli import main
+from lmselect.slurm import SlurmEnv, SlurmSpec, rdzv_port, render
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _spec(**kw) -> SlurmSpec:
+    base = dict(verb="run", verb_args=["demo", "--out", "runs/my run", "--rounds=3"], nodes=2, gpus_per_node=8,
+                partition="gpu", time="4:00:00", account="proj", workdir="/shared/work", log_dir="logs")
+    return SlurmSpec(**{**base, **kw})
+
+
+def test_rendered_script_text():
+    text = render(_spec())
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for d in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--time=4:00:00",
+              "--account=proj", "--job-name=lmselect-run", "--requeue"):
+        assert f"#SBATCH {d}" in lines, d
+    assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in lines
+    assert "RDZV_PORT=$((60000 + SLURM_JOB_ID % 5000))" in lines
+    assert "cd /shared/work" in lines
+    flat = text.replace("\\\n", " ")
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in flat
+    assert ('torchrun --nnodes="$SLURM_NNODES" --nproc-per-node=8 --rdzv-backend=c10d '
+            '--rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"') in " ".join(flat.split())
+    assert "-m lmselect.cli run demo --out 'runs/my run' --rounds=3" in flat  # quoted for the shell
+    assert '--output="logs/lmselect-run-${SLURM_JOB_ID}-node%n.log"' in flat  # one log per node
+    no_account = render(_spec(account=None, requeue=False))
+    assert "--account" not in no_account and "--requeue" not in no_account
+
+
+def _fake_slurm(tmp_path: Path, srun_rc: int = 0) -> dict[str, str]:
+    """A PATH with fake scontrol / srun: srun records its argv, one argument per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu03\\ngpu04\\n'\n")
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path}/srun.args\nexit {srun_rc}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1234567",
+            "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NNODES": "2"}
+
+
+def test_script_runs_the_right_command_under_a_fake_slurm(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(_spec(workdir=str(tmp_path), log_dir=str(tmp_path / "logs"))))
+    r = subprocess.run(["bash", str(script)], env=_fake_slurm(tmp_path), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    port = rdzv_port(1234567)
+    assert port == 60000 + 1234567 % 5000
+    assert args[:3] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1",
+                        f"--output={tmp_path}/logs/lmselect-run-1234567-node%n.log"]
+    assert args[3:] == ["torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint=gpu03:{port}", "--rdzv-id=1234567", "-m", "lmselect.cli", "run", "demo",
+                        "--out", "runs/my run", "--rounds=3"]
+    assert f"rendezvous gpu03:{port}" in r.stdout
+
+
+def test_script_failure_is_one_line_and_keeps_the_exit_code(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(_spec(workdir=str(tmp_path), log_dir="logs")))
+    r = subprocess.run(["bash", str(script)], env=_fake_slurm(tmp_path, srun_rc=3), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines() == [
+        "lmselect slurm: job 1234567: lmselect run ended with exit code 3; see logs/lmselect-run-1234567-node*.log; "
+        "resubmitting this script resumes it"]
+    # a node that never reached the rendezvous: torchrun's RendezvousTimeoutError in a node log, named in one line
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "logs" / "lmselect-run-1234567-node1.log").write_text(
+        "torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n")
+    r = subprocess.run(["bash", str(script)], env=_fake_slurm(tmp_path, srun_rc=1), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"lmselect slurm: job 1234567: not every node joined the rendezvous at gpu03:{rdzv_port(1234567)} (torchrun "
+        "RendezvousTimeoutError); check that all 2 nodes reach gpu03; see logs/lmselect-run-1234567-node*.log"]
+
+
+def test_array_scoring_script():
+    text = render(_spec(verb="score", verb_args=["--model", "M", "--pool", "P", "--out", "S"], nodes=1, array=16))
+    assert "#SBATCH --array=0-15" in text
+    assert '-m lmselect.cli score --model M --pool P --out S --shard "${SLURM_ARRAY_TASK_ID}/16"' in text
+    assert "lmselect-score-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}-node%n.log" in text
+    with pytest.raises(LmselectError, match="score only|'lmselect slurm score'"):
+        render(_spec(array=4))
+    with pytest.raises(LmselectError, match="drop --shard"):
+        render(_spec(verb="score", verb_args=["--shard", "0/2"], array=4))
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"verb": "prepare"}, "not a distributed verb"), ({"nodes": 0}, "--nodes"), ({"gpus_per_node": 0}, "--gpus-per-node"),
+    ({"time": "four hours"}, "--time"),
+])
+def test_bad_spec_one_line(kw, msg):
+    with pytest.raises(LmselectError, match=msg) as e:
+        render(_spec(**kw))
+    assert "\n" not in str(e.value)
+
+
+def test_slurm_env_parsing():
+    env = SlurmEnv.from_env({"SLURM_JOB_ID": "777", "SLURM_NNODES": "4", "SLURM_NODEID": "2",
+                             "SLURM_JOB_NODELIST": "n[1-4]"})
+    assert env.in_slurm and env.nnodes == 4 and env.node_id == 2 and env.nodelist == "n[1-4]"
+    assert env.job_key == "777" and env.port == 60777
+    arr = SlurmEnv.from_env({"SLURM_JOB_ID": "800", "SLURM_ARRAY_JOB_ID": "790", "SLURM_ARRAY_TASK_ID": "3",
+                             "SLURM_ARRAY_TASK_COUNT": "16", "SLURM_JOB_NUM_NODES": "1"})
+    assert arr.job_key == "790_3" and arr.array_task_id == 3 and arr.array_task_count == 16 and arr.nnodes == 1
+    out = SlurmEnv.from_env({})
+    assert not out.in_slurm and out.job_key is None and out.port is None and out.nnodes == 1
+    with pytest.raises(LmselectError, match=r"\$SLURM_NNODES='two'"):
+        SlurmEnv.from_env({"SLURM_JOB_ID": "1", "SLURM_NNODES": "two"})
+
+
+def _cli(args, tmp_path, path_extra=None):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    if path_extra is not None:
+        env["PATH"] = f"{path_extra}:{os.environ['PATH']}"
+    else:  # no sbatch anywhere on PATH
+        env["PATH"] = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                      if not (Path(p) / "sbatch").exists())
+    return subprocess.run([sys.executable, "-m", "lmselect.cli", "slurm", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_writes_checks_and_submits(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "1:00:00"]
+    # slurm options may come before or after the verb; the verb's own arguments are checked by its parser
+    assert main(["slurm", "--nodes", "2", "train", "--pool", "P", "--out", "ck", "--gpus-per-node", "4",
+                 "--partition", "gpu", "--time", "1:00:00", "--steps=10"]) == 0
+    text = (tmp_path / "lmselect-train.sbatch").read_text()
+    assert "-m lmselect.cli train --pool P --out ck --steps=10" in text and "--nproc-per-node=4" in text
+    assert (tmp_path / "slurm-logs").is_dir()
+    assert main(["slurm", "run", "demo", "--bogus", *common]) == 2
+    assert "lmselect slurm: error: lmselect run: unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert main(["slurm", "prepare", "x", *common]) == 2
+    assert "not a distributed verb" in capsys.readouterr().err
+    # --submit without sbatch: the script is printed, one line says why, exit 2
+    r = _cli(["run", "demo", "--out", "o", *common, "--submit"], tmp_path)
+    assert r.returncode == 2 and r.stdout.startswith("#!/bin/bash")
+    assert r.stderr.strip().splitlines()[-1].startswith("lmselect slurm: sbatch not found on this machine; wrote ")
+    # with an sbatch on PATH, it is run on the script
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/sbatch.args\necho 'Submitted batch job 42'\n")
+    (fake / "sbatch").chmod(0o755)
+    r = _cli(["run", "demo", "--out", "o", *common, "--submit", "--script", "job.sh"], tmp_path, path_extra=fake)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "Submitted batch job 42"
+    assert (tmp_path / "sbatch.args").read_text().strip() == "job.sh"
