@@ -89,3 +89,22 @@ def test_threshold_drops_and_step_is_picklable(tmp_path, tiny_pool, scorer_dir):
         iter([Document(text=d.text, id=d.id) for d in docs])))
     assert kept and all(d.metadata["q"] >= cut for d in kept) and len(kept) < len(docs) - 1
     assert step._scorer is not None and pickle.loads(pickle.dumps(step))._scorer is None  # ships without the model
+
+
+def test_a_dsir_rounds_text_scorer_scores_whole_documents(tmp_path):
+    """A text scorer (here DSIR's, as a round saves it in scores/text_scorer) needs no tokenizer: each document's
+    score is the round's log importance weight of its whole text."""
+    from datatrove.data import Document
+
+    from lmselect.integrations.datatrove import LmselectScorer
+    from lmselect.select.dsir import DsirConfig, _save_text_scorer, fit_log_ratio
+
+    target = [" ".join(SAMPLE_TEXT[i : i + 3]) for i in range(0, 12, 3)]
+    raw = [" ".join(SAMPLE_TEXT[i : i + 2]) for i in range(len(SAMPLE_TEXT) - 2)] + [""]
+    cfg = DsirConfig(buckets=97)
+    log_ratio, logw = fit_log_ratio(target, raw, cfg)
+    _save_text_scorer(tmp_path / "scores" / "text_scorer", log_ratio, cfg, {"target_items": len(target)})
+    step = LmselectScorer(tmp_path / "scores", key="dsir")
+    out = list(step.run(iter([Document(text=t, id=str(i)) for i, t in enumerate(raw)])))
+    got = np.array([d.metadata["dsir"] for d in out])
+    assert np.array_equal(got, logw) and got[-1] == 0.0 and len(set(got.tolist())) > 3

@@ -37,21 +37,24 @@ class LmselectScorer(PipelineStep):
 
     ``model``: a score model directory (BLISS bilevel dir or its ``score_model/``, a MATES ``scorer.json`` dir), or
     with ``lm_loss=True`` a causal-LM checkpoint scored by its negative mean token cross-entropy (the perplexity
-    proxy). ``tokenizer_from``: the pool (or model) directory whose tokenizer encodes the text, as for
-    ``lmselect score --jsonl --tokenizer-from``.
+    proxy), or the text scorer of a ``fasttext`` / ``dsir`` round (``RUN/<method>/seed<k>/round<r>/scores``: the
+    classifier's P(target) / the DSIR log importance weight of the whole document). ``tokenizer_from``: the pool (or
+    model) directory whose tokenizer encodes the text, as for ``lmselect score --jsonl --tokenizer-from``; a text
+    scorer needs none.
     """
 
     name = "lmselect scorer"
     type = "🔢 - SCORER"
 
-    def __init__(self, model: str | Path, tokenizer_from: str | Path, *, lm_loss: bool = False,
+    def __init__(self, model: str | Path, tokenizer_from: str | Path | None = None, *, lm_loss: bool = False,
                  seq_len: int | None = None, batch_size: int = 64, docs_per_batch: int = 256,
                  device: str = "auto", dtype: str = "auto", key: str = "lmselect_score",
                  threshold: float | None = None):
         super().__init__()
         if docs_per_batch < 1:
             raise ValueError(f"docs_per_batch must be >= 1, got {docs_per_batch}")
-        self.model_path, self.tokenizer_from = str(model), str(tokenizer_from)
+        self.model_path = str(model)
+        self.tokenizer_from = None if tokenizer_from is None else str(tokenizer_from)
         self.lm_loss, self.seq_len, self.batch_size = lm_loss, seq_len, batch_size
         self.docs_per_batch, self.device, self.dtype = docs_per_batch, device, dtype
         self.key, self.threshold = key, threshold

@@ -28,15 +28,27 @@ from lmselect.score.windows import JsonlDoc, make_windows, resolve_tokenizer_dir
 
 class DocumentScorer:
     """A score model (BLISS / MATES ``scorer.json``) or, with ``lm_loss``, a causal LM (the perplexity proxy),
-    with the tokenizer of ``tokenizer_from``; :meth:`score` maps texts to document scores (higher = preferred)."""
+    with the tokenizer of ``tokenizer_from``; or a text scorer a ``fasttext`` / ``dsir`` round saved
+    (``scores/text_scorer``, loaded through the registry: :func:`lmselect.select.base.load_text_scorer`), which
+    scores each whole document's text with no tokenizer and no windows. :meth:`score` maps texts to document scores
+    (higher = preferred)."""
 
-    def __init__(self, model: str | Path, tokenizer_from: str | Path, *, lm_loss: bool = False,
+    def __init__(self, model: str | Path, tokenizer_from: str | Path | None = None, *, lm_loss: bool = False,
                  seq_len: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto"):
         from lmselect.data.pool import TokenPool
         from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+        from lmselect.select.base import is_text_scorer, load_text_scorer
 
         if batch_size < 1:
             raise LmselectError(f"batch_size must be >= 1, got {batch_size}")
+        self.text_scorer = None
+        if not lm_loss and is_text_scorer(model):
+            self.text_scorer = load_text_scorer(model)
+            self.tokenizer = self.seq_len = None
+            return
+        if tokenizer_from is None:
+            raise LmselectError(f"{model}: a score model or checkpoint needs tokenizer_from (the pool or model "
+                                "directory whose tokenizer encodes the text)")
         self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_from)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.model, self.meta = load_scoring_model(model, lm_loss=lm_loss)
@@ -80,9 +92,12 @@ class DocumentScorer:
         return win, scores
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
-        """Document scores (float32; NaN for a text without a scorable window)."""
+        """Document scores (float32; NaN for a text without a scorable window). A text scorer's are float64, one per
+        whole text, as the round scored its candidates (0 for a text without words: no evidence either way)."""
         import pyarrow as pa
 
+        if self.text_scorer is not None:
+            return np.asarray(self.text_scorer.score_texts(list(texts)), dtype=np.float64)
         if not len(texts):
             return np.zeros(0, dtype=np.float32)
         win, scores = self.score_windows(texts)
