@@ -284,3 +284,31 @@ def test_other_job_into_same_dir_is_refused(tmp_path, tiny_pool, scorer_dir, cap
         from lmselect.score import parse_shard
 
         parse_shard("2/2")
+
+
+def test_lm_loss_checks_the_tokenizer_a_plain_checkpoint_carries(tmp_path, tiny_pool, lm, capsys):
+    """Regression (issue 21, item 2): an off-the-shelf HF checkpoint whose tokenizer differs from the pool's scored
+    with rc 0 (plausible garbage). Now: refused in one line before any compute; a checkpoint with no tokenizer is
+    refused unless --trust-tokenizer."""
+    from lmselect.data.tokenizer import train_bpe
+    from lmselect.testing import SAMPLE_TEXT
+
+    other = train_bpe([t.upper() for t in SAMPLE_TEXT] * 4, vocab_size=300)
+    ckpt = tmp_path / "hf-ckpt"
+    lm.save_pretrained(ckpt)
+    other.save_pretrained(ckpt)
+    docs = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "She opened the door and saw the garden."}])
+    for inp in (["--pool", tiny_pool.path, "--pool-shard", "0"], ["--jsonl", docs, "--tokenizer-from", tiny_pool.path]):
+        capsys.readouterr()
+        assert _cli("--model", ckpt, "--lm-loss", *inp, "--out", tmp_path / "x") == 2
+        err = capsys.readouterr().err.strip()
+        assert "tokenizer mismatch" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "x").exists()
+    bare = tmp_path / "bare-ckpt"  # weights only: nothing to check
+    lm.save_pretrained(bare)
+    capsys.readouterr()
+    assert _cli("--model", bare, "--lm-loss", "--pool", tiny_pool.path, "--pool-shard", "0", "--out", tmp_path / "y") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--trust-tokenizer" in err and len(err.splitlines()) == 1
+    assert _cli("--model", bare, "--lm-loss", "--trust-tokenizer", "--pool", tiny_pool.path, "--pool-shard", "0",
+                "--out", tmp_path / "y") == 0
