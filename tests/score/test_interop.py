@@ -23,6 +23,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -126,3 +127,16 @@ def test_glob_input_and_datatrove_join_by_id(tmp_path, tiny_pool, scorer_dir, ca
     plain = {d.text: d.id for d in JsonlReader(str(docs)).run()}
     assert scores[plain[CC[3]["text"]]] == pytest.approx(table.to_pylist()[3]["score"])
     assert plain[WIKI[1]["text"]] == "sub/wiki.jsonl.zst/1"
+
+
+def test_select_on_scores_of_a_folder_writes_the_original_lines(tmp_path, tiny_pool, scorer_dir):
+    docs = _dataset(tmp_path / "data")
+    out = tmp_path / "scores"
+    assert _score(scorer_dir, str(docs), tiny_pool.path, out) == 0
+    assert main(["select", "--scores", str(out), "--fraction", "0.5", "--out", str(tmp_path / "sel")]) == 0
+    table = read_documents(out).to_pylist()
+    chosen = sorted(int(i) for i in np.load(tmp_path / "sel" / "selected.npy"))
+    raw = {"cc-0000.json.gz": _lines(CC).splitlines(), "sub/wiki.jsonl.zst": _lines(WIKI).splitlines()}
+    want = [raw[table[i]["file"]][table[i]["line"] - 1] for i in chosen]  # file order, then line order
+    assert gzip.decompress((tmp_path / "sel" / "selected.jsonl.gz").read_bytes()).splitlines() == want
+    assert {table[i]["file"] for i in chosen} == set(raw)  # both files contribute at fraction 0.5
