@@ -12,7 +12,8 @@ size (``ru_maxrss`` of the child, read with ``resource.getrusage(RUSAGE_CHILDREN
 2. ``prepare --tokenizer`` with the tokenizer from run 1 (tokenize + pack only).
 
 Before the fix the same 50 MB document took 9.5 GB peak (issue 21); long texts are now encoded in pieces of
-``lmselect.data.tokenizer.LONG_TEXT_CHARS`` characters cut at whitespace runs.
+``lmselect.data.tokenizer.LONG_TEXT_CHARS`` characters cut at whitespace runs. Measured once (2 shared CPU cores,
+10.3 M tokens): 347 MB peak RSS / 59 s with the BPE trained on the corpus, 250 MB / 35 s with a given tokenizer.
 """
 
 from __future__ import annotations
