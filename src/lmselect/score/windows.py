@@ -290,7 +290,7 @@ def score_jsonl(
         extra={"input": "jsonl", "jsonl": str(jsonl), "tokenizer": str(tok_dir), "seq_len": seq_len,
                "score": meta["kind"], "activation": meta.get("activation"), "model": meta["path"],
                "documents_file": DOCUMENTS_FILE, "text_field": text_field,
-               "jsonl_files": [{"path": str(f), "file": rel} for f, rel in files],
+               "jsonl_files": [{"path": str(f.resolve()), "file": rel} for f, rel in files],
                "attributes": attribute_path(files[0][1], attribute_name),
                "attribute_files": [attribute_path(rel, attribute_name) for _, rel in files],
                "skipped_examples": read["skipped_examples"]},
