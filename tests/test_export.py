@@ -152,3 +152,66 @@ def test_export_run_directory_final_rounds(tmp_path, corpus_pool, capsys):
     assert not (tmp_path / "r3").exists()
     assert main(["export", str(run), "--out", str(pool.path)]) == 2
     assert "'pool' artifact" in capsys.readouterr().err
+
+
+def test_export_rows_have_unique_ids_and_parts_say_where_they_are(tmp_path, corpus_pool):
+    """Regression (issue 21, item 4): rows were 128-token pieces sharing doc_id, with no offsets, so an id-keyed join
+    or dedup collapsed them. Now every row has a unique ``id``, keeps ``doc_id``, and a part says so (``complete``
+    false) with its character offsets in the original text. datatrove's readers read both formats."""
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    pool, texts = corpus_pool
+    sel_dir = _selection(tmp_path, pool, fraction=0.4)
+    out, out_pq = tmp_path / "exp", tmp_path / "exp_pq"
+    assert main(["export", str(sel_dir), "--out", str(out)]) == 0
+    assert main(["export", str(sel_dir), "--out", str(out_pq), "--format", "parquet"]) == 0
+    rows = _read_jsonl_gz(out / "documents.jsonl.gz")
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert len({r["doc_id"] for r in rows}) < len(rows)  # several parts of one document: the case that collapsed
+    parts = [r for r in rows if not r["complete"]]
+    assert parts and any(r["char_start"] > 0 for r in parts)
+    for r in rows:
+        original = texts[r["doc_id"]]
+        assert original[r["char_start"] : r["char_end"]] == r["text"]  # offsets slice the source record
+        if r["complete"]:
+            assert r["id"] == r["doc_id"] and (r["char_start"], r["char_end"]) == (0, len(original))
+        else:
+            assert r["id"] == f"{r['doc_id']}:{r['char_start']}-{r['char_end']}"
+    # the real clients: datatrove reads each row as one Document with our id and text
+    by_id = {r["id"]: r for r in rows}
+    for reader in (JsonlReader(str(out), glob_pattern="documents.jsonl.gz"),
+                   ParquetReader(str(out_pq), glob_pattern="documents.parquet")):
+        got = list(reader.run())
+        assert len(got) == len(rows) and {d.id for d in got} == set(by_id)
+        for d in got:
+            assert d.text == by_id[d.id]["text"] and d.metadata["doc_id"] == by_id[d.id]["doc_id"]
+
+
+def test_export_cleans_stale_staging_and_needs_overwrite(tmp_path, corpus_pool, capsys):
+    """Regression (issue 21, item 6): a kill -9 left ``.OUT.tmp-PID-*`` behind forever, and an export of another
+    selection or format silently replaced an earlier one."""
+    import os
+    import subprocess
+    import sys
+
+    pool, _ = corpus_pool
+    a, b = _selection(tmp_path, pool, "a", 0.5), _selection(tmp_path, pool, "b", 0.3)
+    out = tmp_path / "exp"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".exp.tmp-{dead.pid}-0badc0de"
+    (stale / "tokenizer").mkdir(parents=True)
+    live = tmp_path / f".exp.tmp-{os.getppid()}-1badc0de"  # a running process's staging dir is left alone
+    live.mkdir()
+    assert main(["export", str(a), "--out", str(out)]) == 0
+    assert not stale.exists() and live.exists()
+    first = read_manifest(out, kind="export")["uuid"]
+    for args in ([str(b), "--out", str(out)], [str(a), "--out", str(out), "--format", "parquet"]):
+        capsys.readouterr()
+        assert main(["export", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--overwrite" in err
+        assert read_manifest(out, kind="export")["uuid"] == first  # untouched
+    assert main(["export", str(a), "--out", str(out)]) == 0  # the same export again: replaced quietly
+    assert main(["export", str(b), "--out", str(out), "--overwrite"]) == 0
+    assert read_manifest(out, kind="export")["config"]["selection"] == str(b)

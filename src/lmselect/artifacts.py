@@ -566,3 +566,34 @@ def check_replaceable(out: str | Path, kind: str, own_files: set[str] | frozense
     if foreign:
         raise LmselectError(f"{out}: not empty and not {'an' if kind[0] in 'aeiou' else 'a'} {kind} (contains "
                             f"{foreign[0]}); choose another --out")
+
+
+def remove_stale_tmp(path: str | Path, logger: Any = None) -> list[Path]:
+    """Remove the temporary siblings ``.NAME.tmp-PID-*`` of ``path`` (see :func:`atomic_path`) whose process is no
+    longer running on this host: what a killed run left behind. A live PID's (another run writing right now) is
+    kept. Returns what was removed."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)-[0-9a-f]+$")
+    removed = []
+    for p in parent.iterdir():
+        m = pat.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # someone else's live process
+            alive = True
+        if alive:
+            continue
+        if logger is not None:
+            logger.info("removing leftover partial output %s", p)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

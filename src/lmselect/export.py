@@ -5,17 +5,23 @@
     lmselect export RUN --round 1 --format parquet --out exported/
 
 An export directory (manifest kind="export", written last; the directory is built in a temporary place and
-renamed, so it is all or nothing) holds:
+renamed, so it is all or nothing; staging directories of killed exports are removed on the next export into the
+same place; replacing an export of another selection, run, round or format needs ``--overwrite``) holds:
 
 * ``documents.jsonl.gz`` (``--format jsonl``) or ``documents.parquet``: one row per piece of a document inside the
-  selected sequences, in pool order: ``doc_id`` and ``source`` (the corpus record's own, from ``docs.parquet``),
-  ``seq_ids`` (the selected pool sequences the piece spans), ``token_start`` (offset in the first of them),
-  ``n_tokens``, ``complete`` (the whole document is in the piece), ``scores`` and ``score`` (their mean; when the
-  selection was made from a scores sidecar) and ``text``: the piece's tokens decoded with the pool's tokenizer
-  (the end-of-document token left out). A document that continues across sequences is exported only where it
-  lies inside selected sequences: one piece per run of consecutive selected sequences, so a document whose middle
-  sequence was not selected gives two pieces, each with ``complete`` false. A piece cut at a sequence boundary may
-  start or end inside a multi-byte character, which decodes as U+FFFD.
+  selected sequences, in pool order: ``id`` (unique in the export: the document's own id when the row is the whole
+  document, else ``"<doc_id>:<char_start>-<char_end>"``), ``doc_id`` and ``source`` (the corpus record's own, from
+  ``docs.parquet``), ``complete`` (the whole document is in the row), ``char_start`` / ``char_end`` (the row's
+  character offsets in the original text; 0 and its length when complete), ``doc_token_start`` (tokens of the
+  document before the row), ``seq_ids`` (the selected pool sequences the piece spans), ``token_start`` (offset in
+  the first of them), ``n_tokens``, ``scores`` and ``score`` (their mean; when the selection was made from a scores
+  sidecar) and ``text``: the piece's tokens decoded with the pool's tokenizer (the end-of-document token left out).
+  A document whose sequences were all selected comes back whole, as one row. A document that continues across
+  sequences is exported only where it lies inside selected sequences: one piece per run of consecutive selected
+  sequences, so a document whose middle sequence was not selected gives two rows, each with ``complete`` false and
+  its offsets. A piece cut at a sequence boundary may start or end inside a multi-byte character, which decodes as
+  U+FFFD (and may shift ``char_start`` by one there). ``id`` / ``text`` are the keys datatrove's ``JsonlReader`` and
+  ``ParquetReader`` read by default.
 * ``tokens.bin``: the selected sequences' tokens, row after row in pool order, as one flat little-endian array of
   uint16 (when the vocabulary fits) or uint32 — the layout nanoGPT (``np.memmap(path, dtype=np.uint16, mode="r")``)
   and litgpt read — with ``seq_ids.npy`` (row i = pool sequence id) and ``tokens.json`` (dtype, seq_len,
@@ -35,7 +41,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,6 +57,7 @@ from lmselect.artifacts import (
     is_complete,
     parent_ref,
     read_manifest,
+    remove_stale_tmp,
     write_manifest,
 )
 
@@ -82,6 +89,13 @@ class Pieces:
     length: np.ndarray  # per span: tokens
     complete: np.ndarray  # per piece: the whole document occurrence is in the piece
     ends_document: np.ndarray  # per piece: its last span is the document's last (ends with the EOS token)
+    # where each piece lies in its document: the spans of the occurrence before it (in the all_* arrays, which hold
+    # every span of the pool in stream order) are all_first[p] - occ_first[p] spans starting at occ_first[p]
+    occ_first: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    all_first: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    all_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    all_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    all_length: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.doc_id)
@@ -112,6 +126,8 @@ def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
 
     keep = np.isin(seq, selected)
     k_seq, k_start, k_len, k_occ = seq[keep], start[keep], length[keep], occ[keep]
+    k_glob = np.flatnonzero(keep)  # position of each kept span in the full (stream-ordered) arrays
+    occ_first_span = np.flatnonzero(~cont)  # first span of every occurrence
     new_piece = np.ones(len(k_seq), dtype=bool)
     if len(k_seq) > 1:
         new_piece[1:] = (k_occ[1:] != k_occ[:-1]) | (k_seq[1:] != k_seq[:-1] + 1)
@@ -124,12 +140,36 @@ def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
         span_ptr=ptr, seq=k_seq, start=k_start, length=k_len,
         complete=n_spans == occ_size[k_occ[first]] if len(first) else np.zeros(0, bool),
         ends_document=last_of_occ[keep][last] if len(first) else np.zeros(0, bool),
+        occ_first=occ_first_span[k_occ[first]] if len(first) else np.zeros(0, np.int64),
+        all_first=k_glob[first] if len(first) else np.zeros(0, np.int64),
+        all_seq=seq, all_start=start, all_length=length,
     )
 
 
 def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
                 score_of: dict[int, float] | None) -> Iterator[list[dict[str, Any]]]:
-    """Export rows of the pieces, ``_CHUNK`` at a time (texts decoded in one batch per chunk)."""
+    """Export rows of the pieces, ``_CHUNK`` at a time (texts decoded in one batch per chunk).
+
+    Every row gets a unique ``id``: the document's own id when the row is the whole document, else
+    ``"<doc_id>:<char_start>-<char_end>"`` (its character offsets in the document), with ``~<k>`` appended should
+    that still repeat (the same document twice in the corpus). ``char_start`` counts the characters of the
+    document's tokens before the piece, decoded sequence span by sequence span: exact, except that a span boundary
+    inside a multi-byte character can shift it by a character (such a character decodes as U+FFFD).
+    """
+    span_chars: dict[int, int] = {}  # global span index -> decoded length (each span decoded at most once)
+
+    def chars_before(p: int) -> tuple[int, int]:
+        a, b = int(pieces.occ_first[p]), int(pieces.all_first[p])
+        todo = [i for i in range(a, b) if i not in span_chars]
+        if todo:
+            ids = [tokens[pieces.all_seq[i], pieces.all_start[i]: pieces.all_start[i] + pieces.all_length[i]]
+                   .astype(np.int64).tolist() for i in todo]
+            for i, t in zip(todo, tokenizer.batch_decode(ids, skip_special_tokens=False,
+                                                         clean_up_tokenization_spaces=False)):
+                span_chars[i] = len(t)
+        return sum(span_chars[i] for i in range(a, b)), int(pieces.all_length[a:b].sum())
+
+    seen: dict[str, int] = {}
     for c0 in range(0, len(pieces), _CHUNK):
         ids_batch, rows = [], []
         for p in range(c0, min(c0 + _CHUNK, len(pieces))):
@@ -140,9 +180,11 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
                 toks = toks[:-1]  # prepare appends EOS to every document; it is not part of the text
             ids_batch.append(toks.tolist())
             seqs = [int(s) for s in pieces.seq[a:b]]
-            row: dict[str, Any] = {"doc_id": pieces.doc_id[p], "source": pieces.source[p], "seq_ids": seqs,
-                                   "token_start": int(pieces.start[a]), "n_tokens": int(len(toks)),
-                                   "complete": bool(pieces.complete[p])}
+            c_start, t_start = (0, 0) if pieces.complete[p] else chars_before(p)
+            row: dict[str, Any] = {"id": "", "doc_id": pieces.doc_id[p], "source": pieces.source[p],
+                                   "complete": bool(pieces.complete[p]), "char_start": c_start, "char_end": c_start,
+                                   "doc_token_start": t_start, "seq_ids": seqs,
+                                   "token_start": int(pieces.start[a]), "n_tokens": int(len(toks))}
             if score_of is not None:
                 sc = [score_of.get(s, float("nan")) for s in seqs]
                 row["scores"] = sc
@@ -151,6 +193,11 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
         texts = tokenizer.batch_decode(ids_batch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         for row, text in zip(rows, texts):
             row["text"] = text
+            row["char_end"] = row["char_start"] + len(text)
+            base = row["doc_id"] if row["complete"] else f"{row['doc_id']}:{row['char_start']}-{row['char_end']}"
+            k = seen.get(base, 0)
+            seen[base] = k + 1
+            row["id"] = base if k == 0 else f"{base}~{k}"
         yield rows
 
 
@@ -170,8 +217,9 @@ def _write_documents(path: Path, fmt: str, chunks: Iterator[list[dict[str, Any]]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fields = [("doc_id", pa.string()), ("source", pa.string()), ("seq_ids", pa.list_(pa.int64())),
-              ("token_start", pa.int64()), ("n_tokens", pa.int64()), ("complete", pa.bool_())]
+    fields = [("id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()), ("complete", pa.bool_()),
+              ("char_start", pa.int64()), ("char_end", pa.int64()), ("doc_token_start", pa.int64()),
+              ("seq_ids", pa.list_(pa.int64())), ("token_start", pa.int64()), ("n_tokens", pa.int64())]
     if with_scores:
         fields += [("scores", pa.list_(pa.float32())), ("score", pa.float32())]
     schema = pa.schema(fields + [("text", pa.string())])
@@ -216,16 +264,17 @@ def _selection_scores(man: dict[str, Any]) -> dict[int, float] | None:
 
 
 def export_selection(sel_dir: str | Path, out_dir: str | Path, *, fmt: str = "jsonl",
-                     pool: str | Path | None = None) -> Path:
+                     pool: str | Path | None = None, overwrite: bool = False) -> Path:
     """Export one selection artifact to ``out_dir`` (see the module docstring); returns ``out_dir``."""
     sel_dir, out = Path(sel_dir), Path(out_dir)
     if fmt not in FORMATS:
         raise LmselectError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    _check_out(out)
+    config = {"selection": str(sel_dir), "format": fmt}
+    _check_out(out, config, overwrite)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         info = _export_into(sel_dir, tmp, fmt, pool)
-        write_manifest(tmp, Manifest(kind="export", config={"selection": str(sel_dir), "format": fmt},
+        write_manifest(tmp, Manifest(kind="export", config=config,
                                      parents=info.pop("parents"), counts=info.pop("counts"), extra=info))
     return out
 
@@ -274,9 +323,18 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
             "selection": str(sel_dir), "method": man.get("extra", {}).get("method")}
 
 
-def _check_out(out: Path) -> None:
-    """Refuse to replace a directory that is not an export: it may be someone's data."""
+def _check_out(out: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace a directory that is not an export (it may be someone's data), or, without ``overwrite``,
+    an export of another selection, run, round or format (a rerun of the same export replaces it). Leftover staging
+    directories of killed exports into ``out`` are removed first."""
+    remove_stale_tmp(out, log)
     check_replaceable(out, "export")
+    if is_complete(out, "export") and not overwrite:
+        have = read_manifest(out, kind="export").get("config", {})
+        if {k: have.get(k) for k in config} != config:
+            what = ", ".join(f"{k} {have.get(k)}" for k in config if have.get(k) != config[k])
+            raise LmselectError(f"{out}: holds an export of another {what.split(' ')[0]} ({what}); pass --overwrite "
+                                "to replace it or choose another --out")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,7 +366,7 @@ def run_selections(run_dir: str | Path, round_: int | None = None) -> list[tuple
 
 
 def export(source: str | Path, out_dir: str | Path, *, fmt: str = "jsonl", round_: int | None = None,
-           pool: str | Path | None = None) -> Path:
+           pool: str | Path | None = None, overwrite: bool = False) -> Path:
     """Export a selection directory, or every method/seed's final (or ``round_``) selection of a run directory."""
     src, out = Path(source), Path(out_dir)
     if not src.is_dir():
@@ -316,11 +374,11 @@ def export(source: str | Path, out_dir: str | Path, *, fmt: str = "jsonl", round
     if is_complete(src, "selection"):
         if round_ is not None:
             raise LmselectError(f"{src}: --round applies to a run directory, not to one selection")
-        return export_selection(src, out, fmt=fmt, pool=pool)
+        return export_selection(src, out, fmt=fmt, pool=pool, overwrite=overwrite)
     if fmt not in FORMATS:
         raise LmselectError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     chosen = run_selections(src, round_)
-    _check_out(out)
+    _check_out(out, {"run": str(src), "format": fmt, "round": round_}, overwrite)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         entries, parents = [], []
@@ -353,6 +411,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", help="pool the selection refers to (default: the one its manifest names)")
     parser.add_argument("--dropped", action="store_true",
                         help="SOURCE is a pool: write the documents its prefilter removed (dropped.jsonl.gz)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing export of another selection, run, round or format")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -365,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
         out, n = export_dropped(args.source, args.out)
         print(f"exported {n} documents the prefilter removed -> {out / 'dropped.jsonl.gz'}")
         return 0
-    out = export(args.source, args.out, fmt=args.format, round_=args.round, pool=args.pool)
+    out = export(args.source, args.out, fmt=args.format, round_=args.round, pool=args.pool,
+                 overwrite=args.overwrite)
     m = read_manifest(out, kind="export")
     if "exports" in m["extra"]:
         for e in m["extra"]["exports"]:

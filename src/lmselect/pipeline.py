@@ -248,11 +248,16 @@ class Runner:
         documents per sequence, proxy loss and near-duplication, ties, and a one-line verdict."""
         from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
 
+        log.info("%s: selection diagnostics (per-source scores, length, proxy loss, near-duplicates) ...",
+                 self._rel(rc, "selection"))
+        t0 = time.perf_counter()
         model, loss = self.reference_loss(rc.round)
         d = selection_diagnostics(self.pool, rc.candidates, scores, selected, proxy_loss=loss,
                                   seed=rc.derived_seed(STREAM_SELECT))
         d["proxy_loss_model"] = model
         d["verdict"] = diagnostics_verdict(d)
+        log.info("%s: selection diagnostics done in %.1fs: %s", self._rel(rc, "selection"), time.perf_counter() - t0,
+                 d["verdict"])
         return d
 
     def _rel(self, rc: RoundContext, stage: str) -> str:

@@ -289,7 +289,72 @@ def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
         validate_names(r.pool.prepare.prefilter, "pool.prepare.prefilter")
         need(r.pool.prepare.n_shards >= r.rounds + 1, "pool.prepare.n_shards",
              f"need rounds + 1 = {r.rounds + 1} shards (shard 0 is the warm-up)", r.pool.prepare.n_shards)
+    check_context_lengths(r, where)
     return r
+
+
+def _pool_seq_len(r: Any) -> tuple[int | None, str]:
+    """The pool's sequence length and the key it comes from: an existing pool's manifest, else ``pool.prepare``."""
+    from lmselect.artifacts import is_complete, read_manifest
+
+    if r.pool.path is not None:
+        if not is_complete(r.pool.path, "pool"):
+            return None, "pool.path"  # prepared elsewhere later, or not a pool: the pipeline says so
+        return int(read_manifest(r.pool.path, kind="pool")["extra"]["seq_len"]), "pool.path"
+    return int(r.pool.prepare.seq_len), "pool.prepare.seq_len"
+
+
+def _checkpoint_context(path: str) -> int | None:
+    """``max_position_embeddings`` of an HF checkpoint directory's config.json (None when it has none)."""
+    cfg = Path(path) / "config.json"
+    try:
+        v = json.loads(cfg.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(v) if isinstance(v, int) else None
+
+
+def check_context_lengths(r: Any, where: Any = None) -> None:
+    """Every model must hold the sequences it is given, checked when the recipe loads rather than after hours of
+    warm-up: the pool's ``seq_len`` against the target, the proxy (the score-model backbone), an ``init_from``
+    checkpoint and a method's own model (MATES ``influence_preset``); ``validation.seq_len`` and a method's
+    ``seq_len`` (RHO-1's / the reference's text packing) against the models that read them."""
+    from lmselect.models.presets import get_preset
+
+    where = where or (lambda key: "")
+    models: list[tuple[str, str, int]] = []  # (key, description, context)
+    for key in ("target", "proxy"):
+        sec = getattr(r, key)
+        models.append((f"{key}.preset", f"{key} preset '{sec.preset}'", get_preset(sec.preset).max_position_embeddings))
+        if sec.init_from:
+            ctx = _checkpoint_context(sec.init_from)
+            if ctx is not None:
+                models.append((f"{key}.init_from", f"{key}.init_from checkpoint {sec.init_from}", ctx))
+    mates = getattr(r, "mates", None)
+    if "mates" in r.methods and mates is not None and getattr(mates, "influence_init", "") == "preset":
+        try:
+            ctx = get_preset(mates.influence_preset).max_position_embeddings
+        except LmselectError as e:
+            raise ConfigError(f"recipe key 'mates.influence_preset'{where('mates.influence_preset')}: {e}") from None
+        models.append(("mates.influence_preset", f"MATES influence preset '{mates.influence_preset}'", ctx))
+
+    def fits(length: int, length_key: str, src: str, targets: list[tuple[str, str, int]]) -> None:
+        for key, what, ctx in targets:
+            if length > ctx:  # blame the model for the pool's length, the length key for the others
+                blame = key if length_key.startswith("pool") else length_key
+                raise ConfigError(
+                    f"recipe key '{blame}'{where(blame)}: the {what} holds {ctx} tokens, but {src} is {length}; "
+                    "choose a preset with a longer context or a shorter sequence length")
+
+    seq_len, key = _pool_seq_len(r)
+    if seq_len is not None:
+        src = f"the sequence length of the pool at {r.pool.path}" if key == "pool.path" else "pool.prepare.seq_len"
+        fits(seq_len, key, src, models)
+    fits(r.validation.seq_len, "validation.seq_len", "validation.seq_len", models[:2])
+    for m in r.methods:
+        sec = getattr(r, m, None)
+        if isinstance(getattr(sec, "seq_len", None), int):
+            fits(sec.seq_len, f"{m}.seq_len", f"{m}.seq_len", [x for x in models if x[0].startswith("target")])
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:

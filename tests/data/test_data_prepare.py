@@ -290,3 +290,55 @@ def test_config_validation():
         PrepareConfig().validate()
     with pytest.raises(ConfigError, match="val_fraction"):
         PrepareConfig(inputs=["x"], val_fraction=1.0).validate()
+
+
+def test_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok_dir, tiny_tokenizer, monkeypatch,
+                                                                   caplog):
+    """Regression (issue 21, item 5): a 50 MB single-line document took 9.5 GB. Long texts are now encoded piece by
+    piece (cut at whitespace runs; bench/prepare_long_doc.py measures the memory), and the tokens equal the
+    whole-text encoding for a byte-level BPE; a trained BPE sees the same text. The threshold is lowered here so a
+    few-KB document takes that path. Also: without a terminal, prepare logs progress while it runs, and BPE
+    training says so (issue 21, item 8)."""
+    import logging
+
+    import lmselect.data.prepare as prep
+
+    monkeypatch.setattr(prep, "LONG_TEXT_CHARS", 500)
+    monkeypatch.setattr(prep, "PROGRESS_LOG_S", 0.0)
+    rng = np.random.default_rng(0)
+    long_text = "  ".join(" ".join(rng.choice(SENTENCES, size=40)) for _ in range(5)) + "\n\nEnd of the report."
+    recs = [{"id": "short-1", "text": SENTENCES[0]}, {"id": "long", "text": long_text},
+            {"id": "short-2", "text": SENTENCES[1]}]
+    src = write_jsonl(tmp_path / "c.jsonl", recs)
+    with caplog.at_level(logging.INFO, logger="lmselect"):
+        pool = TokenPool(prepare(cfg_for([str(src)], tok_dir, seq_len=32, n_shards=1), tmp_path / "pool",
+                                 progress=True))
+    eos = tiny_tokenizer.eos_token_id
+    stream = [t for r in recs for t in tiny_tokenizer.encode(r["text"], add_special_tokens=False) + [eos]]
+    assert len(long_text) > 10 * 500
+    n = pool.n_sequences
+    assert np.array_equal(np.asarray(pool.tokens).reshape(-1), np.array(stream[: n * 32]))
+    assert any(r.getMessage().startswith("tokenize: ") for r in caplog.records)  # progress lines in the log
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lmselect"):
+        prepare(cfg_for([str(src)], None, seq_len=32, n_shards=1), tmp_path / "pool_bpe", progress=False)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("training a byte-level BPE" in m for m in msgs) and any("BPE tokenizer trained" in m for m in msgs)
+
+
+def test_a_third_of_a_file_malformed_is_warned_about(tmp_path, tok_dir, caplog):
+    """Regression (issue 21, item 6): a third of an input malformed got a count in the manifest but no warning."""
+    import logging
+
+    good = write_jsonl(tmp_path / "good.jsonl", clean_records(12))
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r) for r in clean_records(8, prefix="b")]
+    lines[1] = lines[1][:-5]  # truncated JSON
+    lines[4] = json.dumps({"id": "b4", "body": "text under another key"})
+    lines[6] = json.dumps({"id": "b6", "text": 42})
+    bad.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="lmselect"):
+        pool = TokenPool(prepare(cfg_for([str(good), str(bad)], tok_dir), tmp_path / "pool", progress=False))
+    assert pool.manifest["counts"]["skipped"] == 3
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith(f"{bad}: 3 of 8 records (38 %) are malformed")

@@ -264,7 +264,7 @@ def test_recipe_keys(tmp_path):
 
     (tmp_path / "report.jsonl").write_text('{"text": "x"}\n')
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("pool:\n  prepare:\n    inputs: ['bundled:demo/corpus/*.jsonl.gz']\n"
+    recipe.write_text("pool:\n  prepare:\n    inputs: ['bundled:demo/corpus/*.jsonl.gz']\n    seq_len: 128\n"
                       "    decontaminate: {protected: ['bundled:tasks', report.jsonl], mode: drop}\n")
     dec = load_recipe(str(recipe)).pool.prepare.decontaminate
     # bundled: stays as written (it labels the set); a relative path resolves against the recipe's folder

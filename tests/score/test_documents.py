@@ -13,6 +13,7 @@ import pytest
 
 from lmselect.artifacts import LmselectError, read_manifest
 from lmselect.cli import main
+from lmselect.data.tokenizer import tokenizer_fingerprint
 from lmselect.models.presets import build_model
 from lmselect.models.scorer import SequenceScorer
 from lmselect.score import DOCUMENTS_FILE, read_documents, read_scores_table
@@ -23,7 +24,8 @@ from lmselect.testing import SAMPLE_TEXT
 def scorer_dir(tmp_path, tiny_tokenizer):
     lm = build_model("debug", len(tiny_tokenizer), seed=0)
     d = tmp_path / "scorer"
-    SequenceScorer.from_causal_lm(lm, activation="identity", seed=0).save_pretrained(d)
+    SequenceScorer.from_causal_lm(lm, activation="identity", seed=0).save_pretrained(
+        d, extra={"tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer)})
     return d
 
 
@@ -50,7 +52,9 @@ def test_document_scores_equal_bruteforce_mean(tmp_path, tiny_pool, scorer_dir):
     assert _score(scorer_dir, src, tiny_pool.path, out, "--num-parts", 2) == 0
     windows = read_scores_table(out).to_pylist()
     docs = read_documents(out).to_pylist()
-    assert [d["doc_id"] for d in docs] == [r.get("id", str(i + 1)) for i, r in enumerate(recs)]
+    # a record without an id: the id datatrove gives it (file/0-based line), flagged as derived
+    assert [d["doc_id"] for d in docs] == [r.get("id", f"docs.jsonl/{i}") for i, r in enumerate(recs)]
+    assert [d["id_derived"] for d in docs] == ["id" not in r for r in recs]
     assert [d["source"] for d in docs] == [r.get("source", "docs") for r in recs]
     assert [d["n_chars"] for d in docs] == [len(r["text"]) for r in recs]
     # brute force: group windows by document id and average in float64
@@ -68,12 +72,13 @@ def test_document_scores_equal_bruteforce_mean(tmp_path, tiny_pool, scorer_dir):
             assert d["doc_id"] == "empty" and np.isnan(d["score"])
     m = read_manifest(out, kind="scores")
     assert m["counts"]["documents_scored"] == len(recs) - 1
-    assert m["extra"]["attributes"] == "attributes/lmselect/docs.jsonl.gz"
+    assert m["extra"]["attributes"] == "attributes/lmselect/docs.jsonl"  # the input's own name (not .gz)
+    assert m["counts"]["documents_without_id"] == 1
 
     # the dolma attribute file: one line per record, same order, spans are character offsets into the text
-    with gzip.open(out / m["extra"]["attributes"], "rt") as f:
+    with open(out / m["extra"]["attributes"]) as f:
         attrs = [json.loads(line) for line in f]
-    assert [a["id"] for a in attrs] == [d["doc_id"] for d in docs]
+    assert [a["id"] for a in attrs] == [r.get("id") for r in recs]  # ids as in the file: null stays null
     assert [a["source"] for a in attrs] == [d["source"] for d in docs]
     for a, d, r in zip(attrs, docs, recs):
         spans = a["attributes"]["lmselect__score"]
@@ -87,7 +92,9 @@ def test_document_scores_equal_bruteforce_mean(tmp_path, tiny_pool, scorer_dir):
 
 
 def test_attribute_name_and_rerun_is_byte_identical(tmp_path, tiny_pool, scorer_dir, capsys):
-    src, _ = write_docs(tmp_path / "docs.jsonl")
+    src, recs = write_docs(tmp_path / "docs.jsonl")
+    src = tmp_path / "docs.jsonl.gz"
+    src.write_bytes(gzip.compress((tmp_path / "docs.jsonl").read_bytes()))
     a, b = tmp_path / "a", tmp_path / "b"
     assert _score(scorer_dir, src, tiny_pool.path, a, "--attribute-name", "bliss_v1") == 0
     assert _score(scorer_dir, src, tiny_pool.path, b, "--attribute-name", "bliss_v1") == 0

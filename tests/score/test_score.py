@@ -11,6 +11,7 @@ import torch
 
 from lmselect.artifacts import ArtifactError, LmselectError, is_complete, read_manifest
 from lmselect.cli import main
+from lmselect.data.tokenizer import tokenizer_fingerprint
 from lmselect.models.losses import sequence_ce
 from lmselect.models.presets import build_model
 from lmselect.models.scorer import SequenceScorer
@@ -35,9 +36,9 @@ def scorer(lm):
 
 
 @pytest.fixture()
-def scorer_dir(tmp_path, scorer):
+def scorer_dir(tmp_path, scorer, tiny_tokenizer):
     d = tmp_path / "scorer"
-    scorer.save_pretrained(d)
+    scorer.save_pretrained(d, extra={"tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer)})
     return d
 
 
@@ -172,9 +173,10 @@ def test_torchrun_ranks_each_take_their_part(tmp_path, tiny_pool, scorer_dir, mo
     assert [p.name for p in out2.glob("part-*.parquet")] == [part_name(3, 4)]
 
 
-def test_lm_loss_scores_are_negative_mean_ce(tmp_path, tiny_pool, lm, capsys):
+def test_lm_loss_scores_are_negative_mean_ce(tmp_path, tiny_pool, lm, capsys, tiny_tokenizer):
     ckpt = tmp_path / "ckpt"
     lm.save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)  # a plain HF checkpoint carries its tokenizer
     out = tmp_path / "scores"
     assert _cli("--model", ckpt, "--lm-loss", "--pool", tiny_pool.path, "--pool-shard", "0", "--out", out) == 0
     ids, scores = read_scores(out)
@@ -207,8 +209,8 @@ def test_jsonl_windows_carry_doc_ids_and_offsets(tmp_path, tiny_pool, tiny_token
     assert _cli("--model", scorer_dir, "--jsonl", src, "--tokenizer-from", tiny_pool.path, "--seq-len", seq_len,
                 "--out", out, "--batch-size", 3) == 0
     t = read_scores_table(out).to_pylist()
-    assert {r["doc_id"] for r in t} == {"doc-a", "2", "doc-d"}
-    texts = {"doc-a": recs[0]["text"], "2": recs[1]["text"], "doc-d": recs[4]["text"]}
+    assert {r["doc_id"] for r in t} == {"doc-a", "docs.jsonl/1", "doc-d"}  # no id: datatrove's file/line id
+    texts = {"doc-a": recs[0]["text"], "docs.jsonl/1": recs[1]["text"], "doc-d": recs[4]["text"]}
     for doc_id, text in texts.items():
         rows = [r for r in t if r["doc_id"] == doc_id]  # sorted by seq_id = window order
         enc = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -226,13 +228,50 @@ def test_jsonl_windows_carry_doc_ids_and_offsets(tmp_path, tiny_pool, tiny_token
     assert m["counts"]["windows"] == len(t)
 
 
-def test_jsonl_missing_text_is_a_one_line_error(tmp_path, tiny_pool, scorer_dir, capsys):
-    src = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"text": "also fine"}, {"id": 3, "body": "x"}])
-    rc = _cli("--model", scorer_dir, "--jsonl", src, "--tokenizer-from", tiny_pool.path, "--out", tmp_path / "o")
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert f"{src}:3" in err and "'text'" in err
-    assert not (tmp_path / "o").exists()  # failed before any output
+def test_jsonl_reader_is_prepares_zst_text_field_skip_and_count(tmp_path, tiny_pool, scorer_dir, caplog):
+    """Regression (issue 21, item 7): ``score --jsonl`` reads like prepare: .jsonl.zst, ``--text-field``, malformed
+    lines skipped and counted (with the right line number for bad UTF-8) and a warning when many are; every line
+    keeps its row so the attribute file stays line-aligned."""
+    import logging
+
+    import zstandard
+
+    lines = [json.dumps({"id": "m1", "content": "Subject: meeting moved to Thursday afternoon."}).encode(),
+             json.dumps({"id": "m2", "content": "Your parcel could not be delivered today."}).encode(),
+             json.dumps({"id": 3, "body": "no content field"}).encode(),
+             b'{"id": "m4", "content": "caf\xe9 au lait"}',  # Latin-1 byte: not UTF-8
+             json.dumps({"id": "m5", "content": "Minutes of the budget review are attached."}).encode()]
+    src = tmp_path / "mail.jsonl.zst"
+    src.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+    out = tmp_path / "scores"
+    with caplog.at_level(logging.WARNING, logger="lmselect"):
+        assert _cli("--model", scorer_dir, "--jsonl", src, "--tokenizer-from", tiny_pool.path, "--seq-len", 8,
+                    "--text-field", "content", "--out", out) == 0
+    m = read_manifest(out, kind="scores")
+    assert m["counts"]["skipped"] == 2 and m["counts"]["skipped_by_reason"] == {"bad_utf8": 1, "no_text_field": 1}
+    assert any(e.startswith(f"{src}:4: not valid UTF-8") for e in m["extra"]["skipped_examples"])
+    assert any("2 of 5 records" in r.getMessage() and "malformed" in r.getMessage() for r in caplog.records)
+    from lmselect.score import read_documents
+
+    docs = read_documents(out).to_pylist()
+    assert [d["malformed"] for d in docs] == [False, False, True, True, False]
+    assert [d["line"] for d in docs] == [1, 2, 3, 4, 5]
+    attrs = [json.loads(x) for x in zstandard.ZstdDecompressor().stream_reader(
+        (out / "attributes" / "lmselect" / "mail.jsonl.zst").open("rb")).read().splitlines()]
+    assert [a["id"] for a in attrs] == ["m1", "m2", 3, None, "m5"]  # one line per input line, ids as in the file
+    assert attrs[2]["attributes"]["lmselect__score"] == [] and attrs[0]["attributes"]["lmselect__score"]
+
+
+def test_strict_reader_names_the_right_line_for_bad_utf8(tmp_path):
+    """Regression: bad UTF-8 on line 4 of a .gz file was reported as line 1."""
+    import gzip
+
+    from lmselect.data.readers import iter_json_records
+
+    p = tmp_path / "val.jsonl.gz"
+    p.write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": "d\xff"}\n'))
+    with pytest.raises(LmselectError, match=r"val\.jsonl\.gz:4: not valid UTF-8"):
+        list(iter_json_records(p))
 
 
 def test_other_job_into_same_dir_is_refused(tmp_path, tiny_pool, scorer_dir, capsys):
@@ -245,3 +284,31 @@ def test_other_job_into_same_dir_is_refused(tmp_path, tiny_pool, scorer_dir, cap
         from lmselect.score import parse_shard
 
         parse_shard("2/2")
+
+
+def test_lm_loss_checks_the_tokenizer_a_plain_checkpoint_carries(tmp_path, tiny_pool, lm, capsys):
+    """Regression (issue 21, item 2): an off-the-shelf HF checkpoint whose tokenizer differs from the pool's scored
+    with rc 0 (plausible garbage). Now: refused in one line before any compute; a checkpoint with no tokenizer is
+    refused unless --trust-tokenizer."""
+    from lmselect.data.tokenizer import train_bpe
+    from lmselect.testing import SAMPLE_TEXT
+
+    other = train_bpe([t.upper() for t in SAMPLE_TEXT] * 4, vocab_size=300)
+    ckpt = tmp_path / "hf-ckpt"
+    lm.save_pretrained(ckpt)
+    other.save_pretrained(ckpt)
+    docs = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "She opened the door and saw the garden."}])
+    for inp in (["--pool", tiny_pool.path, "--pool-shard", "0"], ["--jsonl", docs, "--tokenizer-from", tiny_pool.path]):
+        capsys.readouterr()
+        assert _cli("--model", ckpt, "--lm-loss", *inp, "--out", tmp_path / "x") == 2
+        err = capsys.readouterr().err.strip()
+        assert "tokenizer mismatch" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "x").exists()
+    bare = tmp_path / "bare-ckpt"  # weights only: nothing to check
+    lm.save_pretrained(bare)
+    capsys.readouterr()
+    assert _cli("--model", bare, "--lm-loss", "--pool", tiny_pool.path, "--pool-shard", "0", "--out", tmp_path / "y") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--trust-tokenizer" in err and len(err.splitlines()) == 1
+    assert _cli("--model", bare, "--lm-loss", "--trust-tokenizer", "--pool", tiny_pool.path, "--pool-shard", "0",
+                "--out", tmp_path / "y") == 0

@@ -9,6 +9,7 @@ import pytest
 
 from lmselect.artifacts import is_complete, parent_ref, read_manifest
 from lmselect.cli import main
+from lmselect.data.tokenizer import tokenizer_fingerprint
 from lmselect.score import write_scores
 from lmselect.select.cli import read_selection, write_selection
 from lmselect.select.random import random_selection, select_random
@@ -159,7 +160,7 @@ def test_score_then_select_end_to_end(tmp_path, tiny_pool, tiny_tokenizer):
     from lmselect.score import read_scores
 
     SequenceScorer.from_causal_lm(build_model("debug", len(tiny_tokenizer), seed=0), seed=0).save_pretrained(
-        tmp_path / "m"
+        tmp_path / "m", extra={"tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer)}
     )
     assert main(["score", "--model", str(tmp_path / "m"), "--pool", str(tiny_pool.path), "--pool-shard", "1",
                  "--out", str(tmp_path / "scores"), "--no-progress"]) == 0
@@ -193,7 +194,8 @@ def test_select_documents_of_a_scored_jsonl(tmp_path, tiny_pool, tiny_tokenizer,
     from lmselect.testing import SAMPLE_TEXT
 
     SequenceScorer.from_causal_lm(build_model("debug", len(tiny_tokenizer), seed=0), activation="identity",
-                                  seed=0).save_pretrained(tmp_path / "m")
+                                  seed=0).save_pretrained(
+        tmp_path / "m", extra={"tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer)})
     recs = [{"id": f"doc{i}", "text": " ".join(SAMPLE_TEXT[i : i + 1 + i % 3]), "source": ["a", "b"][i % 2],
              "meta": {"n": i}} for i in range(10)]
     lines = [json.dumps(r, indent=None, separators=(", ", ": ")) for r in recs]

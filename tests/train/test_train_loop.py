@@ -74,7 +74,7 @@ def test_resume_is_exact(tiny_pool, tmp_path):
     assert (tmp_path / "full" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_crash_resume_from_periodic_checkpoint(tiny_pool, tmp_path):
+def test_crash_resume_from_periodic_checkpoint(tiny_pool, tmp_path, caplog):
     cfg = make_cfg(steps=6, save_every=2, optim={"schedule": "cosine", "warmup_steps": 1})
     ids = tiny_pool.ids(0)
     train(cfg, tiny_pool, ids, tmp_path / "full", token_selector=StatefulSelector())
@@ -85,7 +85,10 @@ def test_crash_resume_from_periodic_checkpoint(tiny_pool, tmp_path):
     assert ck is not None and ck.parent.name == CHECKPOINTS_SUBDIR and read_manifest(ck)["extra"]["step"] == 4
     assert len(list((tmp_path / "crash" / CHECKPOINTS_SUBDIR).iterdir())) == 1  # older periodic ones pruned
     sel = StatefulSelector()
-    train(cfg, tiny_pool, ids, tmp_path / "crash", token_selector=sel)
+    with caplog.at_level("INFO", logger="lmselect.train"):
+        train(cfg, tiny_pool, ids, tmp_path / "crash", token_selector=sel)
+    # a resumed run says what it resumed (issue 21, item 8)
+    assert any("resuming from the checkpoint at step 4 of 6" in r.getMessage() for r in caplog.records)
     assert step_losses(tmp_path / "crash") == step_losses(tmp_path / "full")  # log truncated to step 4, redone
     assert_same_weights(tmp_path / "crash", tmp_path / "full")
     assert sel.calls == 6 * 2  # restored counter: 2 micro-batches per step
@@ -220,3 +223,27 @@ def test_cli_train_shard_and_selection(tiny_pool, tmp_path, capsys):
     assert err.startswith("lmselect train: error: global_batch (6)") and "\n" not in err
     assert main(["train", *common, "--selection", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "d")]) == 2
     assert "selection file not found" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_no_nan_loss_before_the_first_log_step(tiny_pool, tmp_path, monkeypatch):
+    """Regression (issue 21, item 8): the terminal bar showed loss=nan until the first log step."""
+    import math
+
+    import lmselect.train.loop as loop
+
+    seen: list[dict] = []
+
+    class Recorder:
+        def __init__(self, *a, **k):
+            pass
+
+        def update(self, n=1, **postfix):
+            seen.append(postfix)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "Progress", Recorder)
+    train(make_cfg(steps=4, log_every=3), tiny_pool, tiny_pool.ids(0), tmp_path / "a")
+    assert [("loss" in p) for p in seen] == [False, False, True, True]
+    assert all(math.isfinite(p["loss"]) for p in seen if "loss" in p)

@@ -78,12 +78,14 @@ from lmselect.data.pool import VAL_SHARD, token_dtype
 from lmselect.data.prefilter import DROPPED_FILE, Prefilter, normalize_names, validate_names
 from lmselect.data.prefilter import summary_line as prefilter_summary
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
+from lmselect.data.tokenizer import LONG_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
 # Encoding batches: large enough for the Rust thread pool to spread work over cores, small enough to bound memory.
 BATCH_DOCS = 2048
 BATCH_CHARS = 4_000_000
+PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
 # Config keys that do not change the pool's content and so are left out of its identity (config hash).
 _NON_SEMANTIC = ("workers",)
 
@@ -239,6 +241,12 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
     batch: list[Document] = []
     chars = 0
     for d in docs:
+        if len(d.text) > LONG_TEXT_CHARS:  # a long document goes alone: it is tokenized piece by piece
+            if batch:
+                yield batch
+            yield [d]
+            batch, chars = [], 0
+            continue
         batch.append(d)
         chars += len(d.text)
         if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
@@ -265,7 +273,7 @@ def _get_tokenizer(
     cfg: PrepareConfig, specs: Sequence[InputSpec], where: str, decon: Decontaminator | None = None,
     pre: Prefilter | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    from lmselect.data.tokenizer import load_tokenizer, train_bpe
+    from lmselect.data.tokenizer import load_tokenizer, split_long_text, train_bpe
 
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
@@ -278,7 +286,7 @@ def _get_tokenizer(
     def texts() -> Iterator[str]:
         # removed documents (prefilter, decontamination drop) do not shape the vocabulary either
         for d in _documents(cfg, specs, stats, pre, decon, record=False):
-            yield d.text
+            yield from split_long_text(d.text, LONG_TEXT_CHARS)  # same word counts as the whole text, bounded memory
             budget[0] -= len(d.text)
             if budget[0] <= 0:
                 return
@@ -336,6 +344,7 @@ def prepare_pool(
                 with contextlib.ExitStack() as stack:
                     sink = stack.enter_context(open(tmp / DROPPED_FILE, "w", encoding="utf-8")) if pre else None
                     packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where, decon, pre, sink)
+            packed["stats"].warn_malformed(log)  # a count in the manifest alone is easy to miss
             timings["tokenize_pack_s"] = time.perf_counter() - t0
             timings["tokenize_pack_cpu_s"] = time.process_time() - c0
             t0 = time.perf_counter()
@@ -383,7 +392,7 @@ def _tokenize_and_pack(
     """
     from tqdm import tqdm
 
-    from lmselect.data.tokenizer import batch_encoder
+    from lmselect.data.tokenizer import batch_encoder, split_long_text
 
     encode = batch_encoder(tok)
     eos = int(tok.eos_token_id)
@@ -394,7 +403,6 @@ def _tokenize_and_pack(
     doc_src: list[int] = []
     doc_len: list[int] = []
     src_code: dict[str, int] = {}
-    carry = np.empty(0, dtype=np.uint32)
     total = 0
     rows = 0
     bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=None if progress else True, leave=False)
@@ -402,26 +410,50 @@ def _tokenize_and_pack(
         return [len(ids) + 1 for ids in encode(texts)]
 
     docs = _documents(cfg, specs, stats, pre, decon, record=True, count_tokens=count_tokens, sink=sink)
+    pending = [np.empty(0, dtype=np.uint32)]  # tokens of the row being filled
+    t_log = time.monotonic()
+
+    def push(flat: np.ndarray, fout: Any) -> None:
+        """Append tokens to the stream; every full row of L goes to disk at once."""
+        nonlocal rows
+        buf = np.concatenate([pending[0], flat]) if pending[0].size else flat
+        n_full = len(buf) // L
+        if n_full:
+            fout.write(buf[: n_full * L].astype(dtype, copy=False).tobytes())
+            rows += n_full
+        pending[0] = buf[n_full * L :]
+
     with open(tokens_path, "wb") as fout:
         for batch in _batches(docs):
-            ids_lists = encode([d.text for d in batch])
-            n_tok = 0
-            for d, ids in zip(batch, ids_lists):
-                ids.append(eos)
-                n_tok += len(ids)
+            if len(batch) == 1 and len(batch[0].text) > LONG_TEXT_CHARS:
+                # one long document, encoded piece by piece (tokenizer.split_long_text): memory stays bounded by
+                # the piece size instead of growing with the document (a 50 MB line took 9.5 GB whole)
+                n_tok = 1
+                for piece in split_long_text(batch[0].text, LONG_TEXT_CHARS):
+                    flat = np.asarray(encode([piece])[0], dtype=np.uint32)
+                    push(flat, fout)
+                    n_tok += len(flat)
+                push(np.asarray([eos], dtype=np.uint32), fout)
+                d = batch[0]
                 doc_ids.append(d.doc_id)
                 doc_src.append(src_code.setdefault(d.source, len(src_code)))
-                doc_len.append(len(ids))
-            flat = np.fromiter(chain.from_iterable(ids_lists), dtype=np.uint32, count=n_tok)
-            buf = np.concatenate([carry, flat]) if carry.size else flat
-            n_full = len(buf) // L
-            if n_full:
-                fout.write(buf[: n_full * L].astype(dtype, copy=False).tobytes())
-                rows += n_full
-            carry = buf[n_full * L :]
+                doc_len.append(n_tok)
+            else:
+                ids_lists = encode([d.text for d in batch])
+                n_tok = 0
+                for d, ids in zip(batch, ids_lists):
+                    ids.append(eos)
+                    n_tok += len(ids)
+                    doc_ids.append(d.doc_id)
+                    doc_src.append(src_code.setdefault(d.source, len(src_code)))
+                    doc_len.append(len(ids))
+                push(np.fromiter(chain.from_iterable(ids_lists), dtype=np.uint32, count=n_tok), fout)
             total += n_tok
             bar.update(n_tok)
             bar.set_postfix(docs=len(doc_ids), refresh=False)
+            if bar.disable and progress and time.monotonic() - t_log >= PROGRESS_LOG_S:  # no terminal: log lines
+                t_log = time.monotonic()
+                log.info("tokenize: %d documents, %d tokens, %d sequences so far", len(doc_ids), total, rows)
         fout.flush()
         os.fsync(fout.fileno())
     bar.close()

@@ -44,6 +44,7 @@ COMPRESSIONS = ("", ".gz", ".zst")
 HF_PREFIX = "hf:"
 _HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 MAX_EXAMPLES = 20  # how many skipped-record messages are kept for the manifest
+MALFORMED_WARN_SHARE = 0.05  # warn when more than this share of an input's records is malformed
 
 
 @dataclass
@@ -92,6 +93,23 @@ class ReadStats:
     skipped_by_file: Counter = field(default_factory=Counter)  # file -> count
     examples: list[str] = field(default_factory=list)  # first MAX_EXAMPLES messages
     docs_by_input: Counter = field(default_factory=Counter)  # input path -> documents yielded
+    records_by_file: Counter = field(default_factory=Counter)  # input path -> records looked at
+
+    def malformed_warnings(self, threshold: float = MALFORMED_WARN_SHARE) -> list[str]:
+        """One line per input where more than ``threshold`` of the records were malformed (skipped). A count in the
+        manifest is easy to miss; a third of a file gone usually means a wrong ``--text-field`` or a broken export."""
+        out = []
+        for path, bad in sorted(self.skipped_by_file.items()):
+            seen = self.records_by_file.get(path, 0)
+            if seen and bad / seen > threshold:
+                out.append(f"{path}: {bad} of {seen} records ({100 * bad / seen:.0f} %) are malformed and were skipped "
+                           f"(first: {next((e for e in self.examples if e.startswith(str(path))), '?')})")
+        return out
+
+    def warn_malformed(self, logger: Any, threshold: float = MALFORMED_WARN_SHARE) -> None:
+        """Log :meth:`malformed_warnings` as warnings (they also go to stderr with the default logging setup)."""
+        for line in self.malformed_warnings(threshold):
+            logger.warning("%s", line)
 
     @property
     def n_skipped(self) -> int:
@@ -407,6 +425,7 @@ def iter_documents(
             if max_docs is not None and n >= max_docs:
                 return
             stats.records += 1
+            stats.records_by_file[spec.path] += 1
             try:
                 doc = _to_document(where, rec, spec, text_field, id_field, source_field)
             except _Malformed as m:
@@ -427,30 +446,74 @@ def iter_documents(
 
 
 def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[int, dict[str, Any]]]:
-    """Strictly read a ``.jsonl`` / ``.jsonl.gz`` file: (1-based line, record) per non-blank line.
+    """Strictly read a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.zst`` file: (1-based line, record) per non-blank line.
 
-    For the small files read whole (validation sets, task files, raw text to score): any bad line is fatal, with a
-    one-line ``LmselectError`` naming ``path:line``. (Corpora go through :func:`iter_documents`, which can skip and
-    count malformed records instead.)
+    For the small files read whole (validation sets, task files): any bad line is fatal, with a one-line
+    ``LmselectError`` naming ``path:line``. (Corpora and text to score go through :func:`iter_documents` /
+    :func:`iter_jsonl_records`, which skip and count malformed records instead.)
     """
     p = Path(path)
     if not p.is_file():
         raise LmselectError(f"{p}: {what} not found")
-    opener = gzip.open if p.suffix == ".gz" else open
-    lineno = 0
-    try:
-        with opener(p, "rt", encoding="utf-8", errors="strict") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmselectError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise LmselectError(f"{p}:{lineno}: record is not a JSON object")
-                yield lineno, rec
-    except UnicodeDecodeError:
-        raise LmselectError(f"{p}:{lineno + 1}: not valid UTF-8") from None
-    except (OSError, EOFError) as e:
-        raise LmselectError(f"{p}: cannot read {what} ({e})") from None
+    for where, rec in _iter_jsonl(p):
+        if isinstance(rec, _Malformed):
+            raise LmselectError(rec.message)
+        if not isinstance(rec, dict):
+            raise LmselectError(f"{where}: record is not a JSON object")
+        yield int(where.rsplit(":", 1)[1]), rec
+
+
+@dataclass
+class JsonlRecord:
+    """One non-blank line of a .jsonl file, good or not (line-aligned consumers such as dolma attribute files need
+    a row for every line)."""
+
+    line: int  # 1-based line number (blank lines count, as in the file)
+    raw_id: Any  # the record's id value exactly as in the file (None when null, missing, or the line is malformed)
+    text: str | None  # None when the record is malformed
+    source: str | None  # the record's source field when it is a non-empty string
+    problem: str | None = None  # why the record is malformed (the skip message), else None
+
+
+def iter_jsonl_records(
+    path: str | Path,
+    text_field: str = "text",
+    id_field: str = "id",
+    source_field: str = "source",
+    strict: bool = False,
+    stats: ReadStats | None = None,
+) -> Iterator[JsonlRecord]:
+    """Every non-blank line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules
+    as :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
+    ``problem`` set, or with ``strict`` raises a one-line error naming ``path:line``. Empty texts are counted as
+    ``empty`` and yielded."""
+    p = Path(path)
+    if not p.is_file():
+        raise LmselectError(f"{p}: file not found")
+    if _file_kind(p) != "jsonl":
+        raise LmselectError(f"{p}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
+    stats = stats if stats is not None else ReadStats()
+    spec = InputSpec(str(p), "jsonl")
+    for where, rec in _iter_jsonl(p):
+        line = int(where.rsplit(":", 1)[1])
+        stats.records += 1
+        stats.records_by_file[spec.path] += 1
+        raw_id = rec.get(id_field) if isinstance(rec, dict) and id_field else None
+        try:
+            doc = _to_document(where, rec, spec, text_field, id_field, source_field)
+        except _Malformed as m:
+            if strict:
+                raise LmselectError(f"{m.message} (--strict makes malformed records fatal)") from None
+            stats.skipped[m.reason] += 1
+            stats.skipped_by_file[spec.path] += 1
+            if len(stats.examples) < MAX_EXAMPLES:
+                stats.examples.append(m.message)
+            yield JsonlRecord(line, raw_id, None, None, m.message)
+            continue
+        if not doc.text.strip():
+            stats.empty += 1
+        else:
+            stats.documents += 1
+            stats.docs_by_input[spec.path] += 1
+        src = rec.get(source_field) if source_field else None
+        yield JsonlRecord(line, raw_id, doc.text, src if isinstance(src, str) and src else None)

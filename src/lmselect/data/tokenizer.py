@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from lmselect.artifacts import LmselectError
+
+log = logging.getLogger("lmselect.tokenizer")
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -135,7 +139,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, model_max_length: in
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    log.info("training a byte-level BPE tokenizer (vocabulary %d) on the corpus ...", vocab_size)
+    t0 = time.perf_counter()
     tok.train_from_iterator(texts, trainer)
+    log.info("BPE tokenizer trained in %.1fs (%d tokens)", time.perf_counter() - t0, tok.get_vocab_size())
     kwargs: dict[str, Any] = {}
     if model_max_length:
         kwargs["model_max_length"] = int(model_max_length)
@@ -166,3 +173,32 @@ def batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
         return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     return encode_slow
+
+
+LONG_TEXT_CHARS = 1 << 18  # texts longer than this are tokenized piece by piece (:func:`split_long_text`)
+
+
+def split_long_text(text: str, max_chars: int = LONG_TEXT_CHARS) -> Iterator[str]:
+    """Cut ``text`` into consecutive pieces of at most about ``max_chars`` characters, each cut placed at the start
+    of a run of whitespace, so that a long document can be tokenized (and a BPE trained on it) in bounded memory.
+
+    Why there: a byte-level BPE's pre-tokenizer (the GPT-2 pattern, which prepare's own tokenizer uses) never joins a
+    word with the whitespace before it into one piece except as a single leading space, and a whitespace run stays
+    whole in the next piece, so encoding the pieces one after the other gives exactly the tokens of the whole text.
+    Two cases can differ from whole-text tokenization: a stretch of ``max_chars`` characters without any whitespace
+    (cut hard, mid-word), and tokenizers whose normalizer or pre-tokenizer looks across whitespace or adds a prefix
+    at the start of each input (e.g. SentencePiece with ``add_dummy_prefix``): there the tokens next to a cut may
+    differ. Pieces concatenate back to ``text``.
+    """
+    n, start = len(text), 0
+    while n - start > max_chars:
+        cut = start + max_chars
+        i = max(text.rfind(" ", start + 1, cut), text.rfind("\n", start + 1, cut))
+        if i > start:
+            while i - 1 > start and text[i - 1].isspace():  # back to the start of the whitespace run
+                i -= 1
+        if i <= start or text[i - 1].isspace():
+            i = cut  # no whitespace in the window: a hard cut
+        yield text[start:i]
+        start = i
+    yield text[start:]

@@ -39,12 +39,14 @@ from lmselect.score.sidecar import (
 )
 from lmselect.score.windows import (
     DEFAULT_ATTRIBUTE,
+    ID_POLICY,
     JsonlDoc,
     Windows,
     attribute_path,
     make_windows,
     read_jsonl_docs,
     read_jsonl_texts,
+    resolve_jsonl_inputs,
     resolve_tokenizer_dir,
     rollup_documents,
     score_jsonl,
@@ -52,10 +54,10 @@ from lmselect.score.windows import (
 )
 
 __all__ = [
-    "ATTRIBUTES_DIR", "DEFAULT_ATTRIBUTE", "DOCUMENTS_FILE", "JOB_FILE", "PART_RE", "JsonlDoc", "LMLossScorer",
+    "ATTRIBUTES_DIR", "DEFAULT_ATTRIBUTE", "DOCUMENTS_FILE", "ID_POLICY", "JOB_FILE", "PART_RE", "JsonlDoc", "LMLossScorer",
     "ScoreConfig", "Windows", "attribute_path", "existing_split", "forward_scores", "list_parts",
     "load_scoring_model", "make_windows", "parse_shard", "part_name", "partial_name", "pool_ids", "read_documents",
     "read_jsonl_docs", "read_jsonl_texts", "read_scores", "read_scores_table", "resolve_amp_dtype",
-    "resolve_tokenizer_dir", "rollup_documents", "score_jsonl", "score_pool", "split_part", "write_attributes",
+    "resolve_jsonl_inputs", "resolve_tokenizer_dir", "rollup_documents", "score_jsonl", "score_pool", "split_part", "write_attributes",
     "write_scores",
 ]

@@ -38,10 +38,12 @@ class ScoreConfig:
 
     model: str = ""
     lm_loss: bool = False
+    trust_tokenizer: bool = False  # score with a model whose tokenizer cannot be checked (none saved with it)
     pool: str | None = None
     pool_shard: str = "all"  # "all" (every training shard), "val", "1" or "0,2"
     jsonl: str | None = None
     tokenizer_from: str | None = None
+    text_field: str = "text"  # jsonl: the field holding the text
     seq_len: int | None = None  # jsonl windows; default: the scorer's (scorer.json) or the tokenizer pool's
     batch_size: int = 64
     shard: str | None = None  # "i/n": compute only part i of n (cluster arrays); torchrun ranks split further
@@ -75,10 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=True, help="score model dir (scorer.json), or an HF checkpoint with --lm-loss")
     g.add_argument("--lm-loss", action="store_true", help="score = -(mean next-token cross-entropy) of a causal LM")
+    g.add_argument("--trust-tokenizer", action="store_true",
+                   help="score even when the model carries no tokenizer to check against the text's (refused otherwise)")
     g = parser.add_argument_group("input (one of)")
     g.add_argument("--pool", help="token pool directory")
     g.add_argument("--pool-shard", default="all", help="pool shard(s) to score: all (training shards), val, 1, 0,2")
-    g.add_argument("--jsonl", help="raw .jsonl file with a 'text' field per record (optional 'id')")
+    g.add_argument("--jsonl", help="raw .jsonl[.gz|.zst] file, folder of them, or glob (quote it); a text field per "
+                   "record, optional 'id'")
+    g.add_argument("--text-field", default="text", help="--jsonl: the record field holding the text")
     g.add_argument("--tokenizer-from", help="pool or model dir whose tokenizer encodes the --jsonl text")
     g.add_argument("--seq-len", type=int, help="--jsonl window length in tokens (default: scorer's / pool's)")
     g.add_argument("--attribute-name", default=DEFAULT_ATTRIBUTE,
@@ -136,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and rank_world()[0] == 0
     common = dict(batch_size=cfg.batch_size, shard=shard, num_parts=cfg.num_parts, device=cfg.device,
                   dtype=cfg.dtype, progress=progress, lm_loss=cfg.lm_loss, checkpoint_every=cfg.checkpoint_every,
-                  config=to_dict(cfg))
+                  config=to_dict(cfg), trust_tokenizer=cfg.trust_tokenizer)
     if cfg.pool is not None:
         pool = TokenPool(cfg.pool)
         out = score_pool(cfg.model, pool, pool_ids(pool, cfg.pool_shard), cfg.out, **common)
     else:
         out = score_jsonl(cfg.model, cfg.jsonl, cfg.tokenizer_from, cfg.out, seq_len=cfg.seq_len,
-                          attribute_name=cfg.attribute_name, **common)
+                          attribute_name=cfg.attribute_name, text_field=cfg.text_field, **common)
     if is_complete(out, "scores"):
         m = read_manifest(out)
         print(f"scores: {out} ({m['counts']['sequences']} sequences, "

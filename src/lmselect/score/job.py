@@ -135,6 +135,7 @@ def load_scoring_model(path: str | Path, *, lm_loss: bool = False) -> tuple[nn.M
         meta = dict(getattr(model, "meta", {}) or {})
         meta.update(kind="scorer", path=str(p), vocab_size=int(model.lm.config.vocab_size),
                     max_positions=getattr(model.lm.config, "max_position_embeddings", None))
+        meta["tokenizer_fingerprint"] = meta.get("tokenizer_fingerprint") or _carried_tokenizer(p / "backbone")
         return model.eval(), meta
     if (p / "config.json").is_file():
         if not lm_loss:
@@ -152,8 +153,19 @@ def load_scoring_model(path: str | Path, *, lm_loss: bool = False) -> tuple[nn.M
                 "max_positions": getattr(lm.config, "max_position_embeddings", None)}
         with contextlib.suppress(ArtifactError):
             meta["tokenizer_fingerprint"] = read_manifest(p).get("extra", {}).get("tokenizer_fingerprint")
+        meta["tokenizer_fingerprint"] = meta.get("tokenizer_fingerprint") or _carried_tokenizer(p)
         return LMLossScorer(lm).eval(), meta
     raise LmselectError(f"{p}: neither a score model (scorer.json) nor a Hugging Face checkpoint (config.json)")
+
+
+def _carried_tokenizer(d: Path) -> str | None:
+    """Fingerprint of the tokenizer saved with a checkpoint (``tokenizer.json`` / ``tokenizer_config.json`` in
+    ``d``, as ``save_pretrained`` and the Hub lay it out), or None when it carries none."""
+    from lmselect.data.tokenizer import tokenizer_fingerprint
+
+    if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+        return None
+    return tokenizer_fingerprint(d)  # a tokenizer that does not load is a one-line LmselectError
 
 
 def _model_parents(path: Path) -> list[dict[str, str]]:
@@ -461,10 +473,17 @@ def _model_and_meta(model_dir_or_scorer: Any, lm_loss: bool) -> tuple[nn.Module,
     return model, meta, _model_parents(Path(meta["path"]))
 
 
-def _check_vocab(meta: dict[str, Any], fingerprint: str | None, vocab_size: int, where: str) -> None:
+def _check_vocab(meta: dict[str, Any], fingerprint: str | None, vocab_size: int, where: str,
+                 trust: bool = False) -> None:
+    """Refuse, before any compute, a model whose tokenizer differs from the text's (the scores would be
+    plausible-looking garbage), and a model loaded from disk whose tokenizer cannot be checked (no fingerprint in
+    its manifest or scorer.json, no tokenizer saved with it) unless ``trust`` (``--trust-tokenizer``)."""
     fp = meta.get("tokenizer_fingerprint")
     if fp and fingerprint and fp != fingerprint:
         raise LmselectError(f"tokenizer mismatch: model {meta['path']} and {where} use different tokenizers")
+    if not fp and meta.get("kind") in ("scorer", "lm_loss") and not trust:
+        raise LmselectError(f"{meta['path']}: carries no tokenizer to check against {where} (no tokenizer files, "
+                            "no fingerprint); save its tokenizer with it, or pass --trust-tokenizer")
     mv = meta.get("vocab_size")
     if mv is not None and vocab_size > mv:
         raise LmselectError(f"{where}: vocabulary of {vocab_size} tokens does not fit model {meta['path']} ({mv})")
@@ -489,6 +508,7 @@ def score_pool(
     lm_loss: bool = False,
     checkpoint_every: int = 500,
     config: dict[str, Any] | None = None,
+    trust_tokenizer: bool = False,
 ) -> Path:
     """Score ``ids`` (all training sequences when None) of ``pool`` into the sidecar directory ``out_dir``.
 
@@ -506,7 +526,7 @@ def score_pool(
     if ids[0] < 0 or ids[-1] >= pool.n_sequences:
         raise LmselectError(f"{pool.path}: sequence ids out of range (pool has {pool.n_sequences})")
     model, meta, model_parents = _model_and_meta(model_dir_or_scorer, lm_loss)
-    _check_vocab(meta, pool.tokenizer_fingerprint, pool.vocab_size, str(pool.path))
+    _check_vocab(meta, pool.tokenizer_fingerprint, pool.vocab_size, str(pool.path), trust=trust_tokenizer)
     if meta.get("max_positions") and pool.seq_len > int(meta["max_positions"]):
         raise LmselectError(f"{pool.path}: seq_len {pool.seq_len} exceeds the model's {meta['max_positions']} positions")
     tokens = pool.tokens

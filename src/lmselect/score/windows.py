@@ -2,21 +2,24 @@
 
 Each record's ``text`` is tokenized (no special tokens) and cut into consecutive windows of at most ``seq_len``
 tokens; every window is scored like a pool sequence (``seq_id`` = window number in file order) and its row carries
-``doc_id`` (the record's ``id``, else its 1-based line number), ``doc_index`` (0-based record number),
-``char_start`` and ``char_end``. When every part exists the windows are rolled up to one row per document in
-``documents.parquet`` (:func:`rollup_documents`: mean of the finite window scores, with min, max and n_windows)
-and written as a dolma attribute file (:func:`write_attributes`), before the manifest.
+``doc_id`` (the record's ``id``; without one, "<file>/<0-based line>": ``ID_POLICY``), ``doc_index`` (0-based
+record number over all input files), ``char_start`` and ``char_end``. The input is a file, a folder or a glob, read
+by prepare's reader (``.gz`` / ``.zst``, malformed lines skipped and counted). When every part exists the windows
+are rolled up to one row per document in ``documents.parquet`` (:func:`rollup_documents`: mean of the finite
+window scores, with min, max and n_windows) and written as dolma attribute files mirroring the input files'
+relative names (:func:`write_attributes`, :func:`attribute_path`), before the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -44,42 +47,92 @@ def resolve_tokenizer_dir(path: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class JsonlDoc:
-    """One record of a .jsonl file to score."""
+    """One record (non-blank line) of a .jsonl file to score."""
 
-    doc_id: str  # the record's ``id``, else its 1-based line number
-    text: str
+    doc_id: str  # the record's ``id`` as a string; without one, derived: "<file>/<0-based line>" (see ID_POLICY)
+    text: str  # "" for a malformed line (it keeps its row so that every output stays line-aligned)
     source: str  # the record's ``source``, else the file's name without extensions (dolma needs one)
     line: int  # 1-based line number
+    file: str = ""  # the file's path relative to the input root; its attribute file mirrors it
+    raw_id: Any = None  # the record's ``id`` exactly as in the file (None: null or missing)
+    id_derived: bool = False  # True when ``doc_id`` was derived because the record has no id
+    malformed: bool = False  # the line was skipped as malformed (not JSON, not UTF-8, no string text field)
+
+
+ID_POLICY = """\
+Records without an id (``id`` null, missing or "") keep their row everywhere, so nothing shifts: the dolma
+attribute file carries the record's id exactly as it is in the file (null stays null, a number stays a number),
+because dolma's mixer matches an attribute line to the document line at the same position and compares the two
+``id`` values as JSON. documents.parquet needs a string key for joins, so such a record gets the derived
+``doc_id`` "<file>/<0-based line index>" (``id_derived`` true): the id datatrove's JsonlReader itself gives a record
+without an ``id`` key when it reads the same folder. A warning says how many records had no id.
+"""
 
 
 def _file_stem(path: Path) -> str:
     name = path.name
-    for ext in (".gz", ".jsonl", ".json"):
+    for ext in (".gz", ".zst", ".jsonl", ".json", ".ndjson"):
         name = name[: -len(ext)] if name.endswith(ext) else name
     return name or path.name
 
 
-def read_jsonl_docs(path: str | Path) -> list[JsonlDoc]:
-    """Every record of a .jsonl / .jsonl.gz file, in file order (blank lines skipped); one-line errors name
-    ``path:line`` for a record without a string ``text``."""
-    from lmselect.data.readers import iter_json_records
+def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
+    """The files behind ``--jsonl``: (path, name relative to the input root), sorted.
 
-    stem = _file_stem(Path(path))
+    A file is itself (its name); a folder is every .jsonl / .json / .ndjson file under it (``.gz`` / ``.zst`` too,
+    searched recursively, names relative to the folder); a glob is its matches, named relative to the folder part
+    before the first wildcard. The relative name is what the attribute file mirrors under ``attributes/<name>/``.
+    """
+    import glob
+
+    from lmselect.data.readers import _file_kind
+
+    raw = str(jsonl)
+    if glob.has_magic(raw):
+        parts = Path(raw).parts
+        k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root = Path(*parts[:k]) if k else Path(".")
+        files = [Path(m) for m in sorted(glob.glob(raw, recursive=True)) if Path(m).is_file()]
+        if not files:
+            raise LmselectError(f"{raw}: no file matches this pattern")
+    else:
+        p = Path(raw)
+        if not p.exists():
+            raise LmselectError(f"{p}: --jsonl file or folder not found")
+        if p.is_file():
+            return [(p, p.name)]
+        root = p
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _file_kind(f) == "jsonl")
+        if not files:
+            raise LmselectError(f"{p}: no .jsonl / .json / .ndjson files (optionally .gz or .zst) in this folder")
+    out = []
+    for f in files:
+        if _file_kind(f) != "jsonl":
+            raise LmselectError(f"{f}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
+        out.append((f, f.relative_to(root).as_posix()))
+    return out
+
+
+def read_jsonl_docs(path: str | Path, text_field: str = "text", stats: Any = None) -> list[JsonlDoc]:
+    """Every non-blank line of a .jsonl[.gz|.zst] file, folder or glob, in file order, through prepare's reader
+    (:func:`lmselect.data.readers.iter_jsonl_records`): malformed lines are counted in ``stats`` and kept as
+    unscorable rows; records without an id get a derived one (``ID_POLICY``)."""
+    from lmselect.data.readers import ReadStats, iter_jsonl_records
+
+    stats = stats if stats is not None else ReadStats()
     out: list[JsonlDoc] = []
-    for lineno, rec in iter_json_records(path):
-        if "text" not in rec:
-            raise LmselectError(f"{path}:{lineno}: record has no 'text' field")
-        if not isinstance(rec["text"], str):
-            raise LmselectError(f"{path}:{lineno}: 'text' is not a string")
-        doc_id = rec.get("id")
-        src = rec.get("source")
-        out.append(JsonlDoc(str(doc_id) if doc_id is not None else str(lineno), rec["text"],
-                            str(src) if src is not None else stem, lineno))
+    for f, rel in resolve_jsonl_inputs(path):
+        stem = _file_stem(f)
+        for r in iter_jsonl_records(f, text_field=text_field, stats=stats):
+            has_id = r.raw_id is not None and r.raw_id != ""
+            doc_id = (r.raw_id if isinstance(r.raw_id, str) else json.dumps(r.raw_id)) if has_id else f"{rel}/{r.line - 1}"
+            out.append(JsonlDoc(doc_id, r.text or "", r.source or stem, r.line, rel, r.raw_id, not has_id,
+                                r.problem is not None))
     return out
 
 
 def read_jsonl_texts(path: str | Path) -> list[tuple[str, str]]:
-    """(doc_id, text) per record: ``doc_id`` = the record's ``id`` or its 1-based line number; blank lines skipped."""
+    """(doc_id, text) per record (see :func:`read_jsonl_docs`)."""
     return [(d.doc_id, d.text) for d in read_jsonl_docs(path)]
 
 
@@ -158,17 +211,25 @@ def score_jsonl(
     checkpoint_every: int = 500,
     config: dict[str, Any] | None = None,
     attribute_name: str = DEFAULT_ATTRIBUTE,
+    text_field: str = "text",
+    trust_tokenizer: bool = False,
 ) -> Path:
     """Score every ``seq_len``-token window of each record's ``text``; rows carry ``doc_id``, ``doc_index``,
     ``char_start``, ``char_end`` (``seq_id`` = window number in file order). Same sharding / resume behaviour as
     :func:`~lmselect.score.job.score_pool`. The complete sidecar also holds ``documents.parquet`` and the dolma
-    attribute file ``attributes/<attribute_name>/<input name>.jsonl.gz`` (see :func:`rollup_documents`)."""
+    attribute file of every input file, ``attributes/<attribute_name>/<its relative name>`` (see
+    :func:`rollup_documents`, :func:`attribute_path`). ``jsonl`` is a file, a folder or a glob
+    (:func:`resolve_jsonl_inputs`); records without an id follow ``ID_POLICY``."""
     from lmselect.data.pool import TokenPool
+    from lmselect.data.readers import ReadStats
     from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     check_attribute_name(attribute_name)
-    jsonl = Path(jsonl)
-    records = read_jsonl_docs(jsonl)
+    files = resolve_jsonl_inputs(jsonl)
+    read_stats = ReadStats()
+    records = read_jsonl_docs(jsonl, text_field=text_field, stats=read_stats)
+    read_stats.warn_malformed(log)
+    _warn_missing_ids(records)
     docs = [(d.doc_id, d.text) for d in records]
     tok_dir = resolve_tokenizer_dir(tokenizer_from)
     tokenizer = load_tokenizer(tok_dir)
@@ -185,12 +246,12 @@ def score_jsonl(
     seq_len = int(seq_len)
     if meta.get("max_positions") and seq_len > int(meta["max_positions"]):
         raise LmselectError(f"--seq-len {seq_len} exceeds the model's {meta['max_positions']} positions")
-    _check_vocab(meta, tokenizer_fingerprint(tokenizer), len(tokenizer), str(tok_dir))
+    _check_vocab(meta, tokenizer_fingerprint(tokenizer), len(tokenizer), str(tok_dir), trust=trust_tokenizer)
     if is_complete(tokenizer_from, "pool"):
         parents.append(parent_ref(tokenizer_from))
     win = make_windows(docs, tokenizer, seq_len)
     if len(win.length) == 0:
-        raise LmselectError(f"{jsonl}: no text to score (all {win.n_docs} records are empty)")
+        raise LmselectError(f"{jsonl}: no text to score (all {win.n_docs} records are empty or malformed)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     def fetch(b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,23 +269,31 @@ def score_jsonl(
     job = _Job(
         items=np.arange(len(win.length), dtype=np.int64),
         fetch=fetch,
-        key={"input": "jsonl", "jsonl": _file_key(jsonl), "tokenizer": tokenizer_fingerprint(tokenizer),
-             "seq_len": seq_len, "model": meta["path"], "score": meta["kind"], "format": 2},
+        key={"input": "jsonl", "jsonl": [_file_key(f) for f, _ in files], "text_field": text_field,
+             "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len, "model": meta["path"],
+             "score": meta["kind"], "format": 3},
         extra_columns=lambda ids: {"doc_id": doc_ids[ids].tolist(), "doc_index": win.doc_index[ids],
                                    "char_start": win.char_start[ids], "char_end": win.char_end[ids]},
         order_key=-win.length,  # longest first: short tail windows batch together, so little padding
-        finish=lambda d, parts: _write_documents(d, parts, records, jsonl, attribute_name),
+        finish=lambda d, parts: _write_documents(d, parts, records, attribute_name),
     )
     cfg = config if config is not None else {"model": meta["path"], "jsonl": str(jsonl),
                                                "tokenizer_from": str(tokenizer_from), "seq_len": seq_len,
-                                               "lm_loss": lm_loss, "batch_size": batch_size}
+                                               "lm_loss": lm_loss, "batch_size": batch_size, "text_field": text_field}
+    read = read_stats.to_dict()
     return _run_job(
         model, job, out_dir, batch_size=batch_size, shard=shard, num_parts=num_parts, device=device, dtype=dtype,
         progress=progress, checkpoint_every=checkpoint_every, config=cfg, parents=parents,
-        counts={"documents": win.n_docs, "empty_documents": win.n_empty, "windows": int(len(win.length))},
+        counts={"documents": win.n_docs, "empty_documents": win.n_empty, "windows": int(len(win.length)),
+                "files": len(files), "skipped": read["skipped"], "skipped_by_reason": read["skipped_by_reason"],
+                "documents_without_id": sum(d.id_derived for d in records)},
         extra={"input": "jsonl", "jsonl": str(jsonl), "tokenizer": str(tok_dir), "seq_len": seq_len,
                "score": meta["kind"], "activation": meta.get("activation"), "model": meta["path"],
-               "documents_file": DOCUMENTS_FILE, "attributes": attribute_path(jsonl, attribute_name)},
+               "documents_file": DOCUMENTS_FILE, "text_field": text_field,
+               "jsonl_files": [{"path": str(f.resolve()), "file": rel} for f, rel in files],
+               "attributes": attribute_path(files[0][1], attribute_name),
+               "attribute_files": [attribute_path(rel, attribute_name) for _, rel in files],
+               "skipped_examples": read["skipped_examples"]},
     )
 
 
@@ -242,16 +311,31 @@ def check_attribute_name(name: str) -> str:
 
 
 def attribute_path(jsonl: str | Path, name: str) -> str:
-    """Where the attribute file of ``jsonl`` goes inside the sidecar: ``attributes/<name>/<stem>.jsonl.gz`` (dolma
-    mirrors the documents' file names under ``attributes/<name>/``)."""
-    return f"{ATTRIBUTES_DIR}/{name}/{_file_stem(Path(jsonl))}.jsonl.gz"
+    """Where the attribute file of an input goes inside the sidecar: ``attributes/<name>/<relative name>``, the
+    input's own relative name (``x.json.gz`` stays ``x.json.gz``, ``sub/y.jsonl.zst`` stays so). dolma finds the
+    attribute file of ``.../documents/<rel>`` at ``.../attributes/<name>/<rel>`` (its mixer substitutes the path and
+    picks the compression by extension), so the name must be the document file's, whatever it is."""
+    rel = Path(jsonl).as_posix() if not Path(jsonl).is_absolute() else Path(jsonl).name
+    return f"{ATTRIBUTES_DIR}/{name}/{rel}"
+
+
+def _warn_missing_ids(docs: list[JsonlDoc]) -> None:
+    by_file: dict[str, int] = {}
+    for d in docs:
+        if d.id_derived:
+            by_file[d.file] = by_file.get(d.file, 0) + 1
+    for f, n in by_file.items():
+        log.warning("%s: %d record(s) have no id; documents.parquet keys them '%s/<0-based line>' (datatrove's "
+                    "default id), the attribute file keeps their id as in the file (dolma matches by line)",
+                    f, n, f)
 
 
 def rollup_documents(windows: Any, docs: list[JsonlDoc]) -> Any:
     """One row per document (every record of the file, in file order) from the window rows of a sidecar.
 
     ``windows`` is a pyarrow Table with ``doc_index`` and ``score``. Columns: ``doc_index`` (0-based record number),
-    ``doc_id``, ``source``, ``line``, ``n_chars`` (``len(text)``), ``n_windows``, ``score`` (mean of the document's
+    ``doc_id`` (derived when ``id_derived``: ``ID_POLICY``), ``file`` (relative name of its input file), ``source``,
+    ``line``, ``malformed`` (a skipped line: no text, no score), ``n_chars`` (``len(text)``), ``n_windows``, ``score`` (mean of the document's
     finite window scores; NaN when it has none, e.g. an empty text), ``score_min``, ``score_max``. The mean is
     unweighted: every window counts once, whatever its length (the last window of a document may be short).
     """
@@ -276,6 +360,8 @@ def rollup_documents(windows: Any, docs: list[JsonlDoc]) -> Any:
     return pa.table({
         "doc_index": pa.array(np.arange(n, dtype=np.int64)),
         "doc_id": pa.array([d.doc_id for d in docs], type=pa.string()),
+        "id_derived": pa.array([d.id_derived for d in docs], type=pa.bool_()),
+        "file": pa.array([d.file for d in docs], type=pa.string()),
         "source": pa.array([d.source for d in docs], type=pa.string()),
         "line": pa.array(np.asarray([d.line for d in docs], dtype=np.int64)),
         "n_chars": pa.array(np.asarray([len(d.text) for d in docs], dtype=np.int64)),
@@ -283,17 +369,36 @@ def rollup_documents(windows: Any, docs: list[JsonlDoc]) -> Any:
         "score": pa.array(mean.astype(np.float32)),
         "score_min": pa.array(np.where(has, lo, np.nan).astype(np.float32)),
         "score_max": pa.array(np.where(has, hi, np.nan).astype(np.float32)),
+        "malformed": pa.array([d.malformed for d in docs], type=pa.bool_()),
     })
 
 
-def write_attributes(path: Path, documents: Any, windows: Any, name: str) -> None:
-    """Write the dolma attribute file: one gzipped json line per document, in the documents' order::
+@contextlib.contextmanager
+def _open_for_write(path: Path, name: str) -> Iterator[Any]:
+    """A binary writer to ``path`` compressed as the extension of ``name`` says (dolma picks the decompressor by
+    extension): ``.gz`` (no name or time in the header: a rerun writes identical bytes), ``.zst``, else plain."""
+    with open(path, "wb") as raw:
+        if name.endswith(".gz"):
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+                yield gz
+        elif name.endswith(".zst"):
+            import zstandard
+
+            with zstandard.ZstdCompressor().stream_writer(raw, closefd=False) as zw:
+                yield zw
+        else:
+            yield raw
+
+
+def write_attributes(path: Path, documents: Any, windows: Any, name: str, ids: list[Any] | None = None) -> None:
+    """Write a dolma attribute file: one json line per document, in the documents' order::
 
         {"id": ..., "source": ..., "attributes": {"<name>__score": [[0, len(text), mean]],
                                                   "<name>__window_scores": [[char_start, char_end, score], ...]}}
 
-    Spans are character offsets into the record's ``text``; a document without a finite score gets ``[]``
-    (JSON has no NaN). The gzip header carries no name or timestamp, so a rerun writes identical bytes.
+    ``ids``: the records' ids exactly as in the input file (default: ``documents``' ``doc_id``); dolma compares them
+    with the document line's ``id`` as JSON values. Spans are character offsets into the record's ``text``; a
+    document without a finite score gets ``[]`` (JSON has no NaN). Compressed as the name's extension says.
     """
     by_doc: dict[int, list[list[float]]] = {}
     idx = windows.column("doc_index").to_numpy()
@@ -304,19 +409,23 @@ def write_attributes(path: Path, documents: Any, windows: Any, name: str) -> Non
         if np.isfinite(sc[r]):
             by_doc.setdefault(int(idx[r]), []).append([int(cs[r]), int(ce[r]), float(sc[r])])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-        for d in documents.to_pylist():
+    rows = documents.to_pylist()
+    ids = ids if ids is not None else [d["doc_id"] for d in rows]
+    with atomic_path(path) as tmp, _open_for_write(tmp, path.name) as out:
+        for d, rid in zip(rows, ids):
             score = d["score"]
             doc_span = [[0, int(d["n_chars"]), float(score)]] if score is not None and np.isfinite(score) else []
-            rec = {"id": d["doc_id"], "source": d["source"],
+            rec = {"id": rid, "source": d["source"],
                    "attributes": {f"{name}__score": doc_span,
                                   f"{name}__window_scores": by_doc.get(int(d["doc_index"]), [])}}
-            gz.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+            out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def _write_documents(out_dir: Path, parts: list[Path], docs: list[JsonlDoc], jsonl: Path, name: str) -> dict[str, Any]:
-    """The ``finish`` step of a jsonl job: documents.parquet and the attribute file, before the manifest."""
+def _write_documents(out_dir: Path, parts: list[Path], docs: list[JsonlDoc], name: str) -> dict[str, Any]:
+    """The ``finish`` step of a jsonl job: documents.parquet and one attribute file per input file, before the
+    manifest."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     cols = ["seq_id", "score", "doc_index", "char_start", "char_end"]
@@ -324,7 +433,17 @@ def _write_documents(out_dir: Path, parts: list[Path], docs: list[JsonlDoc], jso
     documents = rollup_documents(windows, docs)
     with atomic_path(out_dir / DOCUMENTS_FILE) as tmp:
         pq.write_table(documents, tmp)
-    write_attributes(out_dir / attribute_path(jsonl, name), documents, windows, name)
+    files = list(dict.fromkeys(d.file for d in docs))
+    file_col = documents.column("file")
+    for rel in files:
+        mask = pc.equal(file_col, rel)
+        sub = documents.filter(mask)
+        first, last = int(sub.column("doc_index")[0].as_py()), int(sub.column("doc_index")[-1].as_py())
+        w = windows.filter(pc.and_(pc.greater_equal(windows.column("doc_index"), first),
+                                   pc.less_equal(windows.column("doc_index"), last)))
+        write_attributes(out_dir / attribute_path(rel, name), sub, w, name,
+                         ids=[d.raw_id for d in docs[first : last + 1]])
     scored = int(np.isfinite(documents.column("score").to_numpy(zero_copy_only=False)).sum())
-    log.info("documents: %s (%d of %d documents scored)", out_dir / DOCUMENTS_FILE, scored, len(docs))
+    log.info("documents: %s (%d of %d documents scored, %d attribute file(s))", out_dir / DOCUMENTS_FILE, scored,
+             len(docs), len(files))
     return {"documents_scored": scored}

@@ -282,39 +282,67 @@ class _DocumentSources:
         return self._sources[np.asarray(ids, dtype=np.int64)]
 
 
-def _scored_file(scores_dir: Path, man: dict[str, Any]) -> Path:
-    """The .jsonl file the scores were computed on, refused when it changed since (its lines would not match)."""
+def _scored_files(scores_dir: Path, man: dict[str, Any]) -> list[tuple[Path, str]]:
+    """The .jsonl files the scores were computed on (path, relative name), refused when one changed since (its lines
+    would not match)."""
     from lmselect.score import JOB_FILE
 
-    jsonl = Path(man.get("extra", {}).get("jsonl", ""))
-    if not jsonl.is_file():
-        raise LmselectError(f"{scores_dir}: the scored file {jsonl} is gone; select needs it to write the records")
-    key = (read_json(scores_dir / JOB_FILE) if (scores_dir / JOB_FILE).is_file() else {}).get("jsonl", {})
-    st = jsonl.stat()
-    if key and (key.get("bytes") != st.st_size or key.get("mtime_ns") != st.st_mtime_ns):
-        raise LmselectError(f"{jsonl}: changed since it was scored into {scores_dir} (size or mtime differ); rescore it")
-    return jsonl
+    extra = man.get("extra", {})
+    files = [(Path(f["path"]), f["file"]) for f in extra.get("jsonl_files", [])] or [
+        (Path(extra.get("jsonl", "")), "")]
+    keys = (read_json(scores_dir / JOB_FILE) if (scores_dir / JOB_FILE).is_file() else {}).get("jsonl", [])
+    keys = keys if isinstance(keys, list) else [keys]
+    for i, (jsonl, _) in enumerate(files):
+        if not jsonl.is_file():
+            raise LmselectError(f"{scores_dir}: the scored file {jsonl} is gone; select needs it to write the records")
+        key = keys[i] if i < len(keys) else {}
+        st = jsonl.stat()
+        if key and (key.get("bytes") != st.st_size or key.get("mtime_ns") != st.st_mtime_ns):
+            raise LmselectError(f"{jsonl}: changed since it was scored into {scores_dir} (size or mtime differ); "
+                                "rescore it")
+    return files
 
 
-def write_selected_records(jsonl: Path, lines: np.ndarray, out: Path) -> int:
-    """Copy the lines numbered ``lines`` (1-based) of ``jsonl`` (.jsonl or .jsonl.gz) to the gzip file ``out``,
-    unchanged and in file order. The gzip header has no name or time, so the same selection gives the same bytes."""
+def write_selected_records(jsonl: Path, lines: np.ndarray, out: Path | Any) -> int:
+    """Copy the lines numbered ``lines`` (1-based) of ``jsonl`` (.jsonl, .gz or .zst) to ``out`` (a gzip file path,
+    or an open binary writer), unchanged and in file order. The gzip header has no name or time, so the same
+    selection gives the same bytes."""
     import gzip
 
+    from lmselect.data.readers import _open_binary
+
+    if isinstance(out, (str, Path)):
+        with open(out, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+            return write_selected_records(jsonl, lines, gz)
     want = set(int(x) for x in lines)
-    opener = gzip.open if jsonl.suffix == ".gz" else open
     n = 0
     try:
-        with opener(jsonl, "rb") as f, open(out, "wb") as raw, \
-                gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+        with _open_binary(jsonl) as f:
             for lineno, line in enumerate(f, 1):
                 if lineno in want:
-                    gz.write(line if line.endswith(b"\n") else line + b"\n")
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
                     n += 1
     except (OSError, EOFError) as e:
         raise LmselectError(f"{jsonl}: cannot read ({str(e).splitlines()[0][:200]})") from None
     if n != len(want):
         raise LmselectError(f"{jsonl}: has fewer lines than when it was scored; rescore it")
+    return n
+
+
+def _write_selected_files(files: list[tuple[Path, str]], docs: Any, sel: np.ndarray, out: Path) -> int:
+    """The selected records of every scored file, file after file, into one gzip file."""
+    import gzip
+
+    lines = docs.column("line").to_numpy().astype(np.int64)
+    names = np.asarray(docs.column("file").to_pylist() if "file" in docs.column_names else [""] * len(lines),
+                       dtype=object)
+    chosen = np.zeros(len(lines), dtype=bool)
+    chosen[sel] = True
+    n = 0
+    with open(out, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+        for path, rel in files:
+            mine = chosen & ((names == rel) if len(files) > 1 else True)
+            n += write_selected_records(path, lines[mine], gz)
     return n
 
 
@@ -325,7 +353,8 @@ def _select_documents(cfg: SelectConfig, scores_dir: Path, man: dict[str, Any]) 
 
     if cfg.pool is not None or cfg.pool_shard is not None:
         raise LmselectError(f"{scores_dir}: scores of a .jsonl file; --pool and --pool-shard apply to pool scores only")
-    jsonl = _scored_file(scores_dir, man)
+    files = _scored_files(scores_dir, man)
+    jsonl = files[0][0] if len(files) == 1 else Path(man.get("extra", {}).get("jsonl", ""))
     docs = read_documents(scores_dir)
     idx = docs.column("doc_index").to_numpy().astype(np.int64)
     scores = docs.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -335,7 +364,6 @@ def _select_documents(cfg: SelectConfig, scores_dir: Path, man: dict[str, Any]) 
         raise LmselectError(f"{scores_dir}: no document has a score to select by")
     sel = select_ids(cfg.method, cand, cand_scores, cfg.fraction, temperature=cfg.temperature, seed=cfg.seed,
                      largest=not cfg.lowest)
-    lines = docs.column("line").to_numpy().astype(np.int64)[sel]
     extra: dict[str, Any] = {"lowest": cfg.lowest, "seed": cfg.seed, "scores": str(scores_dir), "unit": "documents",
                              "jsonl": str(jsonl), "unscored_documents": int((~scored).sum()),
                              "records": SELECTED_RECORDS}
@@ -344,5 +372,5 @@ def _select_documents(cfg: SelectConfig, scores_dir: Path, man: dict[str, Any]) 
     return write_selection(
         cfg.out, _DocumentSources(jsonl, docs.column("source").to_pylist()), cand, cand_scores, sel, cfg.method,
         cfg.fraction, extra=extra, parents=[parent_ref(scores_dir)], config=to_dict(cfg), seed=cfg.seed,
-        largest=not cfg.lowest, extra_files=lambda tmp: write_selected_records(jsonl, lines, tmp / SELECTED_RECORDS),
+        largest=not cfg.lowest, extra_files=lambda tmp: _write_selected_files(files, docs, sel, tmp / SELECTED_RECORDS),
     )

@@ -293,6 +293,9 @@ def train(
         return _summary(out_dir, read_manifest(out_dir, kind="checkpoint")["extra"])
 
     torch.manual_seed(cfg.seed)
+    if state is not None and info.is_main:
+        log.info("%s: resuming from the checkpoint at step %d of %d (%s, %d tokens seen)", out_dir, int(state["step"]),
+                 steps, resume_dir, int(state["tokens_seen"]))
     if state is not None:
         model = ckpt_io.load_checkpoint_model(resume_dir, attn_implementation=cfg.attn)
     elif init_from is not None:
@@ -432,7 +435,7 @@ def train(
                 sel = {f"sel_{k}": v for k, v in selector.stats().items()}
                 logger.log(step, loss=last_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tps, mfu=mfu,
                            tokens_seen=tokens_seen, **sel)
-        progress.update(1, loss=last_loss)
+        progress.update(1, **({"loss": last_loss} if math.isfinite(last_loss) else {}))  # no loss=nan before the first log step
         if saving:
             last_path = save(last_loss)
     progress.close()
