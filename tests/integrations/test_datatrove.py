@@ -23,6 +23,7 @@ def scorer_dir(tmp_path, tiny_tokenizer):
     d = tmp_path / "scorer"
     SequenceScorer.from_causal_lm(build_model("debug", len(tiny_tokenizer), seed=0), activation="identity",
                                   seed=0).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(str(d / "backbone"))  # the scorer carries its tokenizer (checked against the pool's)
     return d
 
 
@@ -107,4 +108,20 @@ def test_a_dsir_rounds_text_scorer_scores_whole_documents(tmp_path):
     step = LmselectScorer(tmp_path / "scores", key="dsir")
     out = list(step.run(iter([Document(text=t, id=str(i)) for i, t in enumerate(raw)])))
     got = np.array([d.metadata["dsir"] for d in out])
-    assert np.array_equal(got, logw) and got[-1] == 0.0 and len(set(got.tolist())) > 3
+    assert np.array_equal(got, logw.astype(np.float32)) and got[-1] == 0.0 and len(set(got.tolist())) > 3
+
+
+def test_the_step_checks_the_tokenizer_like_score_jsonl(tmp_path, tiny_pool, tiny_tokenizer):
+    """A score model that carries no tokenizer is refused (its scores could be garbage) unless trust_tokenizer."""
+    from datatrove.data import Document
+
+    from lmselect.errors import LmselectError
+    from lmselect.integrations.datatrove import LmselectScorer
+
+    d = tmp_path / "bare"
+    SequenceScorer.from_causal_lm(build_model("debug", len(tiny_tokenizer), seed=0), seed=0).save_pretrained(d)
+    docs = [Document(text=SAMPLE_TEXT[0], id="0")]
+    with pytest.raises(LmselectError, match="carries no tokenizer"):
+        list(LmselectScorer(d, tiny_pool.path, seq_len=8, device="cpu").run(iter(docs)))
+    out = list(LmselectScorer(d, tiny_pool.path, seq_len=8, device="cpu", trust_tokenizer=True).run(iter(docs)))
+    assert out[0].metadata["lmselect_score"] is not None

@@ -40,7 +40,8 @@ class LmselectScorer(PipelineStep):
     proxy), or the text scorer of a ``fasttext`` / ``dsir`` round (``RUN/<method>/seed<k>/round<r>/scores``: the
     classifier's P(target) / the DSIR log importance weight of the whole document). ``tokenizer_from``: the pool (or
     model) directory whose tokenizer encodes the text, as for ``lmselect score --jsonl --tokenizer-from``; a text
-    scorer needs none.
+    scorer needs none. As ``score --jsonl``, the step refuses a model whose tokenizer differs from
+    ``tokenizer_from``'s, and one that carries none to check unless ``trust_tokenizer=True``.
     """
 
     name = "lmselect scorer"
@@ -49,7 +50,7 @@ class LmselectScorer(PipelineStep):
     def __init__(self, model: str | Path, tokenizer_from: str | Path | None = None, *, lm_loss: bool = False,
                  seq_len: int | None = None, batch_size: int = 64, docs_per_batch: int = 256,
                  device: str = "auto", dtype: str = "auto", key: str = "lmselect_score",
-                 threshold: float | None = None):
+                 threshold: float | None = None, trust_tokenizer: bool = False):
         super().__init__()
         if docs_per_batch < 1:
             raise ValueError(f"docs_per_batch must be >= 1, got {docs_per_batch}")
@@ -57,7 +58,7 @@ class LmselectScorer(PipelineStep):
         self.tokenizer_from = None if tokenizer_from is None else str(tokenizer_from)
         self.lm_loss, self.seq_len, self.batch_size = lm_loss, seq_len, batch_size
         self.docs_per_batch, self.device, self.dtype = docs_per_batch, device, dtype
-        self.key, self.threshold = key, threshold
+        self.key, self.threshold, self.trust_tokenizer = key, threshold, trust_tokenizer
         self._scorer: Any = None
 
     def __getstate__(self) -> dict[str, Any]:  # ship the arguments, never a loaded model
@@ -72,7 +73,7 @@ class LmselectScorer(PipelineStep):
 
             self._scorer = DocumentScorer(self.model_path, self.tokenizer_from, lm_loss=self.lm_loss,
                                           seq_len=self.seq_len, batch_size=self.batch_size, device=self.device,
-                                          dtype=self.dtype)
+                                          dtype=self.dtype, trust_tokenizer=self.trust_tokenizer)
         return self._scorer
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:

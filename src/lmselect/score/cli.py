@@ -133,7 +133,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(ScoreConfig, None, getattr(args, "overrides", []) or [], base=base)
     if (cfg.pool is None) == (cfg.jsonl is None):
         raise LmselectError("give exactly one input: --pool POOL or --jsonl FILE")
-    if cfg.jsonl is not None and cfg.tokenizer_from is None:
+    from lmselect.select.base import is_text_scorer
+
+    text = not cfg.lm_loss and is_text_scorer(cfg.model)
+    if text and cfg.pool is not None:
+        raise LmselectError(f"{cfg.model}: a text scorer (fasttext / dsir) scores documents of --jsonl files; the "
+                            "round's own scores of its candidates are in that scores directory already")
+    if cfg.jsonl is not None and cfg.tokenizer_from is None and not text:
         raise LmselectError("--jsonl needs --tokenizer-from POOL_OR_MODEL_DIR")
     check_attribute_name(cfg.attribute_name)
     shard = parse_shard(cfg.shard)

@@ -34,7 +34,8 @@ class DocumentScorer:
     (higher = preferred)."""
 
     def __init__(self, model: str | Path, tokenizer_from: str | Path | None = None, *, lm_loss: bool = False,
-                 seq_len: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto"):
+                 seq_len: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto",
+                 trust_tokenizer: bool = False):
         from lmselect.data.pool import TokenPool
         from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
         from lmselect.select.base import is_text_scorer, load_text_scorer
@@ -52,7 +53,8 @@ class DocumentScorer:
         self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_from)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.model, self.meta = load_scoring_model(model, lm_loss=lm_loss)
-        _check_vocab(self.meta, tokenizer_fingerprint(self.tokenizer), len(self.tokenizer), str(self.tokenizer_dir))
+        _check_vocab(self.meta, tokenizer_fingerprint(self.tokenizer), len(self.tokenizer), str(self.tokenizer_dir),
+                     trust=trust_tokenizer)
         # the window length, resolved as score_jsonl resolves it
         if seq_len is None:
             seq_len = self.meta.get("seq_len")
@@ -92,12 +94,13 @@ class DocumentScorer:
         return win, scores
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
-        """Document scores (float32; NaN for a text without a scorable window). A text scorer's are float64, one per
-        whole text, as the round scored its candidates (0 for a text without words: no evidence either way)."""
+        """Document scores (float32; NaN for a text without a scorable window). A text scorer gives one per whole
+        text, as the round scored its candidates (0 for a text without words: no evidence either way), in float32
+        like every sidecar (``score --jsonl`` writes the same values)."""
         import pyarrow as pa
 
         if self.text_scorer is not None:
-            return np.asarray(self.text_scorer.score_texts(list(texts)), dtype=np.float64)
+            return np.asarray(self.text_scorer.score_texts(list(texts)), dtype=np.float64).astype(np.float32)
         if not len(texts):
             return np.zeros(0, dtype=np.float32)
         win, scores = self.score_windows(texts)

@@ -219,7 +219,15 @@ def score_jsonl(
     :func:`~lmselect.score.job.score_pool`. The complete sidecar also holds ``documents.parquet`` and the dolma
     attribute file of every input file, ``attributes/<attribute_name>/<its relative name>`` (see
     :func:`rollup_documents`, :func:`attribute_path`). ``jsonl`` is a file, a folder or a glob
-    (:func:`resolve_jsonl_inputs`); records without an id follow ``ID_POLICY``."""
+    (:func:`resolve_jsonl_inputs`); records without an id follow ``ID_POLICY``.
+    A text scorer (the ``scores/text_scorer`` of a ``fasttext`` / ``dsir`` round) scores each whole record instead:
+    :func:`score_jsonl_texts`, no tokenizer and no windows."""
+    if not lm_loss and isinstance(model_dir_or_scorer, (str, Path)):
+        from lmselect.select.base import is_text_scorer
+
+        if is_text_scorer(model_dir_or_scorer):
+            return score_jsonl_texts(model_dir_or_scorer, jsonl, out_dir, shard=shard, config=config,
+                                     attribute_name=attribute_name, text_field=text_field)
     from lmselect.data.pool import TokenPool
     from lmselect.data.readers import ReadStats
     from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -297,6 +305,81 @@ def score_jsonl(
     )
 
 
+
+
+def score_jsonl_texts(
+    model_dir: str | Path,
+    jsonl: str | Path,
+    out_dir: str | Path,
+    *,
+    shard: tuple[int, int] | None = None,
+    config: dict[str, Any] | None = None,
+    attribute_name: str = DEFAULT_ATTRIBUTE,
+    text_field: str = "text",
+) -> Path:
+    """``score --jsonl`` with a text scorer (a ``fasttext`` / ``dsir`` round's ``scores/text_scorer``, loaded through
+    the registry): one score per record for its whole text, in one pass (the scorers are cheap; fastText retrains its
+    round's classifier once per call). The sidecar has the layout of :func:`score_jsonl`'s with one "window" per
+    record (chars 0 … len), so ``documents.parquet``, the dolma attribute files and ``select`` read it the same way; a
+    malformed line keeps its row with no score. Written atomically; a complete sidecar of the same model and inputs is
+    reused, one of another is refused."""
+    import time
+
+    from lmselect.artifacts import Manifest, read_manifest, write_manifest
+    from lmselect.data.readers import ReadStats
+    from lmselect.score.sidecar import part_name, write_part_table
+    from lmselect.select.base import load_text_scorer
+
+    out = Path(out_dir)
+    check_attribute_name(attribute_name)
+    if shard is not None and shard != (0, 1):
+        raise LmselectError(f"{model_dir}: a text scorer (fasttext / dsir) scores the whole input in one pass; "
+                            "drop --shard (give each array task its own --jsonl files instead)")
+    files = resolve_jsonl_inputs(jsonl)
+    key = {"input": "jsonl", "jsonl": [_file_key(f) for f, _ in files], "text_field": text_field,
+           "model": str(Path(model_dir).resolve()), "score": "text", "format": 3}
+    if is_complete(out, "scores"):
+        if read_manifest(out, kind="scores").get("extra", {}).get("key") == key:
+            return out
+        raise LmselectError(f"{out}: holds scores of another model or input; use a fresh --out")
+    scorer = load_text_scorer(model_dir)
+    read_stats = ReadStats()
+    records = read_jsonl_docs(jsonl, text_field=text_field, stats=read_stats)
+    read_stats.warn_malformed(log)
+    _warn_missing_ids(records)
+    ok = [i for i, d in enumerate(records) if not d.malformed]
+    if not ok:
+        raise LmselectError(f"{jsonl}: no text to score (all {len(records)} records are malformed)")
+    t0 = time.perf_counter()
+    scores = np.asarray(scorer.score_texts([records[i].text for i in ok]), dtype=np.float64)
+    seconds = time.perf_counter() - t0
+    idx = np.asarray(ok, dtype=np.int64)
+    src = Path(model_dir) if is_complete(model_dir, "scores") else Path(model_dir).parent
+    parents = [parent_ref(src)] if is_complete(src, "scores") else []
+    read = read_stats.to_dict()
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        part = tmp / part_name(0, 1)
+        write_part_table(part, idx, scores, {"doc_id": [records[i].doc_id for i in ok], "doc_index": idx,
+                                             "char_start": np.zeros(len(ok), dtype=np.int64),
+                                             "char_end": np.asarray([len(records[i].text) for i in ok], dtype=np.int64)},
+                         {"part": 0, "of": 1, "sequences": len(ok)})
+        info = _write_documents(tmp, [part], records, attribute_name)
+        write_manifest(tmp, Manifest(
+            kind="scores", config=config or {"model": str(model_dir), "jsonl": str(jsonl), "text_field": text_field},
+            parents=parents,
+            counts={"sequences": len(ok), "parts": 1, "documents": len(records), "windows": len(ok),
+                    "files": len(files), "skipped": read["skipped"], "skipped_by_reason": read["skipped_by_reason"],
+                    "documents_without_id": sum(d.id_derived for d in records), **info},
+            extra={"n_parts": 1, "input": "jsonl", "key": key, "jsonl": str(jsonl), "score": scorer.description,
+                   "scorer_kind": "text", "model": str(model_dir), "documents_file": DOCUMENTS_FILE,
+                   "text_field": text_field, "jsonl_files": [{"path": str(f.resolve()), "file": rel} for f, rel in files],
+                   "attributes": attribute_path(files[0][1], attribute_name),
+                   "attribute_files": [attribute_path(rel, attribute_name) for _, rel in files],
+                   "skipped_examples": read["skipped_examples"]},
+            timings={"score_s": seconds, "sequences_per_s": len(ok) / seconds if seconds > 0 else 0.0}))
+    log.info("scores: %s (%d documents, text scorer %s, %.1f s)", out, len(ok), scorer.description, seconds)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
