@@ -186,6 +186,7 @@ def test_scores_resumed_on_another_world_size_one_line(tiny_pool, tiny_tokenizer
     model = tmp_path / "scorer"
     SequenceScorer.from_causal_lm(build_model("debug", len(tiny_tokenizer), seed=0), activation="identity",
                                   seed=0).save_pretrained(model)
+    tiny_tokenizer.save_pretrained(str(model / "backbone"))  # it carries the pool's tokenizer (checked before scoring)
     out = tmp_path / "scores"
     score_pool(model, tiny_pool, None, out, shard=(0, 2), device="cpu", progress=False)  # rank 0 of 2 finished
     monkeypatch.setenv("WORLD_SIZE", "3")
