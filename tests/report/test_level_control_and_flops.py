@@ -60,3 +60,30 @@ def test_compare_adds_the_controls_of_the_levels_it_runs():
     assert with_controls(["fasttext", "dsir"]) == ["random", "fasttext", "dsir"]
     assert with_controls(["rho1", "blade"]) == ["random", "rho1", "blade", "random_tokens"]
     assert with_controls(["random_tokens", "rho1"]) == ["random", "random_tokens", "rho1"]
+
+
+def test_every_method_is_paired_with_the_best_cheap_baseline():
+    from lmselect.report.results import _paired_vs_best_baseline
+    from lmselect.select.base import baseline_names
+
+    assert baseline_names() == ["dsir", "fasttext"]
+    # fasttext is worse than dsir on the first report set: dsir is the baseline every method is paired with
+    rows = ROWS + [_row("fasttext", s, 3.05 + 0.1 * s, 1.25) for s in range(3)]
+    out = _paired_vs_best_baseline(rows)
+    assert out["baseline"] == "dsir" and out["metric"] == "val_loss.lambada"
+    assert out["means"]["fasttext"] == pytest.approx(3.15) and out["means"]["dsir"] == pytest.approx(3.05)
+    assert set(out["paired"]) == {"random", "random_tokens", "rho1", "fasttext"}
+    d = out["paired"]["rho1"]["val_loss.lambada"]
+    assert d["mean"] == pytest.approx(((2.8 - 2.95) + (2.91 - 3.05) + (3.04 - 3.15)) / 3)
+    assert out["paired"]["random"]["val_loss.lambada"]["mean"] == pytest.approx(0.05)
+    # the other way round when fasttext is better
+    rows = ROWS + [_row("fasttext", s, 2.5 + 0.1 * s, 1.0) for s in range(3)]
+    assert _paired_vs_best_baseline(rows)["baseline"] == "fasttext"
+    # no baseline in the run: no table
+    assert _paired_vs_best_baseline([r for r in ROWS if r["method"] != "dsir"]) == {}
+    res = {"methods": {}, "rows": rows, "paired_vs_random": paired_differences(rows),
+           "paired_vs_level_control": {}, "paired_vs_best_baseline": _paired_vs_best_baseline(rows),
+           "diagnostics": {}}
+    sec = next(s for s in headline_sections(res) if s["title"].startswith("Paired difference to the best cheap"))
+    assert "fasttext" in sec["title"] and "dsir 3.0500" in sec["note"] and "fasttext 2.6000" in sec["note"]
+    assert {r[0] for r in sec["rows"]} == {"random", "random_tokens", "rho1", "dsir"}

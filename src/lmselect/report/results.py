@@ -98,6 +98,27 @@ def _paired_vs_level_controls(rows: Sequence[dict[str, Any]]) -> dict[str, dict[
     return out
 
 
+def _paired_vs_best_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every other method paired with the best cheap baseline of the run (``baseline = True``: fastText, DSIR):
+    ``{"baseline", "metric", "means", "paired"}``, or {} when none ran. Best = the lowest mean final loss on the
+    first report set (LAMBADA in the demo), over the seeds it has; which baseline that is and every baseline's mean
+    are recorded, so the choice is visible rather than silent."""
+    from lmselect.select.base import baseline_names
+
+    present = [b for b in baseline_names() if any(r["method"] == b for r in rows)]
+    keys = sorted({k for r in rows if r["method"] in present for k in r["val_loss"]}, key=_val_key)
+    if not present or not keys:
+        return {}
+    metric = keys[0]
+    means = {b: finite_mean([r["val_loss"].get(metric) for r in rows if r["method"] == b]) for b in present}
+    ranked = sorted((m, b) for b, m in means.items() if m is not None)
+    if not ranked:
+        return {}
+    best = ranked[0][1]
+    paired = paired_differences(rows, best)
+    return {"baseline": best, "metric": f"val_loss.{metric}", "means": means, "paired": paired} if paired else {}
+
+
 def _exposure(rounds: dict[int, Any]) -> dict[str, Any] | None:
     """A seed's exposure over its rounds: sums of the EXPOSURE_SUMS fields, mean epochs and kept-token fraction."""
     ex = [((rd.eval or {}).get("exposure")) for _, rd in sorted(rounds.items())]
@@ -213,6 +234,7 @@ def results(data: RunData) -> dict[str, Any]:
         "methods": methods,
         "paired_vs_random": paired_differences(rows, _control()) if any(r["method"] == _control() for r in rows) else {},
         "paired_vs_level_control": _paired_vs_level_controls(rows),
+        "paired_vs_best_baseline": _paired_vs_best_baseline(rows),
         "tasks": tasks,
     }
 
@@ -529,6 +551,14 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"Δ = method − {ctrl} on the same seed: the same tokens fed and the same kept fraction, chosen at random. "
             "A method that is not below 0 here selects nothing a random mask of the same size would not give.",
             _paired_table(res, paired))
+    best = res.get("paired_vs_best_baseline") or {}
+    if best.get("paired"):
+        b, metric = best["baseline"], best["metric"].split(".", 1)[1]
+        others = ", ".join(f"{m} {v:.4f}" for m, v in sorted(best["means"].items()) if v is not None)
+        add(f"Paired difference to the best cheap baseline, {b} (by seed; mean [95 % t interval])",
+            f"Δ = method − {b} on the same seed. {b} is the cheap baseline (a method a practitioner would run instead) "
+            f"with the lowest mean final {metric} loss in this run ({others}). A method that is not below 0 here is "
+            "not worth its cost over that baseline on this evidence.", _paired_table(res, best["paired"]))
     add("Exposure (per seed, summed over rounds; mean over seeds)",
         "What each method was given: tokens fed to the target, next-token predictions backpropagated (token-level "
         "methods mask the rest), distinct sequences trained on, epochs over the selection, the estimated FLOPs "

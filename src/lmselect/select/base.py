@@ -99,6 +99,10 @@ class SelectionMethod:
     #: the control of the other methods of its ``level`` (random_tokens for the token-level methods): they are also
     #: paired with it, so that a token-level method is compared with a mask of the same size, not only with random
     level_control: ClassVar[bool] = False
+    #: a cheap baseline practitioners would run instead of a model-based method (fasttext, dsir): the report pairs
+    #: every method with the best of those in the run as well as with random, so a win over random is not mistaken
+    #: for a win over what one would do anyway
+    baseline: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
@@ -278,6 +282,12 @@ def level_control_name(level: str) -> str | None:
     if len(names) > 1:
         raise ConfigError(f"at most one {level}-level control may be registered, found {names}")
     return names[0] if names else None
+
+
+def baseline_names() -> list[str]:
+    """The registered cheap baselines (``baseline = True``), sorted."""
+    _discover()
+    return sorted(n for n, c in _REGISTRY.items() if c.baseline)
 
 
 def method_color(name: str) -> str | None:

@@ -190,6 +190,7 @@ class Dsir(SelectionMethod):
     stages = ("scores", "selection", "target", "eval")
     collective = True  # numpy and seed-determined: every rank computes the same selection
     color = "#bcbd22"
+    baseline = True  # what a practitioner runs instead: the report pairs every method with the best one
 
     def check_config(self) -> None:
         super().check_config()

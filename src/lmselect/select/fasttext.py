@@ -258,6 +258,7 @@ class FastTextFilter(SelectionMethod):
     stages = ("scores", "selection", "target", "eval")
     collective = True  # seed-determined, single-threaded and cheap: every rank computes the same scores
     color = "#17becf"
+    baseline = True  # what a practitioner runs instead: the report pairs every method with the best one
 
     def check_config(self) -> None:
         super().check_config()
