@@ -95,6 +95,20 @@ class ReadStats:
     docs_by_input: Counter = field(default_factory=Counter)  # input path -> documents yielded
     records_by_file: Counter = field(default_factory=Counter)  # input path -> records looked at
 
+    def count_record(self, path: str) -> None:
+        self.records += 1
+        self.records_by_file[path] += 1
+
+    def count_malformed(self, path: str, reason: str, message: str, strict: bool) -> None:
+        """Count one malformed record of ``path`` (reason, file, first examples), or with ``strict`` refuse it in
+        one line; the same rule for prepare's reader and ``score --jsonl``'s line-aligned one."""
+        if strict:
+            raise LmselectError(f"{message} (--strict makes malformed records fatal)") from None
+        self.skipped[reason] += 1
+        self.skipped_by_file[path] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(message)
+
     def malformed_warnings(self, threshold: float = MALFORMED_WARN_SHARE) -> list[str]:
         """One line per input where more than ``threshold`` of the records were malformed (skipped). A count in the
         manifest is easy to miss; a third of a file gone usually means a wrong ``--text-field`` or a broken export."""
@@ -424,17 +438,11 @@ def iter_documents(
         for where, rec in _records(spec, text_field, id_field, source_field):
             if max_docs is not None and n >= max_docs:
                 return
-            stats.records += 1
-            stats.records_by_file[spec.path] += 1
+            stats.count_record(spec.path)
             try:
                 doc = _to_document(where, rec, spec, text_field, id_field, source_field)
             except _Malformed as m:
-                if strict:
-                    raise LmselectError(f"{m.message} (--strict makes malformed records fatal)") from None
-                stats.skipped[m.reason] += 1
-                stats.skipped_by_file[spec.path] += 1
-                if len(stats.examples) < MAX_EXAMPLES:
-                    stats.examples.append(m.message)
+                stats.count_malformed(spec.path, m.reason, m.message, strict)
                 continue
             if not doc.text.strip():
                 stats.empty += 1
@@ -496,18 +504,12 @@ def iter_jsonl_records(
     spec = InputSpec(str(p), "jsonl")
     for where, rec in _iter_jsonl(p):
         line = int(where.rsplit(":", 1)[1])
-        stats.records += 1
-        stats.records_by_file[spec.path] += 1
+        stats.count_record(spec.path)
         raw_id = rec.get(id_field) if isinstance(rec, dict) and id_field else None
         try:
             doc = _to_document(where, rec, spec, text_field, id_field, source_field)
         except _Malformed as m:
-            if strict:
-                raise LmselectError(f"{m.message} (--strict makes malformed records fatal)") from None
-            stats.skipped[m.reason] += 1
-            stats.skipped_by_file[spec.path] += 1
-            if len(stats.examples) < MAX_EXAMPLES:
-                stats.examples.append(m.message)
+            stats.count_malformed(spec.path, m.reason, m.message, strict)
             yield JsonlRecord(line, raw_id, None, None, m.message)
             continue
         if not doc.text.strip():
