@@ -4,7 +4,8 @@
 
 Runs ``lmselect compare demo`` (same pool, warm-up, schedule and fed-token budget for every method; seed k of every
 method uses the same data-order seeds), then prints the report-set table (mean ± sd over seeds), the paired
-difference to random with a 95 % t interval ("within noise" when it contains 0) and the exposure ledger. The same
+differences to random, to the random token mask (token-level methods) and to the best cheap baseline with 95 % t
+intervals ("within noise" when it contains 0) and the exposure ledger. The same
 tables are in OUT/comparison.md (with per-seed rows and selection costs) and OUT/results.json; the plot with error
 bars is OUT/comparison.png. Every number is on the held-out report sets, which no method has seen.
 """
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from lmselect.cli import main
-from lmselect.report.results import _exposure_table, _md_table, _paired_table, _summary_table
+from lmselect.report.results import _md_table, headline_sections
 
 
 def run() -> int:
@@ -40,14 +41,13 @@ def run() -> int:
 
 
 def summary(res: dict) -> str:
-    """The README's three tables: report-set figures, paired differences to random, exposure."""
-    out = [_md_table(*_summary_table(res)), ""]
-    paired = _paired_table(res)
-    if paired:
-        out += [_md_table(*paired), ""]
-    ex = _exposure_table(res)
-    if ex:
-        out += [_md_table(*ex)]
+    """The README's tables: report-set figures, the paired differences (to random, to the random token mask for the
+    token-level methods, to the best cheap baseline) and the exposure ledger, as the report renders them."""
+    keep = ("Final round", "Paired difference", "Exposure")
+    out = []
+    for sec in headline_sections(res):
+        if sec["title"].startswith(keep) and sec["header"]:
+            out += [f"{sec['title']}", "", _md_table(sec["header"], sec["rows"]), ""]
     return "\n".join(out)
 
 

@@ -41,7 +41,10 @@ def test_every_method_runs_end_to_end(all_methods_run):
             assert ex["tokens_backprop"] == 8 * 31
         # only the controls (random selection, the random token mask) select at no FLOPs of their own
         assert (ex["selection_flops"] == 0) == (method_class(m).control or method_class(m).level_control)
-        assert ex["target_flops"] > 0 and (ex["scoring_flops"] > 0) == (level == "token")
+        # the loop's no-grad scoring pass: token-level methods that read the target's CE; the random mask needs none
+        scoring = read_manifest(out / m / "seed0" / "round2" / "target")["extra"]["scoring_forward"]
+        assert scoring == (level == "token" and not method_class(m).level_control), m
+        assert ex["target_flops"] > 0 and (ex["scoring_flops"] > 0) == scoring
     # equal token budget: every method trained the target for the same number of tokens
     tokens = {m: read_manifest(out / m / "seed0" / "round2" / "target")["extra"]["tokens_seen"] for m in res["methods"]}
     assert len(set(tokens.values())) == 1, tokens

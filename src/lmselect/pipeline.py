@@ -322,12 +322,15 @@ class Runner:
         fed = int(extra.get("tokens_seen", fed_seqs * L))
         n_t = f.params(self.r.target.preset)
         # a token selector with several micro-batches per rank and step costs the loop one extra no-grad forward
-        # (the scoring pass, train/hooks.py); with one micro-batch the grad forward doubles as it
+        # (the scoring pass, train/hooks.py); with one micro-batch the grad forward doubles as it, and a selector
+        # that does not read the CE (the random mask) has none. The loop records which (checkpoint extra); older
+        # checkpoints without the key fall back to the rule without the last case.
         accum = max(1, gb // max(1, self.r.train.micro_batch * self.ctx.dist.world_size))
+        scoring = extra.get("scoring_forward", m.level == "token" and accum > 1)
         return {
             "tokens_fed": fed,
             "target_flops": 6.0 * n_t * fed,  # plain training of the target on the tokens fed
-            "scoring_flops": 2.0 * n_t * fed if m.level == "token" and accum > 1 else 0.0,
+            "scoring_flops": 2.0 * n_t * fed if scoring else 0.0,
             "tokens_backprop": int(round(fed_seqs * (L - 1) * kept)) if kept == kept else None,
             "kept_token_fraction": kept,
             "selected_sequences": int(len(selected)),

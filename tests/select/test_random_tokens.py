@@ -76,3 +76,29 @@ def test_training_with_the_mask_resumes_exactly(tiny_pool, tmp_path):
     # a different seed trains on other tokens
     other = train(make_cfg(steps=4), tiny_pool, ids, tmp_path / "other", token_selector=RandomTokenSelector(0.6, 10))
     assert other["loss"] != full["loss"]
+
+
+def test_the_mask_needs_no_scoring_forward(tiny_pool, tmp_path, monkeypatch):
+    """The random mask does not read the CE, so the loop skips the no-grad scoring pass (2 micro-batches per step):
+    the same weights as with the pass forced, fewer forwards, and the checkpoint records that no pass ran."""
+    from _train_helpers import make_cfg, weights
+
+    import lmselect.train.loop as loop
+    from lmselect.artifacts import read_manifest
+
+    calls = []
+    real = loop.forward_ce
+    monkeypatch.setattr(loop, "forward_ce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = tiny_pool.ids(0)
+    loop.train(make_cfg(steps=3), tiny_pool, ids, tmp_path / "skip", token_selector=RandomTokenSelector(0.6, 9))
+    n_skip, calls[:] = len(calls), []
+
+    class Forced(RandomTokenSelector):
+        reads_ce = True
+
+    loop.train(make_cfg(steps=3), tiny_pool, ids, tmp_path / "forced", token_selector=Forced(0.6, 9))
+    assert n_skip == 3 * 2 and len(calls) == 3 * 2 * 2  # grad forwards only vs grad + scoring forwards
+    wa, wb = weights(tmp_path / "skip"), weights(tmp_path / "forced")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_manifest(tmp_path / "skip")["extra"]["scoring_forward"] is False
+    assert read_manifest(tmp_path / "forced")["extra"]["scoring_forward"] is True

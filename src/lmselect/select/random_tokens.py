@@ -45,6 +45,7 @@ class RandomTokenSelector(TokenSelector):
     """Seeded uniform token scores: the loop's global top-k keeps a random ``keep_fraction`` of the batch."""
 
     name = "random_tokens"
+    reads_ce = False  # the mask is drawn from the tokens and the step alone: the loop needs no scoring forward
 
     def __init__(self, keep_fraction: float, seed: int):
         check_fraction(keep_fraction, "random_tokens.keep_fraction")

@@ -14,7 +14,8 @@ the top-k over the whole global batch. Per optimizer step the loop does, in orde
     loss = Σ_j M_j · CE_j / Σ_j M_j  over the global batch   # the grad pass; = the one-process full-batch loss
 
 ``keep_fraction = None`` (the base class) is plain training: no scoring pass, every token counts. When one micro-batch
-holds a rank's whole share of the step, the grad forward doubles as the scoring pass (no extra forward).
+holds a rank's whole share of the step, the grad forward doubles as the scoring pass (no extra forward); a selector
+that does not read the CE (``reads_ce = False``: the random mask) gets no scoring pass at all.
 
 ``next_batch()`` returns a fresh training micro-batch (LongTensor [B, L]) from the loop's own data stream without
 disturbing the target's data order (it draws from a separate, seeded stream), for methods that need extra batches.
@@ -32,6 +33,9 @@ class TokenSelector:
 
     name = "all"
     keep_fraction: float | None = None  # fraction of the global batch's tokens kept; None = all (no scoring pass)
+    #: False: token_scores ignores ``token_ce`` (a random mask), so the loop skips the scoring forward and passes
+    #: zeros; the mask and the training are the same, and the step costs what plain training costs
+    reads_ce: bool = True
 
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
         """Called once before the first step (and again after a resume)."""

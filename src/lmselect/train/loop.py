@@ -177,7 +177,11 @@ def selected_step(
             (mask,), n_kept = global_mask([selector.token_scores(xs[0], ce.detach()).float()])
             return backward_loss(ce, 1, mask, n_kept, world)
     with torch.no_grad():
-        scores = [selector.token_scores(x, forward_ce(model, x, autocast)).float() for x in xs]
+        if selector.reads_ce:
+            scores = [selector.token_scores(x, forward_ce(model, x, autocast)).float() for x in xs]
+        else:  # the mask does not depend on the CE: no scoring forward (zeros of the CE's shape in its place)
+            scores = [selector.token_scores(x, torch.zeros(x.shape[0], x.shape[1] - 1, device=x.device)).float()
+                      for x in xs]
     masks, n_kept = global_mask(scores)
     total = torch.zeros((), device=xs[0].device)
     for i, (x, m) in enumerate(zip(xs, masks)):
@@ -379,6 +383,8 @@ def train(
                 "preset": cfg.preset, "step": step, "tokens_seen": tokens_seen, "loss": step_loss,
                 "train_seconds": training_state["train_seconds"],
                 "tokenizer_fingerprint": pool.tokenizer_fingerprint, "pool": str(pool.path),
+                # whether each step ran a no-grad scoring forward over its micro-batches (the exposure ledger's FLOPs)
+                "scoring_forward": bool(selector.keep_fraction is not None and selector.reads_ce and accum > 1),
             }
             ckpt_io.save_checkpoint(
                 path, raw_model, tokenizer_dir=pool.tokenizer_dir, training_state=training_state,
