@@ -40,7 +40,8 @@ def test_tiny_mode_runs_every_section(tmp_path):
     assert b["agreement"]["c_spearman"] > 0.99 and b["default_profile"]["s_per_outer_step"] > 0
     assert res["mates"]["batched"]["finite"] and res["mates"]["loop"]["probes_per_s"] > 0
     pj = res["projection"]["paper_1b_selection"]
-    assert pj["total_hours"] > 0 and pj["total_hours"] == round(pj["bilevel_hours"] + pj["scoring_hours"], 3)
+    # each figure is rounded to 1e-3 h on its own, so the parts' sum may differ from the total in the last digit
+    assert pj["total_hours"] > 0 and abs(pj["total_hours"] - (pj["bilevel_hours"] + pj["scoring_hours"])) <= 1.5e-3
     assert pj["authors_hours"] == 11.82
     assert "projection" in stdout and "s/step" in stdout and "tok/s" in stdout  # the printed table
 
