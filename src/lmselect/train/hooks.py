@@ -68,6 +68,13 @@ class TokenSelector:
         pass
 
 
+def runs_scoring_forward(selector: TokenSelector, accum: int) -> bool:
+    """Whether each step runs the no-grad scoring forward: a selector that keeps a fraction and reads the CE, with
+    more than one micro-batch per rank (with one, the grad forward doubles as it). The loop follows this rule and
+    records it in the checkpoint (``extra.scoring_forward``), from which the exposure ledger counts the FLOPs."""
+    return selector.keep_fraction is not None and selector.reads_ce and accum > 1
+
+
 def topk_token_mask(score: torch.Tensor, fraction: float, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the top ``fraction`` of entries of ``score`` (over the whole tensor = the batch).
 

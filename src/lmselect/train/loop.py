@@ -39,7 +39,7 @@ from lmselect.models.losses import token_ce
 from lmselect.models.presets import build_model, count_params, flops_per_token, get_preset
 from lmselect.train import checkpoint as ckpt_io
 from lmselect.train import distributed as D
-from lmselect.train.hooks import TokenSelector, topk_token_mask
+from lmselect.train.hooks import TokenSelector, runs_scoring_forward, topk_token_mask
 from lmselect.train.lordo import LordoConfig, LordoOptimizer
 from lmselect.train.order import DataOrder
 from lmselect.train.schedules import OptimConfig, apply_hparams, build_optimizer, lr_at, validate_schedule
@@ -177,7 +177,7 @@ def selected_step(
             (mask,), n_kept = global_mask([selector.token_scores(xs[0], ce.detach()).float()])
             return backward_loss(ce, 1, mask, n_kept, world)
     with torch.no_grad():
-        if selector.reads_ce:
+        if runs_scoring_forward(selector, accum):
             scores = [selector.token_scores(x, forward_ce(model, x, autocast)).float() for x in xs]
         else:  # the mask does not depend on the CE: no scoring forward (zeros of the CE's shape in its place)
             scores = [selector.token_scores(x, torch.zeros(x.shape[0], x.shape[1] - 1, device=x.device)).float()
@@ -384,7 +384,7 @@ def train(
                 "train_seconds": training_state["train_seconds"],
                 "tokenizer_fingerprint": pool.tokenizer_fingerprint, "pool": str(pool.path),
                 # whether each step ran a no-grad scoring forward over its micro-batches (the exposure ledger's FLOPs)
-                "scoring_forward": bool(selector.keep_fraction is not None and selector.reads_ce and accum > 1),
+                "scoring_forward": runs_scoring_forward(selector, accum),
             }
             ckpt_io.save_checkpoint(
                 path, raw_model, tokenizer_dir=pool.tokenizer_dir, training_state=training_state,
