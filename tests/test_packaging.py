@@ -67,7 +67,6 @@ def test_every_imported_distribution_is_declared() -> None:
     for reqs in proj.get("optional-dependencies", {}).values():
         declared |= {_req_name(r) for r in reqs}
     files = sorted((REPO_DIR / "src").rglob("*.py")) + sorted((REPO_DIR / "tests").rglob("*.py"))
-    files = [f for f in files if "bundled" not in f.parts]  # make_demo.py: a maintainer's script, not installed
     local = {p.stem for p in (REPO_DIR / "tests").rglob("*.py")} | {"lmselect", "tests"}
     dists = md.packages_distributions()
     missing = []
@@ -141,11 +140,10 @@ def test_datatrove_jsonl_round_trip(tmp_path: Path) -> None:
 @needs_toml
 def test_every_bundled_data_file_is_package_data() -> None:
     """Each file under ``lmselect/bundled`` that the package reads matches a ``package-data`` pattern, so the wheel
-    carries the demo corpus, its selection / report sets and the task slices (make_demo.py stays in the sdist)."""
+    carries the demo corpus, its selection / report sets and the task slices."""
     patterns = _project()["tool"]["setuptools"]["package-data"]["lmselect"]
     pkg = DATA_DIR.parent
-    files = [p.relative_to(pkg).as_posix() for p in DATA_DIR.rglob("*") if p.is_file() and p.name != "make_demo.py"
-             and "__pycache__" not in p.parts]
+    files = [p.relative_to(pkg).as_posix() for p in DATA_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     assert len(files) >= 20, files
     # setuptools matches each pattern part by part; fnmatch's * also crosses "/", so compare the depth too
     unmatched = [f for f in files if not any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns)]
