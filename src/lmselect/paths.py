@@ -1,13 +1,20 @@
-"""Where bundled data lives. Nothing here (or anywhere at run time) reads the staging folder beside the repo."""
+"""Where bundled data lives. Nothing here (or anywhere at run time) reads the staging folder beside the repo.
+
+The demo corpus, its selection and report sets and the eval-task slices ship inside the package
+(``lmselect/bundled``, package data), so an installed wheel runs ``lmselect demo`` from any directory; in a clone the
+top-level ``data`` is a link to the same folder. Found through :mod:`importlib.resources`, which also answers for a
+wheel installed into site-packages (a zip import would not give real paths: lmselect is not zip-safe).
+"""
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parents[1]
-DATA_DIR = REPO_DIR / "data"  # bundled demo corpus, validation text and eval-task slices (editable install)
+PACKAGE_DIR = Path(str(files("lmselect")))
+REPO_DIR = PACKAGE_DIR.parents[1]  # the clone's root in an editable install (bench scripts, tests); not in a wheel
+DATA_DIR = PACKAGE_DIR / "bundled"  # bundled demo corpus, validation text and eval-task slices
 DEMO_DIR = DATA_DIR / "demo"
 TASKS_DIR = DATA_DIR / "tasks"
 RECIPES_DIR = PACKAGE_DIR / "recipes"

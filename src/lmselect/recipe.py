@@ -282,6 +282,9 @@ def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
         for i, val in enumerate(inputs):
             _check_exists(f"pool.prepare.inputs[{i}]", val, glob_ok=True, origin=where("pool.prepare.inputs"))
         r.pool.prepare.inputs = inputs
+        if r.pool.prepare.tokenizer:
+            r.pool.prepare.tokenizer = resolve_path(r.pool.prepare.tokenizer, base)
+            _check_exists("pool.prepare.tokenizer", r.pool.prepare.tokenizer, origin=where("pool.prepare.tokenizer"))
         dec = r.pool.prepare.decontaminate  # bundled: paths stay as written: they label the protected sets
         dec.protected = [p if p.startswith("bundled:") else (resolve_path(p, base) or p) for p in dec.protected]
         dec.validate("pool.prepare.decontaminate.")

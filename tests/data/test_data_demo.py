@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from lmselect.data.readers import ReadStats, iter_documents, resolve_inputs
 from lmselect.paths import DEMO_DIR
@@ -42,3 +45,19 @@ def test_lambada_slice():
     assert not sets["lambada_report"] & sets["lambada_select"]
     task = {json.loads(line)["text"] for line in open(DEMO_DIR.parent / "tasks" / "lambada" / "lambada_test.jsonl")}
     assert task <= sets["lambada_report"] and not task & sets["lambada_select"]
+
+
+@pytest.mark.slow
+def test_bundled_tokenizer_is_what_prepare_trains(tmp_path):
+    """The demo ships the BPE that ``prepare`` trains on its corpus (after its prefilter and decontamination), so
+    the demo skips ~25 s of training; retraining it with the demo's own settings must give the same vocabulary."""
+    from lmselect.data.prepare import prepare
+    from lmselect.data.tokenizer import tokenizer_fingerprint
+    from lmselect.recipe import load_recipe
+
+    cfg = load_recipe("demo", []).pool.prepare
+    assert cfg.tokenizer and Path(cfg.tokenizer) == DEMO_DIR / "tokenizer"
+    shipped = tokenizer_fingerprint(cfg.tokenizer)
+    cfg.tokenizer = None  # train it, exactly as the demo would without the shipped one
+    pool = prepare(cfg, tmp_path / "pool", progress=False)
+    assert tokenizer_fingerprint(pool / "tokenizer") == shipped

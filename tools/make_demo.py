@@ -1,8 +1,9 @@
 """Rebuild the bundled demo corpus from the staging copies of its public sources (maintainers only).
 
-    python data/demo/make_demo.py --staging /path/to/staging/data
+    python tools/make_demo.py --staging /path/to/staging/data
 
-Never run by lmselect itself: the product reads only the files this script writes into ``data/demo``. The slicing is
+Never run by lmselect itself: the product reads only the files this script writes into ``src/lmselect/bundled/demo``
+(package data; ``data/demo`` in a clone links there). The slicing is
 deterministic (fixed seeds and character budgets); SOURCE.md documents every source, its licence and the slice.
 """
 
@@ -15,7 +16,7 @@ import random
 import re
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "src" / "lmselect" / "bundled" / "demo"  # the output folder
 SEED = 20240601
 MAX_DOC_CHARS = 40_000  # skip a few huge records (HTML mail dumps, long logs) so no single file dominates a source
 BUDGET = {  # characters per source in the pool (~4.2 characters per BPE token)
