@@ -265,16 +265,22 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 20)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+BLANK = object()  # what ``_iter_jsonl(..., blank=True)`` yields for a blank line
+
+
+def _iter_jsonl(path: Path, blank: bool = False) -> Iterator[tuple[str, Any]]:
     # Lines are split as bytes and decoded one by one, so a single non-UTF-8 line is one malformed record rather
-    # than the end of the file. A corrupt compressed stream cannot be resynchronised: that is fatal.
+    # than the end of the file. A corrupt compressed stream cannot be resynchronised: that is fatal. Blank lines
+    # are skipped, or with ``blank`` yielded as ``BLANK`` (line-aligned outputs need a row for every line).
     lineno = 0
     try:
         with _open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
                 where = f"{path}:{lineno}"
+                if not raw.strip():
+                    if blank:
+                        yield where, BLANK
+                    continue
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -473,14 +479,15 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[in
 
 @dataclass
 class JsonlRecord:
-    """One non-blank line of a .jsonl file, good or not (line-aligned consumers such as dolma attribute files need
-    a row for every line)."""
+    """One line of a .jsonl file, good, malformed or blank (line-aligned consumers such as dolma attribute files
+    need a row for every line)."""
 
     line: int  # 1-based line number (blank lines count, as in the file)
     raw_id: Any  # the record's id value exactly as in the file (None when null, missing, or the line is malformed)
-    text: str | None  # None when the record is malformed
+    text: str | None  # None when the record is malformed or the line blank
     source: str | None  # the record's source field when it is a non-empty string
     problem: str | None = None  # why the record is malformed (the skip message), else None
+    blank: bool = False  # the line is empty or whitespace only (not a record; not counted as malformed)
 
 
 def iter_jsonl_records(
@@ -491,10 +498,11 @@ def iter_jsonl_records(
     strict: bool = False,
     stats: ReadStats | None = None,
 ) -> Iterator[JsonlRecord]:
-    """Every non-blank line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules
-    as :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
+    """Every line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules as
+    :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
     ``problem`` set, or with ``strict`` raises a one-line error naming ``path:line``. Empty texts are counted as
-    ``empty`` and yielded."""
+    ``empty`` and yielded; a blank line is yielded with ``blank`` set (and counted nowhere), so that a consumer
+    writing one line per input line (dolma attribute files) stays aligned."""
     p = Path(path)
     if not p.is_file():
         raise LmselectError(f"{p}: file not found")
@@ -502,8 +510,11 @@ def iter_jsonl_records(
         raise LmselectError(f"{p}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
     stats = stats if stats is not None else ReadStats()
     spec = InputSpec(str(p), "jsonl")
-    for where, rec in _iter_jsonl(p):
+    for where, rec in _iter_jsonl(p, blank=True):
         line = int(where.rsplit(":", 1)[1])
+        if rec is BLANK:
+            yield JsonlRecord(line, None, None, None, None, blank=True)
+            continue
         stats.count_record(spec.path)
         raw_id = rec.get(id_field) if isinstance(rec, dict) and id_field else None
         try:

@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-from", help="pool or model dir whose tokenizer encodes the --jsonl text")
     g.add_argument("--seq-len", type=int, help="--jsonl window length in tokens (default: scorer's / pool's)")
     g.add_argument("--attribute-name", default=DEFAULT_ATTRIBUTE,
-                   help="--jsonl: dolma attribute name; writes attributes/NAME/*.jsonl.gz with NAME__score")
+                   help="--jsonl: dolma attribute name; writes attributes/NAME/<each input's relative name> (same "
+                   "name and compression as the input, one line per input line) with NAME__score")
     g = parser.add_argument_group("execution")
     g.add_argument("--out", required=True, help="output sidecar directory")
     g.add_argument("--batch-size", type=int, default=64)
