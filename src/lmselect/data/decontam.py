@@ -187,7 +187,9 @@ def _resolve_entry(entry: str) -> list[tuple[str, Path]]:
         if not p.exists():
             raise LmselectError(f"{raw}: protected set not found" + (f" ({p})" if str(p) != raw else ""))
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _text_kind(f) is not None)
+            from lmselect.data.readers import folder_files  # the one folder rule (prepare, score --jsonl)
+
+            files = folder_files(p, what="decontaminate")
             if not files:
                 raise LmselectError(f"{raw}: protected folder holds no .jsonl / .json / .parquet / .txt file")
             base = label_base if label_base is not None else str(p)

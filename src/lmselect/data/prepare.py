@@ -86,6 +86,7 @@ log = logging.getLogger(__name__)
 BATCH_DOCS = 2048
 BATCH_CHARS = 4_000_000
 PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
+ORIGINS_FILE = "doc_origins.parquet"  # per pool document: stream position of its record, edited flag
 # Config keys that do not change the pool's content and so are left out of its identity (config hash).
 _NON_SEMANTIC = ("workers",)
 
@@ -400,6 +401,8 @@ def _tokenize_and_pack(
     L = cfg.seq_len
     stats = ReadStats()
     doc_ids: list[str] = []
+    doc_index: list[int] = []  # each document's position in the reader's stream (export reads the original back)
+    doc_edited: list[bool] = []  # a prefilter edited its text
     doc_src: list[int] = []
     doc_len: list[int] = []
     src_code: dict[str, int] = {}
@@ -436,6 +439,8 @@ def _tokenize_and_pack(
                 push(np.asarray([eos], dtype=np.uint32), fout)
                 d = batch[0]
                 doc_ids.append(d.doc_id)
+                doc_index.append(d.index)
+                doc_edited.append(d.edited)
                 doc_src.append(src_code.setdefault(d.source, len(src_code)))
                 doc_len.append(n_tok)
             else:
@@ -445,6 +450,8 @@ def _tokenize_and_pack(
                     ids.append(eos)
                     n_tok += len(ids)
                     doc_ids.append(d.doc_id)
+                    doc_index.append(d.index)
+                    doc_edited.append(d.edited)
                     doc_src.append(src_code.setdefault(d.source, len(src_code)))
                     doc_len.append(len(ids))
                 push(np.fromiter(chain.from_iterable(ids_lists), dtype=np.uint32, count=n_tok), fout)
@@ -467,6 +474,8 @@ def _tokenize_and_pack(
     return {
         "stats": stats,
         "doc_ids": doc_ids,
+        "doc_index": np.asarray(doc_index, dtype=np.int64),
+        "doc_edited": np.asarray(doc_edited, dtype=bool),
         "doc_src": np.asarray(doc_src, dtype=np.int64),
         "doc_len": np.asarray(doc_len, dtype=np.int64),
         "source_names": list(src_code),
@@ -564,9 +573,23 @@ def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, packed: dict[str, Any]
                 "source": pa.array(names_arr[span_src].tolist(), type=pa.string()),
                 "start": sp["start"].astype(np.int64),
                 "length": sp["length"].astype(np.int64),
+                "doc": sp["doc"].astype(np.int64),  # the pool's document number (a row of ORIGINS_FILE)
             }
         ),
         tmp / "docs.parquet",
+    )
+    # one row per pool document: where its original record is in the reader's stream and whether a prefilter
+    # edited its text (export gives back the original record's text and offsets into it)
+    pq.write_table(
+        pa.table(
+            {
+                "doc": np.arange(len(doc_ids), dtype=np.int64),
+                "doc_id": pa.array(doc_ids.tolist(), type=pa.string()),
+                "index": packed["doc_index"],
+                "edited": pa.array(packed["doc_edited"], type=pa.bool_()),
+            }
+        ),
+        tmp / ORIGINS_FILE,
     )
 
     # ---- counts for the manifest -------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
         if p.is_file():
             return [(p, p.name)]
         root = p
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _file_kind(f) == "jsonl")
+        from lmselect.data.readers import folder_files
+
+        files = folder_files(p, kinds=("jsonl",), what="score --jsonl")
         if not files:
             raise LmselectError(f"{p}: no .jsonl / .json / .ndjson files (optionally .gz or .zst) in this folder")
     out = []
@@ -119,17 +121,16 @@ def read_jsonl_docs(path: str | Path, text_field: str = "text", stats: Any = Non
     (:func:`lmselect.data.readers.iter_jsonl_records`): malformed lines are counted in ``stats`` and kept as
     unscorable rows, blank lines too (``blank``: one output line per input line, always); records without an id get
     a derived one (``ID_POLICY``)."""
-    from lmselect.data.readers import ReadStats, iter_jsonl_records
+    from lmselect.data.readers import ReadStats, iter_jsonl_records, record_id
 
     stats = stats if stats is not None else ReadStats()
     out: list[JsonlDoc] = []
     for f, rel in resolve_jsonl_inputs(path):
         stem = _file_stem(f)
         for r in iter_jsonl_records(f, text_field=text_field, stats=stats):
-            has_id = r.raw_id is not None and r.raw_id != ""
-            doc_id = (r.raw_id if isinstance(r.raw_id, str) else json.dumps(r.raw_id)) if has_id else f"{rel}/{r.line - 1}"
+            doc_id, derived = record_id(r.raw_id, rel, r.line - 1)  # the one id rule (readers.ID_RULE)
             out.append(JsonlDoc(doc_id, r.text or "", r.source or stem, r.line, rel, r.raw_id,
-                                not has_id and not r.blank, r.problem is not None, r.blank))
+                                derived and not r.blank, r.problem is not None, r.blank))
     return out
 
 
