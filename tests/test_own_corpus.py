@@ -228,3 +228,26 @@ def test_lmselect_adapter_on_datatrove_default_adapter():
         assert lmselect_adapter(r, dict(raw), "sub/p.jsonl", 3)["id"] == "sub/p.jsonl/3"
     assert lmselect_adapter(r, {"text": "a", "id": 7}, "p.jsonl", 0)["id"] == "7"
     assert lmselect_adapter(r, {"text": "a", "id": "x"}, "p.jsonl", 0)["id"] == "x"
+
+
+def test_a_folder_means_the_same_everywhere(tmp_path, caplog):
+    """prepare, score --jsonl and decontamination read a folder by one rule (readers.folder_files) and name what
+    they skip; before, prepare read only .txt from a folder (\"empty corpus\") and the others skipped silently."""
+    from lmselect.data.decontam import _resolve_entry
+    from lmselect.data.readers import resolve_inputs
+    from lmselect.score.windows import resolve_jsonl_inputs
+
+    folder, _ = _corpus(tmp_path)
+    (folder / "extra.txt").write_text("A plain text document with enough words to count.\n")
+    with caplog.at_level(logging.WARNING, logger="lmselect"):
+        kinds = [(Path(s.path).name, s.kind, s.rel) for s in resolve_inputs([str(folder)])]
+        jsonl = [rel for _, rel in resolve_jsonl_inputs(folder)]
+        protected = [Path(f).name for _, f in _resolve_entry(str(folder))]
+    assert kinds == [("my_corpus", "text", None), ("part-0000.jsonl.zst", "jsonl", "part-0000.jsonl.zst"),
+                     ("part-0001.jsonl", "jsonl", "part-0001.jsonl")]
+    assert jsonl == ["part-0000.jsonl.zst", "part-0001.jsonl"]
+    assert protected == ["extra.txt", "part-0000.jsonl.zst", "part-0001.jsonl"]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("prepare: skipped 1 file" in m and "notes.md" in m for m in msgs)
+    assert any("score --jsonl: skipped 2 file" in m and "extra.txt, notes.md" in m for m in msgs)
+    assert any("decontaminate: skipped 1 file" in m and "notes.md" in m for m in msgs)
