@@ -469,7 +469,10 @@ def _check_out(out: Path, config: dict[str, Any], overwrite: bool) -> None:
     if is_complete(out, "export") and not overwrite:
         have = read_manifest(out, kind="export").get("config", {})
         if {k: have.get(k) for k in config} != config:
-            what = ", ".join(f"{k} {have.get(k)}" for k in config if have.get(k) != config[k])
+            def show(k: str, v: Any) -> str:
+                return f"{k} {'final' if k == 'round' and v is None else v}"  # --round unset = each final round
+
+            what = ", ".join(show(k, have.get(k)) for k in config if have.get(k) != config[k])
             raise LmselectError(f"{out}: holds an export of another {what.split(' ')[0]} ({what}); pass --overwrite "
                                 "to replace it or choose another --out")
 

@@ -181,10 +181,10 @@ def _describe_inputs(specs: Sequence[InputSpec], raw: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"inputs ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
-def _empty_corpus_error(where: str, stats: ReadStats) -> LmselectError:
+def _empty_corpus_error(where: str, stats: ReadStats, text_field: str = "text") -> LmselectError:
     return LmselectError(
         f"{where}: empty corpus: no document with usable text ({stats.records} records read, "
-        f"{stats.n_skipped} malformed skipped, {stats.empty} empty)"
+        f"{stats.n_skipped} malformed skipped, {stats.empty} empty){stats.text_field_hint(text_field)}"
     )
 
 
@@ -294,7 +294,7 @@ def _get_tokenizer(
 
     tok = train_bpe(texts(), cfg.vocab_size, model_max_length=cfg.seq_len)
     if stats.documents == 0:
-        raise _empty_corpus_error(where, stats)
+        raise _empty_corpus_error(where, stats, cfg.text_field)
     return tok, {"trained": True, "kind": "byte-level BPE", "vocab_size": cfg.vocab_size,
                  "train_chars": min(cfg.tokenizer_train_chars, cfg.tokenizer_train_chars - budget[0])}
 
@@ -465,11 +465,11 @@ def _tokenize_and_pack(
         os.fsync(fout.fileno())
     bar.close()
     if stats.documents == 0:
-        raise _empty_corpus_error(where, stats)
+        raise _empty_corpus_error(where, stats, cfg.text_field)
     if rows == 0:
         raise LmselectError(
-            f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}; "
-            "add text or lower --seq-len"
+            f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}"
+            + (stats.text_field_hint(cfg.text_field) or "; add text or lower --seq-len")
         )
     return {
         "stats": stats,

@@ -124,6 +124,18 @@ class ReadStats:
     examples: list[str] = field(default_factory=list)  # first MAX_EXAMPLES messages
     docs_by_input: Counter = field(default_factory=Counter)  # input path -> documents yielded
     records_by_file: Counter = field(default_factory=Counter)  # input path -> records looked at
+    fields_without_text: Counter = field(default_factory=Counter)  # fields of records that lack the text field
+
+    def text_field_hint(self, text_field: str) -> str:
+        """``"; 40 of 41 records have no 'text' field (their fields: body, id): check --text-field"`` when at
+        least half of the records lack the text field (a wrong ``--text-field`` looks like a tiny corpus otherwise),
+        else ``""``."""
+        n = self.skipped.get("no_text_field", 0)
+        if not n or 2 * n < self.records:
+            return ""
+        fields = ", ".join(k for k, _ in self.fields_without_text.most_common(8))
+        return (f"; {n} of {self.records} records have no '{text_field}' field (their fields: {fields or '-'}): "
+                "check --text-field")
 
     def count_record(self, path: str) -> None:
         self.records += 1
@@ -519,6 +531,8 @@ def iter_documents(
                 doc = _to_document(where, rec, spec, text_field, id_field, source_field)
             except _Malformed as m:
                 stats.count_malformed(spec.path, m.reason, m.message, strict)
+                if m.reason == "no_text_field" and isinstance(rec, dict):
+                    stats.fields_without_text.update(rec.keys())
                 continue
             if not doc.text.strip():
                 stats.empty += 1
