@@ -303,14 +303,18 @@ def _get_tokenizer(
 # the pipeline
 
 
-def prepare(cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Build (or reuse) the pool for ``cfg`` at ``out_dir`` and return its path. See the module docstring."""
-    path, _ = prepare_pool(cfg, out_dir, overwrite=overwrite, progress=progress)
+def prepare(cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+            decontam_keep: Sequence[str] = ()) -> Path:
+    """Build (or reuse) the pool for ``cfg`` at ``out_dir`` and return its path. See the module docstring.
+    ``decontam_keep``: sources whose contaminated documents are flagged but not dropped (the known-answer check's
+    planted files)."""
+    path, _ = prepare_pool(cfg, out_dir, overwrite=overwrite, progress=progress, decontam_keep=decontam_keep)
     return path
 
 
 def prepare_pool(
-    cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True
+    cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+    decontam_keep: Sequence[str] = (),
 ) -> tuple[Path, bool]:
     """Like :func:`prepare`; also says whether an existing complete pool was reused (True) or one was built."""
     cfg.validate()
@@ -330,7 +334,7 @@ def prepare_pool(
         inputs_info = [input_fingerprint(s) for s in specs]
         timings["hash_inputs_s"] = time.perf_counter() - t0
 
-        decon = Decontaminator.build(cfg.decontaminate) if cfg.decontaminate.enabled else None
+        decon = Decontaminator.build(cfg.decontaminate, decontam_keep) if cfg.decontaminate.enabled else None
         pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
         t0, c0 = time.perf_counter(), time.process_time()
         tok, tok_info = _get_tokenizer(cfg, specs, where, decon, pre)
