@@ -112,6 +112,40 @@ class DeferredSigterm:
         signal.raise_signal(signal.SIGTERM)
 
 
+class PreemptionGuard:
+    """The preemption rule of every long loop (the training loop, the BLISS bilevel solve): a checkpoint when
+    SIGTERM arrived (:class:`DeferredSigterm`) or the wall-clock interval (:func:`checkpoint_every_s`) is up.
+    ``check(distributed, device)`` -> (stop, due); under a process group every rank takes the same decision (an
+    all-reduce: any rank asking decides), so it must be called at the same step on every rank."""
+
+    def __init__(self) -> None:
+        self.term = DeferredSigterm()
+        self.every_s = checkpoint_every_s()
+        self.t_saved = time.monotonic()
+
+    def __enter__(self) -> PreemptionGuard:
+        self.term.install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.term.release()
+
+    def check(self, distributed: bool, device: Any = "cpu") -> tuple[bool, bool]:
+        due = self.every_s == 0 or time.monotonic() - self.t_saved >= self.every_s
+        stop = self.term.requested
+        if distributed:
+            flags = torch.tensor([float(stop), float(due)], device=device)
+            torch.distributed.all_reduce(flags)
+            stop, due = bool(flags[0] > 0), bool(flags[1] > 0)
+        return stop, due
+
+    def saved(self) -> None:
+        self.t_saved = time.monotonic()
+
+    def stop_now(self) -> None:
+        self.term.stop_now()
+
+
 @dataclass
 class TrainConfig:
     preset: str = "debug"
@@ -466,12 +500,11 @@ def train(
     t_begin = t_last
     # a bar on a terminal, a plain line every 30 s in a log file (no \r); rank 0 only
     progress = Progress(steps, initial=step, desc=f"train {out_dir.name}", enabled=info.is_main)
-    every_s = checkpoint_every_s()
-    t_saved = time.monotonic()
-    # one process decides after every step; ranks agree at log steps (beside the collective that is there anyway)
+    # preemption (PreemptionGuard): one process decides after every step; ranks agree at log steps (beside the
+    # collective that is there anyway)
     check_every = max(1, cfg.log_every) if info.enabled else 1
     stop = False
-    term = DeferredSigterm().install()
+    guard = PreemptionGuard().__enter__()
     try:
         while step < steps:
             selector.on_step_start(step, raw_model, side)
@@ -500,12 +533,7 @@ def train(
 
             saving = step == steps or (cfg.save_every > 0 and step % cfg.save_every == 0)
             if step % check_every == 0:  # preemption: a SIGTERM, or the wall-clock interval is up
-                due = every_s == 0 or time.monotonic() - t_saved >= every_s
-                if info.enabled:  # every rank takes the same decision (any rank asking decides)
-                    flags = D.all_reduce_mean(torch.tensor([float(term.requested), float(due)], device=device), info)
-                    stop, due = bool(flags[0] > 0), bool(flags[1] > 0)
-                else:
-                    stop = term.requested
+                stop, due = guard.check(info.enabled, device)
                 saving = saving or stop or due
             if step % max(1, cfg.log_every) == 0 or saving:
                 last_loss = float(D.all_reduce_mean(loss_sum / accum, info))  # every rank joins (collective)
@@ -522,17 +550,17 @@ def train(
             progress.update(1, **({"loss": last_loss} if math.isfinite(last_loss) else {}))  # no loss=nan before the first log step
             if saving:
                 last_path = save(last_loss)
-                t_saved = time.monotonic()
+                guard.saved()
                 if stop:
                     break
     finally:
-        term.release()
+        guard.__exit__()
     progress.close()
     if stop:  # this step's checkpoint is written: stop as SIGTERM asked (Terminated under the CLI, exit 143)
         if logger is not None:
             logger.close()
         log.warning("%s: stopped at step %d of %d; rerun the same command to resume from there", out_dir, step, steps)
-        term.stop_now()
+        guard.stop_now()
         raise KeyboardInterrupt  # the previous handler did not stop the process (it ignores SIGTERM): stop anyway
 
     # the final checkpoint becomes out_dir itself (what the pipeline, eval and from_pretrained read)
@@ -541,8 +569,8 @@ def train(
         ckpt_io.prune_checkpoints(out_dir, keep=None)
         logger.close()
     D.barrier(info)
-    if term.requested:  # SIGTERM during the last step: the stage is complete (a rerun skips it); stop now
-        term.stop_now()
+    if guard.term.requested:  # SIGTERM during the last step: the stage is complete (a rerun skips it); stop now
+        guard.stop_now()
     return {"step": step, "tokens_seen": tokens_seen, "loss": last_loss, "out_dir": str(out_dir)}
 
 
