@@ -11,16 +11,21 @@ same place; replacing an export of another selection, run, round or format needs
 * ``documents.jsonl.gz`` (``--format jsonl``) or ``documents.parquet``: one row per piece of a document inside the
   selected sequences, in pool order: ``id`` (unique in the export: the document's own id when the row is the whole
   document, else ``"<doc_id>:<char_start>-<char_end>"``), ``doc_id`` and ``source`` (the corpus record's own, from
-  ``docs.parquet``), ``complete`` (the whole document is in the row), ``char_start`` / ``char_end`` (the row's
-  character offsets in the original text; 0 and its length when complete), ``doc_token_start`` (tokens of the
-  document before the row), ``seq_ids`` (the selected pool sequences the piece spans), ``token_start`` (offset in
-  the first of them), ``n_tokens``, ``scores`` and ``score`` (their mean; when the selection was made from a scores
-  sidecar) and ``text``: the piece's tokens decoded with the pool's tokenizer (the end-of-document token left out).
+  ``docs.parquet``), ``complete`` (the whole record is in the row), ``char_start`` / ``char_end`` (the row's
+  character offsets in the original record's text; 0 and its length when complete), ``doc_token_start`` (tokens of
+  the document before the row), ``seq_ids`` (the selected pool sequences the piece spans), ``token_start`` (offset
+  in the first of them), ``n_tokens``, ``edited`` (the prefilter changed the document's text), ``scores`` and
+  ``score`` (their mean; when the selection was made from a scores sidecar) and ``text``: **the original record's
+  text** at ``char_start:char_end``, read back from the pool's inputs (:class:`_Originals`; refused in one line when
+  an input is gone or changed). ``--text both`` adds ``pool_text`` (the piece's tokens decoded with the pool's
+  tokenizer, end-of-document token left out: the text the methods saw) with ``pool_char_start`` /
+  ``pool_char_end``.
   A document whose sequences were all selected comes back whole, as one row. A document that continues across
   sequences is exported only where it lies inside selected sequences: one piece per run of consecutive selected
   sequences, so a document whose middle sequence was not selected gives two rows, each with ``complete`` false and
-  its offsets. A piece cut at a sequence boundary may start or end inside a multi-byte character, which decodes as
-  U+FFFD (and may shift ``char_start`` by one there). ``id`` / ``text`` are the keys datatrove's ``JsonlReader`` and
+  its offsets (for a document the prefilter edited, mapped into the original: :func:`offset_blocks`). A pool piece
+  cut at a sequence boundary may start or end inside a multi-byte character, which decodes as U+FFFD in
+  ``pool_text``. ``id`` / ``text`` are the keys datatrove's ``JsonlReader`` and
   ``ParquetReader`` read by default.
 * ``tokens.bin``: the selected sequences' tokens, row after row in pool order, as one flat little-endian array of
   uint16 (when the vocabulary fits) or uint32 — the layout nanoGPT (``np.memmap(path, dtype=np.uint16, mode="r")``)

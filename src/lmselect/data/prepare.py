@@ -97,7 +97,7 @@ class PrepareConfig:
 
     inputs: list[str] = field(default_factory=list)  # paths, globs, dataset folders or hf:OWNER/NAME[#split]
     text_field: str = "text"
-    id_field: str = "id"  # kept when present; else "<file name>:<line>"
+    id_field: str = "id"  # kept when usable; else "<file>/<0-based line>" (readers.ID_RULE)
     source_field: str = "source"  # kept when present; else the file stem
     tokenizer: str | None = None  # HF tokenizer directory; None = train a byte-level BPE on the corpus
     vocab_size: int = 8192  # for the trained BPE (ignored with `tokenizer`)
