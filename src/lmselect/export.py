@@ -261,7 +261,9 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
     def decoded_document(doc: int) -> str:
         if doc not in full_text:
             full_text.clear()
-            idx = np.flatnonzero(pieces.all_doc == doc)
+            # spans are in stream order, so a document's spans are one run of the sorted all_doc
+            idx = range(int(np.searchsorted(pieces.all_doc, doc, "left")),
+                        int(np.searchsorted(pieces.all_doc, doc, "right")))
             toks = np.concatenate([tokens[pieces.all_seq[i], pieces.all_start[i]: pieces.all_start[i]
                                           + pieces.all_length[i]] for i in idx]).astype(np.int64)
             if len(toks) and toks[-1] == eos_id:
