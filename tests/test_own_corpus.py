@@ -251,3 +251,33 @@ def test_a_folder_means_the_same_everywhere(tmp_path, caplog):
     assert any("prepare: skipped 1 file" in m and "notes.md" in m for m in msgs)
     assert any("score --jsonl: skipped 2 file" in m and "extra.txt, notes.md" in m for m in msgs)
     assert any("decontaminate: skipped 1 file" in m and "notes.md" in m for m in msgs)
+
+
+def test_readme_walk_with_a_run(tmp_path):
+    """The walk as the README gives it: prepare the folder with the prefilter, `lmselect run` a recipe with
+    pool.path, `lmselect export` the run: every exported row is its input record's original text."""
+    import yaml
+
+    from lmselect.testing import make_tiny_recipe
+
+    folder, lines = _corpus(tmp_path)
+    originals = _originals(lines)
+    pool = tmp_path / "pool"
+    assert main(["prepare", str(folder), "--out", str(pool), "--seq-len", "32", "--n-shards", "3",
+                 "--val-sequences", "4", "--vocab-size", "300", "--prefilter", "gopher_repetition,c4",
+                 "--no-progress"]) == 0
+    recipe = make_tiny_recipe(tmp_path / "r")
+    r = yaml.safe_load(recipe.read_text())
+    r["pool"] = {"path": str(pool)}
+    r["methods"], r["rounds"] = ["random"], 1
+    recipe.write_text(yaml.safe_dump(r))
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run), "--no-report"]) == 0
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    rows = _rows(out / "random" / "seed0" / "round1" / "documents.jsonl.gz")
+    assert rows and any(r["edited"] for r in rows)
+    for row in rows:
+        orig = originals[row["doc_id"]]
+        assert row["text"] == orig[row["char_start"] : row["char_end"]]
+        assert not row["complete"] or row["text"] == orig
