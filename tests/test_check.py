@@ -418,3 +418,40 @@ def test_check_plants_into_the_corpus_a_prepared_pool_came_from(check_recipe, tm
     err = capsys.readouterr().err
     assert "was prepared from inputs that cannot be read now" in err and "set pool.prepare.inputs" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_check_with_pool_path_honours_overrides_and_the_pools_decontamination(check_recipe, tmp_path, capsys):
+    """Regression (issue 29, item 5): with pool.path, ``--prefilter=none`` (any pool.prepare override) was replaced
+    by the pool's recorded settings, and the pool's drop-mode decontamination became flag mode for the corpus. Now
+    the overrides apply on top of the pool's settings, the corpus is decontaminated as the pool was (the planted
+    documents are flagged, never dropped), and the check says what its pool is."""
+    from lmselect.cli import main
+    from lmselect.recipe import load_recipe
+
+    r = load_recipe(check_recipe)
+    corpus_doc = json.loads(Path(sorted(Path(r.pool.prepare.inputs[0]).parent.glob("*.jsonl"))[0]).read_text()
+                            .splitlines()[0])["text"]
+    prot = tmp_path / "protected.jsonl"
+    prot.write_text(json.dumps({"text": corpus_doc}) + "\n")
+    pool = tmp_path / "pool"
+    assert main(["prepare", *r.pool.prepare.inputs, "-o", str(pool), "--vocab-size", "512", "--seq-len", "64",
+                 "--n-shards", "3", "--workers", "1", "--no-progress", "--prefilter", "gopher_repetition,c4",
+                 "--decontaminate", str(prot), "--decontaminate", str(r.validation.selection),
+                 "--decontam-mode", "drop"]) == 0
+    assert json.loads((pool / "manifest.json").read_text())["extra"]["decontamination"]["dropped"] >= 1
+    out = tmp_path / "chk"
+    capsys.readouterr()
+    assert main(["check", str(check_recipe), f"--pool.path={pool}", "--prefilter=none", "--out", str(out),
+                 "--plant-fraction", "0.1", "--prepare-only"]) == 0
+    said = capsys.readouterr().out
+    assert f"check pool: prepared from the inputs and settings of pool.path {pool}" in said
+    assert "prefilter none" in said and "decontamination drop against 2 protected set(s)" in said
+    m = json.loads((out / "pool" / "manifest.json").read_text())
+    assert not m["config"].get("prefilter") and "prefilter" not in m["extra"]  # --prefilter=none honoured
+    dec = m["extra"]["decontamination"]
+    assert dec["mode"] == "drop" and dec["dropped"] >= 1  # the corpus document is dropped, as in the pool
+    target = dec["per_source"]["planted_target"]
+    assert target["contaminated"] > 0 and target["dropped"] == 0  # planted selection-set text: flagged, kept
+    # a --key=value override of pool.prepare is honoured the same way; a reused --out with another prefilter refused
+    assert main(["check", str(check_recipe), f"--pool.path={pool}", "--out", str(out), "--prepare-only"]) == 2
+    assert "prepared with prefilter none" in capsys.readouterr().err

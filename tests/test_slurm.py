@@ -19,7 +19,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def _spec(**kw) -> SlurmSpec:
     base = dict(verb="run", verb_args=["demo", "--out", "runs/my run", "--rounds=3"], nodes=2, gpus_per_node=8,
-                partition="gpu", time="4:00:00", account="proj", workdir="/shared/work", log_dir="logs")
+                partition="gpu", time="4:00:00", account="proj", log_dir="logs")
     return SlurmSpec(**{**base, **kw})
 
 
@@ -32,7 +32,7 @@ def test_rendered_script_text():
         assert f"#SBATCH {d}" in lines, d
     assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in lines
     assert "RDZV_PORT=$((60000 + SLURM_JOB_ID % 5000))" in lines
-    assert "cd /shared/work" in lines
+    assert 'cd "${SLURM_SUBMIT_DIR:-.}"' in lines  # portable: no absolute directory baked in
     flat = text.replace("\\\n", " ")
     assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in flat
     assert ('torchrun --nnodes="$SLURM_NNODES" --nproc-per-node=8 --rdzv-backend=c10d '
@@ -49,15 +49,17 @@ def _fake_slurm(tmp_path: Path, srun_rc: int = 0) -> dict[str, str]:
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu03\\ngpu04\\n'\n")
     (bin_dir / "srun").write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path}/srun.args\nexit {srun_rc}\n")
+    (bin_dir / "torchrun").write_text("#!/bin/bash\nexit 0\n")  # only looked up: srun above is the fake
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1234567",
-            "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NNODES": "2"}
+            "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path),
+            "SLURM_CPUS_PER_TASK": "8"}
 
 
 def test_script_runs_the_right_command_under_a_fake_slurm(tmp_path):
     script = tmp_path / "job.sbatch"
-    script.write_text(render(_spec(workdir=str(tmp_path), log_dir=str(tmp_path / "logs"))))
+    script.write_text(render(_spec(log_dir=str(tmp_path / "logs"))))
     r = subprocess.run(["bash", str(script)], env=_fake_slurm(tmp_path), capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     args = (tmp_path / "srun.args").read_text().splitlines()
@@ -73,7 +75,7 @@ def test_script_runs_the_right_command_under_a_fake_slurm(tmp_path):
 
 def test_script_failure_is_one_line_and_keeps_the_exit_code(tmp_path):
     script = tmp_path / "job.sbatch"
-    script.write_text(render(_spec(workdir=str(tmp_path), log_dir="logs")))
+    script.write_text(render(_spec(log_dir="logs")))
     r = subprocess.run(["bash", str(script)], env=_fake_slurm(tmp_path, srun_rc=3), capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 3
@@ -138,15 +140,15 @@ def _cli(args, tmp_path, path_extra=None):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_cli_writes_checks_and_submits(tmp_path, capsys, monkeypatch):
+def test_cli_writes_checks_and_submits(tmp_path, capsys, monkeypatch, tiny_pool):
     monkeypatch.chdir(tmp_path)
     common = ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "1:00:00"]
     # slurm options may come before or after the verb; the verb's own arguments are checked by its parser
-    assert main(["slurm", "--nodes", "2", "train", "--pool", "P", "--out", "ck", "--gpus-per-node", "4",
-                 "--partition", "gpu", "--time", "1:00:00", "--steps=10"]) == 0
+    assert main(["slurm", "--nodes", "2", "train", "--pool", str(tiny_pool.path), "--out", "ck", "--gpus-per-node",
+                 "4", "--partition", "gpu", "--time", "1:00:00", "--steps=10"]) == 0
     text = (tmp_path / "lmselect-train.sbatch").read_text()
-    assert "-m lmselect.cli train --pool P --out ck --steps=10" in text and "--nproc-per-node=4" in text
-    assert (tmp_path / "slurm-logs").is_dir()
+    assert f"-m lmselect.cli train --pool {tiny_pool.path} --out ck --steps=10" in text and "--nproc-per-node=4" in text
+    assert "mkdir -p slurm-logs" in text  # the script makes its log folder where it runs
     assert main(["slurm", "run", "demo", "--bogus", *common]) == 2
     assert "lmselect slurm: error: lmselect run: unrecognized arguments: --bogus" in capsys.readouterr().err
     assert main(["slurm", "prepare", "x", *common]) == 2
@@ -164,3 +166,49 @@ def test_cli_writes_checks_and_submits(tmp_path, capsys, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "Submitted batch job 42"
     assert (tmp_path / "sbatch.args").read_text().strip() == "job.sh"
+
+
+def test_scripts_travel_and_check_everything_before_writing(tmp_path, capsys, monkeypatch, tiny_pool):
+    """Regression (issue 29, item 7): the script baked `cd <absolute dir>` and an absolute venv PATH into a file
+    meant for a login node; no --cpus-per-task while OMP_NUM_THREADS=8; the --output folder had to exist before the
+    job started; a missing recipe, --rounds=abc and score --model nonexist were accepted with rc 0; --nodes 0 said
+    "missing --nodes"."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--gpus-per-node", "4", "--partition", "gpu", "--time", "1:00:00"]
+    assert main(["slurm", "run", "demo", "--out", "o", "--nodes", "2", *common, "--cpus-per-task", "16",
+                 "--setup", "source .venv/bin/activate"]) == 0
+    text = (tmp_path / "lmselect-run.sbatch").read_text()
+    assert str(tmp_path) not in text and sys.prefix not in text and "export PATH" not in text
+    assert 'cd "${SLURM_SUBMIT_DIR:-.}"' in text and "source .venv/bin/activate" in text
+    assert "#SBATCH --cpus-per-task=16" in text and "export OMP_NUM_THREADS=4 " in text  # 16 CPUs / 4 ranks
+    assert "#SBATCH --output=lmselect-run-%j.out" in text  # not inside a folder that may not exist yet
+    assert not (tmp_path / "slurm-logs").exists()
+    assert main(["slurm", "run", "demo", "--out", "o", "--nodes", "1", *common]) == 0  # default: a CPU per rank
+    text = (tmp_path / "lmselect-run.sbatch").read_text()
+    assert "#SBATCH --cpus-per-task=4" in text and "export OMP_NUM_THREADS=1 " in text
+    capsys.readouterr()
+    for argv, msg in [
+        (["run", str(tmp_path / "missing.yaml"), "--nodes", "1"], "missing.yaml"),
+        (["run", "demo", "--rounds=abc", "--nodes", "1"], "rounds"),
+        (["score", "--model", "nonexist", "--pool", str(tiny_pool.path), "--out", "s", "--nodes", "1"],
+         "--model nonexist: not found"),
+        (["train", "--pool", str(tmp_path / "nopool"), "--out", "ck", "--nodes", "1"], "nopool"),
+        (["run", "demo", "--nodes", "0"], "--nodes 0 is invalid"),
+        (["run", "demo", "--nodes", "1", "--cpus-per-task", "2"], "less than one CPU each"),
+    ]:
+        (tmp_path / f"lmselect-{argv[0]}.sbatch").unlink(missing_ok=True)
+        assert main(["slurm", *argv, *common]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, (argv, err)
+        assert not (tmp_path / f"lmselect-{argv[0]}.sbatch").exists(), argv
+
+
+def test_script_refuses_to_start_without_torchrun(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(_spec(log_dir="logs")))
+    env = _fake_slurm(tmp_path)
+    (tmp_path / "bin" / "torchrun").unlink()
+    env["PATH"] = f"{tmp_path / 'bin'}:/usr/bin:/bin"
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "torchrun is not on PATH" in r.stderr and "--setup" in r.stderr
+    assert not (tmp_path / "srun.args").exists()

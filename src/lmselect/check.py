@@ -58,7 +58,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -265,17 +265,23 @@ def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) 
     return info
 
 
-def prepare_from_pool(recipe: Recipe) -> Recipe:
+def prepare_from_pool(recipe: Recipe, overrides: Sequence[str] = ()) -> Recipe:
     """A recipe that points at a prepared pool (``pool.path``) -> the same recipe preparing from that pool's inputs
-    with its settings (the pool manifest's config), so that documents can be planted among them."""
+    with its settings (the pool manifest's config), so that documents can be planted among them. ``overrides``
+    (``--key=value``, ``--prefilter`` as ``--pool.prepare.prefilter=...``) that set ``pool.prepare.*`` keys apply on
+    top of the pool's settings: ``check R --prefilter=none`` with ``pool.path`` checks the method alone."""
     if recipe.pool.path is None:
         return recipe
-    from lmselect.config import from_dict
+    from lmselect.config import deep_merge, from_dict, parse_overrides
     from lmselect.data.prepare import PrepareConfig
     from lmselect.data.readers import resolve_inputs
 
     path = recipe.pool.path
-    prep = from_dict(PrepareConfig, dict(read_manifest(path, kind="pool")["config"]))
+    mine = (parse_overrides(list(overrides)).get("pool") or {}).get("prepare") or {}
+    try:
+        prep = from_dict(PrepareConfig, deep_merge(dict(read_manifest(path, kind="pool")["config"]), mine))
+    except ConfigError as e:
+        raise ConfigError(f"command line: {e}") from None
     try:
         resolve_inputs(prep.inputs)
     except LmselectError as e:
@@ -322,9 +328,23 @@ def prepare_planted_pool(recipe: Recipe, planted: dict[str, Any], out_dir: str |
     n_planted = sum(planted["counts"][n]["documents"] for n in PLANTED)
     cfg = replace(prep, inputs=list(prep.inputs) + [planted["files"][n] for n in PLANTED],
                   max_docs=None if prep.max_docs is None else prep.max_docs + n_planted)
-    if cfg.decontaminate.enabled:  # the planted target-like documents *are* selection-set items: flag, never drop
-        cfg = replace(cfg, **{"decontaminate.mode": "flag"})
-    return prepare(cfg, Path(out_dir) / "pool", progress=False)
+    # the pool's decontamination applies to the corpus as it did to the pool (drop mode drops); the planted
+    # target-like documents *are* selection-set items, so the planted sources are flagged, never dropped
+    return prepare(cfg, Path(out_dir) / "pool", progress=False, decontam_keep=PLANTED)
+
+
+def describe_pool(recipe: Recipe, prepared: Recipe) -> str:
+    """One line saying what the check's pool is: its inputs and settings, where they came from, plus the plants."""
+    from lmselect.data.prefilter import normalize_names
+
+    p = prepared.pool.prepare
+    dec = p.decontaminate
+    origin = (f"the inputs and settings of pool.path {recipe.pool.path}" if recipe.pool.path is not None
+              else "the recipe's pool.prepare")
+    return (f"check pool: prepared from {origin} ({len(p.inputs)} input(s), seq_len {p.seq_len}, prefilter "
+            f"{','.join(normalize_names(p.prefilter)) or 'none'}, decontamination "
+            f"{f'{dec.mode} against {len(dec.protected)} protected set(s)' if dec.enabled else 'off'}) "
+            f"plus the planted documents ({', '.join(PLANTED)})")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -477,6 +497,8 @@ def check_markdown(result: dict[str, Any]) -> str:
     pipe = result.get("pipeline")
     lines = [f"# Known-answer check: {result['method']} — {result['verdict']}"
              + (f" (pipeline {pipe['verdict']}, method {result['method_verdict']})" if pipe else ""), ""]
+    if result.get("pool_description"):
+        lines += [result["pool_description"] + ".", ""]
     if pipe:
         filters = ", ".join(pipe["filters"]) or "none"
         lines += [
@@ -554,7 +576,8 @@ def _diagnostics(pool: Any, by_round: dict[int, tuple]) -> dict[int, Any]:
 # the check
 
 
-def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_only: bool = False) -> dict[str, Any]:
+def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_only: bool = False,
+              overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Plant, prepare, run (or score / read scores), judge; writes ``check.md`` then ``check.json`` into ``out_dir``.
 
     Returns the result dict (``verdict`` "PASS" / "FAIL", ``rows``, ...); with ``prepare_only`` stops after the pool.
@@ -562,7 +585,10 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     from lmselect.data.pool import TokenPool
 
     cfg.validate()
-    recipe = prepare_from_pool(recipe)
+    given = recipe
+    recipe = prepare_from_pool(recipe, overrides)
+    pool_line = describe_pool(given, recipe)
+    log.info("%s", pool_line)
     out_dir = Path(out_dir)
     _same_prefilter(recipe, out_dir)
     planted = build_planted_inputs(recipe, out_dir, cfg)
@@ -570,7 +596,7 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     r = planted_recipe(recipe, planted, out_dir, cfg.method, tuple(cfg.method_seeds))
     pool = TokenPool(pool_dir)
     if prepare_only:
-        return {"pool": str(pool_dir), "planted": planted}
+        return {"pool": str(pool_dir), "planted": planted, "pool_description": pool_line}
     by_round: dict[int, tuple] = {}
     if cfg.scores is not None:
         sdir, label = Path(cfg.scores), f"scores {cfg.scores}"
@@ -608,7 +634,7 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     pipe = pipeline_rows(pool, rounds_selected, planted["counts"], cfg)
     result = {"method": label, "pool": str(pool_dir), "config": asdict(cfg), "planted": planted["counts"],
               **method, "verdict": pipe["verdict"], "method_verdict": method["verdict"], "pipeline": pipe,
-              "diagnostics": _diagnostics(pool, by_round)}
+              "diagnostics": _diagnostics(pool, by_round), "pool_description": pool_line}
     md = check_markdown(result)
     atomic_write_text(out_dir / "check.md", md)
     atomic_write_json(out_dir / "check.json", result)  # last: its presence means the check finished
@@ -666,8 +692,9 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, min_reached=args.min_reached,
                       method_seeds=_seed_list(args.method_seeds))
     out = Path(args.out or Path("runs") / f"{recipe.name}-check-{'scores' if args.scores else args.method}")
-    res = run_check(recipe, out, cfg, prepare_only=args.prepare_only)
+    res = run_check(recipe, out, cfg, prepare_only=args.prepare_only, overrides=overrides)
     if args.prepare_only:
+        print(res["pool_description"])
         print(f"planted pool: {res['pool']}")
         print(f"next: lmselect score --model MODEL --pool {res['pool']} --pool-shard "
               f"{','.join(map(str, range(1, recipe.rounds + 1)))} --out SCORES; then lmselect check {args.recipe} "

@@ -123,10 +123,16 @@ def with_controls(methods: list[str]) -> list[str]:
     return methods
 
 
-def run(args: argparse.Namespace) -> int:
+def preflight(args: argparse.Namespace) -> Any:
+    """What ``lmselect compare`` checks before any compute (the recipe with its methods and overrides);
+    ``lmselect slurm compare`` calls it before writing a script. Returns the recipe."""
     methods = with_controls([m.strip() for m in (args.methods or ",".join(method_names())).split(",") if m.strip()])
     recipe = load_recipe(args.recipe, list(args.overrides) + [f"--methods={','.join(methods)}"])
-    recipe = replace(recipe, seeds=list(range(args.seeds)))
+    return replace(recipe, seeds=list(range(args.seeds)))
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = preflight(args)
     out = Path(args.out or Path("runs") / f"{recipe.name}-compare")
     run_dir, results = run_recipe(recipe, out, report=not args.no_report, recompute=args.recompute)
     if rank_world()[0] != 0:  # under torchrun only rank 0 writes the table and the plot

@@ -11,16 +11,21 @@ same place; replacing an export of another selection, run, round or format needs
 * ``documents.jsonl.gz`` (``--format jsonl``) or ``documents.parquet``: one row per piece of a document inside the
   selected sequences, in pool order: ``id`` (unique in the export: the document's own id when the row is the whole
   document, else ``"<doc_id>:<char_start>-<char_end>"``), ``doc_id`` and ``source`` (the corpus record's own, from
-  ``docs.parquet``), ``complete`` (the whole document is in the row), ``char_start`` / ``char_end`` (the row's
-  character offsets in the original text; 0 and its length when complete), ``doc_token_start`` (tokens of the
-  document before the row), ``seq_ids`` (the selected pool sequences the piece spans), ``token_start`` (offset in
-  the first of them), ``n_tokens``, ``scores`` and ``score`` (their mean; when the selection was made from a scores
-  sidecar) and ``text``: the piece's tokens decoded with the pool's tokenizer (the end-of-document token left out).
+  ``docs.parquet``), ``complete`` (the whole record is in the row), ``char_start`` / ``char_end`` (the row's
+  character offsets in the original record's text; 0 and its length when complete), ``doc_token_start`` (tokens of
+  the document before the row), ``seq_ids`` (the selected pool sequences the piece spans), ``token_start`` (offset
+  in the first of them), ``n_tokens``, ``edited`` (the prefilter changed the document's text), ``scores`` and
+  ``score`` (their mean; when the selection was made from a scores sidecar) and ``text``: **the original record's
+  text** at ``char_start:char_end``, read back from the pool's inputs (:class:`_Originals`; refused in one line when
+  an input is gone or changed). ``--text both`` adds ``pool_text`` (the piece's tokens decoded with the pool's
+  tokenizer, end-of-document token left out: the text the methods saw) with ``pool_char_start`` /
+  ``pool_char_end``.
   A document whose sequences were all selected comes back whole, as one row. A document that continues across
   sequences is exported only where it lies inside selected sequences: one piece per run of consecutive selected
   sequences, so a document whose middle sequence was not selected gives two rows, each with ``complete`` false and
-  its offsets. A piece cut at a sequence boundary may start or end inside a multi-byte character, which decodes as
-  U+FFFD (and may shift ``char_start`` by one there). ``id`` / ``text`` are the keys datatrove's ``JsonlReader`` and
+  its offsets (for a document the prefilter edited, mapped into the original: :func:`offset_blocks`). A pool piece
+  cut at a sequence boundary may start or end inside a multi-byte character, which decodes as U+FFFD in
+  ``pool_text``. ``id`` / ``text`` are the keys datatrove's ``JsonlReader`` and
   ``ParquetReader`` read by default.
 * ``tokens.bin``: the selected sequences' tokens, row after row in pool order, as one flat little-endian array of
   uint16 (when the vocabulary fits) or uint32 — the layout nanoGPT (``np.memmap(path, dtype=np.uint16, mode="r")``)
@@ -96,6 +101,8 @@ class Pieces:
     all_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     all_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     all_length: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    doc: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per piece: pool document number (-1: old pool)
+    all_doc: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per span (all_*): its document
 
     def __len__(self) -> int:
         return len(self.doc_id)
@@ -113,10 +120,15 @@ def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
     length = docs.column("length").to_numpy().astype(np.int64)
     doc_id = np.asarray(docs.column("doc_id").to_pylist(), dtype=object)
     source = np.asarray(docs.column("source").to_pylist(), dtype=object)
+    has_doc = "doc" in docs.column_names  # pools prepared since issue 29 number their documents
+    dnum = docs.column("doc").to_numpy().astype(np.int64) if has_doc else np.full(len(seq), -1, np.int64)
     order = np.lexsort((start, seq))  # stream order (docs.parquet is written in it; sort to be sure)
-    seq, start, length, doc_id, source = seq[order], start[order], length[order], doc_id[order], source[order]
+    seq, start, length, doc_id, source, dnum = (seq[order], start[order], length[order], doc_id[order],
+                                                source[order], dnum[order])
     cont = np.zeros(len(seq), dtype=bool)
-    if len(seq) > 1:
+    if len(seq) > 1 and has_doc:
+        cont[1:] = dnum[1:] == dnum[:-1]
+    elif len(seq) > 1:
         cont[1:] = ((doc_id[1:] == doc_id[:-1]) & (source[1:] == source[:-1]) & (seq[1:] == seq[:-1] + 1)
                     & (start[1:] == 0) & (start[:-1] + length[:-1] == seq_len))
     occ = np.cumsum(~cont) - 1  # document occurrence of each span
@@ -143,20 +155,97 @@ def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
         occ_first=occ_first_span[k_occ[first]] if len(first) else np.zeros(0, np.int64),
         all_first=k_glob[first] if len(first) else np.zeros(0, np.int64),
         all_seq=seq, all_start=start, all_length=length,
+        doc=dnum[keep][first] if len(first) else np.zeros(0, np.int64), all_doc=dnum,
     )
 
 
+TEXT_MODES = ("original", "both")  # both: also the text the methods saw (pool_text)
+
+
+def offset_blocks(original: str, edited: str) -> list[tuple[int, int, int]]:
+    """Where the pieces of ``edited`` lie in ``original``: sorted blocks ``(o, e, n)`` with
+    ``edited[e:e+n] == original[o:o+n]``. A prefilter that edits (C4 drops lines, strips the kept ones and joins them
+    with newlines) leaves the kept lines in order, so each line of ``edited`` is found after the previous one; any
+    other edit falls back to ``difflib``'s matching blocks."""
+    blocks: list[tuple[int, int, int]] = []
+    pos = e = 0
+    for line in edited.split("\n"):
+        if line:
+            k = original.find(line, pos)
+            if k < 0:
+                import difflib
+
+                sm = difflib.SequenceMatcher(None, original, edited, autojunk=False)
+                return [(b.a, b.b, b.size) for b in sm.get_matching_blocks() if b.size]
+            blocks.append((k, e, len(line)))
+            pos = k + len(line)
+        e += len(line) + 1
+    return blocks
+
+
+def map_offsets(blocks: list[tuple[int, int, int]], start: int, end: int, n_original: int) -> tuple[int, int]:
+    """Map the span ``[start, end)`` of an edited text to the original through :func:`offset_blocks`: the start to
+    where its first kept character is, the end to just after its last kept character (removed text between two kept
+    pieces lies inside the span, so the original span holds the whole passage)."""
+    if not blocks:
+        return 0, 0
+    o_start = next((o + max(0, start - e) for o, e, n in blocks if e + n > start), n_original)
+    o_end = next((o + min(n, end - e) for o, e, n in reversed(blocks) if e < end), 0)
+    return o_start, max(o_start, o_end)
+
+
+class _Originals:
+    """The original records of a pool's documents, read back in stream order (pieces come in pool order, which is
+    the reader's order): ``get(doc)`` -> (original text, edited)."""
+
+    def __init__(self, pool: Any):
+        import pyarrow.parquet as pq
+
+        from lmselect.data.prepare import ORIGINS_FILE
+        from lmselect.data.readers import reread_documents
+
+        t = pq.read_table(pool.path / ORIGINS_FILE, columns=["index", "edited", "doc_id"])
+        self.index = t.column("index").to_numpy().astype(np.int64)
+        self.edited = t.column("edited").to_numpy(zero_copy_only=False).astype(bool)
+        self.ids = t.column("doc_id").to_pylist()
+        self.where = str(pool.path)
+        self.docs = reread_documents(pool.manifest["config"], pool.manifest.get("extra", {}).get("inputs", []),
+                                     self.where)
+        self.last: Any = None
+
+    def get(self, doc: int) -> tuple[str, bool]:
+        want = int(self.index[doc])
+        while self.last is None or self.last.index < want:
+            self.last = next(self.docs, None)
+            if self.last is None:
+                raise LmselectError(f"{self.where}: document {doc} ({self.ids[doc]}) is no longer in the pool's "
+                                    "inputs; the original records cannot be read back")
+        if self.last.index != want or self.last.doc_id != self.ids[doc]:
+            raise LmselectError(f"{self.where}: the inputs hold {self.last.doc_id!r} where the pool has "
+                                f"{self.ids[doc]!r}; the original records cannot be read back")
+        return self.last.text, bool(self.edited[doc])
+
+
 def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
-                score_of: dict[int, float] | None) -> Iterator[list[dict[str, Any]]]:
+                score_of: dict[int, float] | None, originals: _Originals | None = None,
+                text: str = "original") -> Iterator[list[dict[str, Any]]]:
     """Export rows of the pieces, ``_CHUNK`` at a time (texts decoded in one batch per chunk).
 
     Every row gets a unique ``id``: the document's own id when the row is the whole document, else
     ``"<doc_id>:<char_start>-<char_end>"`` (its character offsets in the document), with ``~<k>`` appended should
-    that still repeat (the same document twice in the corpus). ``char_start`` counts the characters of the
+    that still repeat (the same document twice in the corpus). The pool text's offsets count the characters of the
     document's tokens before the piece, decoded sequence span by sequence span: exact, except that a span boundary
-    inside a multi-byte character can shift it by a character (such a character decodes as U+FFFD).
+    inside a multi-byte character can shift them by a character (such a character decodes as U+FFFD).
+
+    With ``originals`` (the pool records where its documents came from) ``text`` / ``char_start`` / ``char_end`` are
+    the original record's text and offsets into it: the whole record for a complete piece; for a part, the pool
+    offsets mapped through :func:`offset_blocks` when a prefilter edited the document (or when the tokenizer does not
+    give the text back exactly). ``edited`` says whether a prefilter changed the document (null for a pool that does
+    not record it). ``text="both"`` also writes the text the methods saw (the pool's tokens decoded) as ``pool_text``
+    with ``pool_char_start`` / ``pool_char_end``, its offsets in the document as the pool holds it.
     """
     span_chars: dict[int, int] = {}  # global span index -> decoded length (each span decoded at most once)
+    full_text: dict[int, str] = {}  # pool document -> its whole decoded text (edited parts only; the last one)
 
     def chars_before(p: int) -> tuple[int, int]:
         a, b = int(pieces.occ_first[p]), int(pieces.all_first[p])
@@ -169,6 +258,20 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
                 span_chars[i] = len(t)
         return sum(span_chars[i] for i in range(a, b)), int(pieces.all_length[a:b].sum())
 
+    def decoded_document(doc: int) -> str:
+        if doc not in full_text:
+            full_text.clear()
+            # spans are in stream order, so a document's spans are one run of the sorted all_doc
+            idx = range(int(np.searchsorted(pieces.all_doc, doc, "left")),
+                        int(np.searchsorted(pieces.all_doc, doc, "right")))
+            toks = np.concatenate([tokens[pieces.all_seq[i], pieces.all_start[i]: pieces.all_start[i]
+                                          + pieces.all_length[i]] for i in idx]).astype(np.int64)
+            if len(toks) and toks[-1] == eos_id:
+                toks = toks[:-1]
+            full_text[doc] = tokenizer.decode(toks.tolist(), skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+        return full_text[doc]
+
     seen: dict[str, int] = {}
     for c0 in range(0, len(pieces), _CHUNK):
         ids_batch, rows = [], []
@@ -178,22 +281,41 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
                                    zip(pieces.seq[a:b], pieces.start[a:b], pieces.length[a:b])]).astype(np.int64)
             if pieces.ends_document[p] and len(toks) and toks[-1] == eos_id:
                 toks = toks[:-1]  # prepare appends EOS to every document; it is not part of the text
+            elif pieces.complete[p]:
+                pieces.complete[p] = False  # the pool's last document, cut by the dropped tail: not all of it
             ids_batch.append(toks.tolist())
             seqs = [int(s) for s in pieces.seq[a:b]]
             c_start, t_start = (0, 0) if pieces.complete[p] else chars_before(p)
             row: dict[str, Any] = {"id": "", "doc_id": pieces.doc_id[p], "source": pieces.source[p],
                                    "complete": bool(pieces.complete[p]), "char_start": c_start, "char_end": c_start,
                                    "doc_token_start": t_start, "seq_ids": seqs,
-                                   "token_start": int(pieces.start[a]), "n_tokens": int(len(toks))}
+                                   "token_start": int(pieces.start[a]), "n_tokens": int(len(toks)),
+                                   "edited": None}
             if score_of is not None:
                 sc = [score_of.get(s, float("nan")) for s in seqs]
                 row["scores"] = sc
                 row["score"] = float(np.mean(sc))
             rows.append(row)
         texts = tokenizer.batch_decode(ids_batch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        for row, text in zip(rows, texts):
-            row["text"] = text
-            row["char_end"] = row["char_start"] + len(text)
+        for p, row, pool_text in zip(range(c0, c0 + len(rows)), rows, texts):
+            pool_start, pool_end = row["char_start"], row["char_start"] + len(pool_text)
+            if originals is not None:
+                orig, edited = originals.get(int(pieces.doc[p]))
+                row["edited"] = edited
+                if row["complete"]:
+                    o_start, o_end = 0, len(orig)
+                elif orig[pool_start:pool_end] == pool_text:  # not edited, and the tokenizer gives it back
+                    o_start, o_end = pool_start, pool_end
+                else:
+                    blocks = offset_blocks(orig, decoded_document(int(pieces.doc[p])))
+                    o_start, o_end = map_offsets(blocks, pool_start, pool_end, len(orig))
+                row["char_start"], row["char_end"] = o_start, o_end
+                row["text"] = orig[o_start:o_end]
+            else:
+                row["char_start"], row["char_end"] = pool_start, pool_end
+                row["text"] = pool_text  # a pool without doc_origins.parquet: only its decoded text exists
+            if text == "both":
+                row["pool_text"], row["pool_char_start"], row["pool_char_end"] = pool_text, pool_start, pool_end
             base = row["doc_id"] if row["complete"] else f"{row['doc_id']}:{row['char_start']}-{row['char_end']}"
             k = seen.get(base, 0)
             seen[base] = k + 1
@@ -201,7 +323,8 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
         yield rows
 
 
-def _write_documents(path: Path, fmt: str, chunks: Iterator[list[dict[str, Any]]], with_scores: bool) -> int:
+def _write_documents(path: Path, fmt: str, chunks: Iterator[list[dict[str, Any]]], with_scores: bool,
+                      text: str = "original") -> int:
     """Stream the rows to ``documents.jsonl.gz`` (no name/time in the gzip header: same input, same bytes) or
     ``documents.parquet``; returns the number of rows."""
     n = 0
@@ -219,10 +342,14 @@ def _write_documents(path: Path, fmt: str, chunks: Iterator[list[dict[str, Any]]
 
     fields = [("id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()), ("complete", pa.bool_()),
               ("char_start", pa.int64()), ("char_end", pa.int64()), ("doc_token_start", pa.int64()),
-              ("seq_ids", pa.list_(pa.int64())), ("token_start", pa.int64()), ("n_tokens", pa.int64())]
+              ("seq_ids", pa.list_(pa.int64())), ("token_start", pa.int64()), ("n_tokens", pa.int64()),
+              ("edited", pa.bool_())]
     if with_scores:
         fields += [("scores", pa.list_(pa.float32())), ("score", pa.float32())]
-    schema = pa.schema(fields + [("text", pa.string())])
+    fields += [("text", pa.string())]
+    if text == "both":
+        fields += [("pool_text", pa.string()), ("pool_char_start", pa.int64()), ("pool_char_end", pa.int64())]
+    schema = pa.schema(fields)
     with pq.ParquetWriter(path, schema) as w:
         for rows in chunks:
             w.write_table(pa.Table.from_pylist(rows, schema=schema))
@@ -263,23 +390,30 @@ def _selection_scores(man: dict[str, Any]) -> dict[int, float] | None:
     return dict(zip(ids.tolist(), scores.astype(np.float64).tolist()))
 
 
+def _check_text(text: str) -> dict[str, str]:
+    if text not in TEXT_MODES:
+        raise LmselectError(f"--text must be one of {', '.join(TEXT_MODES)}; got {text!r}")
+    return {} if text == "original" else {"text": text}
+
+
 def export_selection(sel_dir: str | Path, out_dir: str | Path, *, fmt: str = "jsonl",
-                     pool: str | Path | None = None, overwrite: bool = False) -> Path:
+                     pool: str | Path | None = None, overwrite: bool = False, text: str = "original") -> Path:
     """Export one selection artifact to ``out_dir`` (see the module docstring); returns ``out_dir``."""
     sel_dir, out = Path(sel_dir), Path(out_dir)
     if fmt not in FORMATS:
         raise LmselectError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    config = {"selection": str(sel_dir), "format": fmt}
+    config = {"selection": str(sel_dir), "format": fmt, **_check_text(text)}
     _check_out(out, config, overwrite)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        info = _export_into(sel_dir, tmp, fmt, pool)
+        info = _export_into(sel_dir, tmp, fmt, pool, text)
         write_manifest(tmp, Manifest(kind="export", config=config,
                                      parents=info.pop("parents"), counts=info.pop("counts"), extra=info))
     return out
 
 
-def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None) -> dict[str, Any]:
+def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None,
+                 text: str = "original") -> dict[str, Any]:
     """Write the files of one export into ``tmp``; returns its manifest parts (parents, counts, extra)."""
     from lmselect.data.pool import token_dtype
     from lmselect.select.cli import read_selection
@@ -312,14 +446,24 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
     shutil.copytree(pool.tokenizer_dir, tmp / "tokenizer")
 
     # (a) documents with their text
+    from lmselect.data.prepare import ORIGINS_FILE
+
     pieces = document_pieces(pool.doc_spans(), selected, pool.seq_len)
-    rows = _piece_rows(pieces, pool.tokens, pool.load_tokenizer(), pool.eos_id, score_of)
-    n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows, score_of is not None)
+    originals = None
+    if (pool.path / ORIGINS_FILE).is_file() and (pieces.doc >= 0).all():
+        originals = _Originals(pool)
+    else:
+        log.warning("%s: prepared before pools recorded where their documents come from; the exported text is the "
+                    "pool's decoded text (edited by the prefilter, if it ran), not the original records; prepare the "
+                    "pool again for the original text", pool.path)
+    rows = _piece_rows(pieces, pool.tokens, pool.load_tokenizer(), pool.eos_id, score_of, originals, text)
+    n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows, score_of is not None, text)
     counts = {"sequences": int(len(selected)), "tokens": tokens_meta["n_tokens"], "documents": n_rows,
               "complete_documents": int(pieces.complete.sum())}
     log.info("export: %s (%d sequences, %d document pieces)", sel_dir, len(selected), n_rows)
     return {"parents": [parent_ref(sel_dir), parent_ref(pool.path)], "counts": counts,
             "format": fmt, "documents": DOCUMENT_FILES[fmt], "tokens": TOKENS_FILE, "has_scores": score_of is not None,
+            "text": "original" if originals is not None else "pool", "pool_text": text == "both",
             "selection": str(sel_dir), "method": man.get("extra", {}).get("method")}
 
 
@@ -332,7 +476,10 @@ def _check_out(out: Path, config: dict[str, Any], overwrite: bool) -> None:
     if is_complete(out, "export") and not overwrite:
         have = read_manifest(out, kind="export").get("config", {})
         if {k: have.get(k) for k in config} != config:
-            what = ", ".join(f"{k} {have.get(k)}" for k in config if have.get(k) != config[k])
+            def show(k: str, v: Any) -> str:
+                return f"{k} {'final' if k == 'round' and v is None else v}"  # --round unset = each final round
+
+            what = ", ".join(show(k, have.get(k)) for k in config if have.get(k) != config[k])
             raise LmselectError(f"{out}: holds an export of another {what.split(' ')[0]} ({what}); pass --overwrite "
                                 "to replace it or choose another --out")
 
@@ -366,7 +513,7 @@ def run_selections(run_dir: str | Path, round_: int | None = None) -> list[tuple
 
 
 def export(source: str | Path, out_dir: str | Path, *, fmt: str = "jsonl", round_: int | None = None,
-           pool: str | Path | None = None, overwrite: bool = False) -> Path:
+           pool: str | Path | None = None, overwrite: bool = False, text: str = "original") -> Path:
     """Export a selection directory, or every method/seed's final (or ``round_``) selection of a run directory."""
     src, out = Path(source), Path(out_dir)
     if not src.is_dir():
@@ -374,19 +521,19 @@ def export(source: str | Path, out_dir: str | Path, *, fmt: str = "jsonl", round
     if is_complete(src, "selection"):
         if round_ is not None:
             raise LmselectError(f"{src}: --round applies to a run directory, not to one selection")
-        return export_selection(src, out, fmt=fmt, pool=pool, overwrite=overwrite)
+        return export_selection(src, out, fmt=fmt, pool=pool, overwrite=overwrite, text=text)
     if fmt not in FORMATS:
         raise LmselectError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     chosen = run_selections(src, round_)
-    _check_out(out, {"run": str(src), "format": fmt, "round": round_}, overwrite)
+    _check_out(out, {"run": str(src), "format": fmt, "round": round_, **_check_text(text)}, overwrite)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         entries, parents = [], []
         for method, seed, r, sel in chosen:
             sub = tmp / method / f"seed{seed}" / f"round{r}"
             sub.mkdir(parents=True)
-            info = _export_into(sel, sub, fmt, pool)
-            write_manifest(sub, Manifest(kind="export", config={"selection": str(sel), "format": fmt},
+            info = _export_into(sel, sub, fmt, pool, text)
+            write_manifest(sub, Manifest(kind="export", config={"selection": str(sel), "format": fmt, **_check_text(text)},
                                          parents=info.pop("parents"), counts=info.pop("counts"), extra=info))
             entries.append({"method": method, "seed": seed, "round": r, "path": str(sub.relative_to(tmp)),
                             **read_manifest(sub)["counts"]})
@@ -409,6 +556,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="documents as jsonl (documents.jsonl.gz) or parquet (documents.parquet)")
     parser.add_argument("--round", type=int, help="run directory: export this round instead of the final one")
     parser.add_argument("--pool", help="pool the selection refers to (default: the one its manifest names)")
+    parser.add_argument("--text", default="original", choices=TEXT_MODES,
+                        help="original (default): each row's text is the original record's (read back from the "
+                        "pool's inputs) with offsets into it; both: also pool_text, the text the methods saw "
+                        "(edited by the prefilter where the row's 'edited' is true)")
     parser.add_argument("--dropped", action="store_true",
                         help="SOURCE is a pool: write the documents its prefilter removed (dropped.jsonl.gz)")
     parser.add_argument("--overwrite", action="store_true",
@@ -426,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"exported {n} documents the prefilter removed -> {out / 'dropped.jsonl.gz'}")
         return 0
     out = export(args.source, args.out, fmt=args.format, round_=args.round, pool=args.pool,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, text=args.text)
     m = read_manifest(out, kind="export")
     if "exports" in m["extra"]:
         for e in m["extra"]["exports"]:

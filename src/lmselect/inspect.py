@@ -148,6 +148,20 @@ def print_pool_summary(path: str | Path, n: int = 3, shard: int | None = None, s
         if dropped:
             ex = ", ".join(f"{r['id']} ({r['filter']}: {r['reason']})" for r in dropped[:5])
             out.write(f"  {pool.path / pre.get('file', 'prefilter_dropped.jsonl')}: {len(dropped)} rows, e.g. {ex}\n")
+    if x.get("decontamination"):  # n-gram overlap with the protected sets (lmselect.data.decontam)
+        from lmselect.data.decontam import summary_line as decontam_line
+
+        dec = x["decontamination"]
+        out.write(f"\n{decontam_line(dec)}\n")
+        for label, ps in dec.get("per_set", {}).items():
+            out.write(f"  {label}: {ps.get('n_texts')} texts, {ps.get('docs_matched')} pool documents match\n")
+        for src, v in sorted(dec.get("per_source", {}).items()):
+            if v.get("contaminated"):
+                out.write(f"  source {src}: {v['contaminated']} of {v.get('docs')} documents overlap, "
+                          f"{v.get('dropped', 0)} dropped\n")
+    else:
+        out.write("\ndecontamination: off (prepared without --decontaminate: the pool was not checked against the "
+                  "validation, report or task texts)\n")
     if x.get("inputs"):
         out.write("\ninputs\n")
         for i in x["inputs"]:

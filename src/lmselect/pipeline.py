@@ -479,11 +479,17 @@ def run_recipe(recipe: Any, out: str | Path | None = None, report: bool = True, 
     return run_dir, res
 
 
+def preflight(args: argparse.Namespace) -> Any:
+    """What ``lmselect run`` checks before any compute: the recipe file and its overrides (load_recipe's validation);
+    ``lmselect slurm run`` calls it before writing a script. Returns the recipe."""
+    return load_recipe(args.recipe, args.overrides)
+
+
 def run(args: argparse.Namespace) -> int:
     from lmselect.report.results import results_markdown
     from lmselect.train.distributed import rank_world
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = preflight(args)
     run_dir, results = run_recipe(recipe, args.out, report=not args.no_report, recompute=args.recompute)
     if rank_world()[0] == 0:  # the runner has left the process group: torchrun's environment tells the rank
         print(results_markdown(results))

@@ -112,8 +112,17 @@ class SlurmSpec:
     setup: tuple[str, ...] = ()
     array: int | None = None
     requeue: bool = True
-    workdir: str = "."
-    python_bin: str | None = None  # directory of the python that has lmselect (put first on PATH)
+
+    @property
+    def cpus(self) -> int:
+        """CPUs of each node's task: ``--cpus-per-task``, else one per rank (Slurm's default of one CPU per task
+        would put every rank of the node on one CPU)."""
+        return self.cpus_per_task or self.gpus_per_node
+
+    @property
+    def omp_threads(self) -> int:
+        """OMP_NUM_THREADS of each rank: the task's CPUs shared among its ranks."""
+        return max(1, self.cpus // max(1, self.gpus_per_node))
 
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
@@ -125,9 +134,12 @@ def check_spec(spec: SlurmSpec) -> None:
         raise LmselectError(f"lmselect slurm: '{spec.verb}' is not a distributed verb; choose from "
                             f"{', '.join(DISTRIBUTED_VERBS)}")
     if spec.nodes < 1:
-        raise LmselectError(f"--nodes must be >= 1, got {spec.nodes}")
+        raise LmselectError(f"--nodes {spec.nodes} is invalid: a job needs at least one node")
     if spec.gpus_per_node < 1:
-        raise LmselectError(f"--gpus-per-node must be >= 1, got {spec.gpus_per_node}")
+        raise LmselectError(f"--gpus-per-node {spec.gpus_per_node} is invalid: at least one GPU (rank) per node")
+    if spec.cpus_per_task is not None and spec.cpus_per_task < spec.gpus_per_node:
+        raise LmselectError(f"--cpus-per-task {spec.cpus_per_task} gives the {spec.gpus_per_node} ranks of a node "
+                            "less than one CPU each; use at least --gpus-per-node")
     if not spec.partition.strip():
         raise LmselectError("--partition is empty")
     if not _TIME.match(spec.time.strip()):
@@ -150,10 +162,11 @@ def render(spec: SlurmSpec) -> str:
          f"--partition={spec.partition}", f"--time={spec.time}"]
     if spec.account:
         d.append(f"--account={spec.account}")
-    if spec.cpus_per_task:
-        d.append(f"--cpus-per-task={spec.cpus_per_task}")
+    d.append(f"--cpus-per-task={spec.cpus}")
     job = "%A_%a" if spec.array else "%j"
-    d.append(f"--output={log_dir}/{name}-{job}.out")  # the batch script's own lines; each node has its log below
+    # the batch script's own lines go to the submit directory (Slurm opens --output before the script runs, so it
+    # cannot be in a folder the script creates); each node's log goes to LOG_DIR, which the script creates
+    d.append(f"--output={name}-{job}.out")
     if spec.array:
         d.append(f"--array=0-{spec.array - 1}")
     if spec.requeue:
@@ -170,12 +183,19 @@ def render(spec: SlurmSpec) -> str:
              f"# lmselect {spec.verb} on {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s)"
              + (f", {spec.array} array tasks" if spec.array else "")]
     lines += [f"#SBATCH {x}" for x in d]
-    lines += ["", "set -uo pipefail", f"cd {shlex.quote(spec.workdir)}"]
-    if spec.python_bin:
-        lines.append(f'export PATH={shlex.quote(spec.python_bin)}:"$PATH"')
-    lines += list(spec.setup)
+    lines += ["", "set -uo pipefail",
+              "# paths are relative to where sbatch was run: the script travels (copy it to a login node, submit there)",
+              'cd "${SLURM_SUBMIT_DIR:-.}"']
+    lines += ["# environment (--setup)"] + list(spec.setup) if spec.setup else []
     lines += [
-        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
+        'if ! command -v torchrun >/dev/null 2>&1; then',
+        '    echo "lmselect slurm: torchrun is not on PATH on $(hostname); activate the environment that has '
+        "lmselect with --setup, e.g. --setup 'source .venv/bin/activate'\" >&2",
+        "    exit 2",
+        "fi",
+        f"# {spec.cpus} CPU(s) per node task (--cpus-per-task) shared by its {spec.gpus_per_node} rank(s)",
+        f"export OMP_NUM_THREADS={spec.omp_threads} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
+        "export SRUN_CPUS_PER_TASK=\"$SLURM_CPUS_PER_TASK\"  # srun does not inherit sbatch's --cpus-per-task",
         "",
         "# rendezvous on the first node of the allocation, at a port derived from the job id (as OLMo-core does), so",
         "# two jobs that share a node do not collide",
@@ -239,18 +259,20 @@ def split_args(verb_args: list[str], args: argparse.Namespace) -> list[str]:
     _slurm_options(p)
     ours, rest = p.parse_known_args(verb_args)
     for k, v in vars(ours).items():
-        if v not in (None, False):
+        if v is not None and v is not False:  # not `v not in (None, False)`: 0 == False, and --nodes 0 is a value
             setattr(args, k, v)
     return rest
 
 
 def check_verb_args(verb: str, verb_args: list[str]) -> None:
-    """Parse the verb's arguments with the verb's own parser, so a typo fails here, not on the cluster."""
+    """Parse the verb's arguments with the verb's own parser and run the verb's own ``preflight`` (the checks it
+    makes before any compute: the recipe file and its overrides for run / compare, the config, model and inputs for
+    train / score), so a typo, a missing file or ``--rounds=abc`` fails here, not after the queue wait."""
     from lmselect.cli import _verb_parser
 
-    parser, _ = _verb_parser(verb)
+    parser, mod = _verb_parser(verb)
     try:
-        _, rest = parser.parse_known_args(verb_args)
+        ns, rest = parser.parse_known_args(verb_args)
     except SystemExit as e:  # argparse printed the verb's --help (code 0) or its usage error
         if not e.code:
             raise
@@ -258,6 +280,13 @@ def check_verb_args(verb: str, verb_args: list[str]) -> None:
     bad = [a for a in rest if not (a.startswith("--") and ("." in a.split("=")[0] or "=" in a))]
     if bad:
         raise LmselectError(f"lmselect {verb}: unrecognized arguments: {' '.join(bad)}")
+    ns.overrides = rest
+    preflight = getattr(mod, "preflight", None)
+    if preflight is not None:
+        try:
+            preflight(ns)
+        except LmselectError as e:
+            raise type(e)(f"lmselect {verb}: {e}; nothing was written") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,17 +303,20 @@ def run(args: argparse.Namespace) -> int:
         verb=args.verb, verb_args=verb_args, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         partition=args.partition, time=args.time, account=args.account, job_name=args.job_name,
         cpus_per_task=args.cpus_per_task, log_dir=args.log_dir or "slurm-logs", setup=tuple(args.setup or ()),
-        array=args.array, requeue=not args.no_requeue, workdir=os.getcwd(),
-        python_bin=str(Path(sys.executable).parent),
+        array=args.array, requeue=not args.no_requeue,
     )
     check_spec(spec)
     text = render(spec)
     script = Path(args.script or f"lmselect-{spec.verb}.sbatch")
     atomic_write_text(script, text)
     script.chmod(0o755)
-    Path(spec.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create the --output directory
+    if not spec.setup:
+        print("lmselect slurm: no --setup: the job uses whatever torchrun is on PATH on the compute nodes; pass "
+              "--setup 'source PATH/TO/venv/bin/activate' (or 'module load ...') to choose the environment",
+              file=sys.stderr)
     if not args.submit:
-        print(f"slurm script: {script}; submit with: sbatch {shlex.quote(str(script))}")
+        print(f"slurm script: {script}; submit with: sbatch {shlex.quote(str(script))} (from this directory: "
+              "paths are relative to it)")
         return 0
     sbatch = shutil.which("sbatch")
     if sbatch is None:

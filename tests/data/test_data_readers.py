@@ -22,8 +22,8 @@ def test_jsonl_formats(tmp_path, compress, suffix):
     p = write_jsonl(tmp_path / f"wiki{suffix}", RECS, compress)
     docs, stats = read([str(p)])
     assert [d.text for d in docs] == ["first doc", "second doc", "third doc"]
-    # id kept when present, else "<file name>:<line>"; source kept when present, else the file stem
-    assert [d.doc_id for d in docs] == ["a", f"wiki{suffix}:2", f"wiki{suffix}:3"]
+    # id kept when present, else "<file name>/<0-based line>" (readers.ID_RULE); source kept, else the file stem
+    assert [d.doc_id for d in docs] == ["a", f"wiki{suffix}/1", f"wiki{suffix}/2"]
     assert [d.source for d in docs] == ["wiki", "news", "wiki"]
     assert stats.documents == 3 and stats.n_skipped == 0
 

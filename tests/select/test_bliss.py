@@ -320,3 +320,48 @@ def test_mismatched_tokenizers_raise_before_compute(tiny_tokenizer, tiny_pool, t
                     target_tokenizer=other, progress=False)
     assert calls == []
     assert not (tmp_path / "x").exists()
+
+
+def test_sigterm_saves_the_solver_state_and_the_rerun_resumes_there(tiny_pool, tmp_path, monkeypatch):
+    """Regression (issue 29, item 6): with save_every larger than the solve, a SIGTERM (Slurm preemption) lost the
+    whole bilevel stage. Now the step that was running finishes, its state is saved, the previous handler acts (the
+    CLI's raises Terminated), and a rerun resumes at that step."""
+    import os
+    import signal
+
+    from lmselect.select.bliss.solver import BilevelSolver as S
+
+    class Stopped(KeyboardInterrupt):
+        pass
+
+    def handler(signum, frame):  # what the CLI installs (cli._raise_terminated)
+        raise Stopped()
+
+    ids_val = tiny_pool.ids("val")
+    vs = ValidationSet(tiny_pool.batch(ids_val), torch.ones(len(ids_val), tiny_pool.seq_len - 1, dtype=torch.bool), "text", "pool")
+    cfg = BlissConfig(batch_size=4, val_batch_size=4, outer_steps=4, save_every=100, log_every=1, seed=0,
+                      proxy_lr=1e-3, score_lr=1e-3)
+    train_ids = tiny_pool.ids(0)
+    real = S.outer_step
+
+    def outer_step(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-solve, after outer step 2
+        return out
+
+    prev = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(S, "outer_step", outer_step)
+        with pytest.raises(Stopped):
+            solve_round(cfg, *_round_models(tiny_pool), train_ids, tiny_pool, vs, tmp_path / "b", progress=False)
+        assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+        monkeypatch.setattr(S, "outer_step", real)
+    state = torch.load(tmp_path / "b" / "solver_state.pt", weights_only=False)
+    assert state["step"] == 2 and not (tmp_path / "b" / "manifest.json").exists()
+    solve_round(cfg, *_round_models(tiny_pool), train_ids, tiny_pool, vs, tmp_path / "b", progress=False)
+    # resumed at step 2 (exactness of a resume from the saved state: the test above)
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "bilevel_log.jsonl")] == [1, 2, 3, 4]
+    assert read_manifest(tmp_path / "b", kind="bilevel")["counts"]["outer_steps"] == 4

@@ -187,7 +187,9 @@ def _resolve_entry(entry: str) -> list[tuple[str, Path]]:
         if not p.exists():
             raise LmselectError(f"{raw}: protected set not found" + (f" ({p})" if str(p) != raw else ""))
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _text_kind(f) is not None)
+            from lmselect.data.readers import folder_files  # the one folder rule (prepare, score --jsonl)
+
+            files = folder_files(p, what="decontaminate")
             if not files:
                 raise LmselectError(f"{raw}: protected folder holds no .jsonl / .json / .parquet / .txt file")
             base = label_base if label_base is not None else str(p)
@@ -362,12 +364,17 @@ class Decontaminator:
         self.flagged: list[_Flagged] = []
         self.per_source: dict[str, dict[str, int]] = {}
         self.set_docs: dict[str, int] = {s.label: 0 for s in index.sets}
+        # sources that are flagged but never dropped (the known-answer check's planted documents, whose target-like
+        # kind *is* selection-set text); not a config key: it does not change what happens to the corpus
+        self.keep_sources: frozenset[str] = frozenset()
 
     @classmethod
-    def build(cls, cfg: DecontamConfig) -> Decontaminator:
+    def build(cls, cfg: DecontamConfig, keep_sources: Iterable[str] = ()) -> Decontaminator:
         t0 = time.perf_counter()
         index = ProtectedIndex.build(cfg.protected, cfg.n)
-        return cls(cfg, index, time.perf_counter() - t0)
+        out = cls(cfg, index, time.perf_counter() - t0)
+        out.keep_sources = frozenset(keep_sources)
+        return out
 
     def _contaminated(self, total: np.ndarray, matched: np.ndarray) -> np.ndarray:
         frac = matched / np.maximum(total, 1)
@@ -385,21 +392,23 @@ class Decontaminator:
             t0 = time.perf_counter()
             total, matched, labels = self.index.check([d.text for d in batch])
             bad = self._contaminated(total, matched)
+            spare = np.asarray([d.source in self.keep_sources for d in batch], dtype=bool)
             if record:
                 for i, d in enumerate(batch):
                     src = self.per_source.setdefault(d.source, {"docs": 0, "contaminated": 0, "dropped": 0})
                     src["docs"] += 1
                     if bad[i]:
                         src["contaminated"] += 1
-                        src["dropped"] += int(drop)
+                        src["dropped"] += int(drop and not spare[i])
                         for lab in labels[i]:
                             self.set_docs[lab] += 1
-                        row = _Flagged(d.doc_id, d.source, int(total[i]), int(matched[i]), labels[i], drop)
+                        row = _Flagged(d.doc_id, d.source, int(total[i]), int(matched[i]), labels[i],
+                                       drop and not spare[i])
                         self.flagged.append(row)
             self.check_s += time.perf_counter() - t0
             seen += len(batch)
             for i, d in enumerate(batch):
-                if not (drop and bad[i]):
+                if not (drop and bad[i] and not spare[i]):
                     kept += 1
                     yield d
         if drop and seen and not kept:

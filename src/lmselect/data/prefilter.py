@@ -45,6 +45,7 @@ pool.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -238,7 +239,7 @@ class Prefilter:
             if fname is not None:
                 self._pass[fname] = self._pass.get(fname, 0) + 1
             else:
-                out.append(Document(text, d.doc_id, d.source) if text is not d.text else d)
+                out.append(dataclasses.replace(d, text=text, edited=True) if text != d.text else d)
         if not record:
             return out
         n_in = n_kept = None
@@ -358,7 +359,7 @@ def export_dropped(pool_dir: str | Path, out_dir: str | Path) -> tuple[Path, int
     import gzip
 
     from lmselect.artifacts import Manifest, atomic_path, parent_ref, read_manifest, write_manifest
-    from lmselect.data.readers import input_fingerprint, iter_documents, resolve_inputs
+    from lmselect.data.readers import reread_documents
 
     pool_dir, out_dir = Path(pool_dir), Path(out_dir)
     m = read_manifest(pool_dir, kind="pool")
@@ -366,18 +367,11 @@ def export_dropped(pool_dir: str | Path, out_dir: str | Path) -> tuple[Path, int
         raise LmselectError(f"{pool_dir}: the pool was prepared without a prefilter; nothing was dropped")
     rows = {r["index"]: r for r in read_dropped(pool_dir)}
     c = m["config"]  # the pool's PrepareConfig, as written (data.prepare imports this module: no import back)
-    specs = resolve_inputs(c["inputs"])
-    recorded = [(i.get("path"), i.get("sha256")) for i in m["extra"].get("inputs", [])]
-    now = [(f["path"], f["sha256"]) for f in map(input_fingerprint, specs)]
-    if recorded and [h for _, h in recorded] != [h for _, h in now]:
-        raise LmselectError(f"{pool_dir}: its inputs changed since it was prepared ({', '.join(c['inputs'])}); the "
-                            "dropped documents cannot be read back")
+    docs = reread_documents(c, m["extra"].get("inputs", []), str(pool_dir))
     n = 0
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         with gzip.open(tmp / "dropped.jsonl.gz", "wt", encoding="utf-8") as f:
-            docs = iter_documents(specs, c.get("text_field", "text"), c.get("id_field", "id"),
-                                  c.get("source_field", "source"), False, c.get("max_docs"))
             for i, d in enumerate(docs):
                 r = rows.get(i)
                 if r is None:

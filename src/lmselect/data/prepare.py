@@ -86,6 +86,7 @@ log = logging.getLogger(__name__)
 BATCH_DOCS = 2048
 BATCH_CHARS = 4_000_000
 PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
+ORIGINS_FILE = "doc_origins.parquet"  # per pool document: stream position of its record, edited flag
 # Config keys that do not change the pool's content and so are left out of its identity (config hash).
 _NON_SEMANTIC = ("workers",)
 
@@ -96,7 +97,7 @@ class PrepareConfig:
 
     inputs: list[str] = field(default_factory=list)  # paths, globs, dataset folders or hf:OWNER/NAME[#split]
     text_field: str = "text"
-    id_field: str = "id"  # kept when present; else "<file name>:<line>"
+    id_field: str = "id"  # kept when usable; else "<file>/<0-based line>" (readers.ID_RULE)
     source_field: str = "source"  # kept when present; else the file stem
     tokenizer: str | None = None  # HF tokenizer directory; None = train a byte-level BPE on the corpus
     vocab_size: int = 8192  # for the trained BPE (ignored with `tokenizer`)
@@ -180,10 +181,10 @@ def _describe_inputs(specs: Sequence[InputSpec], raw: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"inputs ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
-def _empty_corpus_error(where: str, stats: ReadStats) -> LmselectError:
+def _empty_corpus_error(where: str, stats: ReadStats, text_field: str = "text") -> LmselectError:
     return LmselectError(
         f"{where}: empty corpus: no document with usable text ({stats.records} records read, "
-        f"{stats.n_skipped} malformed skipped, {stats.empty} empty)"
+        f"{stats.n_skipped} malformed skipped, {stats.empty} empty){stats.text_field_hint(text_field)}"
     )
 
 
@@ -293,7 +294,7 @@ def _get_tokenizer(
 
     tok = train_bpe(texts(), cfg.vocab_size, model_max_length=cfg.seq_len)
     if stats.documents == 0:
-        raise _empty_corpus_error(where, stats)
+        raise _empty_corpus_error(where, stats, cfg.text_field)
     return tok, {"trained": True, "kind": "byte-level BPE", "vocab_size": cfg.vocab_size,
                  "train_chars": min(cfg.tokenizer_train_chars, cfg.tokenizer_train_chars - budget[0])}
 
@@ -302,14 +303,18 @@ def _get_tokenizer(
 # the pipeline
 
 
-def prepare(cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Build (or reuse) the pool for ``cfg`` at ``out_dir`` and return its path. See the module docstring."""
-    path, _ = prepare_pool(cfg, out_dir, overwrite=overwrite, progress=progress)
+def prepare(cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+            decontam_keep: Sequence[str] = ()) -> Path:
+    """Build (or reuse) the pool for ``cfg`` at ``out_dir`` and return its path. See the module docstring.
+    ``decontam_keep``: sources whose contaminated documents are flagged but not dropped (the known-answer check's
+    planted files)."""
+    path, _ = prepare_pool(cfg, out_dir, overwrite=overwrite, progress=progress, decontam_keep=decontam_keep)
     return path
 
 
 def prepare_pool(
-    cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True
+    cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+    decontam_keep: Sequence[str] = (),
 ) -> tuple[Path, bool]:
     """Like :func:`prepare`; also says whether an existing complete pool was reused (True) or one was built."""
     cfg.validate()
@@ -329,7 +334,7 @@ def prepare_pool(
         inputs_info = [input_fingerprint(s) for s in specs]
         timings["hash_inputs_s"] = time.perf_counter() - t0
 
-        decon = Decontaminator.build(cfg.decontaminate) if cfg.decontaminate.enabled else None
+        decon = Decontaminator.build(cfg.decontaminate, decontam_keep) if cfg.decontaminate.enabled else None
         pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
         t0, c0 = time.perf_counter(), time.process_time()
         tok, tok_info = _get_tokenizer(cfg, specs, where, decon, pre)
@@ -400,6 +405,8 @@ def _tokenize_and_pack(
     L = cfg.seq_len
     stats = ReadStats()
     doc_ids: list[str] = []
+    doc_index: list[int] = []  # each document's position in the reader's stream (export reads the original back)
+    doc_edited: list[bool] = []  # a prefilter edited its text
     doc_src: list[int] = []
     doc_len: list[int] = []
     src_code: dict[str, int] = {}
@@ -436,6 +443,8 @@ def _tokenize_and_pack(
                 push(np.asarray([eos], dtype=np.uint32), fout)
                 d = batch[0]
                 doc_ids.append(d.doc_id)
+                doc_index.append(d.index)
+                doc_edited.append(d.edited)
                 doc_src.append(src_code.setdefault(d.source, len(src_code)))
                 doc_len.append(n_tok)
             else:
@@ -445,6 +454,8 @@ def _tokenize_and_pack(
                     ids.append(eos)
                     n_tok += len(ids)
                     doc_ids.append(d.doc_id)
+                    doc_index.append(d.index)
+                    doc_edited.append(d.edited)
                     doc_src.append(src_code.setdefault(d.source, len(src_code)))
                     doc_len.append(len(ids))
                 push(np.fromiter(chain.from_iterable(ids_lists), dtype=np.uint32, count=n_tok), fout)
@@ -458,15 +469,17 @@ def _tokenize_and_pack(
         os.fsync(fout.fileno())
     bar.close()
     if stats.documents == 0:
-        raise _empty_corpus_error(where, stats)
+        raise _empty_corpus_error(where, stats, cfg.text_field)
     if rows == 0:
         raise LmselectError(
-            f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}; "
-            "add text or lower --seq-len"
+            f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}"
+            + (stats.text_field_hint(cfg.text_field) or "; add text or lower --seq-len")
         )
     return {
         "stats": stats,
         "doc_ids": doc_ids,
+        "doc_index": np.asarray(doc_index, dtype=np.int64),
+        "doc_edited": np.asarray(doc_edited, dtype=bool),
         "doc_src": np.asarray(doc_src, dtype=np.int64),
         "doc_len": np.asarray(doc_len, dtype=np.int64),
         "source_names": list(src_code),
@@ -564,9 +577,23 @@ def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, packed: dict[str, Any]
                 "source": pa.array(names_arr[span_src].tolist(), type=pa.string()),
                 "start": sp["start"].astype(np.int64),
                 "length": sp["length"].astype(np.int64),
+                "doc": sp["doc"].astype(np.int64),  # the pool's document number (a row of ORIGINS_FILE)
             }
         ),
         tmp / "docs.parquet",
+    )
+    # one row per pool document: where its original record is in the reader's stream and whether a prefilter
+    # edited its text (export gives back the original record's text and offsets into it)
+    pq.write_table(
+        pa.table(
+            {
+                "doc": np.arange(len(doc_ids), dtype=np.int64),
+                "doc_id": pa.array(doc_ids.tolist(), type=pa.string()),
+                "index": packed["doc_index"],
+                "edited": pa.array(packed["doc_edited"], type=pa.bool_()),
+            }
+        ),
+        tmp / ORIGINS_FILE,
     )
 
     # ---- counts for the manifest -------------------------------------------------------------------------------

@@ -5,14 +5,17 @@ Accepted inputs (each may be a path or a shell glob; several may be given):
 * ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` (also ``.json``/``.ndjson`` with the same compressions): one JSON object
   per line.
 * ``.parquet``: one record per row.
-* ``.txt`` file, or a **folder of ``.txt`` files** (searched recursively): each file is one document.
+* ``.txt`` file: one document.
+* a **folder**: every readable file under it (searched recursively, sorted): ``.jsonl`` / ``.json`` / ``.ndjson``
+  (``.gz`` / ``.zst`` too) and ``.parquet`` files as above, ``.txt`` files one document each; files of any other kind
+  are named in one warning and skipped (:func:`folder_files`, the rule ``score --jsonl`` and decontamination use).
 * a folder written by ``datasets.Dataset.save_to_disk`` (detected by its ``dataset_info.json`` / ``state.json`` /
   ``dataset_dict.json``); append ``#split`` to pick a split of a ``DatasetDict`` (default ``train``).
 * ``hf:OWNER/NAME[#split]``: a dataset on the Hugging Face Hub, streamed with ``datasets.load_dataset``. Needs
   network access (or a warm cache); offline it fails with one clear line.
 
 Each record yields a :class:`Document` with the text (field ``text_field``), a document id (field ``id_field`` when
-present, else ``"<file name>:<line>"``) and a source label (field ``source_field`` when present, else the file stem:
+it holds a usable id, else derived: :data:`ID_RULE`) and a source label (field ``source_field`` when present, else the file stem:
 ``wiki.jsonl.gz`` -> ``wiki``; for a text folder or dataset directory, the folder name).
 
 Malformed records -- a line that is not valid JSON or not UTF-8, a record that is not an object, a record without the text field
@@ -31,6 +34,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +49,25 @@ HF_PREFIX = "hf:"
 _HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 MAX_EXAMPLES = 20  # how many skipped-record messages are kept for the manifest
 MALFORMED_WARN_SHARE = 0.05  # warn when more than this share of an input's records is malformed
+log = logging.getLogger("lmselect.data")
+
+ID_RULE = """\
+A record's id is its ``id`` field (``--id-field``) when that holds a usable id: a string other than "" as it is, any
+other JSON value (a number) as its JSON text. A record without one (the field missing, null or "") gets the id
+"<file>/<0-based line>" (for Parquet and datasets "<file>/<0-based row>"), where <file> is the file's path relative
+to the folder (or glob root) it was found in, or its name when it was given itself: the id datatrove's JsonlReader /
+ParquetReader gives a record without an id key when it reads the same folder (blank lines count as lines, as in
+datatrove). A .txt file's id is its relative path. The same rule holds in prepare (the pool's doc_id), export, the
+prefilter's dropped list, score --jsonl (documents.parquet) and the datatrove step's id adapter
+(:func:`lmselect.integrations.datatrove.lmselect_adapter`)."""
+
+
+def record_id(raw: Any, file: str, index0: int) -> tuple[str, bool]:
+    """(id, derived) of a record whose id field holds ``raw``, found at 0-based line / row ``index0`` of ``file``
+    (its relative name): :data:`ID_RULE`."""
+    if raw is None or raw == "":
+        return f"{file}/{index0}", True
+    return (raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)), False
 
 
 @dataclass
@@ -52,6 +75,8 @@ class Document:
     text: str
     doc_id: str
     source: str
+    index: int = -1  # position in the reader's document stream (iter_documents; 0-based); -1 when not from it
+    edited: bool = False  # a prefilter changed the text (C4 removes lines): ``text`` is no longer the record's
 
 
 @dataclass
@@ -61,10 +86,15 @@ class InputSpec:
     path: str  # file / folder path, or the hub id for kind == "hub"
     kind: str  # "jsonl", "parquet", "text", "hf_disk", "hub"
     split: str | None = None  # for hf_disk / hub
+    rel: str | None = None  # the file's path relative to the folder / glob root it was found in (ids: ID_RULE)
 
     @property
     def name(self) -> str:
-        return Path(self.path).name if self.kind != "hub" else self.path
+        """The name ids are derived from: the relative path for a file found in a folder or by a glob, else the
+        file's own name (the hub id for a hub dataset)."""
+        if self.kind == "hub":
+            return self.path
+        return self.rel or Path(self.path).name
 
     @property
     def default_source(self) -> str:
@@ -94,6 +124,18 @@ class ReadStats:
     examples: list[str] = field(default_factory=list)  # first MAX_EXAMPLES messages
     docs_by_input: Counter = field(default_factory=Counter)  # input path -> documents yielded
     records_by_file: Counter = field(default_factory=Counter)  # input path -> records looked at
+    fields_without_text: Counter = field(default_factory=Counter)  # fields of records that lack the text field
+
+    def text_field_hint(self, text_field: str) -> str:
+        """``"; 40 of 41 records have no 'text' field (their fields: body, id): check --text-field"`` when at
+        least half of the records lack the text field (a wrong ``--text-field`` looks like a tiny corpus otherwise),
+        else ``""``."""
+        n = self.skipped.get("no_text_field", 0)
+        if not n or 2 * n < self.records:
+            return ""
+        fields = ", ".join(k for k, _ in self.fields_without_text.most_common(8))
+        return (f"; {n} of {self.records} records have no '{text_field}' field (their fields: {fields or '-'}): "
+                "check --text-field")
 
     def count_record(self, path: str) -> None:
         self.records += 1
@@ -177,11 +219,36 @@ def _file_kind(p: Path) -> str | None:
 def _dir_kind(p: Path) -> str:
     if any((p / m).is_file() for m in _HF_DISK_MARKERS):
         return "hf_disk"
-    return "text"
+    return "folder"
+
+
+READABLE = ".jsonl / .json / .ndjson (.gz / .zst too), .parquet, .txt"
+
+
+def folder_files(folder: Path, kinds: Sequence[str] = ("jsonl", "parquet", "text"), what: str = "") -> list[Path]:
+    """Every file under ``folder`` (recursively, sorted by relative path) whose kind is in ``kinds``; the files left
+    out are named in one warning (first ten), so that a folder never silently means less than it holds. The one
+    folder rule of prepare, ``score --jsonl`` (``kinds=("jsonl",)``) and decontamination."""
+    files, skipped = [], []
+    for f in sorted((x for x in folder.rglob("*") if x.is_file()), key=lambda x: x.relative_to(folder).as_posix()):
+        (files if _file_kind(f) in kinds else skipped).append(f)
+    if skipped:
+        names = [f.relative_to(folder).as_posix() for f in skipped]
+        log.warning("%s: %sskipped %d file(s) that are not %s: %s%s", folder, f"{what}: " if what else "",
+                    len(skipped), " / ".join(_KIND_NAMES[k] for k in kinds), ", ".join(names[:10]),
+                    ", ..." if len(names) > 10 else "")
+    return files
+
+
+_KIND_NAMES = {"jsonl": ".jsonl / .json / .ndjson (.gz / .zst too)", "parquet": ".parquet", "text": ".txt"}
 
 
 def resolve_inputs(inputs: Sequence[str]) -> list[InputSpec]:
-    """Expand globs and classify every input; a missing path or unknown format raises LmselectError."""
+    """Expand globs and folders and classify every input; a missing path or unknown format raises LmselectError.
+
+    A folder (not a ``save_to_disk`` one) is every readable file under it (:func:`folder_files`): each .jsonl /
+    .parquet file one input named relative to the folder, its .txt files one text input (source = the folder name).
+    A glob is its matches, named relative to the folder part before the first wildcard (as ``score --jsonl``)."""
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]
     if not inputs:
@@ -196,27 +263,45 @@ def resolve_inputs(inputs: Sequence[str]) -> list[InputSpec]:
             specs.append(InputSpec(hub_id, "hub", split or "train"))
             continue
         base, split = _strip_split(raw)
+        root: Path | None = None
         if glob.has_magic(base):
             matches = sorted(glob.glob(base, recursive=True))
             if not matches:
                 raise LmselectError(f"{raw}: no file matches this pattern")
             paths = [Path(m) for m in matches]
+            parts = Path(base).parts
+            k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            root = Path(*parts[:k]) if k else Path(".")
         else:
             paths = [Path(base)]
         for p in paths:
             if not p.exists():
                 raise LmselectError(f"{p}: input not found")
             if p.is_dir():
-                kind = _dir_kind(p)
-                specs.append(InputSpec(str(p), kind, split if kind == "hf_disk" else None))
+                if _dir_kind(p) == "hf_disk":
+                    specs.append(InputSpec(str(p), "hf_disk", split))
+                    continue
+                files = folder_files(p, what="prepare")
+                if not files:
+                    raise LmselectError(f"{p}: folder holds no readable file ({READABLE})")
+                text_added = False
+                for f in files:
+                    kind = _file_kind(f)
+                    if kind == "text":
+                        if not text_added:  # the folder's .txt files are one input, as before
+                            specs.append(InputSpec(str(p), "text"))
+                            text_added = True
+                        continue
+                    specs.append(InputSpec(str(f), kind, rel=f.relative_to(p).as_posix()))  # type: ignore[arg-type]
                 continue
             kind = _file_kind(p)
             if kind is None:
                 raise LmselectError(
-                    f"{p}: unsupported input format (expected .jsonl[.gz|.zst], .parquet, .txt, a folder of .txt "
-                    "files, a datasets.save_to_disk folder or hf:OWNER/NAME)"
+                    f"{p}: unsupported input format (expected .jsonl[.gz|.zst], .parquet, .txt, a folder of them, "
+                    "a datasets.save_to_disk folder or hf:OWNER/NAME)"
                 )
-            specs.append(InputSpec(str(p), kind))
+            rel = p.relative_to(root).as_posix() if root is not None and p.is_relative_to(root) else None
+            specs.append(InputSpec(str(p), kind, rel=rel))
     return specs
 
 
@@ -265,16 +350,22 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 20)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+BLANK = object()  # what ``_iter_jsonl(..., blank=True)`` yields for a blank line
+
+
+def _iter_jsonl(path: Path, blank: bool = False) -> Iterator[tuple[str, Any]]:
     # Lines are split as bytes and decoded one by one, so a single non-UTF-8 line is one malformed record rather
-    # than the end of the file. A corrupt compressed stream cannot be resynchronised: that is fatal.
+    # than the end of the file. A corrupt compressed stream cannot be resynchronised: that is fatal. Blank lines
+    # are skipped, or with ``blank`` yielded as ``BLANK`` (line-aligned outputs need a row for every line).
     lineno = 0
     try:
         with _open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
                 where = f"{path}:{lineno}"
+                if not raw.strip():
+                    if blank:
+                        yield where, BLANK
+                    continue
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -411,15 +502,12 @@ def _to_document(where: str, rec: Any, spec: InputSpec, text_field: str, id_fiel
     text = rec[text_field]
     if not isinstance(text, str):
         raise _Malformed("text_not_string", f"{where}: record field '{text_field}' is a {type(text).__name__}, not a string")
-    doc_id = rec.get(id_field) if id_field else None
-    if doc_id is None or doc_id == "":
-        # stable default id: input name plus line / row number
-        tail = where.rsplit(":", 1)[-1].strip().replace("record ", "")
-        doc_id = f"{spec.name}:{tail}"
+    number = int(where.rsplit(":", 1)[-1].strip().replace("record ", ""))  # 1-based line / row
+    doc_id, _ = record_id(rec.get(id_field) if id_field else None, spec.name, number - 1)
     src = rec.get(source_field) if source_field else None
     if not isinstance(src, str) or not src:
         src = spec.default_source
-    return Document(text, str(doc_id), src)
+    return Document(text, doc_id, src)
 
 
 def iter_documents(
@@ -443,10 +531,13 @@ def iter_documents(
                 doc = _to_document(where, rec, spec, text_field, id_field, source_field)
             except _Malformed as m:
                 stats.count_malformed(spec.path, m.reason, m.message, strict)
+                if m.reason == "no_text_field" and isinstance(rec, dict):
+                    stats.fields_without_text.update(rec.keys())
                 continue
             if not doc.text.strip():
                 stats.empty += 1
                 continue
+            doc.index = n
             n += 1
             stats.documents += 1
             stats.docs_by_input[spec.path] += 1
@@ -473,14 +564,15 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[in
 
 @dataclass
 class JsonlRecord:
-    """One non-blank line of a .jsonl file, good or not (line-aligned consumers such as dolma attribute files need
-    a row for every line)."""
+    """One line of a .jsonl file, good, malformed or blank (line-aligned consumers such as dolma attribute files
+    need a row for every line)."""
 
     line: int  # 1-based line number (blank lines count, as in the file)
     raw_id: Any  # the record's id value exactly as in the file (None when null, missing, or the line is malformed)
-    text: str | None  # None when the record is malformed
+    text: str | None  # None when the record is malformed or the line blank
     source: str | None  # the record's source field when it is a non-empty string
     problem: str | None = None  # why the record is malformed (the skip message), else None
+    blank: bool = False  # the line is empty or whitespace only (not a record; not counted as malformed)
 
 
 def iter_jsonl_records(
@@ -491,10 +583,11 @@ def iter_jsonl_records(
     strict: bool = False,
     stats: ReadStats | None = None,
 ) -> Iterator[JsonlRecord]:
-    """Every non-blank line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules
-    as :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
+    """Every line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules as
+    :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
     ``problem`` set, or with ``strict`` raises a one-line error naming ``path:line``. Empty texts are counted as
-    ``empty`` and yielded."""
+    ``empty`` and yielded; a blank line is yielded with ``blank`` set (and counted nowhere), so that a consumer
+    writing one line per input line (dolma attribute files) stays aligned."""
     p = Path(path)
     if not p.is_file():
         raise LmselectError(f"{p}: file not found")
@@ -502,8 +595,11 @@ def iter_jsonl_records(
         raise LmselectError(f"{p}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
     stats = stats if stats is not None else ReadStats()
     spec = InputSpec(str(p), "jsonl")
-    for where, rec in _iter_jsonl(p):
+    for where, rec in _iter_jsonl(p, blank=True):
         line = int(where.rsplit(":", 1)[1])
+        if rec is BLANK:
+            yield JsonlRecord(line, None, None, None, None, blank=True)
+            continue
         stats.count_record(spec.path)
         raw_id = rec.get(id_field) if isinstance(rec, dict) and id_field else None
         try:
@@ -519,3 +615,23 @@ def iter_jsonl_records(
             stats.docs_by_input[spec.path] += 1
         src = rec.get(source_field) if source_field else None
         yield JsonlRecord(line, raw_id, doc.text, src if isinstance(src, str) and src else None)
+
+
+def reread_documents(config: dict[str, Any], recorded: Sequence[dict[str, Any]], where: str) -> Iterator[Document]:
+    """The document stream a pool was prepared from (its ``config``: inputs, fields, ``max_docs``), read again in the
+    same order, with the same ``Document.index``: how export and ``export --dropped`` give back original records.
+    ``recorded`` is the pool manifest's ``extra.inputs``; an input that is gone or whose content changed since (sha256)
+    is refused in one line naming it, since stream positions would then point at other records."""
+    try:
+        specs = resolve_inputs(config["inputs"])
+    except LmselectError as e:
+        raise LmselectError(f"{where}: cannot read its inputs back for the original text ({e})") from None
+    if recorded:
+        now = [input_fingerprint(s) for s in specs]
+        if [r.get("sha256") for r in recorded] != [n.get("sha256") for n in now]:
+            changed = next((r.get("path") for r, n in zip(recorded, now) if r.get("sha256") != n.get("sha256")),
+                           ", ".join(str(x) for x in config["inputs"]))
+            raise LmselectError(f"{where}: its inputs changed since it was prepared ({changed} differs, or files "
+                                "were added or removed); the original records cannot be read back")
+    return iter_documents(specs, config.get("text_field", "text"), config.get("id_field", "id"),
+                          config.get("source_field", "source"), False, config.get("max_docs"))

@@ -18,7 +18,8 @@ drops documents scoring below it (and those without a score). The model is loade
 use, so the step pickles as its arguments (what the executors ship to their workers); ``device="auto"`` takes the
 task's GPU when it has one (``SlurmPipelineExecutor(..., gpus_per_task=1)``), else the CPU.
 Documents are scored ``docs_per_batch`` at a time (their windows batched ``batch_size`` at a time) and leave the step
-in their input order.
+in their input order. Read the corpus with ``JsonlReader(..., adapter=lmselect_adapter)`` so that records without a
+usable id (missing, null, "") carry the id lmselect gives them everywhere else (``lmselect.data.readers.ID_RULE``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,23 @@ from typing import Any, Iterator
 
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+
+
+def lmselect_adapter(self: Any, data: dict, path: str, id_in_file: int | str) -> dict:
+    """A datatrove reader ``adapter`` that gives records lmselect's ids (:data:`lmselect.data.readers.ID_RULE`):
+    datatrove's default adapter, except that a null or empty id is derived like a missing one
+    (``"<file>/<0-based line>"``) and a non-string id becomes its JSON text. With it, ``JsonlReader(folder,
+    adapter=lmselect_adapter)`` yields the ids that ``lmselect prepare`` / ``export`` / ``score --jsonl`` give the same
+    records, so scores, exports and dropped lists join by id::
+
+        JsonlReader("my_corpus/", adapter=lmselect_adapter)
+    """
+    from lmselect.data.readers import record_id
+
+    raw = data.get(self.id_key)
+    out = self._default_adapter(data, path, id_in_file)
+    out["id"], _ = record_id(raw, str(path), int(id_in_file))
+    return out
 
 
 class LmselectScorer(PipelineStep):

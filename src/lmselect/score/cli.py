@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-from", help="pool or model dir whose tokenizer encodes the --jsonl text")
     g.add_argument("--seq-len", type=int, help="--jsonl window length in tokens (default: scorer's / pool's)")
     g.add_argument("--attribute-name", default=DEFAULT_ATTRIBUTE,
-                   help="--jsonl: dolma attribute name; writes attributes/NAME/*.jsonl.gz with NAME__score")
+                   help="--jsonl: dolma attribute name; writes attributes/NAME/<each input's relative name> (same "
+                   "name and compression as the input, one line per input line) with NAME__score")
     g = parser.add_argument_group("execution")
     g.add_argument("--out", required=True, help="output sidecar directory")
     g.add_argument("--batch-size", type=int, default=64)
@@ -124,13 +126,33 @@ def pool_ids(pool: Any, spec: str) -> np.ndarray:
     return ids
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``lmselect score``; prints where the sidecar is and how fast it was computed."""
+def preflight(args: argparse.Namespace) -> ScoreConfig:
+    """What ``lmselect score`` checks before loading anything heavy: the settings, that the model and the input
+    exist (a pool's manifest, the --jsonl files); ``lmselect slurm score`` calls it before writing a script."""
     from lmselect.config import load_config
-    from lmselect.data.pool import TokenPool
 
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreConfig) if hasattr(args, f.name)}
     cfg = load_config(ScoreConfig, None, getattr(args, "overrides", []) or [], base=base)
+    if (cfg.pool is None) == (cfg.jsonl is None):
+        raise LmselectError("give exactly one input: --pool POOL or --jsonl FILE")
+    if not Path(cfg.model).exists():
+        raise LmselectError(f"--model {cfg.model}: not found")
+    if cfg.pool is not None:
+        read_manifest(cfg.pool, kind="pool")
+    else:
+        from lmselect.score.windows import resolve_jsonl_inputs
+
+        resolve_jsonl_inputs(cfg.jsonl)
+    parse_shard(cfg.shard)
+    check_attribute_name(cfg.attribute_name)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lmselect score``; prints where the sidecar is and how fast it was computed."""
+    from lmselect.data.pool import TokenPool
+
+    cfg = preflight(args)
     if (cfg.pool is None) == (cfg.jsonl is None):
         raise LmselectError("give exactly one input: --pool POOL or --jsonl FILE")
     from lmselect.select.base import is_text_scorer

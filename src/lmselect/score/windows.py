@@ -57,6 +57,7 @@ class JsonlDoc:
     raw_id: Any = None  # the record's ``id`` exactly as in the file (None: null or missing)
     id_derived: bool = False  # True when ``doc_id`` was derived because the record has no id
     malformed: bool = False  # the line was skipped as malformed (not JSON, not UTF-8, no string text field)
+    blank: bool = False  # an empty / whitespace-only line: no record, but its row keeps every output line-aligned
 
 
 ID_POLICY = """\
@@ -102,7 +103,9 @@ def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
         if p.is_file():
             return [(p, p.name)]
         root = p
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _file_kind(f) == "jsonl")
+        from lmselect.data.readers import folder_files
+
+        files = folder_files(p, kinds=("jsonl",), what="score --jsonl")
         if not files:
             raise LmselectError(f"{p}: no .jsonl / .json / .ndjson files (optionally .gz or .zst) in this folder")
     out = []
@@ -114,20 +117,20 @@ def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
 
 
 def read_jsonl_docs(path: str | Path, text_field: str = "text", stats: Any = None) -> list[JsonlDoc]:
-    """Every non-blank line of a .jsonl[.gz|.zst] file, folder or glob, in file order, through prepare's reader
+    """Every line of a .jsonl[.gz|.zst] file, folder or glob, in file order, through prepare's reader
     (:func:`lmselect.data.readers.iter_jsonl_records`): malformed lines are counted in ``stats`` and kept as
-    unscorable rows; records without an id get a derived one (``ID_POLICY``)."""
-    from lmselect.data.readers import ReadStats, iter_jsonl_records
+    unscorable rows, blank lines too (``blank``: one output line per input line, always); records without an id get
+    a derived one (``ID_POLICY``)."""
+    from lmselect.data.readers import ReadStats, iter_jsonl_records, record_id
 
     stats = stats if stats is not None else ReadStats()
     out: list[JsonlDoc] = []
     for f, rel in resolve_jsonl_inputs(path):
         stem = _file_stem(f)
         for r in iter_jsonl_records(f, text_field=text_field, stats=stats):
-            has_id = r.raw_id is not None and r.raw_id != ""
-            doc_id = (r.raw_id if isinstance(r.raw_id, str) else json.dumps(r.raw_id)) if has_id else f"{rel}/{r.line - 1}"
-            out.append(JsonlDoc(doc_id, r.text or "", r.source or stem, r.line, rel, r.raw_id, not has_id,
-                                r.problem is not None))
+            doc_id, derived = record_id(r.raw_id, rel, r.line - 1)  # the one id rule (readers.ID_RULE)
+            out.append(JsonlDoc(doc_id, r.text or "", r.source or stem, r.line, rel, r.raw_id,
+                                derived and not r.blank, r.problem is not None, r.blank))
     return out
 
 
@@ -239,6 +242,7 @@ def score_jsonl(
     read_stats.warn_malformed(log)
     _warn_missing_ids(records)
     docs = [(d.doc_id, d.text) for d in records]
+    n_blank = sum(d.blank for d in records)
     tok_dir = resolve_tokenizer_dir(tokenizer_from)
     tokenizer = load_tokenizer(tok_dir)
     model, meta, model_parents = _model_and_meta(model_dir_or_scorer, lm_loss)
@@ -259,7 +263,7 @@ def score_jsonl(
         parents.append(parent_ref(tokenizer_from))
     win = make_windows(docs, tokenizer, seq_len)
     if len(win.length) == 0:
-        raise LmselectError(f"{jsonl}: no text to score (all {win.n_docs} records are empty or malformed)")
+        raise LmselectError(f"{jsonl}: no text to score (all {win.n_docs - n_blank} records are empty or malformed)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     def fetch(b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -292,7 +296,8 @@ def score_jsonl(
     return _run_job(
         model, job, out_dir, batch_size=batch_size, shard=shard, num_parts=num_parts, device=device, dtype=dtype,
         progress=progress, checkpoint_every=checkpoint_every, config=cfg, parents=parents,
-        counts={"documents": win.n_docs, "empty_documents": win.n_empty, "windows": int(len(win.length)),
+        counts={"documents": win.n_docs - n_blank, "empty_documents": win.n_empty - n_blank, "blank_lines": n_blank,
+                "windows": int(len(win.length)),
                 "files": len(files), "skipped": read["skipped"], "skipped_by_reason": read["skipped_by_reason"],
                 "documents_without_id": sum(d.id_derived for d in records)},
         extra={"input": "jsonl", "jsonl": str(jsonl), "tokenizer": str(tok_dir), "seq_len": seq_len,
@@ -347,9 +352,10 @@ def score_jsonl_texts(
     records = read_jsonl_docs(jsonl, text_field=text_field, stats=read_stats)
     read_stats.warn_malformed(log)
     _warn_missing_ids(records)
-    ok = [i for i, d in enumerate(records) if not d.malformed]
+    ok = [i for i, d in enumerate(records) if not d.malformed and not d.blank]
+    n_blank = sum(d.blank for d in records)
     if not ok:
-        raise LmselectError(f"{jsonl}: no text to score (all {len(records)} records are malformed)")
+        raise LmselectError(f"{jsonl}: no text to score (all {len(records) - n_blank} records are malformed)")
     t0 = time.perf_counter()
     scores = np.asarray(scorer.score_texts([records[i].text for i in ok]), dtype=np.float64)
     seconds = time.perf_counter() - t0
@@ -368,7 +374,8 @@ def score_jsonl_texts(
         write_manifest(tmp, Manifest(
             kind="scores", config=config or {"model": str(model_dir), "jsonl": str(jsonl), "text_field": text_field},
             parents=parents,
-            counts={"sequences": len(ok), "parts": 1, "documents": len(records), "windows": len(ok),
+            counts={"sequences": len(ok), "parts": 1, "documents": len(records) - n_blank, "blank_lines": n_blank,
+                    "windows": len(ok),
                     "files": len(files), "skipped": read["skipped"], "skipped_by_reason": read["skipped_by_reason"],
                     "documents_without_id": sum(d.id_derived for d in records), **info},
             extra={"n_parts": 1, "input": "jsonl", "key": key, "jsonl": str(jsonl), "score": scorer.description,
@@ -414,11 +421,12 @@ def _warn_missing_ids(docs: list[JsonlDoc]) -> None:
 
 
 def rollup_documents(windows: Any, docs: list[JsonlDoc]) -> Any:
-    """One row per document (every record of the file, in file order) from the window rows of a sidecar.
+    """One row per document (every line of the file, blank and malformed ones included, in file order) from the
+    window rows of a sidecar.
 
     ``windows`` is a pyarrow Table with ``doc_index`` and ``score``. Columns: ``doc_index`` (0-based record number),
     ``doc_id`` (derived when ``id_derived``: ``ID_POLICY``), ``file`` (relative name of its input file), ``source``,
-    ``line``, ``malformed`` (a skipped line: no text, no score), ``n_chars`` (``len(text)``), ``n_windows``, ``score`` (mean of the document's
+    ``line``, ``malformed`` (a skipped line: no text, no score), ``blank`` (an empty line: no record, no score), ``n_chars`` (``len(text)``), ``n_windows``, ``score`` (mean of the document's
     finite window scores; NaN when it has none, e.g. an empty text), ``score_min``, ``score_max``. The mean is
     unweighted: every window counts once, whatever its length (the last window of a document may be short).
     """
@@ -453,6 +461,7 @@ def rollup_documents(windows: Any, docs: list[JsonlDoc]) -> Any:
         "score_min": pa.array(np.where(has, lo, np.nan).astype(np.float32)),
         "score_max": pa.array(np.where(has, hi, np.nan).astype(np.float32)),
         "malformed": pa.array([d.malformed for d in docs], type=pa.bool_()),
+        "blank": pa.array([d.blank for d in docs], type=pa.bool_()),
     })
 
 

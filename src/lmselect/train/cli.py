@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,13 +54,27 @@ def selection_ids(pool, shard: int | None = None, selection: str | Path | None =
     return ids
 
 
-def run(args: argparse.Namespace) -> int:
-    from lmselect.config import load_config, replace
-    from lmselect.data.pool import TokenPool
-    from lmselect.train.distributed import cleanup
-    from lmselect.train.loop import TrainConfig, train
+def preflight(args: argparse.Namespace) -> Any:
+    """What ``lmselect train`` checks before any compute: the config (file and overrides), the pool, the checkpoint
+    to start from; ``lmselect slurm train`` calls it before writing a script. Returns the TrainConfig."""
+    from lmselect.artifacts import read_manifest
+    from lmselect.config import load_config
+    from lmselect.train.loop import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, getattr(args, "overrides", []))
+    read_manifest(args.pool, kind="pool")
+    if args.init_from is not None and not Path(args.init_from).exists():
+        raise LmselectError(f"--init-from {args.init_from}: not found")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmselect.config import replace
+    from lmselect.data.pool import TokenPool
+    from lmselect.train.distributed import cleanup
+    from lmselect.train.loop import train
+
+    cfg = preflight(args)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps, tokens=None)
     if args.continue_optimizer:

@@ -23,6 +23,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,101 @@ from lmselect.train.schedules import OptimConfig, apply_hparams, build_optimizer
 log = logging.getLogger("lmselect.train")
 
 SIDE_STREAM_TAG = 1  # next_batch() draws use the seed sequence [seed, SIDE_STREAM_TAG, rank, draw]
+# Preemption safety in every recipe, whatever its save_every: a checkpoint at least this often (wall seconds; the
+# environment variable overrides it, 0 = at every check), and one when SIGTERM arrives. Not a config key: when a
+# run checkpoints does not change what it computes (resume is exact), so it is not part of any stage's identity.
+CHECKPOINT_EVERY_S_ENV = "LMSELECT_CHECKPOINT_EVERY_S"
+DEFAULT_CHECKPOINT_EVERY_S = 600.0
+
+
+def checkpoint_every_s() -> float:
+    """The wall-clock checkpoint interval: ``$LMSELECT_CHECKPOINT_EVERY_S`` or 600 s (one line naming the variable
+    when it is not a number)."""
+    raw = os.environ.get(CHECKPOINT_EVERY_S_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CHECKPOINT_EVERY_S
+    try:
+        v = float(raw)
+    except ValueError:
+        raise LmselectError(f"${CHECKPOINT_EVERY_S_ENV}={raw!r}: expected seconds (a number)") from None
+    if not v >= 0:
+        raise LmselectError(f"${CHECKPOINT_EVERY_S_ENV}={raw!r}: must be >= 0")
+    return v
+
+
+class DeferredSigterm:
+    """While the loop runs, SIGTERM (Slurm's time limit or preemption, torchrun stopping the ranks) only asks for a
+    stop: the loop finishes its step, writes a checkpoint, and then hands the signal to the previous handler (the
+    CLI's raises ``Terminated``: one line, exit 143), so a requeued job resumes at that step rather than at the last
+    periodic checkpoint. A second SIGTERM acts at once. Outside the main thread, or where SIGTERM is ignored, nothing
+    changes."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.prev: Any = None
+        self.installed = False
+
+    def install(self) -> DeferredSigterm:
+        try:
+            prev = signal.getsignal(signal.SIGTERM)
+            if prev is not signal.SIG_IGN and prev is not None:
+                self.prev = signal.signal(signal.SIGTERM, self._on)
+                self.installed = True
+        except ValueError:  # not the main thread: an embedding application's signals are its own
+            pass
+        return self
+
+    def _on(self, signum: int, frame: Any) -> None:
+        if self.requested:  # asked twice: do not wait for the step
+            self.stop_now()
+            return
+        self.requested = True
+        log.warning("SIGTERM: finishing this step and writing a checkpoint before stopping")
+
+    def release(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.prev)
+            self.installed = False
+
+    def stop_now(self) -> None:
+        """Hand SIGTERM to the previous handler (raises ``Terminated`` under the CLI; the default action ends the
+        process)."""
+        self.release()
+        signal.raise_signal(signal.SIGTERM)
+
+
+class PreemptionGuard:
+    """The preemption rule of every long loop (the training loop, the BLISS bilevel solve): a checkpoint when
+    SIGTERM arrived (:class:`DeferredSigterm`) or the wall-clock interval (:func:`checkpoint_every_s`) is up.
+    ``check(distributed, device)`` -> (stop, due); under a process group every rank takes the same decision (an
+    all-reduce: any rank asking decides), so it must be called at the same step on every rank."""
+
+    def __init__(self) -> None:
+        self.term = DeferredSigterm()
+        self.every_s = checkpoint_every_s()
+        self.t_saved = time.monotonic()
+
+    def __enter__(self) -> PreemptionGuard:
+        self.term.install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.term.release()
+
+    def check(self, distributed: bool, device: Any = "cpu") -> tuple[bool, bool]:
+        due = self.every_s == 0 or time.monotonic() - self.t_saved >= self.every_s
+        stop = self.term.requested
+        if distributed:
+            flags = torch.tensor([float(stop), float(due)], device=device)
+            torch.distributed.all_reduce(flags)
+            stop, due = bool(flags[0] > 0), bool(flags[1] > 0)
+        return stop, due
+
+    def saved(self) -> None:
+        self.t_saved = time.monotonic()
+
+    def stop_now(self) -> None:
+        self.term.stop_now()
 
 
 @dataclass
@@ -403,48 +500,68 @@ def train(
     t_begin = t_last
     # a bar on a terminal, a plain line every 30 s in a log file (no \r); rank 0 only
     progress = Progress(steps, initial=step, desc=f"train {out_dir.name}", enabled=info.is_main)
-    while step < steps:
-        selector.on_step_start(step, raw_model, side)
-        lr = lr_at(step, cfg.optim, steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        rows = data.next(cfg.global_batch)[info.rank * per_rank : (info.rank + 1) * per_rank]  # this rank's slice
-        loss_sum = torch.zeros((), device=device)
-        if selector.keep_fraction is None:  # plain training: one pass, every token counts
-            for i in range(accum):
-                x = to_device(pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]), device)
-                with D.grad_sync(dmodel, enabled=i == accum - 1):  # all-reduce gradients once, on the last micro-step
-                    loss_sum += micro_step(dmodel, x, accum, autocast)
-        else:  # token selection: top-k over the global batch (LoRDO workers: over their own slice)
-            xs = [to_device(pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]), device)
-                  for i in range(accum)]
-            loss_sum += selected_step(dmodel, xs, selector, autocast, info, global_ranks=not lordo)
-        grad_norm = clip_grads(raw_model, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        steps_since += 1
-        if lordo:  # outer step (parameter averaging) every lordo.sync_every steps; no other training collective
-            optimizer.maybe_sync(step)
+    # preemption (PreemptionGuard): one process decides after every step; ranks agree at log steps (beside the
+    # collective that is there anyway)
+    check_every = max(1, cfg.log_every) if info.enabled else 1
+    stop = False
+    guard = PreemptionGuard().__enter__()
+    try:
+        while step < steps:
+            selector.on_step_start(step, raw_model, side)
+            lr = lr_at(step, cfg.optim, steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            rows = data.next(cfg.global_batch)[info.rank * per_rank : (info.rank + 1) * per_rank]  # this rank's slice
+            loss_sum = torch.zeros((), device=device)
+            if selector.keep_fraction is None:  # plain training: one pass, every token counts
+                for i in range(accum):
+                    x = to_device(pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]), device)
+                    with D.grad_sync(dmodel, enabled=i == accum - 1):  # all-reduce gradients once, on the last micro-step
+                        loss_sum += micro_step(dmodel, x, accum, autocast)
+            else:  # token selection: top-k over the global batch (LoRDO workers: over their own slice)
+                xs = [to_device(pool.batch(rows[i * cfg.micro_batch : (i + 1) * cfg.micro_batch]), device)
+                      for i in range(accum)]
+                loss_sum += selected_step(dmodel, xs, selector, autocast, info, global_ranks=not lordo)
+            grad_norm = clip_grads(raw_model, cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            steps_since += 1
+            if lordo:  # outer step (parameter averaging) every lordo.sync_every steps; no other training collective
+                optimizer.maybe_sync(step)
 
-        saving = step == steps or (cfg.save_every > 0 and step % cfg.save_every == 0)
-        if step % max(1, cfg.log_every) == 0 or saving:
-            last_loss = float(D.all_reduce_mean(loss_sum / accum, info))  # every rank joins (collective)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t_last
-            tps = steps_since * tokens_per_step / max(dt, 1e-9)
-            t_last, steps_since = time.perf_counter(), 0
-            if logger is not None:
-                mfu = flops_tok * tps / (peak * info.world_size) if peak else None
-                sel = {f"sel_{k}": v for k, v in selector.stats().items()}
-                logger.log(step, loss=last_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tps, mfu=mfu,
-                           tokens_seen=tokens_seen, **sel)
-        progress.update(1, **({"loss": last_loss} if math.isfinite(last_loss) else {}))  # no loss=nan before the first log step
-        if saving:
-            last_path = save(last_loss)
+            saving = step == steps or (cfg.save_every > 0 and step % cfg.save_every == 0)
+            if step % check_every == 0:  # preemption: a SIGTERM, or the wall-clock interval is up
+                stop, due = guard.check(info.enabled, device)
+                saving = saving or stop or due
+            if step % max(1, cfg.log_every) == 0 or saving:
+                last_loss = float(D.all_reduce_mean(loss_sum / accum, info))  # every rank joins (collective)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t_last
+                tps = steps_since * tokens_per_step / max(dt, 1e-9)
+                t_last, steps_since = time.perf_counter(), 0
+                if logger is not None:
+                    mfu = flops_tok * tps / (peak * info.world_size) if peak else None
+                    sel = {f"sel_{k}": v for k, v in selector.stats().items()}
+                    logger.log(step, loss=last_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tps, mfu=mfu,
+                               tokens_seen=tokens_seen, **sel)
+            progress.update(1, **({"loss": last_loss} if math.isfinite(last_loss) else {}))  # no loss=nan before the first log step
+            if saving:
+                last_path = save(last_loss)
+                guard.saved()
+                if stop:
+                    break
+    finally:
+        guard.__exit__()
     progress.close()
+    if stop:  # this step's checkpoint is written: stop as SIGTERM asked (Terminated under the CLI, exit 143)
+        if logger is not None:
+            logger.close()
+        log.warning("%s: stopped at step %d of %d; rerun the same command to resume from there", out_dir, step, steps)
+        guard.stop_now()
+        raise KeyboardInterrupt  # the previous handler did not stop the process (it ignores SIGTERM): stop anyway
 
     # the final checkpoint becomes out_dir itself (what the pipeline, eval and from_pretrained read)
     if info.is_main:
@@ -452,6 +569,8 @@ def train(
         ckpt_io.prune_checkpoints(out_dir, keep=None)
         logger.close()
     D.barrier(info)
+    if guard.term.requested:  # SIGTERM during the last step: the stage is complete (a rerun skips it); stop now
+        guard.stop_now()
     return {"step": step, "tokens_seen": tokens_seen, "loss": last_loss, "out_dir": str(out_dir)}
 
 

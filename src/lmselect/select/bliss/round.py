@@ -37,6 +37,7 @@ from lmselect.select.bliss.config import (
 )
 from lmselect.select.bliss.solver import BilevelSolver
 from lmselect.train.distributed import is_distributed
+from lmselect.train.loop import PreemptionGuard
 from lmselect.train.order import IndexStream
 
 STATE_FILE = "solver_state.pt"
@@ -212,19 +213,34 @@ def solve_round(
 
     bar = Progress(cfg.outer_steps, initial=solver.step, desc="bliss", unit="outer step", enabled=progress and rank == 0)
     last: dict[str, float] = {}
+    # preemption (train.loop.PreemptionGuard): besides save_every, the state is saved when SIGTERM arrives (then the
+    # solve stops in one line) and at least every $LMSELECT_CHECKPOINT_EVERY_S seconds; ranks agree every outer step
+    guard = PreemptionGuard().__enter__()
+    terminated = False
     try:
         while solver.step < cfg.outer_steps:
             last = solver.outer_step(step_batches(pool, train_ids, stream, cfg, solver.step), outer_sources(solver.step))
             logger.log(solver.step, **last)
             bar.update(1, F=last["upper_loss"], G=last["lower_loss"])
             stopping = stop_after is not None and solver.step >= stop_after and solver.step < cfg.outer_steps
-            if solver.step % max(1, cfg.save_every) == 0 or stopping:
+            terminated, due = guard.check(is_distributed(), solver.device)
+            terminated = terminated and solver.step < cfg.outer_steps
+            if solver.step % max(1, cfg.save_every) == 0 or stopping or terminated or due:
                 _save_state(solver, out_dir)
+                guard.saved()
             if stopping:
                 return scorer
+            if terminated:
+                break
     finally:
+        guard.__exit__()
         bar.close()
         logger.close()
+    if terminated:
+        log.warning("bliss %s: stopped at outer step %d of %d; rerun the same command to resume from there",
+                    out_dir, solver.step, cfg.outer_steps)
+        guard.stop_now()
+        raise KeyboardInterrupt  # the previous SIGTERM handler did not stop the process: stop anyway
 
     if rank == 0:
         diagnostics = summarise_diagnostics(read_jsonl(out_dir / LOG_FILE), solver.c_by_source, cfg)
