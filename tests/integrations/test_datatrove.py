@@ -70,7 +70,10 @@ def test_local_executor_scores_equal_score_jsonl(tmp_path, tiny_pool, scorer_dir
             r = json.loads(line)
             got[r["id"]] = r["metadata"]["lmselect_score"]
     assert got.keys() == expected.keys()
-    assert got == expected  # exactly: same windows, same forward, same float32 roll-up
+    # Same windows, same roll-up; the forward may differ in the last float32 bits, because datatrove's worker
+    # processes can run torch with another thread count than this one (another reduction order): 1-2 ulps seen in a
+    # fresh venv. A different window or roll-up moves a score by far more than this.
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
     assert len(set(got.values())) > 1
 
 
