@@ -1,4 +1,5 @@
-"""Compare every registered method at demo scale, paired by seed, and print what the README shows.
+"""Compare every registered method at demo scale, paired by seed, and print the tables of its results file
+(benchmarks/results/YYYY-MM-every-method-demo-scale.md).
 
     python bench/compare_demo.py [--seeds 3] [--out runs/compare-demo] [--methods ...] [--key=value overrides]
 
@@ -41,7 +42,7 @@ def run() -> int:
 
 
 def summary(res: dict) -> str:
-    """The README's tables: report-set figures, the paired differences (to random, to the random token mask for the
+    """The results file's tables: report-set figures, the paired differences (to random, to the random token mask for the
     token-level methods, to the best cheap baseline) and the exposure ledger, as the report renders them."""
     keep = ("Final round", "Paired difference", "Exposure")
     out = []

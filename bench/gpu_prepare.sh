@@ -19,8 +19,8 @@
 # start (1-2 min) and this one call; a second full call does not fit. If the call fails within a minute (an import
 # error, say), fix and rerun at once while the machine is warm (30 s), with a smaller budget:
 #   run(command="BUDGET=240 TEST_TIMEOUT=120 bash bench/gpu_run.sh", carry=[".whl"], timeout_s=420)
-# otherwise give_back. Then: copy gpu_suite.json into the repo's record (e.g. bench/results/), and the table, the
-# GPU's name and the command into the README's Benchmarks section.
+# otherwise give_back. Then: copy gpu_suite.json and the table, the GPU's name, the commit and the command into a dated
+# results file, benchmarks/results/YYYY-MM-gpu-suite.md (header as in benchmarks/results/README.md).
 set -euo pipefail
 MODE=${1:-show}
 REPO=${2:-$(cd "$(dirname "$0")/.." && pwd)}

@@ -80,14 +80,16 @@ def test_every_imported_distribution_is_declared() -> None:
 
 
 def _datatrove_steps() -> dict[str, type]:
-    """The datatrove pipeline steps lmselect builds (its prefilters and its scorer step) and those the README's code
-    shows: name -> class."""
+    """The datatrove pipeline steps lmselect builds (its prefilters and its scorer step) and those the README's or the
+    guide's code shows: name -> class."""
     from datatrove.pipeline.base import PipelineStep
 
     from lmselect.data.prefilter import FILTERS
 
     steps: dict[str, type] = {}
-    names = set(re.findall(r"from datatrove[\w.]* import ([\w, ]+)", README.read_text())) if README.is_file() else set()
+    docs = [README, *sorted((REPO_DIR / "docs").rglob("*.md"))]  # the README and the guide pages (engines: datatrove)
+    text = "\n".join(p.read_text() for p in docs if p.is_file())
+    names = set(re.findall(r"from datatrove[\w.]* import ([\w, ]+)", text))
     for group in names:
         for name in (n.strip() for n in group.split(",")):
             for modname in ("datatrove.pipeline.readers", "datatrove.pipeline.writers", "datatrove.executor"):

@@ -86,6 +86,12 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
     return p, mod
 
 
+def verb_parser(verb: str) -> argparse.ArgumentParser:
+    """The full parser of one verb (what ``lmselect VERB --help`` prints); the documentation's CLI reference is
+    generated from it, so it cannot drift from the code."""
+    return _verb_parser(verb)[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
