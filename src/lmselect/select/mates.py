@@ -48,7 +48,11 @@ Implementation notes.
 Outputs of :func:`run_mates_round` in ``out_dir`` (each written atomically; finished pieces are reused on rerun):
 ``oracle.parquet`` (seq_id, val_loss), ``influence_model/`` (SequenceScorer dir, with the z-normalisation),
 ``influence_log.jsonl``, ``predictions.parquet`` (seq_id, pred), ``selected.npy`` (sorted int64 ids),
-``config.yaml`` and last ``manifest.json`` (kind="influence").
+``config.yaml`` and last ``manifest.json`` (kind="influence"). Preemption (``train.loop.PreemptionGuard``, the
+training loop's rule): while the probe runs, ``oracle.partial.pt`` holds the probe index reached and the values so
+far, and while the influence model trains ``influence_state.pt`` its training state; both are saved on SIGTERM
+(the stage then stops in one line) and at least every ``$LMSELECT_CHECKPOINT_EVERY_S`` seconds, resumed by a rerun
+with the same inputs (bit-identical to an uninterrupted round) and removed once the finished file is written.
 """
 
 from __future__ import annotations
