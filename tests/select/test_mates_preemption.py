@@ -204,3 +204,52 @@ def test_the_interval_saves_and_partial_state_never_looks_finished(tmp_path, tin
     monkeypatch.delenv("LMSELECT_CHECKPOINT_EVERY_S")
     assert np.array_equal(sel, run(tmp_path / "ref"))
     assert (out / "oracle.parquet").read_bytes() == (tmp_path / "ref" / "oracle.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["mates", "reference"])
+def test_lmselect_run_requeued_after_sigterm_in_the_selection_ends_as_an_uninterrupted_run(
+        tiny_recipe, all_methods_run, tmp_path, monkeypatch, capsys, method):
+    """The verb as Slurm runs it: SIGTERM mid-probe (mates) or mid-reference-training (reference) stops
+    `lmselect run` with its one line and exit 143; the same command (the requeue) resumes there and the run selects
+    exactly what an uninterrupted run (the suite's all-methods run, the same seed) selects."""
+    from lmselect.cli import main
+    from lmselect.select import rho1 as rho1_mod
+
+    cmd = ["run", str(tiny_recipe), f"--methods={method}", "--rounds=1", "--no-report"]
+    fired: list[int] = []
+    if method == "mates":
+        _hook_track(monkeypatch, "mates probes", at=0)  # the first of two chunks
+    else:
+        real = rho1_mod.token_ce
+
+        def ce(*a, **k):  # the loss of reference step 1 of 2
+            if not fired:
+                fired.append(1)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+
+        monkeypatch.setattr(rho1_mod, "token_ce", ce)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*cmd, "--out", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert "lmselect run: stopped by SIGTERM" in err, err[-2000:]
+    sub = "mates/seed0/round1/influence" if method == "mates" else "reference/seed0/reference"
+    partial = out / sub / (PROBE_PARTIAL if method == "mates" else "reference_state.pt")
+    assert partial.is_file() and not is_complete(out / sub)
+    starts = _hook_track(monkeypatch)
+    assert main([*cmd, "--out", str(out)]) == 0  # the requeue
+    if method == "mates":
+        assert starts["mates probes"] == 3  # resumed after the first chunk of probe_chunk=3
+    assert not partial.exists() and is_complete(out / sub)
+    a, b = (np.load(d / method / "seed0" / "round1" / "selection" / "selected.npy") for d in (out, all_methods_run))
+    assert np.array_equal(a, b)
+    if method == "mates":  # the probe values and the influence model's predictions, bit for bit
+        for f in ("oracle.parquet", "predictions.parquet"):
+            rel = f"mates/seed0/round1/influence/{f}"
+            assert (out / rel).read_bytes() == (all_methods_run / rel).read_bytes(), rel
+    else:  # the resumed reference's scores
+        from lmselect.score import read_scores
+
+        x, y = (read_scores(d / "reference" / "seed0" / "round1" / "scores") for d in (out, all_methods_run))
+        assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
