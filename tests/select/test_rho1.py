@@ -92,6 +92,61 @@ def test_train_reference_learns_and_resumes(tmp_path, tiny_tokenizer):
     assert read_manifest(tmp_path / "ref")["uuid"] == m["uuid"]
 
 
+def test_sigterm_saves_the_reference_training_and_the_rerun_resumes_bit_identical(tmp_path, tiny_tokenizer,
+                                                                                   monkeypatch):
+    """Regression (issue 29, item 6): an interrupted reference run restarted from scratch. Now SIGTERM lets the step
+    finish, saves the training state in the (manifest-less) reference directory and stops as under the CLI; the
+    rerun resumes at that step and ends with the weights of an uninterrupted run. Until then the directory is not a
+    reference."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from lmselect.artifacts import is_complete
+    from lmselect.cli import Terminated, _raise_terminated
+    from lmselect.errors import ArtifactError
+    from lmselect.select import rho1 as rho1_mod
+    from lmselect.select.rho1 import REFERENCE_PARTIAL, load_reference
+
+    vset = make_valset(tmp_path, tiny_tokenizer)
+    init = build_model("debug", len(tiny_tokenizer), seed=0)
+    cfg = Rho1Config(steps=12, lr=3e-3, batch_size=4, seed=0)
+    train_reference(cfg, init, vset, tiny_tokenizer, tmp_path / "want")  # uninterrupted
+    calls: list[int] = []
+    kill_at = [5]
+    real = rho1_mod.token_ce
+
+    def ce(*a, **k):  # the loss of each training step; SIGTERM arrives during step 5 of the first run
+        calls.append(1)
+        if len(calls) in kill_at:
+            kill_at.clear()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(rho1_mod, "token_ce", ce)
+    out = tmp_path / "ref"
+    prev = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            train_reference(cfg, init, vset, tiny_tokenizer, out)
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    assert torch.load(out / REFERENCE_PARTIAL, weights_only=False)["step"] == 5
+    assert not is_complete(out) and sorted(p.name for p in out.iterdir()) == [REFERENCE_PARTIAL]
+    with pytest.raises(ArtifactError):
+        load_reference(out)
+    calls.clear()
+    ref = train_reference(cfg, init, vset, tiny_tokenizer, out)  # the requeue
+    assert len(calls) == 7  # steps 6..12 only
+    assert is_complete(out, kind="reference") and not (out / REFERENCE_PARTIAL).exists()
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "want" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, a[k]) for k, v in ref.state_dict().items() if k in a)
+    assert (out / "ref_log.jsonl").read_text() == (tmp_path / "want" / "ref_log.jsonl").read_text()
+    assert read_manifest(out)["extra"]["final_loss"] == read_manifest(tmp_path / "want")["extra"]["final_loss"]
+
+
 def test_train_reference_from_texts(tmp_path, tiny_tokenizer):
     V = len(tiny_tokenizer)
     init = build_model("debug", V, seed=0)

@@ -48,13 +48,19 @@ Implementation notes.
 Outputs of :func:`run_mates_round` in ``out_dir`` (each written atomically; finished pieces are reused on rerun):
 ``oracle.parquet`` (seq_id, val_loss), ``influence_model/`` (SequenceScorer dir, with the z-normalisation),
 ``influence_log.jsonl``, ``predictions.parquet`` (seq_id, pred), ``selected.npy`` (sorted int64 ids),
-``config.yaml`` and last ``manifest.json`` (kind="influence").
+``config.yaml`` and last ``manifest.json`` (kind="influence"). Preemption (``train.loop.PreemptionGuard``, the
+training loop's rule): while the probe runs, ``oracle.partial.pt`` holds the probe index reached and the values so
+far, and while the influence model trains ``influence_state.pt`` its training state; both are saved on SIGTERM
+(the stage then stops in one line) and at least every ``$LMSELECT_CHECKPOINT_EVERY_S`` seconds, resumed by a rerun
+with the same inputs (bit-identical to an uninterrupted round) and removed once the finished file is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +85,20 @@ from lmselect.models.losses import token_ce
 from lmselect.models.util import attention_implementation
 from lmselect.select.base import Selection, SelectionMethod, register
 from lmselect.stats import spearman
+from lmselect.train.checkpoint import (
+    load_partial_state,
+    rng_state,
+    save_partial_state,
+    set_rng_state,
+    state_fingerprint,
+)
+
+logger = logging.getLogger("lmselect.select")
+
+# partial state of the two long sub-steps, saved by the preemption rule (train.loop.PreemptionGuard) and removed once
+# the finished artifact (oracle.parquet, influence_model/) is written; never read as a result
+PROBE_PARTIAL = "oracle.partial.pt"
+INFLUENCE_PARTIAL = "influence_state.pt"
 
 
 @dataclass
@@ -162,6 +182,55 @@ def training_optimizer(model: nn.Module, train_cfg: Any, optimizer_state: Any) -
     return opt
 
 
+class _ProbeProgress:
+    """Probes done so far, resumable: with a ``partial`` path, the index reached and the values are saved there
+    (atomically) when SIGTERM arrives or ``$LMSELECT_CHECKPOINT_EVERY_S`` is up (``train.loop.PreemptionGuard``), and
+    a rerun with the same inputs (``key``) starts at that index; after a SIGTERM the probe stops in one line. Probes
+    are independent of each other (each starts from the same restored state), so a resumed run gives the values of
+    an uninterrupted one bit for bit. Without a path nothing is saved and SIGTERM is left alone."""
+
+    def __init__(self, partial: str | Path | None, key: str, n: int) -> None:
+        self.path = Path(partial) if partial is not None else None
+        self.key, self.n = key, n
+        self.values = np.full(n, np.nan, dtype=np.float64)
+        self.done = 0
+        st = load_partial_state(self.path, key, "the MATES probe") if self.path is not None else None
+        if st is not None and len(st["values"]) == n:
+            self.done = int(st["done"])
+            self.values[: self.done] = np.asarray(st["values"], dtype=np.float64)[: self.done]
+            logger.info("%s: resuming the MATES probe at probe %d of %d", self.path, self.done, n)
+        self._guard: Any = None
+
+    def __enter__(self) -> _ProbeProgress:
+        if self.path is not None:
+            from lmselect.train.loop import PreemptionGuard
+
+            self._guard = PreemptionGuard().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._guard is not None:
+            self._guard.__exit__()
+
+    def save(self) -> None:
+        assert self.path is not None
+        save_partial_state(self.path, {"key": self.key, "done": self.done, "n": self.n, "values": self.values.copy()})
+
+    def advance(self, done: int) -> None:
+        """Probes [0, done) are measured: save / stop by the preemption rule."""
+        self.done = done
+        if self._guard is not None:
+            self._guard.checkpoint(self.save, lambda: f"MATES probe {self.path}: stopped at probe {done} of {self.n}")
+
+
+def _probe_key(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, probe_batch: torch.Tensor, valset: Any,
+               **settings: Any) -> str:
+    """What the probe values depend on: method and settings, the model and its optimizer state, probes, validation."""
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return state_fingerprint(method, sorted(settings.items()), attn, model, optimizer, probe_batch,
+                             getattr(valset, "input_ids", None), getattr(valset, "loss_mask", None), len(valset))
+
+
 def probe_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -195,24 +264,31 @@ def probe_oracle_loop(
     clip_grad_norm: float | None = None,
     val_batch_size: int = 32,
     dtype: str = "float32",
+    partial: str | Path | None = None,
 ) -> np.ndarray:
-    """The plain oracle: :func:`probe_step` on each sequence with the real optimizer, measure, restore exactly."""
+    """The plain oracle: :func:`probe_step` on each sequence with the real optimizer, measure, restore exactly.
+    ``partial``: resumable (:class:`_ProbeProgress`)."""
+    progress = _ProbeProgress(partial, _probe_key("loop", model, optimizer, probe_batch, valset, lr=lr,
+                                                  clip=clip_grad_norm, val_batch_size=val_batch_size, dtype=dtype)
+                              if partial is not None else "", probe_batch.shape[0])
     params = [p for p in model.parameters()]
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_opt = copy.deepcopy(optimizer.state_dict())
     was = model.training
-    out = np.empty(probe_batch.shape[0], dtype=np.float64)
+    out = progress.values
     model.eval()
     try:
-        for i in track(range(probe_batch.shape[0]), desc="mates probes", unit="seq"):
-            probe_step(model, optimizer, probe_batch[i : i + 1], lr=lr, grad_clip=clip_grad_norm, dtype=dtype)
-            out[i] = _validation_loss(model, valset, val_batch_size)
-            # exact restore: values copied in place, optimizer state from a deep copy (load_state_dict copies again)
-            with torch.no_grad():
-                for p, s in zip(params, saved_params):
-                    p.copy_(s)
-            optimizer.load_state_dict(copy.deepcopy(saved_opt))
+        with progress:
+            for i in track(range(progress.done, probe_batch.shape[0]), desc="mates probes", unit="seq"):
+                probe_step(model, optimizer, probe_batch[i : i + 1], lr=lr, grad_clip=clip_grad_norm, dtype=dtype)
+                out[i] = _validation_loss(model, valset, val_batch_size)
+                # exact restore: values copied in place, optimizer state from a deep copy (load_state_dict copies again)
+                with torch.no_grad():
+                    for p, s in zip(params, saved_params):
+                        p.copy_(s)
+                optimizer.load_state_dict(copy.deepcopy(saved_opt))
+                progress.advance(i + 1)
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = None if g is None else g.clone()
@@ -275,10 +351,12 @@ def probe_oracle_batched(
     val_batch_size: int = 32,
     chunk_size: int = 8,
     dtype: str = "float32",
+    partial: str | Path | None = None,
 ) -> np.ndarray:
     """The same values as :func:`probe_oracle_loop`, vectorised with ``torch.func`` over chunks of sequences.
 
-    Does not modify the model, its gradients or the optimizer.
+    Does not modify the model, its gradients or the optimizer. ``partial``: resumable at a chunk boundary
+    (:class:`_ProbeProgress`; the chunk size is part of the key, so chunks are the same on a resume).
     """
     from torch.func import functional_call, grad, vmap
 
@@ -304,10 +382,15 @@ def probe_oracle_batched(
 
     batched_val = vmap(val_ce_sum, in_dims=(0, None, None))
     count = sum(int(m.sum()) for _, m in val_batches)
-    out = np.empty(probe_batch.shape[0], dtype=np.float64)
+    n = probe_batch.shape[0]
+    progress = _ProbeProgress(partial, _probe_key("batched", model, optimizer, probe_batch, valset, lr=lr,
+                                                  clip=clip_grad_norm, val_batch_size=val_batch_size, dtype=dtype,
+                                                  chunk_size=chunk_size)
+                              if partial is not None else "", n)
+    out = progress.values
     try:
-        with torch.no_grad():  # torch.func.grad computes its own gradients inside
-            for s in track(range(0, probe_batch.shape[0], chunk_size), desc=f"mates probes (x{chunk_size})", unit="chunk"):
+        with torch.no_grad(), progress:  # torch.func.grad computes its own gradients inside
+            for s in track(range(progress.done, n, chunk_size), desc=f"mates probes (x{chunk_size})", unit="chunk"):
                 x = probe_batch[s : s + chunk_size].to(dev)
                 with torch.enable_grad(), autocast_context(dev, dtype):
                     grads = per_sample_grad(params, x)
@@ -322,6 +405,7 @@ def probe_oracle_batched(
                     total += batched_val(stepped, ids, m).double()
                 out[s : s + x.shape[0]] = (total / max(count, 1)).cpu().numpy()
                 del stepped
+                progress.advance(s + x.shape[0])
     finally:
         model.train(was)
     return out
@@ -340,6 +424,7 @@ def probe_oracle(
     chunk_size: int = 8,
     attn_implementation: str | None = "auto",
     dtype: str = "float32",
+    partial: str | Path | None = None,
 ) -> np.ndarray:
     """Oracle influence [N]: validation loss after one optimizer step on each row of ``probe_batch`` [N, L] alone.
 
@@ -347,6 +432,10 @@ def probe_oracle(
     after each probe). Both leave the model parameters, gradients and optimizer state as they found them.
     ``attn_implementation`` temporarily switches the model's attention ("auto": eager for batched, which vmap
     batches natively; unchanged for loop); ``dtype`` is the training loop's autocast setting.
+    ``partial`` (a file path): the probe is resumable: the probes done so far are saved there on SIGTERM (which
+    then stops the probe in one line) and at least every ``$LMSELECT_CHECKPOINT_EVERY_S`` seconds, and a call with
+    the same inputs resumes there, with the values of an uninterrupted probe bit for bit. The caller removes the
+    file once it has written the finished values.
     """
     if attn_implementation == "auto":
         attn_implementation = "eager" if method == "batched" else None
@@ -354,12 +443,12 @@ def probe_oracle(
         if method == "loop":
             return probe_oracle_loop(
                 model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm,
-                val_batch_size=val_batch_size, dtype=dtype,
+                val_batch_size=val_batch_size, dtype=dtype, partial=partial,
             )
         if method == "batched":
             return probe_oracle_batched(
                 model, optimizer, probe_batch, valset, lr=lr, clip_grad_norm=clip_grad_norm,
-                val_batch_size=val_batch_size, chunk_size=chunk_size, dtype=dtype,
+                val_batch_size=val_batch_size, chunk_size=chunk_size, dtype=dtype, partial=partial,
             )
     raise LmselectError(f"unknown MATES probe method '{method}' (batched, loop)")
 
@@ -383,11 +472,20 @@ def predict(scorer: nn.Module, pool: Any, ids: np.ndarray, batch_size: int = 64,
 
 
 def train_influence_model(
-    cfg: MatesConfig, target_model: nn.Module, tokens: torch.Tensor, values: np.ndarray, vocab_size: int, device: Any = None
+    cfg: MatesConfig, target_model: nn.Module, tokens: torch.Tensor, values: np.ndarray, vocab_size: int, device: Any = None,
+    *, partial: str | Path | None = None,
 ) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """Regress z-normalised ``values`` from ``tokens`` [N, L]; returns (best scorer, info, log records)."""
+    """Regress z-normalised ``values`` from ``tokens`` [N, L]; returns (best scorer, info, log records).
+
+    ``partial`` (a file path): resumable by the preemption rule (``train.loop.PreemptionGuard``): the training state
+    (scorer, optimizer, step, best step and its weights, log, minibatch generator and global RNG) is saved there on
+    SIGTERM (which then stops the training in one line) and at least every ``$LMSELECT_CHECKPOINT_EVERY_S`` seconds;
+    a call with the same inputs resumes there and returns what an uninterrupted call returns, bit for bit. The
+    caller removes the file once it has saved the finished model.
+    """
     from lmselect.models.presets import build_model
     from lmselect.models.scorer import SequenceScorer
+    from lmselect.train.loop import PreemptionGuard
 
     n = len(values)
     if n < 4:
@@ -421,25 +519,54 @@ def train_influence_model(
         scorer.train()
         return spearman(preds, z_hold, undefined=float("nan"))  # nan: never the best step
 
-    best = evaluate()
-    best = best if np.isfinite(best) else -np.inf
-    best_state = {k: v.detach().clone() for k, v in scorer.state_dict().items()}
-    best_step = 0
-    log: list[dict[str, Any]] = [{"step": 0, "holdout_spearman": best}]
+    key = ""
+    st = None
+    if partial is not None:
+        settings = {k: v for k, v in vars(cfg).items() if k.startswith("influence_")}
+        settings.update(holdout=cfg.holdout, seed=cfg.seed, predict_batch_size=cfg.predict_batch_size, device=str(dev))
+        key = state_fingerprint(sorted(settings.items()), vocab_size, tokens, y,
+                                target_model if cfg.influence_init == "target" else None)
+        st = load_partial_state(partial, key, "the MATES influence model")
+    if st is not None:  # resume: everything the remaining steps read
+        scorer.load_state_dict(st["scorer"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        set_rng_state(st["rng"])
+        start, best, best_step, best_state, log = st["step"], st["best"], st["best_step"], st["best_state"], st["log"]
+        logger.info("%s: resuming the influence model at step %d of %d", partial, start, cfg.influence_steps)
+    else:
+        best = evaluate()
+        best = best if np.isfinite(best) else -np.inf
+        best_state = {k: v.detach().clone() for k, v in scorer.state_dict().items()}
+        best_step, start = 0, 0
+        log = [{"step": 0, "holdout_spearman": best}]
+    step = start
+
+    def save() -> None:
+        save_partial_state(partial, {
+            "key": key, "step": step, "scorer": scorer.state_dict(), "optimizer": opt.state_dict(),
+            "generator": gen.get_state(), "rng": rng_state(), "best": best, "best_step": best_step,
+            "best_state": best_state, "log": log,
+        })
+
     scorer.train()
-    for step in track(range(1, cfg.influence_steps + 1), desc="influence model", unit="step"):
-        rows = torch.from_numpy(train)[torch.randint(0, len(train), (min(cfg.influence_batch_size, len(train)),), generator=gen)]
-        pred = scorer(tokens[rows].to(dev))
-        loss = torch.mean((pred.float() - z[rows].to(dev)) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % cfg.influence_eval_every == 0 or step == cfg.influence_steps:
-            rho = evaluate()
-            log.append({"step": step, "mse": float(loss.detach()), "holdout_spearman": rho})
-            if np.isfinite(rho) and rho > best:
-                best, best_step = rho, step
-                best_state = {k: v.detach().clone() for k, v in scorer.state_dict().items()}
+    with PreemptionGuard() if partial is not None else contextlib.nullcontext() as guard:
+        for step in track(range(start + 1, cfg.influence_steps + 1), desc="influence model", unit="step"):
+            rows = torch.from_numpy(train)[torch.randint(0, len(train), (min(cfg.influence_batch_size, len(train)),), generator=gen)]
+            pred = scorer(tokens[rows].to(dev))
+            loss = torch.mean((pred.float() - z[rows].to(dev)) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % cfg.influence_eval_every == 0 or step == cfg.influence_steps:
+                rho = evaluate()
+                log.append({"step": step, "mse": float(loss.detach()), "holdout_spearman": rho})
+                if np.isfinite(rho) and rho > best:
+                    best, best_step = rho, step
+                    best_state = {k: v.detach().clone() for k, v in scorer.state_dict().items()}
+            if guard is not None:
+                guard.checkpoint(save, lambda s=step: f"MATES influence model {partial}: stopped at step {s} of "
+                                                     f"{cfg.influence_steps}")
     scorer.load_state_dict(best_state)
     scorer.eval()
     info = {"best_spearman": float(best), "best_step": best_step, "y_mean": mu, "y_std": sd, "n_train": len(train), "n_holdout": len(hold)}
@@ -565,9 +692,11 @@ def run_mates_round(
         values = probe_oracle(
             model, opt, pool.batch(probe_ids), vset, method=cfg.probe_method, lr=lr, clip_grad_norm=clip,
             val_batch_size=cfg.val_batch_size, chunk_size=cfg.probe_chunk, attn_implementation=attn, dtype=dtype,
+            partial=out / PROBE_PARTIAL,
         )
         del model, opt
         _write_parquet(out / "oracle.parquet", {"seq_id": probe_ids, "val_loss": values})
+        (out / PROBE_PARTIAL).unlink(missing_ok=True)  # after the finished file: a kill in between loses nothing
         timings["oracle_s"] = time.perf_counter() - t0
 
     # 2. influence model
@@ -576,9 +705,11 @@ def run_mates_round(
         info = json.loads((out / "influence_model" / "scorer.json").read_text())
     else:
         t0 = time.perf_counter()
-        scorer, info, log = train_influence_model(cfg, target_model, pool.batch(probe_ids), values, pool.vocab_size, dev)
+        scorer, info, log = train_influence_model(cfg, target_model, pool.batch(probe_ids), values, pool.vocab_size, dev,
+                                                  partial=out / INFLUENCE_PARTIAL)
         atomic_write_text(out / "influence_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
         scorer.save_pretrained(out / "influence_model", extra={**info, "method": "mates", "tokenizer_fingerprint": pool.tokenizer_fingerprint})
+        (out / INFLUENCE_PARTIAL).unlink(missing_ok=True)
         timings["influence_s"] = time.perf_counter() - t0
 
     # 3. predictions over the next shard

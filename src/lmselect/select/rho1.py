@@ -40,11 +40,22 @@ from torch import nn
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, read_manifest, write_manifest
 from lmselect.config import check_fraction
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
-from lmselect.log import track
+from lmselect.log import Progress
 from lmselect.models.losses import token_ce
 from lmselect.models.util import freeze
 from lmselect.select.base import SelectionMethod, register
+from lmselect.train.checkpoint import (
+    load_partial_state,
+    rng_state,
+    save_partial_state,
+    set_rng_state,
+    state_fingerprint,
+)
 from lmselect.train.hooks import TokenSelector
+
+# the reference's training state while it trains (inside its directory, which has no manifest until the finished
+# reference replaces the whole directory): saved by the preemption rule, never read as a reference
+REFERENCE_PARTIAL = "reference_state.pt"
 
 
 @dataclass
@@ -126,7 +137,11 @@ def train_reference(
     list of strings). Batches are drawn uniformly with replacement from a generator seeded with ``cfg.seed``
     (offset 0). ``init_model`` is not modified. The result is saved as an HF checkpoint directory (config, weights,
     tokenizer, ``ref_log.jsonl``) with manifest kind="reference"; if ``out_dir`` already holds a complete one it is
-    loaded instead (the short reference run restarts from scratch if it was interrupted).
+    loaded instead. Preemption (``train.loop.PreemptionGuard``): the training state (model, optimizer, step, batch
+    generator, RNG, log) is saved to ``out_dir/reference_state.pt`` on SIGTERM (which then stops the training in one
+    line) and at least every ``$LMSELECT_CHECKPOINT_EVERY_S`` seconds; a rerun with the same inputs resumes there
+    and ends with the weights of an uninterrupted run, bit for bit. Until the finished reference replaces the
+    directory it has no manifest, so a partial one is never loaded as a reference.
     Returns the frozen reference (eval mode, no grad).
     """
     out_dir = Path(out_dir)
@@ -135,6 +150,7 @@ def train_reference(
     from lmselect.config import dump_yaml, to_dict
     from lmselect.data.tokenizer import tokenizer_fingerprint
     from lmselect.data.valset import ValidationSet, read_texts
+    from lmselect.train.loop import PreemptionGuard
 
     if cfg.files:
         texts = [t for f in cfg.files for t in read_texts(Path(f))]
@@ -157,21 +173,44 @@ def train_reference(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     log: list[str] = []
-    t0 = time.perf_counter()
     loss_val = float("nan")
-    for step in track(range(cfg.steps), desc="rho1 reference", unit="step"):
-        rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
-        x, m = ids[rows].to(device), mask[rows].to(device)
-        ce = token_ce(model(input_ids=x).logits, x)
-        loss = (ce * m).sum() / m.sum().clamp_min(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip and cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loss_val = float(loss.detach())
-        log.append(f'{{"step": {step + 1}, "loss": {loss_val:.6f}}}')
-    seconds = time.perf_counter() - t0
+    done, seconds_before = 0, 0.0
+    partial = out_dir / REFERENCE_PARTIAL
+    key = state_fingerprint(to_dict(cfg), str(device), init_model, ids, mask)
+    st = load_partial_state(partial, key, "the reference training")
+    if st is not None:  # resume: everything the remaining steps read
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        set_rng_state(st["rng"])
+        done, log, loss_val, seconds_before = int(st["step"]), list(st["log"]), float(st["loss"]), float(st["seconds"])
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_partial_state(partial, {
+            "key": key, "step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "generator": gen.get_state(), "rng": rng_state(), "log": log, "loss": loss_val,
+            "seconds": seconds_before + time.perf_counter() - t0,
+        })
+
+    with PreemptionGuard() as guard, Progress(cfg.steps, initial=done, desc=f"{method} reference", unit="step") as bar:
+        while done < cfg.steps:
+            rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
+            x, m = ids[rows].to(device), mask[rows].to(device)
+            ce = token_ce(model(input_ids=x).logits, x)
+            loss = (ce * m).sum() / m.sum().clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip and cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            loss_val = float(loss.detach())
+            done += 1
+            log.append(f'{{"step": {done}, "loss": {loss_val:.6f}}}')
+            bar.update(1)
+            guard.checkpoint(save, lambda d=done: f"{method} reference {out_dir}: stopped at step {d} of {cfg.steps}")
+    seconds = seconds_before + time.perf_counter() - t0
     freeze(model)
 
     with atomic_path(out_dir) as tmp:

@@ -87,6 +87,80 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# partial state of a single-process loop (MATES probes and influence model, the RHO-1 reference)
+
+
+def state_fingerprint(*parts: Any) -> str:
+    """A digest of what a saved partial state was computed from, so that a rerun with other inputs starts afresh
+    instead of resuming another computation. Tensors and arrays count by their bytes (moved to the CPU); modules and
+    optimizers by the float64 sum and sum of squares of each state tensor, computed on its device (cheap for a large
+    model; a guard against resuming another model's work, not a proof); anything else by its ``repr``."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+
+    def add(x: Any) -> None:
+        if isinstance(x, torch.nn.Module):
+            for name, t in x.state_dict().items():
+                h.update(name.encode())
+                add_sums(t)
+        elif isinstance(x, torch.optim.Optimizer):
+            sd = x.state_dict()
+            h.update(repr(sd["param_groups"]).encode())
+            for k in sorted(sd["state"]):
+                for name, t in sorted(sd["state"][k].items()):
+                    h.update(f"{k}.{name}".encode())
+                    if isinstance(t, torch.Tensor):
+                        add_sums(t)
+                    else:
+                        h.update(repr(t).encode())
+        elif isinstance(x, torch.Tensor):
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(np.ascontiguousarray(x.detach().cpu().numpy()).tobytes())
+        elif isinstance(x, np.ndarray):
+            h.update(f"{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        else:
+            h.update(repr(x).encode())
+
+    def add_sums(t: torch.Tensor) -> None:
+        d = t.detach().double()
+        h.update(repr((tuple(t.shape), float(d.sum()), float((d * d).sum()))).encode())
+
+    for p in parts:
+        add(p)
+    return h.hexdigest()
+
+
+def save_partial_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a loop's partial state atomically (``torch.save`` into a temp file, renamed): a kill while saving
+    leaves the previous one."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_partial_state(path: str | Path, key: str, what: str) -> dict[str, Any] | None:
+    """The partial state at ``path`` when it was saved with fingerprint ``key`` (its ``"key"`` entry); else None,
+    with a warning naming the file when one made from other inputs (or unreadable) is set aside."""
+    import logging
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a damaged partial file is only lost work, never an error
+        logging.getLogger("lmselect.train").warning("%s: unreadable (%s); %s starts from the beginning", path,
+                                                    str(e).splitlines()[0] if str(e) else type(e).__name__, what)
+        return None
+    if not isinstance(st, dict) or st.get("key") != key:
+        logging.getLogger("lmselect.train").warning(
+            "%s: saved by a run with other inputs or settings; %s starts from the beginning", path, what)
+        return None
+    return st
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # writing
 
 

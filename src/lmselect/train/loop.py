@@ -145,6 +145,20 @@ class PreemptionGuard:
     def stop_now(self) -> None:
         self.term.stop_now()
 
+    def checkpoint(self, save: Callable[[], Any], stopped: Callable[[], str]) -> None:
+        """The rule after one unit of single-process work (a MATES probe chunk, an influence-model or reference
+        step): ``save()`` when SIGTERM arrived or the interval is up; after a SIGTERM, then stop: one warning
+        ``stopped()`` + "; rerun the same command to resume from there", and the previous handler acts (the CLI's
+        raises ``Terminated``, exit 143), else ``KeyboardInterrupt``."""
+        stop, due = self.check(False)
+        if stop or due:
+            save()
+            self.saved()
+        if stop:
+            log.warning("%s; rerun the same command to resume from there", stopped())
+            self.stop_now()
+            raise KeyboardInterrupt  # the previous handler did not stop the process (it ignores SIGTERM)
+
 
 @dataclass
 class TrainConfig:
