@@ -122,7 +122,7 @@ def test_results_md_and_json(reported_run):
     assert "| rho1 | 0 | 2/2 |" in md
     for m in METHODS:
         assert f"| {m} | mean of 2 |" in md
-    assert "## Per-task accuracy" in md and "| winogrande | acc_norm |" in md
+    assert "## Per task (final round" in md and "| winogrande | acc_norm |" in md
     # eval-vs-tokens: one row per evaluated round, values from that round's eval/results.json
     curves = {(c["method"], c["seed"], c["round"]): c for c in res["curves"]}
     r1 = read_json(reported_run / "bliss/seed0/round1/eval/results.json")
