@@ -84,3 +84,20 @@ def test_headroom_is_the_share_of_the_positive_controls_delta():
     assert share["ratio"] == pytest.approx(sum(dm) / sum(dp))
     assert share["ci95"] == pytest.approx(ratio_interval(dm, dp)["ci95"]) and share["seeds"] == [0, 1, 2]
     assert headroom([r for r in ROWS if r["method"] != "control_positive"]) == {}
+
+
+def test_scale_agreement_counts_pairs_ordered_alike_and_names_the_seeds():
+    from lmselect.compare import agreement_markdown, scale_agreement
+
+    # scale B: bliss and random swap on the LAMBADA loss (bliss worse than random), every other order kept
+    rows_b = [dict(r, val_loss={"lambada": r["val_loss"]["lambada"] + (0.3 if r["method"] == "bliss" else 0.0)})
+              for r in ROWS if r["seed"] < 2]
+    agr = scale_agreement({"debug": {"rows": ROWS}, "pythia-14m": {"rows": rows_b}})
+    lam = agr["metrics"]["val_loss.lambada"]
+    # arms: bliss, control_negative, control_positive, random -> 6 pairs; bliss moves from 2nd best to worst:
+    # (bliss, random) and (bliss, control_negative) swap
+    assert lam["pairs"] == 6 and lam["agree"] == 4 and lam["accuracy"] == pytest.approx(4 / 6)
+    assert agr["metrics"]["downstream_prob"]["accuracy"] == 1.0
+    assert agr["seeds"]["debug"]["bliss"] == [0, 1, 2] and agr["seeds"]["pythia-14m"]["bliss"] == [0, 1]
+    md = agreement_markdown(agr)
+    assert "| lambada loss | 4 | 0.67 (4/6) |" in md and "pythia-14m: bliss 2" in md

@@ -220,7 +220,22 @@ def _known_answer() -> dict[str, str]:
     return known_answer_controls()
 
 
-def known_answer_verdicts(paired: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _planted_shares(data: RunData) -> dict[str, float | None]:
+    """Per known-answer arm: the mean share of its selection budget that was planted documents (the summary's
+    ``planted_selected`` / ``k`` over rounds and seeds): the dose of target-like text (or junk) the arm adds to
+    random's selection."""
+    out = {}
+    for m in _known_answer():
+        vals = [rd.summary["planted_selected"] / rd.summary["k"] for seeds in [data.rounds.get(m) or {}]
+                for rounds in seeds.values() for rd in rounds.values()
+                if isinstance(rd.summary, dict) and rd.summary.get("k") and "planted_selected" in rd.summary]
+        if vals:
+            out[m] = finite_mean(vals)
+    return out
+
+
+def known_answer_verdicts(paired: dict[str, dict[str, Any]],
+                          planted_share: dict[str, float | None] | None = None) -> dict[str, Any]:
     """Whether the comparison detects each known-answer control arm beyond its noise, per metric.
 
     A control is *detected* on a metric when its paired 95 % interval against random excludes 0 on the side its
@@ -238,7 +253,8 @@ def known_answer_verdicts(paired: dict[str, dict[str, Any]]) -> dict[str, Any]:
             better = (v["mean"] < 0) == (v["better"] == "lower")
             per[k] = {"detected": bool(not v["within_noise"] and better == (kind == "positive")),
                       "wrong_side": bool(not v["within_noise"] and better != (kind == "positive"))}
-        out["arms"][m] = {"kind": kind, "metrics": per, "detected_on": [k for k, d in per.items() if d["detected"]]}
+        out["arms"][m] = {"kind": kind, "metrics": per, "detected_on": [k for k, d in per.items() if d["detected"]],
+                          "planted_share": (planted_share or {}).get(m)}
     out["can_rank"] = any(a["detected_on"] for a in out["arms"].values())
     return out
 
@@ -402,7 +418,7 @@ def results(data: RunData) -> dict[str, Any]:
         "paired_vs_random": _with_power(paired, noise),
         "paired_vs_level_control": {c: _with_power(p, noise) for c, p in _paired_vs_level_controls(rows).items()},
         "paired_vs_best_baseline": _best_with_power(_paired_vs_best_baseline(rows), noise),
-        "known_answer_controls": known_answer_verdicts(paired),
+        "known_answer_controls": known_answer_verdicts(paired, _planted_shares(data)),
         "headroom": headroom(rows),
         "tasks": tasks,
     }
@@ -693,8 +709,10 @@ def _controls_table(res: dict[str, Any]) -> tuple[tuple[list[str], list[list[str
     keys = [k for k in metric_keys(res.get("rows") or []) if any(k in (paired.get(m) or {}) for m in ka["arms"])]
     rows, bullets = [], []
     for m, a in ka["arms"].items():
-        row = [m, "positive (planted target-like documents: must help)" if a["kind"] == "positive"
-               else "negative (known junk: must hurt)"]
+        share = a.get("planted_share")
+        dose = "" if share is None else f"; {100 * share:.1f} % of its selection planted"
+        row = [m, ("positive (planted target-like documents: must help" if a["kind"] == "positive"
+                   else "negative (planted junk, then the most repetitive: must hurt") + dose + ")"]
         for k in keys:
             v = (paired.get(m) or {}).get(k)
             d = a["metrics"].get(k)
@@ -706,6 +724,11 @@ def _controls_table(res: dict[str, Any]) -> tuple[tuple[list[str], list[list[str
         rows.append(row)
         bullets.append(f"{m}: " + (f"detected beyond noise on {', '.join(_paired_label(k)[2:] for k in a['detected_on'])}"
                                    if a["detected_on"] else "not detected on any metric"))
+    pos = [a for a in ka["arms"].values() if a["kind"] == "positive" and a.get("planted_share") is not None]
+    if pos and pos[0]["planted_share"] < 0.1:
+        bullets.append(f"The positive control differs from random in only {100 * pos[0]['planted_share']:.1f} % of its "
+                       "selection (the planted target-like sequences that reach the candidates): a weak control; "
+                       "not detecting it bounds only effects of that size.")
     if not ka["can_rank"]:
         bullets.append("Neither control is detected beyond noise: nothing at this scale can be ranked (a method's "
                        "\"within noise\" says nothing about whether it helps).")
