@@ -67,8 +67,12 @@ def test_positive_control_selects_the_planted_target_like_documents_then_random(
     k = n_select(40, 0.25)
     sels = []
     for seed in (0, 1):
-        s = m.select(_ctx(planted_pool, seed))
+        ctx = _ctx(planted_pool, seed)
+        s = m.select(ctx)
         ids = np.asarray(s.ids)
+        # the fill is random's own selection at this seed: the arm differs from random only by the planted swaps
+        rand = set(get_method("random").select(ctx).ids.tolist())
+        assert set(ids.tolist()) - {3, 4, 9} <= rand and len(rand - set(ids.tolist())) == len({3, 4, 9} - rand)
         assert len(ids) == k == 10 and len(set(ids.tolist())) == k
         assert {3, 4, 9} <= set(ids.tolist())  # every planted target-like sequence, the packed tail included
         assert s.extra["planted_selected"] == 3 and s.extra["planted_candidates"] == 3
@@ -93,3 +97,8 @@ def test_negative_control_selects_the_junk_then_the_most_repetitive(planted_pool
 def test_controls_are_registered_and_left_out_of_default_comparisons():
     assert known_answer_controls() == {"control_negative": "negative", "control_positive": "positive"}
     assert set(method_names()) - set(comparable_method_names()) == {"control_negative", "control_positive"}
+
+
+def test_positive_control_without_planted_documents_is_random(tiny_pool):
+    ctx = _ctx(tiny_pool, seed=3, fraction=0.5)
+    assert np.array_equal(get_method("control_positive").select(ctx).ids, get_method("random").select(ctx).ids)

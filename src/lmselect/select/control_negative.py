@@ -15,8 +15,7 @@ import numpy as np
 from lmselect.context import STREAM_SELECT, RoundContext
 from lmselect.data.planted import JUNK, sequences_with_sources
 from lmselect.select.base import Selection, SelectionMethod, register
-from lmselect.select.control_positive import first_then_fill
-from lmselect.select.topk import n_select
+from lmselect.select.topk import first_then_fill, n_select
 
 
 def distinct_token_share(tokens: np.ndarray) -> np.ndarray:
@@ -43,7 +42,7 @@ class NegativeControl(SelectionMethod):
         share = distinct_token_share(ctx.pool.tokens[cand])
         order = cand[np.lexsort((cand, share))]  # fewest distinct tokens first, ties by id
         rng = np.random.default_rng(ctx.derived_seed(STREAM_SELECT))  # only when the junk alone exceeds k
-        ids = first_then_fill(cand, junk, order, k, rng)
+        ids = first_then_fill(junk, order, k, rng)
         scores = -share + 2.0 * np.isin(cand, junk)  # higher = preferred: junk first, then the most repetitive
         return Selection(ids, scores=scores, extra={"planted_candidates": int(len(junk)),
                                                     "planted_selected": int(np.isin(ids, junk).sum()),

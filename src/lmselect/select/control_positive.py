@@ -5,8 +5,11 @@ The pool of a controlled comparison holds held-out selection-set passages plante
 Training on them must lower the report-set LAMBADA loss, since they are the same kind of text, so this arm has a known
 answer: a comparison that cannot tell it from random at its number of seeds cannot rank anything whose effect is
 smaller. Per round: every candidate sequence holding part of a planted target-like document (all of them when they
-fit in the budget k = ``select_fraction`` of the candidates, else a seeded random k of them), then a seeded uniform
-sample of the other candidates to fill k. In a pool without planted documents it is random selection (logged).
+fit in the budget k = ``select_fraction`` of the candidates, else a seeded random k of them), then random to fill k:
+the fill is taken from *random's own selection at the same seed* (in a seeded order), and only past it from the
+other candidates. So the arm is random's selection with a few sequences swapped for the planted ones, and its
+paired Δ to random measures those documents rather than a second random draw. In a pool without planted documents
+it is exactly random selection (logged).
 """
 
 from __future__ import annotations
@@ -18,20 +21,9 @@ import numpy as np
 from lmselect.context import STREAM_SELECT, RoundContext
 from lmselect.data.planted import TARGET, sequences_with_sources
 from lmselect.select.base import Selection, SelectionMethod, register
-from lmselect.select.topk import n_select
+from lmselect.select.topk import first_then_fill, n_select, random_fraction
 
 log = logging.getLogger("lmselect.select")
-
-
-def first_then_fill(cand: np.ndarray, first: np.ndarray, fill_order: np.ndarray, k: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Sorted k ids: all of ``first`` (a seeded random k of them when more), then ``fill_order``'s leading ids that
-    are not in ``first`` (``fill_order`` is a permutation of ``cand``)."""
-    first = np.asarray(first, dtype=np.int64)
-    if len(first) >= k:
-        return np.sort(rng.choice(first, size=k, replace=False))
-    rest = fill_order[~np.isin(fill_order, first)]
-    return np.sort(np.concatenate([first, rest[: k - len(first)]]).astype(np.int64))
 
 
 @register
@@ -51,9 +43,12 @@ class PositiveControl(SelectionMethod):
         if len(planted) == 0:
             log.warning("control_positive: no planted target-like documents among round %d's candidates (run it "
                         "through lmselect compare --controls); it selects at random", ctx.round)
-        rng = np.random.default_rng(ctx.derived_seed(STREAM_SELECT))
-        ids = first_then_fill(cand, planted, rng.permutation(cand), k, rng)
+        seed = ctx.derived_seed(STREAM_SELECT)
+        rand = random_fraction(cand, ctx.fraction, seed)  # what random selects at this seed and round
+        rng = np.random.default_rng([seed, 1])  # the order in which random's picks give way to the planted ones
+        fill = np.concatenate([rng.permutation(rand), rng.permutation(np.setdiff1d(cand, rand))])
+        ids = first_then_fill(planted, fill, k, rng)
         scores = np.isin(cand, planted).astype(np.float64)  # 1 = planted target-like, the rest tie at 0
         return Selection(ids, scores=scores, extra={"planted_candidates": int(len(planted)),
                                                     "planted_selected": int(np.isin(ids, planted).sum()),
-                                                    "fill": "seeded uniform"})
+                                                    "fill": "random's selection at this seed"})
