@@ -189,9 +189,11 @@ def continuous_average(per_task: dict[str, dict[str, Any]], metric: str,
     present = [t for t in tasks if isinstance((per_task.get(t) or {}).get(metric), (int, float))]
     if not present:
         return {"value": None, "stderr": None, "n_tasks": 0, "tasks": [], "complete": False}
+    from lmselect.stats import se_of_mean
+
     ses = [per_task[t].get(f"{metric}_stderr") for t in present]
     return {"value": float(np.mean([per_task[t][metric] for t in present])),
-            "stderr": math.sqrt(sum(s * s for s in ses)) / len(ses) if all(s is not None for s in ses) else None,
+            "stderr": se_of_mean(ses) if all(s is not None for s in ses) else None,
             "n_tasks": len(present), "tasks": present, "complete": len(present) == len(tasks)}
 
 
