@@ -750,7 +750,7 @@ def _headroom_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | 
             elif v.get("ci95"):
                 row.append(f"{v['ratio']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]")
             else:
-                row.append(f"{v['ratio']:+.2f} (interval unbounded: the positive control is within its own noise)")
+                row.append(f"{v['ratio']:+.2f} [unbounded]")
         rows.append(row)
     return ["method", *[f"share of {hr['positive_control']}'s {_paired_label(k)}" for k in keys]], rows
 
@@ -847,7 +847,8 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
         "that detects neither cannot rank methods at this scale.", ctable, cbullets)
     add("Headroom: each method's Δ to random as a share of the positive control's Δ (Fieller 95 % interval)",
         "1 = the whole gain that selecting the planted target-like documents gives; 0 = none; below 0 = the other "
-        "way. Unbounded when the positive control's own Δ is within noise.", _headroom_table(res))
+        "way. [unbounded]: the positive control's own Δ is within its noise, so the share can be anything.",
+        _headroom_table(res))
     for ctrl, paired in (res.get("paired_vs_level_control") or {}).items():
         add(f"Paired difference to {ctrl} (methods of its level; by seed; mean [95 % t interval])",
             f"Δ = method − {ctrl} on the same seed: the same tokens fed and the same kept fraction, chosen at random. "
