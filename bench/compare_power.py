@@ -76,8 +76,9 @@ def verdict(scale: str, res: dict) -> list[str]:
     lines = []
     ka = res.get("known_answer_controls") or {}
     for m, a in (ka.get("arms") or {}).items():
-        on = ", ".join(_paired_label(k)[2:] for k in a["detected_on"]) or "no metric"
-        lines.append(f"{scale}: the {a['kind']} control ({m}) is detected beyond noise on {on}.")
+        on = ", ".join(_paired_label(k)[2:] for k in a["detected_on"])
+        lines.append(f"{scale}: the {a['kind']} control ({m}) is " + (f"detected beyond noise on {on}." if on else
+                                                                      "not detected beyond noise on any metric."))
     if ka and not ka.get("can_rank"):
         lines.append(f"{scale}: neither control is detected, so nothing at this scale can be ranked.")
     controls = set(ka.get("arms") or {})
@@ -105,6 +106,7 @@ def run() -> int:
     args, overrides = ap.parse_known_args()
     cmd = ["compare", "demo", "--controls", "--seeds", str(args.seeds), "--methods", args.methods,
            "--scales", args.scales, "--out", args.out, "--no-report", *overrides]
+    commit = git_commit(Path(__file__).resolve().parent) or "unknown"  # the code that runs, taken before it runs
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     rc = main(cmd)
@@ -114,7 +116,6 @@ def run() -> int:
     out = Path(args.out)
     scales = [s.strip() for s in args.scales.split(",")]
     agreement = (out / "agreement.md").read_text()
-    commit = git_commit(Path(__file__).resolve().parent) or "unknown"
     body = [
         f"# Comparison power at demo scale: {args.methods} with controls, scales {args.scales}", "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min",
