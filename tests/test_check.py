@@ -418,3 +418,45 @@ def test_check_plants_into_the_corpus_a_prepared_pool_came_from(check_recipe, tm
     err = capsys.readouterr().err
     assert "was prepared from inputs that cannot be read now" in err and "set pool.prepare.inputs" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_compare_controls_plants_the_pool_and_judges_the_known_answer_arms(check_recipe, tmp_path, capsys):
+    """`compare --controls` end to end at tiny scale: the check's planted documents are in the pool, the methods see
+    only the visible part of the selection set, the positive arm trains on every planted target-like sequence of its
+    round (the rest from random's own selection), the negative arm on the planted junk, and the table gives the noise
+    floor, the detectable effect and a verdict for both controls."""
+    import pandas as pd
+
+    from lmselect.cli import main
+    from lmselect.data.pool import TokenPool
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(check_recipe), "--controls", "--seeds", "2", "--methods", "random", "--out", str(out),
+               "--no-report", "--warmup.steps=3", "--decay.steps=0", "--rounds=1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "## What this comparison can detect" in printed and "could detect ≥" in printed
+    assert "## Known-answer controls" in printed
+    res = json.loads((out / "results.json").read_text())
+    arms = res["known_answer_controls"]["arms"]
+    assert set(arms) == {"control_positive", "control_negative"} and "can_rank" in res["known_answer_controls"]
+    assert res["noise_floor"]["val_loss.lambada"]["control_seeds"] == 2
+    assert "selection_visible.jsonl" in (out / "config.yaml").read_text()
+    pool = TokenPool(out / "pool")
+    docs = pd.read_parquet(out / "pool" / "docs.parquet", columns=["seq_id", "source"])
+    target = set(docs.loc[docs["source"] == "planted_target", "seq_id"])
+    junk = set(docs.loc[docs["source"].isin(["planted_shuffled", "planted_repeated", "planted_random"]), "seq_id"])
+    assert target and junk  # no prefilter here: every kind reaches the pool
+    for seed in (0, 1):
+        for rnd in (1,):
+            cand = set(pool.ids(rnd).tolist())
+            sel = {kind: set(np.load(out / kind / f"seed{seed}" / f"round{rnd}" / "selection" / "selected.npy").tolist())
+                   for kind in ("random", "control_positive", "control_negative")}
+            k = len(sel["random"])
+            assert len(sel["control_positive"]) == len(sel["control_negative"]) == k
+            pos_target = target & cand
+            assert pos_target and (pos_target <= sel["control_positive"] if len(pos_target) <= k else
+                                   sel["control_positive"] <= pos_target)
+            assert sel["control_positive"] - pos_target <= sel["random"]  # the fill is random's own selection
+            assert (junk & cand) <= sel["control_negative"] or sel["control_negative"] <= junk
+    assert 0 < arms["control_positive"]["planted_share"] <= 1
