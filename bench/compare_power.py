@@ -96,6 +96,14 @@ def verdict(scale: str, res: dict) -> list[str]:
     return lines
 
 
+def left_out(methods: str) -> list[str]:
+    """Registered comparable methods this run did not include (random_tokens comes with a token-level method)."""
+    from lmselect.select.base import comparable_method_names
+
+    asked = {m.strip() for m in methods.split(",")}
+    return [m for m in comparable_method_names() if m not in asked]
+
+
 def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -122,7 +130,8 @@ def run() -> int:
         f"- commit: {commit}",
         f"- machine: {machine()}",
         "- command: `" + " ".join(["python", "bench/compare_power.py", *map(shlex.quote, sys.argv[1:])]) + "`",
-        f"  (runs `lmselect {' '.join(map(shlex.quote, cmd))}`)", "",
+        f"  (runs `lmselect {' '.join(map(shlex.quote, cmd))}`)",
+        f"- methods left out (to fit the time budget): {', '.join(left_out(args.methods)) or 'none'}", "",
         "Every number is on the held-out report sets or the nine downstream tasks, which no method has seen; the "
         "pool holds the known-answer check's planted documents (the methods see half of the selection set). How to "
         "read the tables: docs/guide/comparisons.md.", "",
