@@ -115,6 +115,8 @@ def run() -> int:
     cmd = ["compare", "demo", "--controls", "--seeds", str(args.seeds), "--methods", args.methods,
            "--scales", args.scales, "--out", args.out, "--no-report", *overrides]
     commit = git_commit(Path(__file__).resolve().parent) or "unknown"  # the code that runs, taken before it runs
+    # a rerun into a complete OUT reuses its stages (and their wall time is not in this run's): say so in the file
+    reused = [s for s in args.scales.split(",") if (Path(args.out) / f"scale-{s.strip()}" / "manifest.json").is_file()]
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     rc = main(cmd)
@@ -126,7 +128,9 @@ def run() -> int:
     agreement = (out / "agreement.md").read_text()
     body = [
         f"# Comparison power at demo scale: {args.methods} with controls, scales {args.scales}", "",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min"
+        + (f" (stages of {', '.join(reused)} reused from an earlier run in {args.out}: not its full cost)" if reused
+           else ""),
         f"- commit: {commit}",
         f"- machine: {machine()}",
         "- command: `" + " ".join(["python", "bench/compare_power.py", *map(shlex.quote, sys.argv[1:])]) + "`",
