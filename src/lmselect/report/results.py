@@ -46,14 +46,15 @@ def _control() -> str:
     return control_name()
 
 
-#: the downstream figures of a row beside the report-set losses: (key, better, label). The continuous ones come first:
-#: they carry signal where accuracy is at chance (DataDecide; eval/harness.py)
-DOWNSTREAM_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("downstream_prob", "higher", "9-task P(correct)"),
-    ("downstream_bpb", "lower", "9-task bits/byte (correct answer)"),
-    ("downstream_average", "higher", "9-task accuracy"),
+#: the downstream figures of a row beside the report-set losses: (key, which direction is better). The continuous
+#: ones (9-task P(correct), bits per byte of the correct answer) come first: they carry signal where accuracy is at
+#: chance (DataDecide; eval/harness.py); accuracy stays beside them
+DOWNSTREAM_METRICS: tuple[tuple[str, str], ...] = (
+    ("downstream_prob", "higher"),
+    ("downstream_bpb", "lower"),
+    ("downstream_average", "higher"),
 )
-_DOWNSTREAM_BETTER = {k: b for k, b, _ in DOWNSTREAM_METRICS}
+_DOWNSTREAM_BETTER = dict(DOWNSTREAM_METRICS)
 
 
 def metric_value(row: dict[str, Any], key: str) -> float | None:
@@ -84,7 +85,7 @@ def metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Every metric some row has, in reading order: the continuous downstream metrics, the report-set losses and
     bits per byte (set by set), then downstream accuracy."""
     sets = sorted({k for r in rows for k in (r.get("val_loss") or {})}, key=_val_key)
-    keys = [k for k, _, _ in DOWNSTREAM_METRICS[:2]]
+    keys = [k for k, _ in DOWNSTREAM_METRICS[:2]]
     for k in sets:
         keys += [f"val_loss.{k}", f"val_bpb.{k}"]
     keys.append("downstream_average")
