@@ -789,10 +789,10 @@ def _task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for m in methods:
             v = res["tasks"][m].get(t)
             cell = _fmt_acc(v["score"], v["stderr"]) if v else "–"
-            if v and (v.get("prob_correct") or {}).get("mean") is not None:
-                cell += f"; P(correct) {v['prob_correct']['mean']:.4f}"
-            if v and (v.get("bpb") or {}).get("mean") is not None:
-                cell += f"; bits/byte {v['bpb']['mean']:.4f}"
+            for ck, label in (("prob_correct", "P(correct)"), ("bpb", "bits/byte")):
+                c = (v or {}).get(ck) or {}
+                if c.get("mean") is not None:
+                    cell += f"; {label} {_pm(c['mean'], c.get('stderr'))}"
             row.append(cell)
         rows.append(row)
     return header, rows
