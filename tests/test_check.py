@@ -460,3 +460,14 @@ def test_compare_controls_plants_the_pool_and_judges_the_known_answer_arms(check
             assert sel["control_positive"] - pos_target <= sel["random"]  # the fill is random's own selection
             assert (junk & cand) <= sel["control_negative"] or sel["control_negative"] <= junk
     assert 0 < arms["control_positive"]["planted_share"] <= 1
+
+
+def test_compare_scales_is_refused_in_one_line_before_any_compute(check_recipe, tmp_path, capsys):
+    from lmselect.cli import main
+
+    for arg, msg in (("debug", "give two different target presets"), ("debug,debug", "give two different"),
+                     ("debug,pythia-99m", "unknown preset 'pythia-99m'")):
+        assert main(["compare", str(check_recipe), "--scales", arg, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "x").exists()
