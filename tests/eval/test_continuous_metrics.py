@@ -81,3 +81,37 @@ def test_tiny_model_on_two_items_matches_a_hand_computation(tiny_tokenizer):
     # the nine-task averages are over the tasks present (here one); accuracy stays beside them
     assert res["average_prob_correct"] == pytest.approx(t["prob_correct"]) and "acc" in t and "acc_norm" in t
     assert res["continuous"]["bpb"]["n_tasks"] == 1 and not res["continuous"]["bpb"]["complete"]
+
+
+def test_gold_of_a_multiple_input_task_and_lambada_bits_per_byte_by_hand(tiny_tokenizer):
+    """winogrande scores two *contexts* with one continuation (gold = doc_to_text, the harness's multiple-input
+    rule); LAMBADA has one continuation, so bits per byte only."""
+    from lmselect.models import build_model
+
+    tok = tiny_tokenizer
+    model = build_model("debug", len(tok), seed=1, eos_token_id=tok.eos_token_id).eval()
+    res = evaluate_model(model, tok, tasks=["winogrande", "lambada_openai"], limit=2, batch_size=2, seed=7)
+
+    def rows(task):
+        with open(TASKS_DIR / LOCAL_TASKS[task].file, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()][:2]
+
+    probs, bpbs = [], []
+    for d in rows("winogrande"):  # the harness's preprocess_winogrande: context up to "_" + option, then the rest
+        i = d["sentence"].index("_")
+        cont = " " + d["sentence"][i + 1:].strip()
+        lls = [_loglik(model, tok, d["sentence"][:i] + d[f"option{k}"], cont) for k in (1, 2)]
+        g = {"1": 0, "2": 1}[d["answer"]]
+        probs.append(1.0 / sum(math.exp(x - lls[g]) for x in lls))
+        bpbs.append(-lls[g] / (math.log(2) * len(cont.encode("utf-8"))))
+    w = res["tasks"]["winogrande"]
+    assert w["prob_correct"] == pytest.approx(np.mean(probs), rel=1e-4)
+    assert w["bpb"] == pytest.approx(np.mean(bpbs), rel=1e-4)
+    lam = []
+    for d in rows("lambada_openai"):  # context = all but the last word; continuation = " " + last word
+        ctx, word = d["text"].rsplit(" ", 1)
+        lam.append(-_loglik(model, tok, ctx, " " + word) / (math.log(2) * len((" " + word).encode("utf-8"))))
+    lt = res["tasks"]["lambada_openai"]
+    assert lt["bpb"] == pytest.approx(np.mean(lam), rel=1e-4) and "prob_correct" not in lt
+    # LAMBADA is the selection target: never in the nine-task averages
+    assert res["continuous"]["bpb"]["tasks"] == ["winogrande"]
