@@ -455,3 +455,56 @@ def test_check_with_pool_path_honours_overrides_and_the_pools_decontamination(ch
     # a --key=value override of pool.prepare is honoured the same way; a reused --out with another prefilter refused
     assert main(["check", str(check_recipe), f"--pool.path={pool}", "--out", str(out), "--prepare-only"]) == 2
     assert "prepared with prefilter none" in capsys.readouterr().err
+
+
+def test_compare_controls_plants_the_pool_and_judges_the_known_answer_arms(check_recipe, tmp_path, capsys):
+    """`compare --controls` end to end at tiny scale: the check's planted documents are in the pool, the methods see
+    only the visible part of the selection set, the positive arm trains on every planted target-like sequence of its
+    round (the rest from random's own selection), the negative arm on the planted junk, and the table gives the noise
+    floor, the detectable effect and a verdict for both controls."""
+    import pandas as pd
+
+    from lmselect.cli import main
+    from lmselect.data.pool import TokenPool
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(check_recipe), "--controls", "--seeds", "2", "--methods", "random", "--out", str(out),
+               "--no-report", "--warmup.steps=3", "--decay.steps=0", "--rounds=1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "## What this comparison can detect" in printed and "could detect ≥" in printed
+    assert "## Known-answer controls" in printed
+    res = json.loads((out / "results.json").read_text())
+    arms = res["known_answer_controls"]["arms"]
+    assert set(arms) == {"control_positive", "control_negative"} and "can_rank" in res["known_answer_controls"]
+    assert res["noise_floor"]["val_loss.lambada"]["control_seeds"] == 2
+    assert "selection_visible.jsonl" in (out / "config.yaml").read_text()
+    pool = TokenPool(out / "pool")
+    docs = pd.read_parquet(out / "pool" / "docs.parquet", columns=["seq_id", "source"])
+    target = set(docs.loc[docs["source"] == "planted_target", "seq_id"])
+    junk = set(docs.loc[docs["source"].isin(["planted_shuffled", "planted_repeated", "planted_random"]), "seq_id"])
+    assert target and junk  # no prefilter here: every kind reaches the pool
+    for seed in (0, 1):
+        for rnd in (1,):
+            cand = set(pool.ids(rnd).tolist())
+            sel = {kind: set(np.load(out / kind / f"seed{seed}" / f"round{rnd}" / "selection" / "selected.npy").tolist())
+                   for kind in ("random", "control_positive", "control_negative")}
+            k = len(sel["random"])
+            assert len(sel["control_positive"]) == len(sel["control_negative"]) == k
+            pos_target = target & cand
+            assert pos_target and (pos_target <= sel["control_positive"] if len(pos_target) <= k else
+                                   sel["control_positive"] <= pos_target)
+            assert sel["control_positive"] - pos_target <= sel["random"]  # the fill is random's own selection
+            assert (junk & cand) <= sel["control_negative"] or sel["control_negative"] <= junk
+    assert 0 < arms["control_positive"]["planted_share"] <= 1
+
+
+def test_compare_scales_is_refused_in_one_line_before_any_compute(check_recipe, tmp_path, capsys):
+    from lmselect.cli import main
+
+    for arg, msg in (("debug", "give two different target presets"), ("debug,debug", "give two different"),
+                     ("debug,pythia-99m", "unknown preset 'pythia-99m'")):
+        assert main(["compare", str(check_recipe), "--scales", arg, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "x").exists()

@@ -39,8 +39,10 @@ def test_every_method_runs_end_to_end(all_methods_run):
             assert 0.5 < ex["kept_token_fraction"] < 0.7 and ex["tokens_backprop"] < 8 * 31
         else:
             assert ex["tokens_backprop"] == 8 * 31
-        # only the controls (random selection, the random token mask) select at no FLOPs of their own
-        assert (ex["selection_flops"] == 0) == (method_class(m).control or method_class(m).level_control)
+        # only the controls (random selection, the random token mask, the known-answer arms, which read source labels
+        # and token counts) select at no FLOPs of their own
+        cls = method_class(m)
+        assert (ex["selection_flops"] == 0) == bool(cls.control or cls.level_control or cls.known_answer)
         # the loop's no-grad scoring pass: token-level methods that read the target's CE; the random mask needs none
         scoring = read_manifest(out / m / "seed0" / "round2" / "target")["extra"]["scoring_forward"]
         assert scoring == (level == "token" and not method_class(m).level_control), m

@@ -10,14 +10,20 @@ import pytest
 
 from lmselect.errors import LmselectError
 from lmselect.stats import (
+    T80,
     T975,
+    decision_accuracy,
     finite_mean,
+    min_detectable_effect,
+    noise_floor,
     paired_interval,
     rankdata,
+    ratio_interval,
     sample_sd,
     se_of_mean,
     spearman,
     standard_error,
+    t80,
     t975,
 )
 
@@ -121,3 +127,72 @@ def test_summaries_skip_missing_values():
     assert sample_sd([1.0, 3.0, None]) == pytest.approx(math.sqrt(2.0)) and sample_sd([1.0]) is None
     assert standard_error([1.0, 3.0]) == pytest.approx(1.0) and standard_error([2.0]) is None
     assert se_of_mean([0.3, 0.4, None]) == pytest.approx(0.25) and se_of_mean([]) is None
+
+
+def test_t80_table_is_the_quantile_rounded_to_three_decimals():
+    for df, q in enumerate(T80, start=1):
+        assert t80(df) == q
+        assert abs(_t_cdf(q, df) - 0.80) <= _t_pdf(q, df) * 0.0005 + 1e-9, (df, q)
+    assert t80(31) == 0.842 and 0.5 * (1 + math.erf(0.842 / math.sqrt(2))) == pytest.approx(0.80, abs=2e-4)
+    with pytest.raises(LmselectError):
+        t80(0)
+
+
+def test_noise_floor_and_minimum_detectable_effect_by_hand():
+    # random's metric over 3 seeds: sd = 0.1 exactly, so an A/A difference has sd 0.1·√2
+    vals = [1.0, 1.1, 1.2]
+    nf = noise_floor(vals)
+    assert nf == pytest.approx(0.1 * math.sqrt(2))
+    # paired t, n = 3 pairs: (t_{0.975,2} + t_{0.80,2}) · sd / √3 = (4.303 + 1.061) · 0.1414 / 1.732
+    assert min_detectable_effect(nf, 3) == pytest.approx((4.303 + 1.061) * 0.1 * math.sqrt(2) / math.sqrt(3))
+    assert min_detectable_effect(1.0, 2) == pytest.approx((12.706 + 1.376) / math.sqrt(2))  # 9.96 sd at 2 seeds
+    # more seeds, smaller detectable effect; the normal limit (1.96 + 0.842) · sd / √n beyond df 30
+    assert min_detectable_effect(1.0, 3) < min_detectable_effect(1.0, 2)
+    assert min_detectable_effect(1.0, 100) == pytest.approx((1.96 + 0.842) / 10)
+    assert min_detectable_effect(1.0, 1) is None and min_detectable_effect(None, 5) is None
+    assert noise_floor([1.0]) is None and noise_floor([1.0, None]) is None
+
+
+def test_minimum_detectable_effect_has_80_percent_power_by_simulation():
+    """A paired t test at the MDE rejects in about 80 % of simulated comparisons (normal differences, n = 4)."""
+    rng = np.random.default_rng(0)
+    n, sd = 4, 1.0
+    mde = min_detectable_effect(sd, n)
+    d = rng.normal(mde, sd, size=(20000, n))
+    tstat = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    power = float((np.abs(tstat) > t975(n - 1)).mean())
+    assert 0.77 <= power <= 0.86, power  # the t-quantile formula is slightly conservative at small n
+
+
+def test_ratio_interval_matches_fieller_by_hand():
+    num = [0.1, 0.3, 0.2]  # method − random per seed
+    den = [1.0, 1.2, 0.8]  # positive control − random per seed
+    res = ratio_interval(num, den)
+    a, b = 0.2, 1.0
+    vaa, vbb, vab = 0.01 / 3, 0.04 / 3, 0.01 / 3  # sample (co)variances / n
+    t2 = 4.303 ** 2
+    qa, qb, qc = b * b - t2 * vbb, -2 * (a * b - t2 * vab), a * a - t2 * vaa
+    r = math.sqrt(qb * qb - 4 * qa * qc)
+    assert res["ratio"] == pytest.approx(0.2) and res["bounded"]
+    assert res["ci95"] == pytest.approx(sorted([(-qb - r) / (2 * qa), (-qb + r) / (2 * qa)]))
+    lo, hi = res["ci95"]
+    assert lo < 0.2 < hi
+    # every ρ inside satisfies Fieller's inequality, the end points with equality
+    for rho in (lo, hi):
+        assert (a - rho * b) ** 2 == pytest.approx(t2 * (vaa - 2 * rho * vab + rho * rho * vbb))
+    # a denominator within its own noise: unbounded
+    res0 = ratio_interval([0.1, 0.2], [1.0, -0.9])
+    assert res0["ci95"] is None and res0["bounded"] is False and res0["ratio"] == pytest.approx(0.15 / 0.05)
+    assert ratio_interval([0.1], [0.5])["ci95"] is None and ratio_interval([], [])["n"] == 0
+
+
+def test_decision_accuracy_counts_pairs_ordered_the_same_way():
+    a = {"random": 1.0, "bliss": 2.0, "pos": 3.0, "neg": 0.0}
+    b = {"random": 1.5, "bliss": 1.0, "pos": 3.0, "neg": 0.5, "only_b": 9.0}
+    res = decision_accuracy(a, b)
+    # 6 pairs of the 4 shared arms; only (random, bliss) is swapped
+    assert res["arms"] == ["bliss", "neg", "pos", "random"] and res["pairs"] == 6 and res["agree"] == 5
+    assert res["accuracy"] == pytest.approx(5 / 6)
+    # ranks over (bliss, neg, pos, random): (3, 1, 4, 2) and (2, 1, 4, 3); ρ = 1 − 6·Σd² / (n(n² − 1)) = 1 − 12/60
+    assert res["spearman"] == pytest.approx(0.8)
+    assert decision_accuracy({"x": 1.0}, {"x": 2.0})["accuracy"] is None

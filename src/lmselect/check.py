@@ -71,14 +71,12 @@ from lmselect.artifacts import (
     read_manifest,
 )
 from lmselect.config import ConfigError, replace, to_dict
+from lmselect.data.planted import JUNK, PLANTED, TARGET  # the planted sources' names, one place
 from lmselect.recipe import Recipe, load_recipe
 from lmselect.select.base import method_class
 
 log = logging.getLogger("lmselect.check")
 
-TARGET = "planted_target"
-JUNK = ("planted_shuffled", "planted_repeated", "planted_random")
-PLANTED = (TARGET,) + JUNK
 RESERVOIR = 5000  # corpus documents kept (seeded reservoir sample) to make junk from
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -317,6 +315,27 @@ def planted_recipe(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path,
         "pool.path": str((Path(out_dir) / "pool").resolve()), sel_key: planted["selection_visible"],
         "methods": [method], "seeds": list(seeds),
         "eval.downstream": False, "decay.steps": 0,
+    })
+
+
+def controlled_recipe(recipe: Recipe, planted: dict[str, Any]) -> Recipe:
+    """The recipe of a controlled comparison (``compare --controls``): the same pool preparation with the planted files
+    (target-like and junk) added to its inputs, and the methods' selection set cut to its visible part (the planted
+    target-like passages are the other part). Decontamination keeps protecting the report sets and task files; of the
+    selection set it protects the visible part, so that the planted passages are not dropped as overlaps of the
+    file they were cut from (and a planted passage that shares an n-gram with a report item is still dropped)."""
+    from lmselect.recipe import resolve_path
+
+    recipe = prepare_from_pool(recipe)
+    prep = recipe.pool.prepare
+    n_planted = sum(planted["counts"][n]["documents"] for n in PLANTED)
+    sel = resolve_path(recipe.validation.selection)
+    protected = [planted["selection_visible"] if resolve_path(p) == sel else p for p in prep.decontaminate.protected]
+    return replace(recipe, **{
+        "pool.prepare.inputs": list(prep.inputs) + [planted["files"][n] for n in PLANTED],
+        "pool.prepare.max_docs": None if prep.max_docs is None else prep.max_docs + n_planted,
+        "pool.prepare.decontaminate.protected": protected,
+        "validation.selection": planted["selection_visible"],
     })
 
 

@@ -1,4 +1,6 @@
-"""The statistics every room uses, written once: summaries over seeds, the paired 95 % t interval, Spearman's ρ.
+"""The statistics every room uses, written once: summaries over seeds, the paired 95 % t interval, Spearman's ρ, the
+noise floor and minimum detectable effect of a paired comparison, the interval of a ratio of paired means (headroom)
+and the agreement of two rankings (decision accuracy).
 
 Pure functions of numbers (numpy only; scipy is not a dependency). Callers: the report's headline numbers and
 figures (``report.results``, ``report.figures``), ``compare``, the selection diagnostics (``select.diagnostics``),
@@ -75,6 +77,91 @@ def paired_interval(diffs: Sequence[float | None]) -> dict[str, Any]:
     half = t975(n - 1) * sd / math.sqrt(n)
     lo, hi = mean - half, mean + half
     return {"n": n, "mean": mean, "sd": sd, "ci95": [lo, hi], "within_noise": bool(lo <= 0.0 <= hi)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# what a paired comparison can detect
+
+# one-sided 0.80 quantiles t_{0.80, df} for df = 1..30 (the power term of the detectable effect); beyond, the normal
+# 0.8416 rounded to 0.842
+T80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868, 0.866,
+       0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854)
+
+
+def t80(df: int) -> float:
+    """The 0.80 quantile of Student's t with ``df`` >= 1 degrees of freedom (3 decimals; 0.842 beyond df 30)."""
+    if df < 1:
+        raise LmselectError(f"t80: degrees of freedom must be >= 1, got {df}")
+    return T80[df - 1] if df <= len(T80) else 0.842
+
+
+def noise_floor(control_values: Sequence[float | None]) -> float | None:
+    """Seed-to-seed noise of a paired difference, from the seeds of the control (random selection).
+
+    Two arms that both select at random but with different seeds (different selections and data orders) differ by
+    noise alone (an A/A pair). With per-seed sd σ of the control, their difference has sd σ·√2: the yardstick every
+    paired Δ of the metric is divided by. None with fewer than two control seeds."""
+    sd = sample_sd(control_values)
+    return None if sd is None else float(sd * math.sqrt(2.0))
+
+
+def min_detectable_effect(sd_diff: float | None, n: int) -> float | None:
+    """Smallest true mean paired difference a two-sided 5 % paired t test over ``n`` pairs detects with 80 % power.
+
+    MDE = (t_{0.975, n−1} + t_{0.80, n−1}) · sd_d / √n, the usual normal-theory formula with t quantiles (it
+    approximates the noncentral-t power calculation, slightly conservatively at tiny n). ``sd_diff`` is the sd of
+    one paired difference (:func:`noise_floor`). None when n < 2 or ``sd_diff`` is unknown."""
+    if sd_diff is None or n < 2:
+        return None
+    return float((t975(n - 1) + t80(n - 1)) * sd_diff / math.sqrt(n))
+
+
+def ratio_interval(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
+    """Ratio of two paired means, mean(num) / mean(den), with Fieller's 95 % interval (the seeds are the pairs).
+
+    With a = mean(num), b = mean(den), their variances and covariance over n seeds divided by n, and t =
+    t_{0.975, n−1}, the interval is the set of ρ with (a − ρb)² <= t² (V_aa − 2ρV_ab + ρ²V_bb). It is bounded only
+    when the denominator is itself distinguishable from 0 (b² > t²V_bb); otherwise ``ci95`` is None and
+    ``bounded`` False (the ratio can be anything). Used for headroom: a method's Δ to random as a share of the
+    positive control's Δ."""
+    pairs = [(float(x), float(y)) for x, y in zip(num, den)
+             if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    n = len(pairs)
+    if n == 0:
+        return {"n": 0, "ratio": None, "ci95": None, "bounded": False}
+    a = float(np.mean([p[0] for p in pairs]))
+    b = float(np.mean([p[1] for p in pairs]))
+    ratio = a / b if b != 0 else None
+    if n < 2:
+        return {"n": n, "ratio": ratio, "ci95": None, "bounded": False}
+    cov = np.cov(np.array(pairs).T, ddof=1) / n
+    vaa, vbb, vab = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
+    t2 = t975(n - 1) ** 2
+    qa = b * b - t2 * vbb
+    qb = -2.0 * (a * b - t2 * vab)
+    qc = a * a - t2 * vaa
+    disc = qb * qb - 4.0 * qa * qc
+    if qa <= 0 or disc < 0:
+        return {"n": n, "ratio": ratio, "ci95": None, "bounded": False}
+    r = math.sqrt(disc)
+    lo, hi = sorted(((-qb - r) / (2 * qa), (-qb + r) / (2 * qa)))
+    return {"n": n, "ratio": ratio, "ci95": [lo, hi], "bounded": True}
+
+
+def decision_accuracy(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, Any]:
+    """Share of pairs of arms ordered the same way by two sets of scores (DataDecide's decision accuracy).
+
+    Over the arms present (not None) in both, every unordered pair counts once; it agrees when sign(a_i − a_j) ==
+    sign(b_i − b_j) (a tie on one side and not the other disagrees). Also Spearman's ρ of the two rankings."""
+    arms = sorted(k for k in a if k in b and a[k] is not None and b[k] is not None)
+    agree = pairs = 0
+    for i, x in enumerate(arms):
+        for y in arms[i + 1:]:
+            pairs += 1
+            agree += int(np.sign(a[x] - a[y]) == np.sign(b[x] - b[y]))  # type: ignore[operator]
+    rho = spearman(np.array([a[k] for k in arms]), np.array([b[k] for k in arms])) if len(arms) > 1 else None
+    return {"arms": arms, "pairs": pairs, "agree": agree, "accuracy": agree / pairs if pairs else None,
+            "spearman": rho}
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -256,7 +256,10 @@ def make_fake_run(
                 res = {
                     "tokens": new_tokens,
                     "val_loss": {"lambada": 5.0 - 0.4 * r - q - 0.01 * seed, "clean": 4.0 - 0.3 * r - q},
-                    "downstream": {"average": avg, "average_stderr": 0.0067, "tasks": tasks},
+                    "downstream": {"average": avg, "average_stderr": 0.0067, "tasks": tasks,
+                                   "average_prob_correct": 0.30 + q / 10 + 0.01 * r + 0.002 * seed,
+                                   "average_prob_correct_stderr": 0.01,
+                                   "average_bpb": 2.0 - q / 10 - 0.01 * r, "average_bpb_stderr": 0.02},
                 }
                 atomic_write_json(ev / "results.json", res)
                 _manifest(ev, "eval", [tgt], seed=seed, timings={"total": 3.0})

@@ -100,9 +100,16 @@ def test_results_md_and_json(reported_run):
     lines = md.splitlines()
     assert lines[0] == "# Results: RUN"
     summary = next(line for line in lines if line.startswith("| method |"))
-    assert summary == "| method | seeds | lambada loss (report set) | clean loss (report set) | 9-task avg (%) |"
+    # the continuous downstream metrics lead the table, accuracy stays beside
+    assert summary == ("| method | seeds | 9-task P(correct) | 9-task bits/byte (correct answer) | lambada loss (report "
+                       "set) | clean loss (report set) | 9-task avg (%) |")
+    assert b0["downstream_prob"] == pytest.approx(final["downstream"]["average_prob_correct"])
+    assert b0["downstream_bpb_stderr"] == pytest.approx(final["downstream"]["average_bpb_stderr"])
+    assert agg["downstream_prob"] == pytest.approx(np.mean([rows[("bliss", s)]["downstream_prob"] for s in (0, 1)]))
+    pb = res["paired_vs_random"]["bliss"]["downstream_prob"]
+    assert pb["better"] == "higher" and pb["seeds"] == [0, 1] and "mde" in pb and "ratio_to_noise" in pb
     sd = np.std([rows[("bliss", s)]["val_loss"]["lambada"] for s in (0, 1)], ddof=1)
-    assert f"| bliss | 2 | {agg['val_loss']['lambada']:.4f} ± {sd:.4f} |" in md
+    assert f"| {agg['val_loss']['lambada']:.4f} ± {sd:.4f} |" in md and "| bliss | 2 | " in md
     # paired by seed against random, with a 95 % t interval (2 seeds: t = 12.706)
     d = [rows[("bliss", s)]["val_loss"]["lambada"] - rows[("random", s)]["val_loss"]["lambada"] for s in (0, 1)]
     pv = res["paired_vs_random"]["bliss"]["val_loss.lambada"]
@@ -122,7 +129,7 @@ def test_results_md_and_json(reported_run):
     assert "| rho1 | 0 | 2/2 |" in md
     for m in METHODS:
         assert f"| {m} | mean of 2 |" in md
-    assert "## Per-task accuracy" in md and "| winogrande | acc_norm |" in md
+    assert "## Per task (final round" in md and "| winogrande | acc_norm |" in md
     # eval-vs-tokens: one row per evaluated round, values from that round's eval/results.json
     curves = {(c["method"], c["seed"], c["round"]): c for c in res["curves"]}
     r1 = read_json(reported_run / "bliss/seed0/round1/eval/results.json")

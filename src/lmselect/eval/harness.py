@@ -10,6 +10,18 @@ metrics and standard errors are those of the harness. Per task we report acc, ac
 their standard errors and n; the headline is the unweighted mean over the nine METHODS.md §6 tasks of acc_norm where
 defined, else acc. LAMBADA (OpenAI) reports acc and perplexity and is kept out of the average.
 
+Beside accuracy, two **continuous** metrics per item, computed from the harness's own loglikelihoods of the answer
+choices (``log_samples``), which carry signal where accuracy sits at chance (DataDecide, arXiv 2504.11393; Signal and
+Noise, arXiv 2508.13144; OLMES definitions):
+
+* ``prob_correct`` = softmax(ll)_gold = exp(ll_gold) / Σ_i exp(ll_i): the probability of the correct choice normalised
+  over the choices (multiple-choice tasks; higher is better);
+* ``bpb`` = −ll_gold / (ln 2 · UTF-8 bytes of the gold continuation): bits per byte of the correct continuation
+  (multiple-choice tasks and LAMBADA's target word; lower is better).
+
+Each is averaged over the task's items with its standard error sd / √n, and over the nine headline tasks
+(``average_prob_correct``, ``average_bpb``) with SE = √(Σ SE_i²) / k.
+
 Task data: ``task_data=None`` reads the bundled slices (``data/tasks``, 40 items per task: a demo, not comparable to
 published numbers), ``task_data=DIR`` full local files in the staged layout, ``online=True`` the harness's download.
 """
@@ -104,6 +116,85 @@ def headline_average(per_task: dict[str, dict[str, Any]], tasks: Sequence[str] =
         "metrics": metrics,
         "complete": len(present) == len(tasks),
     }
+
+
+def item_metrics(lls: Sequence[float], gold: int, continuation: str) -> dict[str, float]:
+    """The continuous metrics of one item from its per-choice loglikelihoods (natural log) ``lls``, the gold choice
+    index and the gold continuation's text: ``bpb`` always, ``prob_correct`` when there are several choices."""
+    ll = np.asarray(lls, dtype=np.float64)
+    n_bytes = max(len(continuation.encode("utf-8")), 1)
+    out = {"bpb": float(-ll[gold] / (math.log(2.0) * n_bytes))}
+    if len(ll) > 1:
+        z = ll - ll.max()  # softmax without overflow: the harness's loglikelihoods reach -1e3 on tiny models
+        out["prob_correct"] = float(np.exp(z[gold]) / np.exp(z).sum())
+    return out
+
+
+def _gold_index(task: Any, doc: dict[str, Any]) -> int | None:
+    """The gold choice of a multiple-choice document exactly as the harness's ``process_results`` finds it
+    (``doc_to_text`` for multiple-input tasks such as winogrande, else ``doc_to_target``; a string is looked up among
+    the choices). None where it is not one valid index (multiple targets, out of range)."""
+    gold = task.doc_to_text(doc) if getattr(task, "multiple_input", 0) else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        choices = task.doc_to_choice(doc)
+        gold = choices.index(gold) if gold in choices else None
+    if isinstance(gold, (int, np.integer)) and not isinstance(gold, bool):
+        return int(gold)
+    return None
+
+
+def continuous_metrics(samples: dict[str, list[dict[str, Any]]], task_objs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task: mean and standard error over items of ``prob_correct`` and ``bpb`` (:func:`item_metrics`) from the
+    harness's logged samples (``filtered_resps`` = the per-request loglikelihoods, ``arguments`` = the (context,
+    continuation) pairs it scored). Multiple-choice tasks get both metrics, loglikelihood tasks (LAMBADA) ``bpb``."""
+    from lmselect.stats import standard_error
+
+    out: dict[str, dict[str, Any]] = {}
+    for t, items in samples.items():
+        task = task_objs.get(t)
+        if task is None:
+            continue
+        kind = getattr(task, "OUTPUT_TYPE", None)
+        per: dict[str, list[float]] = {}
+        for smp in items:
+            resps = smp.get("filtered_resps") or []
+            args = smp.get("arguments") or []
+            lls = [float(r[0] if isinstance(r, (list, tuple)) else r) for r in resps]
+            if not lls or len(lls) != len(args):
+                continue
+            if kind == "multiple_choice":
+                gold = _gold_index(task, smp["doc"])
+                if gold is None or not 0 <= gold < len(lls):
+                    continue
+            elif kind == "loglikelihood" and len(lls) == 1:
+                gold = 0
+            else:
+                continue
+            for k, v in item_metrics(lls, gold, str(args[gold][1])).items():
+                per.setdefault(k, []).append(v)
+        d: dict[str, Any] = {}
+        for k, vals in per.items():
+            d[k] = float(np.mean(vals))
+            d[f"{k}_stderr"] = standard_error(vals)
+        if per:
+            d["n_continuous"] = max(len(v) for v in per.values())
+            out[t] = d
+    return out
+
+
+def continuous_average(per_task: dict[str, dict[str, Any]], metric: str,
+                       tasks: Sequence[str] = HEADLINE_TASKS) -> dict[str, Any]:
+    """Unweighted mean of ``metric`` (``prob_correct`` / ``bpb``) over the headline tasks that report it, with
+    SE = √(Σ SE_i²) / k (independent tasks); ``complete`` when all of ``tasks`` have it."""
+    present = [t for t in tasks if isinstance((per_task.get(t) or {}).get(metric), (int, float))]
+    if not present:
+        return {"value": None, "stderr": None, "n_tasks": 0, "tasks": [], "complete": False}
+    from lmselect.stats import se_of_mean
+
+    ses = [per_task[t].get(f"{metric}_stderr") for t in present]
+    return {"value": float(np.mean([per_task[t][metric] for t in present])),
+            "stderr": se_of_mean(ses) if all(s is not None for s in ses) else None,
+            "n_tasks": len(present), "tasks": present, "complete": len(present) == len(tasks)}
 
 
 def summarize_harness_results(raw: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -223,7 +314,7 @@ def evaluate_model(
                     batch_size=int(batch_size),
                     limit=limit,
                     bootstrap_iters=int(bootstrap_iters),
-                    log_samples=False,
+                    log_samples=True,  # the per-item loglikelihoods behind the continuous metrics
                     random_seed=seed,
                     numpy_random_seed=seed,
                     torch_random_seed=seed,
@@ -238,6 +329,10 @@ def evaluate_model(
         raise LmselectError("lm-evaluation-harness returned no results (non-zero rank?)")
 
     per_task = summarize_harness_results(raw, names)
+    for t, cont in continuous_metrics(raw.get("samples") or {}, task_objs).items():
+        if t in per_task:
+            per_task[t].update(cont)
+    raw.pop("samples", None)  # every document and request of every task: not kept
     n_items = sum(d["n"] for d in per_task.values())
     reasons = []
     if limit is not None:
@@ -247,12 +342,19 @@ def evaluate_model(
     import lm_eval
 
     avg = headline_average(per_task)
+    prob, bpb = continuous_average(per_task, "prob_correct"), continuous_average(per_task, "bpb")
     return {
         "tasks": per_task,
         # flat numbers for consumers (pipeline, report); the details of how they were formed under "headline"
         "average": avg["value"],
         "average_stderr": avg["stderr"],
         "headline": avg,
+        # the continuous metrics the comparison headlines (higher prob_correct, lower bpb is better)
+        "average_prob_correct": prob["value"],
+        "average_prob_correct_stderr": prob["stderr"],
+        "average_bpb": bpb["value"],
+        "average_bpb_stderr": bpb["stderr"],
+        "continuous": {"prob_correct": prob, "bpb": bpb},
         "lambada_openai": per_task.get("lambada_openai"),
         "comparable": not reasons,
         "not_comparable_because": reasons,
@@ -449,7 +551,7 @@ def _cfg_dict(cfg: EvalConfig) -> dict[str, Any]:
 
 def format_results(res: dict[str, Any]) -> str:
     """A small fixed-width table of per-task numbers and the headline average, for the CLI and logs."""
-    lines = [f"{'task':<16}{'n':>6}  {'acc':>14}  {'acc_norm':>14}  headline"]
+    lines = [f"{'task':<16}{'n':>6}  {'acc':>14}  {'acc_norm':>14}  {'P(correct)':>14}  {'bits/byte':>14}  headline"]
 
     def pm(v: float | None, se: float | None) -> str:
         if v is None:
@@ -464,12 +566,17 @@ def format_results(res: dict[str, Any]) -> str:
             extra = d["headline_metric"]
         lines.append(
             f"{t:<16}{d['n']:>6}  {pm(d.get('acc'), d.get('acc_stderr')):>14}  "
-            f"{pm(d.get('acc_norm'), d.get('acc_norm_stderr')):>14}  {extra}"
+            f"{pm(d.get('acc_norm'), d.get('acc_norm_stderr')):>14}  {pm(d.get('prob_correct'), d.get('prob_correct_stderr')):>14}  "
+            f"{pm(d.get('bpb'), d.get('bpb_stderr')):>14}  {extra}"
         )
     avg = res["headline"]
     if avg["value"] is not None:
         tag = "" if avg["complete"] else f" (only {avg['n_tasks']} of {len(HEADLINE_TASKS)} tasks)"
         lines.append(f"average{tag}: {pm(avg['value'], avg['stderr']).strip()}")
+    for key, label in (("prob_correct", "P(correct choice)"), ("bpb", "bits per byte of the correct continuation")):
+        c = (res.get("continuous") or {}).get(key) or {}
+        if c.get("value") is not None:
+            lines.append(f"average {label} ({c['n_tasks']} tasks): {pm(c['value'], c['stderr']).strip()}")
     if not res["comparable"]:
         lines.append("not comparable: " + ", ".join(res["not_comparable_because"]))
     return "\n".join(lines)

@@ -202,6 +202,7 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
     def evals() -> None:
         points: dict[str, list[dict[str, Any]]] = {}
         vl_keys: set[str] = set()
+        cont: set[str] = set()
         any_ds = False
         for method, _seeds in data.rounds.items():
             by_round: dict[int, list[dict[str, Any]]] = {}
@@ -224,6 +225,12 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
                     any_ds = True
                     pt["downstream"] = finite_mean(avgs)
                     pt["downstream_se"] = se_of_mean([d.get("average_stderr") for d in ds])
+                for key, src in (("downstream_prob", "average_prob_correct"), ("downstream_bpb", "average_bpb")):
+                    got = [d for d in ds if isinstance(d.get(src), (int, float))]
+                    if got:  # the continuous metrics (eval/harness.py); absent in results written before them
+                        cont.add(key)
+                        pt[key] = finite_mean([d[src] for d in got])
+                        pt[key + "_se"] = se_of_mean([d.get(src + "_stderr") for d in got])
                 if pt["tokens"] is not None:
                     pts.append(pt)
             if pts:
@@ -231,15 +238,19 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
         if not points:
             notes.append("validation loss / downstream figure skipped: no complete eval results yet")
             return
-        metrics = [(f"val_{k}", f"validation loss ({k})") for k in sorted(vl_keys, key=_val_key)]
+        metrics = [(k, t) for k, t in (("downstream_prob", "9-task P(correct choice)"),
+                                        ("downstream_bpb", "9-task bits/byte of the correct answer")) if k in cont]
+        metrics += [(f"val_{k}", f"validation loss ({k})") for k in sorted(vl_keys, key=_val_key)]
         if any_ds:
             metrics.append(("downstream", "9-task average accuracy"))
         else:
             notes.append("downstream accuracy not plotted: no round has downstream results (downstream: null)")
         p = F.eval_vs_tokens(points, metrics, fig_dir / "eval_vs_tokens.png")
-        out.append(FigureEntry(p.stem, "Validation loss and downstream accuracy vs tokens",
+        out.append(FigureEntry(p.stem, "Downstream P(correct), bits per byte, validation loss and accuracy vs tokens",
                                "Per method, mean over seeds at the end of each round; bars: standard error (validation "
-                               "loss: over seeds; accuracy: harness stderr of the 9-task mean).", p))
+                               "loss: over seeds; downstream: the item standard error of the 9-task mean). P(correct) = "
+                               "probability of the correct choice normalised over the choices; bits/byte of the "
+                               "correct answer: lower is better.", p))
     attempt("validation loss / downstream", evals)
 
     # 5. bilevel diagnostics

@@ -11,7 +11,16 @@ import numpy as np
 from lmselect.artifacts import atomic_write_json, atomic_write_text
 from lmselect.provenance import DONE
 from lmselect.report.model import RunData, collect
-from lmselect.stats import finite_mean, paired_interval, sample_sd, se_of_mean, spearman
+from lmselect.stats import (
+    finite_mean,
+    min_detectable_effect,
+    noise_floor,
+    paired_interval,
+    ratio_interval,
+    sample_sd,
+    se_of_mean,
+    spearman,
+)
 
 VAL_LOSS_ORDER: tuple[str, ...] = ("lambada", "clean")
 
@@ -37,35 +46,116 @@ def _control() -> str:
     return control_name()
 
 
+#: the downstream figures of a row beside the report-set losses: (key, which direction is better). The continuous
+#: ones (9-task P(correct), bits per byte of the correct answer) come first: they carry signal where accuracy is at
+#: chance (DataDecide; eval/harness.py); accuracy stays beside them
+DOWNSTREAM_METRICS: tuple[tuple[str, str], ...] = (
+    ("downstream_prob", "higher"),
+    ("downstream_bpb", "lower"),
+    ("downstream_average", "higher"),
+)
+_DOWNSTREAM_BETTER = dict(DOWNSTREAM_METRICS)
+
+
+def metric_value(row: dict[str, Any], key: str) -> float | None:
+    """A row's final-round figure by metric key: ``val_loss.<set>``, ``val_bpb.<set>`` or a DOWNSTREAM_METRICS key."""
+    if key.startswith("val_loss.") or key.startswith("val_bpb."):
+        group, name = key.split(".", 1)
+        v = (row.get(group) or {}).get(name)
+    else:
+        v = row.get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def metric_better(key: str) -> str:
+    """"lower" or "higher": which direction of a metric is better."""
+    return _DOWNSTREAM_BETTER.get(key, "lower")
+
+
+def metric_order(key: str) -> tuple[int, tuple[int, str], int]:
+    """Sort key of metric keys in reading order (see :func:`metric_keys`)."""
+    if key in ("downstream_prob", "downstream_bpb"):
+        return (0, (int(key == "downstream_bpb"), ""), 0)
+    if key.startswith("val_"):
+        return (1, _val_key(key.split(".", 1)[1]), int(key.startswith("val_bpb.")))
+    return (2, (0, key), 0)
+
+
+def metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every metric some row has, in reading order: the continuous downstream metrics, the report-set losses and
+    bits per byte (set by set), then downstream accuracy."""
+    sets = sorted({k for r in rows for k in (r.get("val_loss") or {})}, key=_val_key)
+    keys = [k for k, _ in DOWNSTREAM_METRICS[:2]]
+    for k in sets:
+        keys += [f"val_loss.{k}", f"val_bpb.{k}"]
+    keys.append("downstream_average")
+    return [k for k in keys if any(metric_value(r, k) is not None for r in rows)]
+
+
+def paired_diffs(rows: Sequence[dict[str, Any]], method: str, base: str, key: str) -> dict[int, float]:
+    """seed -> method − base of metric ``key`` on that seed (seeds where both have it)."""
+    by = {(r["method"], r["seed"]): r for r in rows}
+    out = {}
+    for (m, s), r in sorted(by.items()):
+        if m == method and (base, s) in by:
+            a, b = metric_value(r, key), metric_value(by[(base, s)], key)
+            if a is not None and b is not None:
+                out[s] = a - b
+    return out
+
+
 def paired_differences(rows: Sequence[dict[str, Any]], base: str | None = None) -> dict[str, dict[str, Any]]:
     """Per method != base: metric -> paired (by seed) difference method − base of the final-round figures.
 
-    Metrics: every report-set loss and bits per byte (lower is better, so a negative difference favours the
-    method) and the 9-task average (higher is better)."""
+    Metrics (:func:`metric_keys`): the continuous downstream metrics (9-task probability of the correct choice,
+    higher is better; bits per byte of the correct answer, lower is better), every report-set loss and bits per byte
+    (lower is better, so a negative difference favours the method) and the 9-task accuracy (higher is better)."""
     base = base or _control()
-    by = {(r["method"], r["seed"]): r for r in rows}
     methods = sorted({r["method"] for r in rows if r["method"] != base})
+    keys = metric_keys(rows)
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
-        seeds = sorted(s for (mm, s) in by if mm == m and (base, s) in by)
+        seeds = sorted({r["seed"] for r in rows if r["method"] == m} & {r["seed"] for r in rows if r["method"] == base})
         if not seeds:
             continue
-        keys = sorted({k for s in seeds for k in by[(m, s)]["val_loss"]}, key=_val_key)
         res: dict[str, Any] = {}
         for k in keys:
-            diffs = [by[(m, s)]["val_loss"].get(k) - by[(base, s)]["val_loss"][k] for s in seeds
-                     if by[(m, s)]["val_loss"].get(k) is not None and by[(base, s)]["val_loss"].get(k) is not None]
-            res[f"val_loss.{k}"] = {**paired_interval(diffs), "seeds": seeds, "better": "lower"}
-            bd = [by[(m, s)]["val_bpb"].get(k) - by[(base, s)]["val_bpb"][k] for s in seeds
-                  if by[(m, s)].get("val_bpb", {}).get(k) is not None and by[(base, s)].get("val_bpb", {}).get(k) is not None]
-            if bd:
-                res[f"val_bpb.{k}"] = {**paired_interval(bd), "seeds": seeds, "better": "lower"}
-        avg = [by[(m, s)]["downstream_average"] - by[(base, s)]["downstream_average"] for s in seeds
-               if by[(m, s)]["downstream_average"] is not None and by[(base, s)]["downstream_average"] is not None]
-        if avg:
-            res["downstream_average"] = {**paired_interval(avg), "seeds": seeds, "better": "higher"}
+            d = paired_diffs(rows, m, base, k)
+            if d:
+                res[k] = {**paired_interval(list(d.values())), "seeds": seeds, "better": metric_better(k)}
         out[m] = res
     return out
+
+
+def noise_floors(rows: Sequence[dict[str, Any]], control: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per metric: what this comparison can detect, from the seeds of the control (random selection).
+
+    ``sd_control`` = sd over random's seeds; ``noise`` = sd of an A/A difference (two random arms with different
+    selections and data orders) = sd·√2 (:func:`lmselect.stats.noise_floor`); ``mde`` = the smallest true paired
+    Δ a two-sided 5 % paired t test over the run's ``n_seeds`` detects with 80 % power
+    (:func:`lmselect.stats.min_detectable_effect`)."""
+    control = control or _control()
+    ctrl = [r for r in rows if r["method"] == control]
+    n = max((len({r["seed"] for r in rows if r["method"] == m}) for m in {r["method"] for r in rows}), default=0)
+    out: dict[str, dict[str, Any]] = {}
+    for k in metric_keys(rows):
+        vals = [metric_value(r, k) for r in ctrl]
+        vals = [v for v in vals if v is not None]
+        nf = noise_floor(vals)
+        out[k] = {"sd_control": sample_sd(vals), "noise": nf, "control_seeds": len(vals), "n_seeds": n,
+                  "mde": min_detectable_effect(nf, n), "better": metric_better(k)}
+    return out
+
+
+def _with_power(paired: dict[str, dict[str, Any]], noise: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every paired Δ with its ratio to the metric's noise floor and the detectable effect at its number of seeds."""
+    for per in paired.values():
+        for k, v in per.items():
+            nf = (noise.get(k) or {}).get("noise")
+            v["noise"] = nf
+            v["ratio_to_noise"] = (v["mean"] / nf) if (nf and v.get("mean") is not None) else None
+            v["mde"] = min_detectable_effect(nf, int(v.get("n") or 0))
+    return paired
 
 
 EXPOSURE_SUMS = ("tokens_fed", "tokens_backprop", "distinct_sequences", "selection_flops", "selection_seconds",
@@ -119,6 +209,78 @@ def _paired_vs_best_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"baseline": best, "metric": f"val_loss.{metric}", "means": means, "paired": paired} if paired else {}
 
 
+def _best_with_power(best: dict[str, Any], noise: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if best.get("paired"):
+        _with_power(best["paired"], noise)
+    return best
+
+
+def _known_answer() -> dict[str, str]:
+    from lmselect.select.base import known_answer_controls
+
+    return known_answer_controls()
+
+
+def _planted_shares(data: RunData) -> dict[str, float | None]:
+    """Per known-answer arm: the mean share of its selection budget that was planted documents (the summary's
+    ``planted_selected`` / ``k`` over rounds and seeds): the dose of target-like text (or junk) the arm adds to
+    random's selection."""
+    out = {}
+    for m in _known_answer():
+        vals = [rd.summary["planted_selected"] / rd.summary["k"] for seeds in [data.rounds.get(m) or {}]
+                for rounds in seeds.values() for rd in rounds.values()
+                if isinstance(rd.summary, dict) and rd.summary.get("k") and "planted_selected" in rd.summary]
+        if vals:
+            out[m] = finite_mean(vals)
+    return out
+
+
+def known_answer_verdicts(paired: dict[str, dict[str, Any]],
+                          planted_share: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """Whether the comparison detects each known-answer control arm beyond its noise, per metric.
+
+    A control is *detected* on a metric when its paired 95 % interval against random excludes 0 on the side its
+    answer is known to lie (positive control: better; negative control: worse). ``can_rank`` is False when neither
+    control is detected on any metric: then nothing at this scale can be ranked."""
+    ctrls = {m: kind for m, kind in _known_answer().items() if m in paired}
+    if not ctrls:
+        return {}
+    out: dict[str, Any] = {"arms": {}}
+    for m, kind in ctrls.items():
+        per = {}
+        for k, v in paired[m].items():
+            if v.get("mean") is None:
+                continue
+            better = (v["mean"] < 0) == (v["better"] == "lower")
+            per[k] = {"detected": bool(not v["within_noise"] and better == (kind == "positive")),
+                      "wrong_side": bool(not v["within_noise"] and better != (kind == "positive"))}
+        out["arms"][m] = {"kind": kind, "metrics": per, "detected_on": [k for k, d in per.items() if d["detected"]],
+                          "planted_share": (planted_share or {}).get(m)}
+    out["can_rank"] = any(a["detected_on"] for a in out["arms"].values())
+    return out
+
+
+def headroom(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every other method's paired Δ to random as a share of the positive control's Δ, per metric, with Fieller's
+    95 % interval over the shared seeds (:func:`lmselect.stats.ratio_interval`): 1 = all the gain the planted
+    target-like documents give, 0 = none, < 0 = the other way. {} without a positive control arm."""
+    pos = [m for m, kind in _known_answer().items() if kind == "positive" and any(r["method"] == m for r in rows)]
+    if not pos or not any(r["method"] == _control() for r in rows):
+        return {}
+    p = pos[0]
+    ctrl = set(_known_answer()) | {_control()}
+    out: dict[str, Any] = {"positive_control": p, "shares": {}}
+    for m in sorted({r["method"] for r in rows} - ctrl):
+        per = {}
+        for k in metric_keys(rows):
+            dm, dp = paired_diffs(rows, m, _control(), k), paired_diffs(rows, p, _control(), k)
+            seeds = sorted(set(dm) & set(dp))
+            if seeds:
+                per[k] = {**ratio_interval([dm[s] for s in seeds], [dp[s] for s in seeds]), "seeds": seeds}
+        out["shares"][m] = per
+    return out
+
+
 def _exposure(rounds: dict[int, Any]) -> dict[str, Any] | None:
     """A seed's exposure over its rounds: sums of the EXPOSURE_SUMS fields, mean epochs and kept-token fraction."""
     ex = [((rd.eval or {}).get("exposure")) for _, rd in sorted(rounds.items())]
@@ -141,6 +303,7 @@ def results(data: RunData) -> dict[str, Any]:
     for method, seeds in data.rounds.items():
         mrows = []
         task_vals: dict[str, list[tuple[float, float | None, str]]] = {}
+        task_cont: dict[str, dict[str, list[tuple[float, float | None]]]] = {}
         for seed, rounds in sorted(seeds.items()):
             all_rounds = data.status["rounds"][method][seed]
             done = sum(1 for info in all_rounds.values() if info["status"] == DONE)
@@ -160,6 +323,10 @@ def results(data: RunData) -> dict[str, Any]:
                 "val_bpb": {},
                 "downstream_average": None,
                 "downstream_stderr": None,
+                "downstream_prob": None,
+                "downstream_prob_stderr": None,
+                "downstream_bpb": None,
+                "downstream_bpb_stderr": None,
                 "selection_seconds": round(sum(sel_v), 3) if sel_v else None,
                 # target training wall time; for token-level methods it includes their online selection overhead
                 "train_seconds": _sum_or_none([(rd.stage_manifests.get("target") or {}).get("extra", {}).get("train_seconds")
@@ -184,11 +351,20 @@ def results(data: RunData) -> dict[str, Any]:
                         row["downstream_average"] = float(ds["average"])
                     if isinstance(ds.get("average_stderr"), (int, float)):
                         row["downstream_stderr"] = float(ds["average_stderr"])
+                    for key, src in (("downstream_prob", "average_prob_correct"), ("downstream_bpb", "average_bpb")):
+                        if isinstance(ds.get(src), (int, float)):
+                            row[key] = float(ds[src])
+                        if isinstance(ds.get(src + "_stderr"), (int, float)):
+                            row[key + "_stderr"] = float(ds[src + "_stderr"])
                     for t, tv in (ds.get("tasks") or {}).items():
                         if isinstance(tv, dict):
                             sc, se, metric = _downstream_score(tv)
                             if sc is not None:
                                 task_vals.setdefault(t, []).append((sc, se, metric))
+                            for ck in ("prob_correct", "bpb"):
+                                if isinstance(tv.get(ck), (int, float)):
+                                    task_cont.setdefault(t, {}).setdefault(ck, []).append(
+                                        (float(tv[ck]), tv.get(ck + "_stderr")))
             rows.append(row)
             mrows.append(row)
         vl_keys = sorted({k for r in mrows for k in r["val_loss"]}, key=_val_key)
@@ -212,16 +388,23 @@ def results(data: RunData) -> dict[str, Any]:
             if any(r["exposure"] for r in mrows) else None,
             "downstream_average": finite_mean([r["downstream_average"] for r in mrows]),
             "downstream_stderr": se_of_mean([r["downstream_stderr"] for r in mrows if r["downstream_average"] is not None]),
+            **{k: finite_mean([r[k] for r in mrows]) for k in ("downstream_prob", "downstream_bpb")},
+            **{f"{k}_sd": sample_sd([r[k] for r in mrows]) for k in ("downstream_prob", "downstream_bpb")},
             "selection_seconds": finite_mean([r["selection_seconds"] for r in mrows]),
             "train_seconds": finite_mean([r["train_seconds"] for r in mrows]),
         }
         if task_vals:
             tasks[method] = {
                 t: {"score": finite_mean([v[0] for v in vals]), "stderr": se_of_mean([v[1] for v in vals]),
-                    "metric": vals[0][2], "n_seeds": len(vals)}
+                    "metric": vals[0][2], "n_seeds": len(vals),
+                    **{ck: {"mean": finite_mean([v[0] for v in cv]), "stderr": se_of_mean([v[1] for v in cv])}
+                       for ck, cv in (task_cont.get(t) or {}).items()}}
                 for t, vals in sorted(task_vals.items())
             }
     run_m = data.manifest or {}
+    has_control = any(r["method"] == _control() for r in rows)
+    noise = noise_floors(rows) if has_control else {}
+    paired = paired_differences(rows, _control()) if has_control else {}
     return {
         "diagnostics": _diagnostics(data),
         "decontamination": _decontamination(data),
@@ -232,9 +415,12 @@ def results(data: RunData) -> dict[str, Any]:
         "rows": rows,
         "curves": _eval_curves(data),
         "methods": methods,
-        "paired_vs_random": paired_differences(rows, _control()) if any(r["method"] == _control() for r in rows) else {},
-        "paired_vs_level_control": _paired_vs_level_controls(rows),
-        "paired_vs_best_baseline": _paired_vs_best_baseline(rows),
+        "noise_floor": noise,
+        "paired_vs_random": _with_power(paired, noise),
+        "paired_vs_level_control": {c: _with_power(p, noise) for c, p in _paired_vs_level_controls(rows).items()},
+        "paired_vs_best_baseline": _best_with_power(_paired_vs_best_baseline(rows), noise),
+        "known_answer_controls": known_answer_verdicts(paired, _planted_shares(data)),
+        "headroom": headroom(rows),
         "tasks": tasks,
     }
 
@@ -422,15 +608,20 @@ def _pm(mean: float | None, sd: float | None, fmt: str = "{:.4f}") -> str:
 
 
 def _summary_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Mean ± sd over seeds of the final-round report-set figures, one row per method."""
+    """Mean ± sd over seeds of the final-round figures, one row per method: the continuous downstream metrics first
+    (where evaluated), then the report-set losses and bits per byte, then 9-task accuracy."""
     vl_keys = sorted({k for m in res["methods"].values() for k in m["val_loss"]}, key=_val_key)
     bpb = any(v is not None for m in res["methods"].values() for v in (m.get("val_bpb") or {}).values())
-    header = ["method", "seeds", *[h for k in vl_keys for h in ([f"{k} loss (report set)"] + ([f"{k} bits/byte"] if bpb else []))],
+    cont = [k for k in ("downstream_prob", "downstream_bpb")
+            if any(m.get(k) is not None for m in res["methods"].values())]
+    labels = {"downstream_prob": "9-task P(correct)", "downstream_bpb": "9-task bits/byte (correct answer)"}
+    header = ["method", "seeds", *[labels[k] for k in cont],
+              *[h for k in vl_keys for h in ([f"{k} loss (report set)"] + ([f"{k} bits/byte"] if bpb else []))],
               "9-task avg (%)"]
     rows = []
     for m, agg in res["methods"].items():
         avg, sd = agg.get("downstream_average"), agg.get("downstream_average_sd")
-        cells = []
+        cells = [_pm(agg.get(k), agg.get(f"{k}_sd")) for k in cont]
         for k in vl_keys:
             cells.append(_pm(agg["val_loss"].get(k), agg.get("val_loss_sd", {}).get(k)))
             if bpb:
@@ -445,34 +636,124 @@ def _paired_label(k: str) -> str:
         return f"Δ {k[len('val_loss.'):]} loss"
     if k.startswith("val_bpb."):
         return f"Δ {k[len('val_bpb.'):]} bits/byte"
-    return "Δ 9-task avg (pp)"
+    return {"downstream_prob": "Δ 9-task P(correct)", "downstream_bpb": "Δ 9-task bits/byte (correct answer)"}.get(
+        k, "Δ 9-task avg (pp)")
+
+
+def _scale(k: str) -> tuple[float, str]:
+    return (100.0, "{:+.2f}") if k == "downstream_average" else (1.0, "{:+.4f}")
+
+
+def _unsigned(x: float | None, k: str) -> str:
+    scale, fmt = _scale(k)
+    return "–" if x is None else fmt.format(scale * x).lstrip("+")
+
+
+def _detectable(v: dict[str, Any], k: str) -> str:
+    """"(could detect ≥ X)": the detectable effect at this Δ's number of seeds, in the metric's unit."""
+    scale, fmt = _scale(k)
+    mde = v.get("mde")
+    if mde is None:
+        return "(detectable effect unknown: fewer than 2 seeds of random)"
+    return f"(could detect ≥ {fmt.format(scale * mde).lstrip('+')})"
+
+
+def paired_cell(v: dict[str, Any] | None, k: str) -> str:
+    """One paired Δ as a table cell: mean [95 % interval], its ratio to the noise floor, and the verdict; "within
+    noise" always says what the comparison could have detected."""
+    if not v or v.get("mean") is None:
+        return "–"
+    scale, fmt = _scale(k)
+    cell = fmt.format(scale * v["mean"])
+    if v.get("ci95") is not None:
+        lo, hi = (scale * x for x in v["ci95"])
+        cell += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+    if v.get("ratio_to_noise") is not None:
+        cell += f" {v['ratio_to_noise']:+.1f}σ"
+    better = (v["mean"] < 0) == (v["better"] == "lower")
+    if v["within_noise"]:
+        cell += " within noise"
+        if "mde" in v:
+            cell += " " + _detectable(v, k)
+    else:
+        cell += " better" if better else " worse"
+    return cell
 
 
 def _paired_table(res: dict[str, Any], paired: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]] | None:
     paired = (res.get("paired_vs_random") or {}) if paired is None else paired
     if not paired:
         return None
-    keys = sorted({k for v in paired.values() for k in v},
-                  key=lambda k: (k.startswith("downstream"), _val_key(k.split(".")[-1]), k.startswith("val_bpb")))
+    keys = sorted({k for v in paired.values() for k in v}, key=metric_order)
     header = ["method", *[_paired_label(k) for k in keys]]
+    rows = [[m, *[paired_cell(d.get(k), k) for k in keys]] for m, d in paired.items()]
+    return header, rows
+
+
+def _noise_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    noise = res.get("noise_floor") or {}
     rows = []
-    for m, d in paired.items():
-        row = [m]
+    for k, v in noise.items():
+        rows.append([_paired_label(k)[2:], str(v["control_seeds"]), _unsigned(v["sd_control"], k),
+                     _unsigned(v["noise"], k), str(v["n_seeds"]), _unsigned(v["mde"], k)])
+    if not rows:
+        return None
+    return ["metric", "seeds of random", "sd over random's seeds", "noise floor σ (A/A Δ sd = sd·√2)",
+            "seeds per arm", "detectable effect (80 % power, 5 % two-sided)"], rows
+
+
+def _controls_table(res: dict[str, Any]) -> tuple[tuple[list[str], list[list[str]]] | None, list[str]]:
+    ka = res.get("known_answer_controls") or {}
+    if not ka.get("arms"):
+        return None, []
+    paired = res.get("paired_vs_random") or {}
+    keys = [k for k in metric_keys(res.get("rows") or []) if any(k in (paired.get(m) or {}) for m in ka["arms"])]
+    rows, bullets = [], []
+    for m, a in ka["arms"].items():
+        share = a.get("planted_share")
+        dose = "" if share is None else f"; {100 * share:.1f} % of its selection planted"
+        row = [m, ("positive (planted target-like documents: must help" if a["kind"] == "positive"
+                   else "negative (planted junk, then the most repetitive: must hurt") + dose + ")"]
         for k in keys:
-            v = d.get(k)
-            if not v or v["mean"] is None:
+            v = (paired.get(m) or {}).get(k)
+            d = a["metrics"].get(k)
+            if not v or d is None:
                 row.append("–")
                 continue
-            scale, fmt = (100.0, "{:+.2f}") if k == "downstream_average" else (1.0, "{:+.4f}")
-            cell = fmt.format(scale * v["mean"])
-            if v["ci95"] is not None:
-                lo, hi = (scale * x for x in v["ci95"])
-                cell += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
-            better = (v["mean"] < 0) == (v["better"] == "lower")
-            cell += " within noise" if v["within_noise"] else (" better" if better else " worse")
-            row.append(cell)
+            verdict = "**detected**" if d["detected"] else ("wrong side" if d["wrong_side"] else "not detected")
+            row.append(f"{verdict}: {paired_cell(v, k)}")
         rows.append(row)
-    return header, rows
+        bullets.append(f"{m}: " + (f"detected beyond noise on {', '.join(_paired_label(k)[2:] for k in a['detected_on'])}"
+                                   if a["detected_on"] else "not detected on any metric"))
+    pos = [a for a in ka["arms"].values() if a["kind"] == "positive" and a.get("planted_share") is not None]
+    if pos and pos[0]["planted_share"] < 0.1:
+        bullets.append(f"The positive control differs from random in only {100 * pos[0]['planted_share']:.1f} % of its "
+                       "selection (the planted target-like sequences that reach the candidates): a weak control; "
+                       "not detecting it bounds only effects of that size.")
+    if not ka["can_rank"]:
+        bullets.append("Neither control is detected beyond noise: nothing at this scale can be ranked (a method's "
+                       "\"within noise\" says nothing about whether it helps).")
+    return (["control", "known answer", *[_paired_label(k) for k in keys]], rows), bullets
+
+
+def _headroom_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    hr = res.get("headroom") or {}
+    if not hr.get("shares"):
+        return None
+    keys = [k for k in metric_keys(res.get("rows") or []) if any(k in v for v in hr["shares"].values())]
+    rows = []
+    for m, per in hr["shares"].items():
+        row = [m]
+        for k in keys:
+            v = per.get(k)
+            if not v or v.get("ratio") is None:
+                row.append("–")
+            elif v.get("ci95"):
+                row.append(f"{v['ratio']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]")
+            else:
+                row.append(f"{v['ratio']:+.2f} [unbounded]")
+        rows.append(row)
+    return ["method", *[f"share of {hr['positive_control']}'s {_paired_label(k)}" for k in keys]], rows
 
 
 def fmt_flops(x: float | None) -> str:
@@ -507,7 +788,12 @@ def _task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row = [t, "/".join(metrics)]
         for m in methods:
             v = res["tasks"][m].get(t)
-            row.append(_fmt_acc(v["score"], v["stderr"]) if v else "–")
+            cell = _fmt_acc(v["score"], v["stderr"]) if v else "–"
+            for ck, label in (("prob_correct", "P(correct)"), ("bpb", "bits/byte")):
+                c = (v or {}).get(ck) or {}
+                if c.get("mean") is not None:
+                    cell += f"; {label} {_pm(c['mean'], c.get('stderr'))}"
+            row.append(cell)
         rows.append(row)
     return header, rows
 
@@ -543,9 +829,27 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
         add("Final round, report sets (mean ± sd over seeds)",
             "Report sets are held out from every method, reference and probe (checked by item content when the recipe "
             "loads). Lower loss is better.", _summary_table(res))
-    add("Paired difference to random (by seed; mean [95 % t interval])",
-        "Δ = method − random on the same seed (same pool, warm-up, schedule and token budget). A loss Δ below 0 "
-        "favours the method; 'within noise' = the interval contains 0.", _paired_table(res))
+    add("What this comparison can detect (noise floor from random's seeds)",
+        "Seed-to-seed noise of every metric: the sd over random's seeds, and σ = sd·√2, the sd of the difference "
+        "between two random arms with different selections and data orders (an A/A pair). Detectable effect: the "
+        "smallest true paired Δ a two-sided 5 % paired t test over this many seeds finds with 80 % power, "
+        "(t_0.975 + t_0.80) · σ / √n. A Δ smaller than this can be real and still read 'within noise'.",
+        _noise_table(res))
+    add("Paired difference to random (by seed; mean [95 % t interval], Δ/σ)",
+        "Δ = method − random on the same seed (same pool, warm-up, schedule and token budget). P(correct) is the "
+        "probability of the correct choice normalised over the choices (higher is better); bits/byte of the correct "
+        "answer, losses and bits per byte of the report sets are lower-is-better. Δ/σ: the Δ in units of the noise "
+        "floor; 'within noise' = the interval contains 0, with the effect this comparison could have detected.",
+        _paired_table(res))
+    ctable, cbullets = _controls_table(res)
+    add("Known-answer controls (paired with random; detected = interval excludes 0 on the known side)",
+        "The positive control selects the held-out target-like documents planted in the pool (then random to "
+        "fill); the negative control selects the planted junk, then the most repetitive sequences. A comparison "
+        "that detects neither cannot rank methods at this scale.", ctable, cbullets)
+    add("Headroom: each method's Δ to random as a share of the positive control's Δ (Fieller 95 % interval)",
+        "1 = the whole gain that selecting the planted target-like documents gives; 0 = none; below 0 = the other "
+        "way. [unbounded]: the positive control's own Δ is within its noise, so the share can be anything.",
+        _headroom_table(res))
     for ctrl, paired in (res.get("paired_vs_level_control") or {}).items():
         add(f"Paired difference to {ctrl} (methods of its level; by seed; mean [95 % t interval])",
             f"Δ = method − {ctrl} on the same seed: the same tokens fed and the same kept fraction, chosen at random. "
@@ -642,7 +946,8 @@ def results_markdown(res: dict[str, Any]) -> str:
                 "", _md_table(*rate_table), ""]
     if res["tasks"]:
         th, tr = _task_table(res)
-        out += ["## Per-task accuracy (final round, %, mean over seeds)", "", _md_table(th, tr), ""]
+        out += ["## Per task (final round, mean over seeds): accuracy (%) ± se; P(correct); bits/byte of the correct "
+                "answer", "", _md_table(th, tr), ""]
     curves = res.get("curves") or []
     if curves:
         vl = sorted({k for c in curves for k in c["val_loss"]}, key=_val_key)

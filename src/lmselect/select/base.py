@@ -103,6 +103,10 @@ class SelectionMethod:
     #: every method with the best of those in the run as well as with random, so a win over random is not mistaken
     #: for a win over what one would do anyway
     baseline: ClassVar[bool] = False
+    #: a control arm whose answer is known (``compare --controls``): "positive" (selects the planted target-like
+    #: documents: must help) or "negative" (selects known junk: must hurt); None for every real method. Such arms
+    #: are left out of a comparison's default method list and read by the report's control verdicts and headroom
+    known_answer: ClassVar[str | None] = None
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
@@ -204,6 +208,8 @@ def register(cls: type[SelectionMethod]) -> type[SelectionMethod]:
     bad = set(cls.needs) - NEEDS
     if bad:
         raise TypeError(f"{cls.__name__}: unknown needs {sorted(bad)} (known: {sorted(NEEDS)})")
+    if cls.known_answer not in (None, "positive", "negative"):
+        raise TypeError(f"{cls.__name__}: known_answer must be None, 'positive' or 'negative', got {cls.known_answer!r}")
     bad_st = [s for s in cls.stages if s not in STAGE_ORDER]
     if bad_st or not {"target", "eval"} <= set(cls.stages):
         raise TypeError(f"{cls.__name__}: stages must be drawn from {STAGE_ORDER} and include target and eval")
@@ -288,6 +294,17 @@ def baseline_names() -> list[str]:
     """The registered cheap baselines (``baseline = True``), sorted."""
     _discover()
     return sorted(n for n, c in _REGISTRY.items() if c.baseline)
+
+
+def known_answer_controls() -> dict[str, str]:
+    """The registered known-answer control arms: name -> "positive" / "negative" (``known_answer``)."""
+    _discover()
+    return {n: c.known_answer for n, c in sorted(_REGISTRY.items()) if c.known_answer is not None}
+
+
+def comparable_method_names() -> list[str]:
+    """Every registered method except the known-answer controls: what a comparison runs by default."""
+    return [n for n in method_names() if method_class(n).known_answer is None]
 
 
 def method_color(name: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Sequence selection primitives: deterministic top fraction and seeded Gumbel-top-k.
+"""Sequence selection primitives: deterministic top fraction, seeded Gumbel-top-k, a seeded random fraction and
+first-then-fill (the known-answer control arms).
 
 Both return sorted sequence ids. Ties in the deterministic top fraction are broken by sequence id (lower first), so
 the result equals a brute-force stable sort on (-score, seq_id).
@@ -53,3 +54,14 @@ def random_fraction(seq_ids: np.ndarray, fraction: float, seed: int) -> np.ndarr
     k = n_select(len(seq_ids), fraction)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(seq_ids, size=k, replace=False))
+
+
+def first_then_fill(first: np.ndarray, fill_order: np.ndarray, k: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Sorted k ids: all of ``first`` (a seeded random k of them when more), then ``fill_order``'s leading ids that
+    are not in ``first`` (``fill_order``: every candidate, in the order the fill takes them)."""
+    first = np.asarray(first, dtype=np.int64)
+    if len(first) >= k:
+        return np.sort(rng.choice(first, size=k, replace=False))
+    rest = fill_order[~np.isin(fill_order, first)]
+    return np.sort(np.concatenate([first, rest[: k - len(first)]]).astype(np.int64))
