@@ -128,12 +128,13 @@ def run() -> int:
     agreement = (out / "agreement.md").read_text()
     body = [
         f"# Comparison power at demo scale: {args.methods} with controls, scales {args.scales}", "",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min"
+        # the header every results file carries (benchmarks/results/README.md; tests/test_docs.py checks it)
+        f"- **Date:** {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min"
         + (f" (stages of {', '.join(reused)} reused from an earlier run in {args.out}: not its full cost)" if reused
            else ""),
-        f"- commit: {commit}",
-        f"- machine: {machine()}",
-        "- command: `" + " ".join(["python", "bench/compare_power.py", *map(shlex.quote, sys.argv[1:])]) + "`",
+        f"- **Commit:** {commit}",
+        f"- **Machine:** {machine()}",
+        "- **Command:** `" + " ".join(["python", "bench/compare_power.py", *map(shlex.quote, sys.argv[1:])]) + "`",
         f"  (runs `lmselect {' '.join(map(shlex.quote, cmd))}`)",
         f"- methods left out (to fit the time budget): {', '.join(left_out(args.methods)) or 'none'}", "",
         "Every number is on the held-out report sets or the nine downstream tasks, which no method has seen; the "
