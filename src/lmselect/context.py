@@ -37,6 +37,7 @@ RANK0_WAIT = datetime.timedelta(hours=24)
 STREAM_WARMUP_TARGET, STREAM_WARMUP_PROXY, STREAM_WARMUP_DATA = 1, 2, 3
 STREAM_SELECT, STREAM_TRAIN, STREAM_DECAY = 10, 11, 12
 STREAM_PROBE, STREAM_SCORER_INIT, STREAM_REFERENCE, STREAM_METHOD = 20, 21, 22, 23
+STREAM_DIAGNOSTICS = 30  # the candidates whose proxy loss the selection diagnostics correlate with
 
 
 def derived_seed(run_seed: int, method_seed: int = 0, rnd: int = 0, stream: int = 0) -> int:

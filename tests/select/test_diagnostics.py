@@ -117,6 +117,13 @@ def test_selection_diagnostics_on_a_pool(tmp_path, tiny_tokenizer):
     assert sp["length"] == pytest.approx(_brute_spearman(scores, lengths))
     assert sp["eos"] == pytest.approx(_brute_spearman(scores, [(r == eos).sum() for r in tokens]))
     assert sp["proxy_loss"] == pytest.approx(_brute_spearman(scores, proxy))
+    # the runner measures the proxy loss on a seeded sample of the candidates (NaN elsewhere): the correlation is the
+    # one of the sampled pairs alone
+    sampled = np.array([1, 2, 4, 7, 8, 11])
+    part = np.full(n, np.nan)
+    part[sampled] = proxy[sampled]
+    d_part = selection_diagnostics(pool, cand, scores, sel, proxy_loss=part)
+    assert d_part["spearman"]["proxy_loss"] == pytest.approx(_brute_spearman(scores[sampled], proxy[sampled]))
     dup = near_dup_fraction(tokens)
     assert dup[3] == 1.0 and dup[7] == 1.0
     assert sp["near_dup"] == pytest.approx(_brute_spearman(scores, dup))

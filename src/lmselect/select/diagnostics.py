@@ -17,7 +17,8 @@ Definitions (all on the candidates of one round):
   - ``length``: real tokens of the sequence = the summed document-span lengths in ``docs.parquet`` (packed pools are
     full, so this is constant there and the correlation is None),
   - ``eos``: the number of EOS tokens in the row (documents ending in it, i.e. documents per sequence),
-  - ``proxy_loss`` when given (e.g. the proxy's mean token CE of each candidate),
+  - ``proxy_loss`` when given (e.g. the proxy's mean token CE of each candidate; NaN = not measured, the pair is
+    dropped: the runner measures a seeded sample of 1,024 candidates, ``pipeline.PROXY_LOSS_SAMPLE``),
   - ``near_dup``: the fraction of a sequence's token 8-gram positions whose 8-gram also occurs in at least one
     *other* candidate sequence (8-grams hashed to 64 bits; collisions are negligible at these sizes). On shards
     larger than ``dup_sample`` candidates it is computed within a seeded sample of that many (duplicates are then
