@@ -99,8 +99,10 @@ def test_two_nodes_train_stop_resume_and_score_equal_one_process(tiny_pool, tmp_
     assert _lines(err1) == ["lmselect train: rank 1 of 2: stopped by SIGTERM (time limit, preemption or a failed "
                             "rank); rerun the same command to resume"], err1[-3000:]
     lost = _lines(err0)
-    assert len(lost) == 1 and lost[0].startswith("lmselect train: rank 0 of 2: error: lost contact with the other "
-                                                 "ranks ("), err0[-3000:]
+    # rank 0 stops in one line either way: the ranks agree on a SIGTERM at log steps (train.loop.PreemptionGuard), so
+    # it stops with rank 1 when the signal lands before a log step, else it finds rank 1 gone at the next collective
+    assert len(lost) == 1 and lost[0].startswith(("lmselect train: rank 0 of 2: error: lost contact with the other "
+                                                  "ranks (", "lmselect train: rank 0 of 2: stopped by SIGTERM")), err0[-3000:]
     assert "rerun the same command to resume" in lost[0] and "Traceback" not in lost[0]
 
     # the rerun resumes from the newest checkpoint and finishes
