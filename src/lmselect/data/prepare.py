@@ -46,7 +46,6 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -87,7 +86,7 @@ BATCH_DOCS = 2048
 BATCH_CHARS = 4_000_000
 PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
 # Config keys that do not change the pool's content and so are left out of its identity (config hash).
-_NON_SEMANTIC = ("workers",)
+_NON_SEMANTIC = ("workers", "tasks")
 
 
 @dataclass
@@ -106,7 +105,8 @@ class PrepareConfig:
     val_fraction: float = 0.0  # fraction of sequences held out as shard -1
     val_sequences: int | None = None  # exact hold-out size; overrides val_fraction
     seed: int = 0
-    workers: int = 0  # tokenizer threads; 0 = all cores
+    workers: int = 0  # tokenizer threads; 0 = all cores (shared among the tasks that run at once)
+    tasks: int = 0  # independent tasks over the inputs (prepare_tasks); 0 = one per core, at most one per 32 MiB
     strict: bool = False  # malformed records are fatal instead of skipped and counted
     max_docs: int | None = None  # read at most this many documents (quick trials)
     # datatrove heuristic filters run first, in this order (lmselect.data.prefilter.FILTERS); [] / "none" = off
@@ -128,6 +128,8 @@ class PrepareConfig:
             raise ConfigError(f"config key 'max_docs' must be >= 1 (got {self.max_docs})")
         if self.workers < 0:
             raise ConfigError(f"config key 'workers' must be >= 0 (got {self.workers})")
+        if self.tasks < 0:
+            raise ConfigError(f"config key 'tasks' must be >= 0 (got {self.tasks})")
         if not self.text_field:
             raise ConfigError("config key 'text_field' may not be empty")
         if not self.inputs:
@@ -138,7 +140,7 @@ class PrepareConfig:
 
 
 def pool_config_hash(cfg: PrepareConfig) -> str:
-    """Identity of the pool a config produces (worker count excluded: it does not change the output)."""
+    """Identity of the pool a config produces (worker and task counts excluded: they do not change the output)."""
     d = to_dict(cfg)
     for k in _NON_SEMANTIC:
         d.pop(k, None)
@@ -311,7 +313,12 @@ def prepare(cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False,
 def prepare_pool(
     cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True
 ) -> tuple[Path, bool]:
-    """Like :func:`prepare`; also says whether an existing complete pool was reused (True) or one was built."""
+    """Like :func:`prepare`; also says whether an existing complete pool was reused (True) or one was built.
+
+    The work runs as ``cfg.tasks`` tasks (:mod:`lmselect.data.prepare_tasks`; 0 = auto) and one merge; the pool is
+    the same for every task count. Parts left by a killed run of the same config are reused."""
+    from lmselect.data import prepare_tasks as pt
+
     cfg.validate()
     out_dir = Path(out_dir)
     chash = pool_config_hash(cfg)
@@ -321,170 +328,151 @@ def prepare_pool(
     _clean_stale_tmp(out_dir)
 
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    with _tokenizer_threads(cfg.workers) as n_threads:
-        specs = resolve_inputs(cfg.inputs)
-        where = _describe_inputs(specs, cfg.inputs)
-        t0 = time.perf_counter()
-        inputs_info = [input_fingerprint(s) for s in specs]
-        timings["hash_inputs_s"] = time.perf_counter() - t0
-
-        decon = Decontaminator.build(cfg.decontaminate) if cfg.decontaminate.enabled else None
-        pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
-        t0, c0 = time.perf_counter(), time.process_time()
-        tok, tok_info = _get_tokenizer(cfg, specs, where, decon, pre)
-        timings["tokenizer_s"] = time.perf_counter() - t0
-        timings["tokenizer_cpu_s"] = time.process_time() - c0
-
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir(parents=True)
-            # CPU seconds (all threads) next to wall seconds: on a shared machine wall time depends on the load
-            t0, c0 = time.perf_counter(), time.process_time()
-            with writing(out_dir / "tokens.bin", tmp / "tokens.bin"):  # a full disk names tokens.bin, not the temp dir
-                with contextlib.ExitStack() as stack:
-                    sink = stack.enter_context(open(tmp / DROPPED_FILE, "w", encoding="utf-8")) if pre else None
-                    packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where, decon, pre, sink)
-            packed["stats"].warn_malformed(log)  # a count in the manifest alone is easy to miss
-            timings["tokenize_pack_s"] = time.perf_counter() - t0
-            timings["tokenize_pack_cpu_s"] = time.process_time() - c0
-            t0 = time.perf_counter()
-            counts, extra = _write_index(cfg, tmp, tok, packed)
-            tok.save_pretrained(str(tmp / "tokenizer"))
-            save_config(cfg, tmp / "config.yaml")
-            if decon is not None:
-                decon.write(tmp)
-                extra["decontamination"] = decon.manifest_info()
-                timings.update(decon.timings())
-            if pre is not None:
-                extra["prefilter"] = pre.manifest_info()
-                timings["prefilter_s"] = pre.seconds
-            timings["index_write_s"] = time.perf_counter() - t0
-            timings["total_s"] = time.perf_counter() - t_start
-            extra.update(
-                {
-                    "tokenizer": tok_info,
-                    "inputs": [dict(info, documents=int(packed["stats"].docs_by_input.get(s.path, 0))) for s, info in zip(specs, inputs_info)],
-                    "tokenizer_threads": n_threads,
-                    "tokens_per_second": counts["corpus_tokens"] / max(timings["tokenize_pack_s"], 1e-9),
-                }
-            )
-            # the manifest goes in last: until the rename below, nothing at out_dir looks complete
-            write_manifest(
-                tmp,
-                Manifest(kind="pool", config=to_dict(cfg), seed=cfg.seed, counts=counts, timings=timings, extra=extra,
-                         config_hash=chash, checksums=file_checksums(tmp, ["tokens.bin"])),
-            )
+    specs = resolve_inputs(cfg.inputs)
+    n_tasks = pt.auto_tasks(specs, cfg.tasks, cfg.max_docs)
+    work, plan = _plan(cfg, out_dir, chash, specs, n_tasks, keep_other=False)
+    n_tasks = plan["n_tasks"]
+    cores = os.cpu_count() or 1
+    parallel = min(n_tasks, cores)
+    threads = max(1, (cfg.workers or cores) // parallel)
+    t0 = time.perf_counter()
+    pt.run_tasks(work, plan, range(n_tasks), workers=parallel, threads=threads, progress=progress)
+    tasks_s = time.perf_counter() - t0
+    counts = _merge(cfg, out_dir, work, plan, chash, t_start, tasks_s, threads)
+    shutil.rmtree(work, ignore_errors=True)
     log.info(
-        "%s: %d sequences x %d tokens from %d documents in %.1fs",
-        out_dir, counts["sequences"], cfg.seq_len, counts["documents"], timings["total_s"],
+        "%s: %d sequences x %d tokens from %d documents (%d tasks) in %.1fs",
+        out_dir, counts["sequences"], cfg.seq_len, counts["documents"], n_tasks, time.perf_counter() - t_start,
     )
     return out_dir, False
 
 
-def _tokenize_and_pack(
-    cfg: PrepareConfig, specs: Sequence[InputSpec], tok: Any, tokens_path: Path, progress: bool, where: str,
-    decon: Decontaminator | None = None, pre: Prefilter | None = None, sink: Any = None,
-) -> dict[str, Any]:
-    """Stream documents -> token ids + EOS -> full rows of ``seq_len`` appended to ``tokens_path``.
+def prepare_task(cfg: PrepareConfig, out_dir: str | Path, rank: int, n_tasks: int) -> dict[str, Any]:
+    """Run task ``rank`` of ``n_tasks`` only (a Slurm array task: ``lmselect prepare ... --task I/N``), making the
+    plan first when no task has (the first one trains the tokenizer; the others wait for it). The pool itself is
+    written by a later ``lmselect prepare ... --tasks N`` (the merge; it also runs any task still missing).
+    Returns ``{"complete": done parts, "tasks": N, "pool": True when the pool already exists}``."""
+    from lmselect.data import prepare_tasks as pt
 
-    Only per-document metadata (id, source, length) is kept in memory; tokens go to disk as soon as a row is full,
-    so memory stays bounded for corpora larger than RAM.
-    """
-    from tqdm import tqdm
+    cfg.validate()
+    out_dir = Path(out_dir)
+    chash = pool_config_hash(cfg)
+    if _check_existing(out_dir, chash, False):
+        return {"complete": n_tasks, "tasks": n_tasks, "pool": True}
+    specs = resolve_inputs(cfg.inputs)
+    if cfg.max_docs is not None and n_tasks > 1:
+        raise LmselectError("--max-docs reads a prefix of the whole stream: it runs as one task (drop --task)")
+    work, plan = _plan(cfg, out_dir, chash, specs, n_tasks, keep_other=True)
+    pt.run_tasks(work, plan, [rank], workers=1, threads=cfg.workers or os.cpu_count() or 1, progress=False)
+    return {"complete": n_tasks - len(pt.incomplete(work, plan)), "tasks": n_tasks, "pool": False}
 
-    from lmselect.data.tokenizer import batch_encoder, split_long_text
 
-    encode = batch_encoder(tok)
-    eos = int(tok.eos_token_id)
-    dtype = token_dtype(len(tok))
-    L = cfg.seq_len
-    stats = ReadStats()
-    doc_ids: list[str] = []
-    doc_src: list[int] = []
-    doc_len: list[int] = []
-    src_code: dict[str, int] = {}
-    total = 0
-    rows = 0
-    bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=None if progress else True, leave=False)
-    def count_tokens(texts: list[str]) -> list[int]:  # with the EOS, as the pool counts a document's tokens
-        return [len(ids) + 1 for ids in encode(texts)]
+def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSpec], n_tasks: int, *,
+          keep_other: bool) -> tuple[Path, dict[str, Any]]:
+    """The tasks' plan (``prepare_tasks.load_or_make_plan``): the tokenizer is loaded, or trained on its stated sample
+    (the first ``tokenizer_train_chars`` characters of the prefiltered, decontaminated stream) and saved for the
+    tasks."""
+    from lmselect.data import prepare_tasks as pt
 
-    docs = _documents(cfg, specs, stats, pre, decon, record=True, count_tokens=count_tokens, sink=sink)
-    pending = [np.empty(0, dtype=np.uint32)]  # tokens of the row being filled
-    t_log = time.monotonic()
+    where = _describe_inputs(specs, cfg.inputs)
 
-    def push(flat: np.ndarray, fout: Any) -> None:
-        """Append tokens to the stream; every full row of L goes to disk at once."""
-        nonlocal rows
-        buf = np.concatenate([pending[0], flat]) if pending[0].size else flat
-        n_full = len(buf) // L
-        if n_full:
-            fout.write(buf[: n_full * L].astype(dtype, copy=False).tobytes())
-            rows += n_full
-        pending[0] = buf[n_full * L :]
+    def make_tokenizer(tok_dir: Path) -> dict[str, Any]:
+        if cfg.tokenizer:
+            _, info = _get_tokenizer(cfg, specs, where)  # checks that it loads and has an EOS, before any task
+            return info
+        decon = Decontaminator.build(cfg.decontaminate) if cfg.decontaminate.enabled else None
+        pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
+        with _tokenizer_threads(cfg.workers):
+            tok, info = _get_tokenizer(cfg, specs, where, decon, pre)
+        tok.save_pretrained(str(tok_dir))
+        return info
 
-    with open(tokens_path, "wb") as fout:
-        for batch in _batches(docs):
-            if len(batch) == 1 and len(batch[0].text) > LONG_TEXT_CHARS:
-                # one long document, encoded piece by piece (tokenizer.split_long_text): memory stays bounded by
-                # the piece size instead of growing with the document (a 50 MB line took 9.5 GB whole)
-                n_tok = 1
-                for piece in split_long_text(batch[0].text, LONG_TEXT_CHARS):
-                    flat = np.asarray(encode([piece])[0], dtype=np.uint32)
-                    push(flat, fout)
-                    n_tok += len(flat)
-                push(np.asarray([eos], dtype=np.uint32), fout)
-                d = batch[0]
-                doc_ids.append(d.doc_id)
-                doc_src.append(src_code.setdefault(d.source, len(src_code)))
-                doc_len.append(n_tok)
-            else:
-                ids_lists = encode([d.text for d in batch])
-                n_tok = 0
-                for d, ids in zip(batch, ids_lists):
-                    ids.append(eos)
-                    n_tok += len(ids)
-                    doc_ids.append(d.doc_id)
-                    doc_src.append(src_code.setdefault(d.source, len(src_code)))
-                    doc_len.append(len(ids))
-                push(np.fromiter(chain.from_iterable(ids_lists), dtype=np.uint32, count=n_tok), fout)
-            total += n_tok
-            bar.update(n_tok)
-            bar.set_postfix(docs=len(doc_ids), refresh=False)
-            if bar.disable and progress and time.monotonic() - t_log >= PROGRESS_LOG_S:  # no terminal: log lines
-                t_log = time.monotonic()
-                log.info("tokenize: %d documents, %d tokens, %d sequences so far", len(doc_ids), total, rows)
-        fout.flush()
-        os.fsync(fout.fileno())
-    bar.close()
+    work = pt.work_dir(out_dir)
+    plan = pt.load_or_make_plan(work, cfg, chash, specs, n_tasks, make_tokenizer,
+                                lambda: [input_fingerprint(s) for s in specs], keep_other=keep_other)
+    return work, plan
+
+
+def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], chash: str, t_start: float,
+           tasks_s: float, threads: int) -> dict[str, Any]:
+    """Write the pool from the complete parts (``prepare_tasks``): one process, streaming, ``manifest.json`` last."""
+    from lmselect.data import prepare_tasks as pt
+    from lmselect.data.prefilter import check_info, merged_info
+    from lmselect.data.tokenizer import load_tokenizer
+
+    parts = pt.merged_parts(work, plan)
+    specs = [InputSpec(**x) for x in plan["specs"]]
+    where = _describe_inputs(specs, cfg.inputs)
+    stats = ReadStats.merged([p["read"] for p in parts])
     if stats.documents == 0:
         raise _empty_corpus_error(where, stats)
+    pre_info = merged_info(cfg.prefilter, [p["prefilter"] for p in parts]) if cfg.prefilter else None
+    if pre_info is not None:
+        check_info(pre_info)
+    decon = None
+    if cfg.decontaminate.enabled:
+        decon = Decontaminator.build(cfg.decontaminate)
+        decon.merge_states([p["decontamination"] for p in parts])
+    L = cfg.seq_len
+    total = sum(p["tokens"] for p in parts)
+    rows = total // L
     if rows == 0:
         raise LmselectError(
             f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}; "
             "add text or lower --seq-len"
         )
-    return {
-        "stats": stats,
-        "doc_ids": doc_ids,
-        "doc_src": np.asarray(doc_src, dtype=np.int64),
-        "doc_len": np.asarray(doc_len, dtype=np.int64),
-        "source_names": list(src_code),
-        "rows": rows,
-        "total_tokens": total,
-        "dtype": dtype,
-        "eos": eos,
-    }
+    tok = load_tokenizer(plan["tokenizer_dir"])
+    dtype = token_dtype(len(tok))
+    timings: dict[str, float] = dict(plan.get("timings", {}))
+    timings["tokenize_pack_s"] = tasks_s  # the tasks: read, prefilter, decontaminate, tokenize
+    timings["tokenize_pack_cpu_s"] = sum(p["cpu_s"] for p in parts)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        with writing(out_dir / "tokens.bin", tmp / "tokens.bin"):  # a full disk names tokens.bin, not the temp dir
+            pt.write_tokens(work, plan["n_tasks"], tmp / "tokens.bin", rows * L * np.dtype(dtype).itemsize)
+        stats.warn_malformed(log)  # a count in the manifest alone is easy to miss
+        counts, extra = _write_index(cfg, tmp, tok, work, plan, parts, rows, stats)
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        save_config(cfg, tmp / "config.yaml")
+        if decon is not None:
+            decon.write(tmp)
+            extra["decontamination"] = decon.manifest_info()
+            timings.update(decon.timings())
+        if pre_info is not None:
+            pt.write_dropped(work, parts, tmp / DROPPED_FILE)
+            extra["prefilter"] = pre_info
+            timings["prefilter_s"] = pre_info["seconds"]
+        timings["index_write_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        extra.update(
+            {
+                "tokenizer": plan["tokenizer"],
+                "inputs": [dict(info, documents=int(stats.docs_by_input.get(s.path, 0)))
+                           for s, info in zip(specs, plan["inputs"])],
+                "tokenizer_threads": threads,
+                "tasks": plan["n_tasks"],
+                "tokens_per_second": counts["corpus_tokens"] / max(timings["tokenize_pack_s"], 1e-9),
+            }
+        )
+        # the manifest goes in last: until the rename below, nothing at out_dir looks complete
+        write_manifest(
+            tmp,
+            Manifest(kind="pool", config=to_dict(cfg), seed=cfg.seed, counts=counts, timings=timings, extra=extra,
+                     config_hash=chash, checksums=file_checksums(tmp, ["tokens.bin"])),
+        )
+    return counts
 
 
-def document_spans(doc_len: np.ndarray, seq_len: int, n_rows: int) -> dict[str, np.ndarray]:
+def document_spans(doc_len: np.ndarray, seq_len: int, n_rows: int, offset: int = 0) -> dict[str, np.ndarray]:
     """Spans of documents (lengths in stream order, EOS included) over rows of ``seq_len`` tokens.
 
     Returns arrays ``doc`` (document index), ``seq_id``, ``start`` (offset in the row) and ``length``, one entry per
     (row, document) overlap, in stream order. Tokens past ``n_rows * seq_len`` (the dropped tail) are not covered.
+    ``offset``: the stream position of the first document's first token (the merge computes spans chunk by chunk).
     """
     doc_len = np.asarray(doc_len, dtype=np.int64)
-    ends = np.cumsum(doc_len)
+    ends = offset + np.cumsum(doc_len)
     starts = ends - doc_len
     limit = n_rows * seq_len
     ends_c = np.minimum(ends, limit)
@@ -516,92 +504,14 @@ def assign_shards(n_rows: int, n_shards: int, n_val: int, seed: int) -> np.ndarr
     return shard
 
 
-def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, packed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write sequences.parquet and docs.parquet; return the manifest counts and extra info."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, work: Path, plan: dict[str, Any],
+                 parts: Sequence[dict[str, Any]], n_rows: int, stats: ReadStats) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write sequences.parquet and docs.parquet (streamed from the parts); return the manifest counts and extra."""
+    from lmselect.data.prepare_tasks import write_index
     from lmselect.data.tokenizer import tokenizer_fingerprint
 
-    L = cfg.seq_len
-    n = packed["rows"]
-    # sort source names so codes (and tie-breaking) do not depend on input order
-    names_seen = packed["source_names"]
-    names = sorted(names_seen)
-    remap = np.array([names.index(s) for s in names_seen], dtype=np.int64)
-    doc_src = remap[packed["doc_src"]]
-    sp = document_spans(packed["doc_len"], L, n)
-    span_src = doc_src[sp["doc"]]
-    n_src = len(names)
-    # tokens of each source in each row -> majority label
-    per_row = np.bincount(sp["seq_id"] * n_src + span_src, weights=sp["length"], minlength=n * n_src).reshape(n, n_src)
-    row_src = per_row.argmax(1)
-    n_docs_row = np.bincount(sp["seq_id"], minlength=n)
-
-    n_val = cfg.val_sequences if cfg.val_sequences is not None else int(round(cfg.val_fraction * n))
-    if n_val >= n:
-        raise LmselectError(f"validation hold-out of {n_val} sequences leaves nothing to train on ({n} sequences)")
-    shard = assign_shards(n, cfg.n_shards, n_val, cfg.seed)
-
-    names_arr = np.array(names, dtype=object)
-    pq.write_table(
-        pa.table(
-            {
-                "seq_id": np.arange(n, dtype=np.int64),
-                "shard": shard,
-                "source": pa.array(names_arr[row_src].tolist(), type=pa.string()),
-                "n_docs": n_docs_row.astype(np.int64),
-            }
-        ),
-        tmp / "sequences.parquet",
-    )
-    doc_ids = np.array(packed["doc_ids"], dtype=object)
-    pq.write_table(
-        pa.table(
-            {
-                "seq_id": sp["seq_id"].astype(np.int64),
-                "doc_id": pa.array(doc_ids[sp["doc"]].tolist(), type=pa.string()),
-                "source": pa.array(names_arr[span_src].tolist(), type=pa.string()),
-                "start": sp["start"].astype(np.int64),
-                "length": sp["length"].astype(np.int64),
-            }
-        ),
-        tmp / "docs.parquet",
-    )
-
-    # ---- counts for the manifest -------------------------------------------------------------------------------
-    n_docs = len(doc_ids)
-    span_shard = shard[sp["seq_id"]].astype(np.int64)
-    doc_shard_pairs = np.unique((span_shard + 1) * max(n_docs, 1) + sp["doc"])
-    docs_per_shard = np.bincount(doc_shard_pairs // max(n_docs, 1), minlength=cfg.n_shards + 1)  # index = shard + 1
-    shard_ids = [VAL_SHARD] + list(range(cfg.n_shards)) if n_val else list(range(cfg.n_shards))
-    per_shard = {
-        str(s): {"sequences": int((shard == s).sum()), "tokens": int((shard == s).sum()) * L, "documents": int(docs_per_shard[s + 1])}
-        for s in shard_ids
-    }
-    packed_tok_src = np.bincount(span_src, weights=sp["length"], minlength=n_src)
-    per_source = {
-        name: {
-            "documents": int((doc_src == i).sum()),
-            "tokens": int(packed["doc_len"][doc_src == i].sum()),
-            "packed_tokens": int(packed_tok_src[i]),
-            "sequences": int((row_src == i).sum()),
-        }
-        for i, name in enumerate(names)
-    }
-    stats: ReadStats = packed["stats"]
-    counts: dict[str, Any] = {
-        "sequences": int(n),
-        "tokens": int(n * L),
-        "sequences_per_shard": {str(s): int((shard == s).sum()) for s in range(cfg.n_shards)},
-        "validation_sequences": int(n_val),
-        "documents": int(n_docs),
-        "documents_packed": int(len(np.unique(sp["doc"]))),
-        "corpus_tokens": int(packed["total_tokens"]),
-        "dropped_tail_tokens": int(packed["total_tokens"] - n * L),
-        "per_shard": per_shard,
-        "per_source": per_source,
-    }
+    names = sorted({s for p in parts for s in p["sources"]})  # sorted: codes do not depend on input order
+    counts = write_index(cfg, work, plan, parts, tmp, n_rows, names)
     read = stats.to_dict()
     counts.update(
         {
@@ -614,10 +524,10 @@ def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, packed: dict[str, Any]
         }
     )
     extra = {
-        "seq_len": int(L),
+        "seq_len": int(cfg.seq_len),
         "vocab_size": int(len(tok)),
-        "eos_id": int(packed["eos"]),
-        "dtype": packed["dtype"].name,
+        "eos_id": int(tok.eos_token_id),
+        "dtype": token_dtype(len(tok)).name,
         "n_shards": int(cfg.n_shards),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "source_names": names,
@@ -664,6 +574,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-sequences", dest="val_sequences", type=int, default=S, help="validation hold-out size (overrides --val-fraction)")
     parser.add_argument("--seed", type=int, default=S, help="seed of the shard assignment (default 0)")
     parser.add_argument("--workers", type=int, default=S, help="tokenizer threads (default: all cores)")
+    parser.add_argument("--tasks", type=int, default=S,
+                        help="independent tasks over the inputs, run under datatrove's LocalPipelineExecutor, then one "
+                        "merge; the pool is the same for any count (default 0: one per core, at most one per 32 MiB)")
+    parser.add_argument("--task", default=None, metavar="I/N",
+                        help="run only task I of N (a Slurm array task; lmselect slurm prepare); a later run with "
+                        "--tasks N merges")
     parser.add_argument("--strict", action="store_true", default=S, help="malformed records are fatal (default: skip and count)")
     parser.add_argument("--max-docs", dest="max_docs", type=int, default=S, help="read at most this many documents")
     parser.add_argument("--text-field", dest="text_field", default=S, help="record field with the text (default 'text')")
@@ -685,7 +601,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-_RUN_FLAGS = ("out", "config", "overwrite", "no_progress", "debug", "overrides", "command")
+_RUN_FLAGS = ("out", "config", "overwrite", "no_progress", "debug", "overrides", "command", "task")
 # flat decontamination flags -> keys of PrepareConfig.decontaminate
 _DECONTAM_FLAGS = {"decontaminate": "protected", "decontam_n": "n", "decontam_mode": "mode", "decontam_min_fraction": "min_fraction"}
 
@@ -708,6 +624,17 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if getattr(args, "task", None):
+        from lmselect.data.prepare_tasks import parse_task
+
+        rank, n = parse_task(args.task)
+        done = prepare_task(cfg, args.out, rank, n)
+        if done["pool"]:
+            print(f"{args.out}: pool already complete")
+        else:
+            print(f"{args.out}: task {rank}/{n} done; {done['complete']} of {n} parts complete"
+                  + ("" if done["complete"] < n else f"; merge with: lmselect prepare ... --tasks {n}"))
+        return 0
     path, reused = prepare_pool(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     if reused:
         print(f"{path}: pool already complete")

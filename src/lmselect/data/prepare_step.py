@@ -1,0 +1,40 @@
+"""``PrepareTask``: one prepare task as a datatrove ``PipelineStep`` (datatrove imported here, only when tasks run
+under its executor; see :mod:`lmselect.data.prepare_tasks`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datatrove.pipeline.base import PipelineStep
+
+from lmselect.artifacts import LmselectError
+
+
+class PrepareTask(PipelineStep):
+    """Builds part ``rank`` of a prepare plan (``prepare_tasks.run_task``); its counts go to datatrove's per-task
+    stats. A bad input is a one-line LmselectError: written to ``WORK/errors/RANK.txt`` for the launching process to
+    show, then raised (datatrove marks the task failed)."""
+
+    name = "lmselect prepare"
+    type = "🔢 - TOKENIZE"
+
+    def __init__(self, work: str, threads: int = 1):
+        super().__init__()
+        self.work = work
+        self.threads = threads
+
+    def run(self, data: object = None, rank: int = 0, world_size: int = 1) -> None:
+        from lmselect.data.prepare_tasks import run_task
+
+        try:
+            with self.track_time():
+                info = run_task(Path(self.work), rank, threads=self.threads)
+        except LmselectError as e:
+            errors = Path(self.work) / "errors"
+            errors.mkdir(exist_ok=True)
+            (errors / f"{rank:05d}.txt").write_text(f"{e}\n")
+            raise
+        self.stat_update("documents", value=info["documents"])
+        self.stat_update("tokens", value=info["tokens"])
+        self.stat_update("records", value=info["read"]["records"])
+        return None
