@@ -288,10 +288,10 @@ def task_specs(plan: dict[str, Any], rank: int) -> list[InputSpec]:
 def run_task(work: Path, rank: int, *, threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """Build part ``rank`` of the plan in ``work`` (skipped when complete): read its units, prefilter, decontaminate,
     tokenize; write the part in a temp dir and rename it, ``part.json`` last. Returns the part's ``part.json``."""
+    from lmselect.data import prepare as prep
     from lmselect.data.decontam import Decontaminator
     from lmselect.data.pool import token_dtype
     from lmselect.data.prefilter import Prefilter
-    from lmselect.data import prepare as prep
     from lmselect.data.tokenizer import batch_encoder, load_tokenizer, split_long_text
 
     work = Path(work)
