@@ -39,7 +39,6 @@ hash matches is reused ("pool already complete"); a different config is an error
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import re
@@ -73,18 +72,24 @@ from lmselect.config import (
     to_dict,
 )
 from lmselect.data.decontam import DecontamConfig, Decontaminator, summary_line
-from lmselect.data.pool import VAL_SHARD, token_dtype
+from lmselect.data.pool import token_dtype
 from lmselect.data.prefilter import DROPPED_FILE, Prefilter, normalize_names, validate_names
 from lmselect.data.prefilter import summary_line as prefilter_summary
+from lmselect.data.prepare_tasks import (  # noqa: F401 - re-exported: the packing rules are prepare's
+    BATCH_CHARS,
+    BATCH_DOCS,
+    LONG_TEXT_CHARS,
+    PROGRESS_LOG_S,
+    _batches,
+    _tokenizer_threads,
+    assign_shards,
+    document_spans,
+)
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
-from lmselect.data.tokenizer import LONG_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
 # Encoding batches: large enough for the Rust thread pool to spread work over cores, small enough to bound memory.
-BATCH_DOCS = 2048
-BATCH_CHARS = 4_000_000
-PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
 # Config keys that do not change the pool's content and so are left out of its identity (config hash).
 _NON_SEMANTIC = ("workers", "tasks")
 
@@ -155,27 +160,6 @@ def pool_config_hash(cfg: PrepareConfig) -> str:
 # helpers
 
 
-@contextlib.contextmanager
-def _tokenizer_threads(workers: int) -> Iterator[int]:
-    """Let the Rust tokenizer use ``workers`` threads for the duration of the call, then restore the environment.
-
-    ``RAYON_NUM_THREADS`` only takes effect if the Rust thread pool has not started yet in this process (a fresh CLI
-    run); ``TOKENIZERS_PARALLELISM`` is read on every batch call, so it always applies.
-    """
-    n = workers or os.cpu_count() or 1
-    keys = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if n > 1 else "false"
-    os.environ["RAYON_NUM_THREADS"] = str(n)
-    try:
-        yield n
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 def _describe_inputs(specs: Sequence[InputSpec], raw: Sequence[str]) -> str:
     names = [s.path for s in specs] if specs else list(raw)
@@ -239,25 +223,6 @@ def _check_existing(out_dir: Path, chash: str, overwrite: bool) -> bool:
     return False  # empty, or an incomplete pool: rebuilt from scratch
 
 
-def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    chars = 0
-    for d in docs:
-        if len(d.text) > LONG_TEXT_CHARS:  # a long document goes alone: it is tokenized piece by piece
-            if batch:
-                yield batch
-            yield [d]
-            batch, chars = [], 0
-            continue
-        batch.append(d)
-        chars += len(d.text)
-        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
 def _documents(
     cfg: PrepareConfig, specs: Sequence[InputSpec], stats: ReadStats, pre: Prefilter | None, decon: Decontaminator | None,
     *, record: bool, count_tokens: Any = None, sink: Any = None,
@@ -317,7 +282,7 @@ def prepare_pool(
 
     The work runs as ``cfg.tasks`` tasks (:mod:`lmselect.data.prepare_tasks`; 0 = auto) and one merge; the pool is
     the same for every task count. Parts left by a killed run of the same config are reused."""
-    from lmselect.data import prepare_tasks as pt
+    import lmselect.data.prepare_tasks as pt
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -336,7 +301,7 @@ def prepare_pool(
     parallel = min(n_tasks, cores)
     threads = max(1, (cfg.workers or cores) // parallel)
     t0 = time.perf_counter()
-    pt.run_tasks(work, plan, range(n_tasks), workers=parallel, threads=threads, progress=progress)
+    _run_tasks(work, plan, cfg, range(n_tasks), workers=parallel, threads=threads, progress=progress)
     tasks_s = time.perf_counter() - t0
     counts = _merge(cfg, out_dir, work, plan, chash, t_start, tasks_s, threads)
     shutil.rmtree(work, ignore_errors=True)
@@ -352,7 +317,7 @@ def prepare_task(cfg: PrepareConfig, out_dir: str | Path, rank: int, n_tasks: in
     plan first when no task has (the first one trains the tokenizer; the others wait for it). The pool itself is
     written by a later ``lmselect prepare ... --tasks N`` (the merge; it also runs any task still missing).
     Returns ``{"complete": done parts, "tasks": N, "pool": True when the pool already exists}``."""
-    from lmselect.data import prepare_tasks as pt
+    import lmselect.data.prepare_tasks as pt
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -363,7 +328,7 @@ def prepare_task(cfg: PrepareConfig, out_dir: str | Path, rank: int, n_tasks: in
     if cfg.max_docs is not None and n_tasks > 1:
         raise LmselectError("--max-docs reads a prefix of the whole stream: it runs as one task (drop --task)")
     work, plan = _plan(cfg, out_dir, chash, specs, n_tasks, keep_other=True)
-    pt.run_tasks(work, plan, [rank], workers=1, threads=cfg.workers or os.cpu_count() or 1, progress=False)
+    _run_tasks(work, plan, cfg, [rank], workers=1, threads=cfg.workers or os.cpu_count() or 1, progress=False)
     return {"complete": n_tasks - len(pt.incomplete(work, plan)), "tasks": n_tasks, "pool": False}
 
 
@@ -372,7 +337,7 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
     """The tasks' plan (``prepare_tasks.load_or_make_plan``): the tokenizer is loaded, or trained on its stated sample
     (the first ``tokenizer_train_chars`` characters of the prefiltered, decontaminated stream) and saved for the
     tasks."""
-    from lmselect.data import prepare_tasks as pt
+    import lmselect.data.prepare_tasks as pt
 
     where = _describe_inputs(specs, cfg.inputs)
 
@@ -396,7 +361,7 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
 def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], chash: str, t_start: float,
            tasks_s: float, threads: int) -> dict[str, Any]:
     """Write the pool from the complete parts (``prepare_tasks``): one process, streaming, ``manifest.json`` last."""
-    from lmselect.data import prepare_tasks as pt
+    import lmselect.data.prepare_tasks as pt
     from lmselect.data.prefilter import check_info, merged_info
     from lmselect.data.tokenizer import load_tokenizer
 
@@ -464,46 +429,6 @@ def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], 
     return counts
 
 
-def document_spans(doc_len: np.ndarray, seq_len: int, n_rows: int, offset: int = 0) -> dict[str, np.ndarray]:
-    """Spans of documents (lengths in stream order, EOS included) over rows of ``seq_len`` tokens.
-
-    Returns arrays ``doc`` (document index), ``seq_id``, ``start`` (offset in the row) and ``length``, one entry per
-    (row, document) overlap, in stream order. Tokens past ``n_rows * seq_len`` (the dropped tail) are not covered.
-    ``offset``: the stream position of the first document's first token (the merge computes spans chunk by chunk).
-    """
-    doc_len = np.asarray(doc_len, dtype=np.int64)
-    ends = offset + np.cumsum(doc_len)
-    starts = ends - doc_len
-    limit = n_rows * seq_len
-    ends_c = np.minimum(ends, limit)
-    keep = (starts < limit) & (doc_len > 0)
-    first = starts // seq_len
-    last = (ends_c - 1) // seq_len
-    nspan = np.where(keep, last - first + 1, 0)
-    doc = np.repeat(np.arange(len(doc_len)), nspan)
-    offs = np.arange(int(nspan.sum())) - np.repeat(np.cumsum(nspan) - nspan, nspan)
-    seq = first[doc] + offs
-    s = np.maximum(starts[doc], seq * seq_len)
-    e = np.minimum(ends_c[doc], (seq + 1) * seq_len)
-    return {"doc": doc, "seq_id": seq, "start": s - seq * seq_len, "length": e - s}
-
-
-def assign_shards(n_rows: int, n_shards: int, n_val: int, seed: int) -> np.ndarray:
-    """Shard of each row: a seeded permutation; its first ``n_val`` rows are the hold-out (-1), the rest is cut into
-    ``n_shards`` contiguous parts whose sizes differ by at most one."""
-    if n_rows - n_val < n_shards:
-        raise LmselectError(
-            f"only {n_rows} sequences ({n_val} held out for validation): not enough for {n_shards} shards; "
-            "add text, lower --seq-len, --n-shards or the validation hold-out"
-        )
-    perm = np.random.default_rng(seed).permutation(n_rows)
-    shard = np.empty(n_rows, dtype=np.int32)
-    shard[perm[:n_val]] = VAL_SHARD
-    for k, part in enumerate(np.array_split(perm[n_val:], n_shards)):
-        shard[part] = k
-    return shard
-
-
 def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, work: Path, plan: dict[str, Any],
                  parts: Sequence[dict[str, Any]], n_rows: int, stats: ReadStats) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write sequences.parquet and docs.parquet (streamed from the parts); return the manifest counts and extra."""
@@ -533,6 +458,53 @@ def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, work: Path, plan: dict
         "source_names": names,
     }
     return counts, extra
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running the tasks (under datatrove's executor; prepare_step imports prepare_tasks, so this lives here)
+
+
+def _run_tasks(work: Path, plan: dict[str, Any], cfg: Any, ranks: Sequence[int], *, workers: int, threads: int,
+              progress: bool) -> None:
+    """Run the incomplete ones of ``ranks``: one in this process (no executor: nothing to spread), else under
+    datatrove's LocalPipelineExecutor, ``workers`` at a time (``local_rank_offset`` / ``local_tasks`` select the
+    ranks of an array task). A task's LmselectError comes back as one line naming the task."""
+    import lmselect.data.prepare_tasks as pt
+
+    todo = [r for r in ranks if not pt.part_done(work, plan, r)]
+    if not todo:
+        return
+    n = plan["n_tasks"]
+    if n == 1:
+        pt.run_task(work, 0, cfg, threads=threads, progress=progress)
+        return
+    from datatrove.executor import LocalPipelineExecutor
+
+    from lmselect.data.prepare_step import PrepareTask
+
+    errors = work / "errors"
+    shutil.rmtree(errors, ignore_errors=True)
+    lo, hi = min(ranks), max(ranks) + 1
+    ex = LocalPipelineExecutor(
+        pipeline=[PrepareTask(str(work), cfg, threads)], tasks=n, workers=max(1, min(workers, len(todo))),
+        logging_dir=str(work / "logs"), local_tasks=hi - lo, local_rank_offset=lo, start_method="forkserver",
+    )
+    # datatrove's own markers say "complete" only after this plan's part is: a marker without a part (another plan,
+    # a part removed by hand) must not make it skip the task
+    for r in todo:
+        (work / "logs" / "completions" / f"{r:05d}").unlink(missing_ok=True)
+    try:
+        ex.run()
+    except BaseException as e:
+        msgs = sorted(errors.glob("*.txt")) if errors.is_dir() else []
+        if msgs:
+            raise LmselectError(msgs[0].read_text().strip()) from None
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise LmselectError(f"prepare: a task failed ({type(e).__name__}: {e}); see {work / 'logs'}") from None
+    left = [r for r in ranks if not pt.part_done(work, plan, r)]
+    if left:
+        raise LmselectError(f"prepare: tasks {left} did not finish; see {work / 'logs'}; rerun to resume them")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ class PrepareTask(PipelineStep):
     name = "lmselect prepare"
     type = "🔢 - TOKENIZE"
 
-    def __init__(self, work: str, threads: int = 1):
+    def __init__(self, work: str, cfg: object, threads: int = 1):
         super().__init__()
         self.work = work
+        self.cfg = cfg  # the PrepareConfig (pickled with the step: this module does not import prepare)
         self.threads = threads
 
     def run(self, data: object = None, rank: int = 0, world_size: int = 1) -> None:
@@ -28,7 +29,7 @@ class PrepareTask(PipelineStep):
 
         try:
             with self.track_time():
-                info = run_task(Path(self.work), rank, threads=self.threads)
+                info = run_task(Path(self.work), rank, self.cfg, threads=self.threads)
         except LmselectError as e:
             errors = Path(self.work) / "errors"
             errors.mkdir(exist_ok=True)

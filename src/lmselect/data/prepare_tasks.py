@@ -34,6 +34,7 @@ stream) runs as one task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,10 +56,16 @@ from lmselect.artifacts import (
     read_json,
     remove_stale_tmp,
 )
-from lmselect.data.readers import InputSpec, ReadStats, dataset_rows, iter_documents
+from lmselect.data.pool import VAL_SHARD
+from lmselect.data.readers import Document, InputSpec, ReadStats, dataset_rows, iter_documents
+from lmselect.data.tokenizer import LONG_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
+# Encoding batches: large enough for the Rust thread pool to spread work over cores, small enough to bound memory.
+BATCH_DOCS = 2048
+BATCH_CHARS = 4_000_000
+PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
 PLAN = "plan.json"
 PART_MARKER = "part.json"
 AUTO_TASK_BYTES = 32 << 20  # --tasks 0 (auto): at most one task per this many input bytes, and per core
@@ -268,12 +275,48 @@ def incomplete(work: Path, plan: dict[str, Any]) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------
 # one task
 
+@contextlib.contextmanager
+def _tokenizer_threads(workers: int) -> Iterator[int]:
+    """Let the Rust tokenizer use ``workers`` threads for the duration of the call, then restore the environment.
 
-def _cfg(plan: dict[str, Any]) -> Any:
-    from lmselect.config import from_dict
-    from lmselect.data.prepare import PrepareConfig
+    ``RAYON_NUM_THREADS`` only takes effect if the Rust thread pool has not started yet in this process (a fresh CLI
+    run); ``TOKENIZERS_PARALLELISM`` is read on every batch call, so it always applies.
+    """
+    n = workers or os.cpu_count() or 1
+    keys = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if n > 1 else "false"
+    os.environ["RAYON_NUM_THREADS"] = str(n)
+    try:
+        yield n
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    return from_dict(PrepareConfig, plan["config"])
+
+def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    chars = 0
+    for d in docs:
+        if len(d.text) > LONG_TEXT_CHARS:  # a long document goes alone: it is tokenized piece by piece
+            if batch:
+                yield batch
+            yield [d]
+            batch, chars = [], 0
+            continue
+        batch.append(d)
+        chars += len(d.text)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+
 
 
 def task_specs(plan: dict[str, Any], rank: int) -> list[InputSpec]:
@@ -285,10 +328,9 @@ def task_specs(plan: dict[str, Any], rank: int) -> list[InputSpec]:
     return out
 
 
-def run_task(work: Path, rank: int, *, threads: int = 1, progress: bool = False) -> dict[str, Any]:
+def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """Build part ``rank`` of the plan in ``work`` (skipped when complete): read its units, prefilter, decontaminate,
     tokenize; write the part in a temp dir and rename it, ``part.json`` last. Returns the part's ``part.json``."""
-    from lmselect.data import prepare as prep
     from lmselect.data.decontam import Decontaminator
     from lmselect.data.pool import token_dtype
     from lmselect.data.prefilter import Prefilter
@@ -300,9 +342,8 @@ def run_task(work: Path, rank: int, *, threads: int = 1, progress: bool = False)
     if part_done(work, plan, rank):
         return read_json(out / PART_MARKER)
     remove_stale_tmp(out, log)  # what a killed attempt of this task left
-    cfg = _cfg(plan)
     t0, c0 = time.perf_counter(), time.process_time()
-    with prep._tokenizer_threads(threads):
+    with _tokenizer_threads(threads):
         tok = load_tokenizer(plan["tokenizer_dir"])
         encode = batch_encoder(tok)
         eos = int(tok.eos_token_id)
@@ -316,7 +357,7 @@ def run_task(work: Path, rank: int, *, threads: int = 1, progress: bool = False)
 
         def on_drop(d: Any) -> None:  # dropped by decontamination after the prefilter kept it: still counted
             if pre is not None:
-                pieces = encode(list(split_long_text(d.text, prep.LONG_TEXT_CHARS)))
+                pieces = encode(list(split_long_text(d.text, LONG_TEXT_CHARS)))
                 pre.count_kept(d, sum(len(x) for x in pieces) + 1)
 
         with atomic_path(out) as tmp:
@@ -338,11 +379,11 @@ def run_task(work: Path, rank: int, *, threads: int = 1, progress: bool = False)
                        leave=False)
             t_log = time.monotonic()
             with open(tmp / "tokens.bin", "wb") as fout:
-                for batch in prep._batches(docs):
-                    if len(batch) == 1 and len(batch[0].text) > prep.LONG_TEXT_CHARS:
+                for batch in _batches(docs):
+                    if len(batch) == 1 and len(batch[0].text) > LONG_TEXT_CHARS:
                         # one long document, encoded piece by piece (bounded memory; tokenizer.split_long_text)
                         n = 0
-                        for piece in split_long_text(batch[0].text, prep.LONG_TEXT_CHARS):
+                        for piece in split_long_text(batch[0].text, LONG_TEXT_CHARS):
                             ids = np.asarray(encode([piece])[0], dtype=dtype)
                             fout.write(ids.tobytes())
                             n += len(ids)
@@ -363,7 +404,7 @@ def run_task(work: Path, rank: int, *, threads: int = 1, progress: bool = False)
                     n_docs += len(batch)
                     n_tokens += sum(lens)
                     bar.update(sum(lens))
-                    if bar.disable and progress and time.monotonic() - t_log >= prep.PROGRESS_LOG_S:  # a log file
+                    if bar.disable and progress and time.monotonic() - t_log >= PROGRESS_LOG_S:  # a log file
                         t_log = time.monotonic()
                         log.info("tokenize: %d documents, %d tokens so far (task %d)", n_docs, n_tokens, rank)
                 fout.flush()
@@ -421,52 +462,48 @@ class _DocWriter:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# running the tasks
-
-
-def run_tasks(work: Path, plan: dict[str, Any], ranks: Sequence[int], *, workers: int, threads: int,
-              progress: bool) -> None:
-    """Run the incomplete ones of ``ranks``: one in this process (no executor: nothing to spread), else under
-    datatrove's LocalPipelineExecutor, ``workers`` at a time (``local_rank_offset`` / ``local_tasks`` select the
-    ranks of an array task). A task's LmselectError comes back as one line naming the task."""
-    todo = [r for r in ranks if not part_done(work, plan, r)]
-    if not todo:
-        return
-    n = plan["n_tasks"]
-    if n == 1:
-        run_task(work, 0, threads=threads, progress=progress)
-        return
-    from datatrove.executor import LocalPipelineExecutor
-
-    from lmselect.data.prepare_step import PrepareTask
-
-    errors = work / "errors"
-    shutil.rmtree(errors, ignore_errors=True)
-    lo, hi = min(ranks), max(ranks) + 1
-    ex = LocalPipelineExecutor(
-        pipeline=[PrepareTask(str(work), threads)], tasks=n, workers=max(1, min(workers, len(todo))),
-        logging_dir=str(work / "logs"), local_tasks=hi - lo, local_rank_offset=lo, start_method="forkserver",
-    )
-    # datatrove's own markers say "complete" only after this plan's part is: a marker without a part (another plan,
-    # a part removed by hand) must not make it skip the task
-    for r in todo:
-        (work / "logs" / "completions" / f"{r:05d}").unlink(missing_ok=True)
-    try:
-        ex.run()
-    except BaseException as e:
-        msgs = sorted(errors.glob("*.txt")) if errors.is_dir() else []
-        if msgs:
-            raise LmselectError(msgs[0].read_text().strip()) from None
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        raise LmselectError(f"prepare: a task failed ({type(e).__name__}: {e}); see {work / 'logs'}") from None
-    left = [r for r in ranks if not part_done(work, plan, r)]
-    if left:
-        raise LmselectError(f"prepare: tasks {left} did not finish; see {work / 'logs'}; rerun to resume them")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the merge
+
+def document_spans(doc_len: np.ndarray, seq_len: int, n_rows: int, offset: int = 0) -> dict[str, np.ndarray]:
+    """Spans of documents (lengths in stream order, EOS included) over rows of ``seq_len`` tokens.
+
+    Returns arrays ``doc`` (document index), ``seq_id``, ``start`` (offset in the row) and ``length``, one entry per
+    (row, document) overlap, in stream order. Tokens past ``n_rows * seq_len`` (the dropped tail) are not covered.
+    ``offset``: the stream position of the first document's first token (the merge computes spans chunk by chunk).
+    """
+    doc_len = np.asarray(doc_len, dtype=np.int64)
+    ends = offset + np.cumsum(doc_len)
+    starts = ends - doc_len
+    limit = n_rows * seq_len
+    ends_c = np.minimum(ends, limit)
+    keep = (starts < limit) & (doc_len > 0)
+    first = starts // seq_len
+    last = (ends_c - 1) // seq_len
+    nspan = np.where(keep, last - first + 1, 0)
+    doc = np.repeat(np.arange(len(doc_len)), nspan)
+    offs = np.arange(int(nspan.sum())) - np.repeat(np.cumsum(nspan) - nspan, nspan)
+    seq = first[doc] + offs
+    s = np.maximum(starts[doc], seq * seq_len)
+    e = np.minimum(ends_c[doc], (seq + 1) * seq_len)
+    return {"doc": doc, "seq_id": seq, "start": s - seq * seq_len, "length": e - s}
+
+
+def assign_shards(n_rows: int, n_shards: int, n_val: int, seed: int) -> np.ndarray:
+    """Shard of each row: a seeded permutation; its first ``n_val`` rows are the hold-out (-1), the rest is cut into
+    ``n_shards`` contiguous parts whose sizes differ by at most one."""
+    if n_rows - n_val < n_shards:
+        raise LmselectError(
+            f"only {n_rows} sequences ({n_val} held out for validation): not enough for {n_shards} shards; "
+            "add text, lower --seq-len, --n-shards or the validation hold-out"
+        )
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    shard = np.empty(n_rows, dtype=np.int32)
+    shard[perm[:n_val]] = VAL_SHARD
+    for k, part in enumerate(np.array_split(perm[n_val:], n_shards)):
+        shard[part] = k
+    return shard
+
+
 
 
 def merged_parts(work: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -538,9 +575,6 @@ def write_index(cfg: Any, work: Path, plan: dict[str, Any], parts: Sequence[dict
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from lmselect.data.pool import VAL_SHARD
-    from lmselect.data.prepare import assign_shards, document_spans
 
     L = cfg.seq_len
     n_src = len(names)
