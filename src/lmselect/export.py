@@ -69,6 +69,7 @@ TOKENS_FILE = "tokens.bin"
 TOKENS_META = "tokens.json"
 SEQ_IDS_FILE = "seq_ids.npy"
 _CHUNK = 4096  # pieces decoded and written at a time (bounds memory for large selections)
+SEGMENT_SPANS = 1 << 16  # docs.parquet spans read at a time (occurrence_segments)
 _ROUND_RE = re.compile(r"^round(\d+)$")
 _SEED_RE = re.compile(r"^seed(\d+)$")
 
@@ -146,8 +147,52 @@ def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
     )
 
 
+def occurrence_segments(docs_parquet: Path, seq_len: int, batch_rows: int | None = None) -> Iterator[Any]:
+    """A pool's ``docs.parquet`` as consecutive tables of about ``batch_rows`` spans, cut only where a document
+    occurrence starts (the :func:`document_pieces` rule), so every occurrence lies whole in one table: the export
+    holds one such table at a time, whatever the pool's size (plus one occurrence, however long)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    carry = None
+    for b in pq.ParquetFile(docs_parquet).iter_batches(batch_size=batch_rows or SEGMENT_SPANS):
+        t = pa.Table.from_batches([b]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([b])])
+        n = t.num_rows
+        if n < 2:
+            carry = t
+            continue
+        seq = t.column("seq_id").to_numpy()
+        start = t.column("start").to_numpy()
+        length = t.column("length").to_numpy()
+        ids, src = t.column("doc_id"), t.column("source")
+        cont = (pc.and_(pc.equal(ids.slice(1), ids.slice(0, n - 1)), pc.equal(src.slice(1), src.slice(0, n - 1)))
+                .to_numpy(zero_copy_only=False)
+                & (seq[1:] == seq[:-1] + 1) & (start[1:] == 0) & (start[:-1] + length[:-1] == seq_len))
+        starts = np.flatnonzero(~cont) + 1  # spans (index >= 1) that begin an occurrence
+        if not len(starts):
+            carry = t
+            continue
+        cut = int(starts[-1])
+        yield t.slice(0, cut)
+        carry = t.slice(cut)
+    if carry is not None and carry.num_rows:
+        yield carry
+
+
+def selected_pieces(docs_parquet: Path, selected: np.ndarray, seq_len: int) -> Iterator[Pieces]:
+    """:func:`document_pieces` segment by segment (:func:`occurrence_segments`); segments without a selected
+    sequence are passed over without building any Python object."""
+    selected = np.asarray(selected, dtype=np.int64)
+    for seg in occurrence_segments(docs_parquet, seq_len):
+        seq = seg.column("seq_id").to_numpy()
+        if len(selected) and np.isin(seq, selected).any():
+            yield document_pieces(seg, selected, seq_len)
+
+
 def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
-                score_of: dict[int, float] | None) -> Iterator[list[dict[str, Any]]]:
+                score_of: dict[int, float] | None, seen: dict[str, int] | None = None,
+                ) -> Iterator[list[dict[str, Any]]]:
     """Export rows of the pieces, ``_CHUNK`` at a time (texts decoded in one batch per chunk).
 
     Every row gets a unique ``id``: the document's own id when the row is the whole document, else
@@ -169,7 +214,7 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
                 span_chars[i] = len(t)
         return sum(span_chars[i] for i in range(a, b)), int(pieces.all_length[a:b].sum())
 
-    seen: dict[str, int] = {}
+    seen = {} if seen is None else seen  # ids handed out so far (shared by the segments of one export)
     for c0 in range(0, len(pieces), _CHUNK):
         ids_batch, rows = [], []
         for p in range(c0, min(c0 + _CHUNK, len(pieces))):
@@ -312,11 +357,20 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
     shutil.copytree(pool.tokenizer_dir, tmp / "tokenizer")
 
     # (a) documents with their text
-    pieces = document_pieces(pool.doc_spans(), selected, pool.seq_len)
-    rows = _piece_rows(pieces, pool.tokens, pool.load_tokenizer(), pool.eos_id, score_of)
-    n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows, score_of is not None)
+    # docs.parquet is read one segment at a time (memory flat in the pool's size); only segments that hold a
+    # selected sequence become Python objects
+    seen: dict[str, int] = {}
+    complete = [0]
+
+    def rows() -> Iterator[list[dict[str, Any]]]:
+        tok = pool.load_tokenizer()
+        for pieces in selected_pieces(pool.path / "docs.parquet", selected, pool.seq_len):
+            complete[0] += int(pieces.complete.sum())
+            yield from _piece_rows(pieces, pool.tokens, tok, pool.eos_id, score_of, seen)
+
+    n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows(), score_of is not None)
     counts = {"sequences": int(len(selected)), "tokens": tokens_meta["n_tokens"], "documents": n_rows,
-              "complete_documents": int(pieces.complete.sum())}
+              "complete_documents": complete[0]}
     log.info("export: %s (%d sequences, %d document pieces)", sel_dir, len(selected), n_rows)
     return {"parents": [parent_ref(sel_dir), parent_ref(pool.path)], "counts": counts,
             "format": fmt, "documents": DOCUMENT_FILES[fmt], "tokens": TOKENS_FILE, "has_scores": score_of is not None,
