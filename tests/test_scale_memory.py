@@ -86,3 +86,23 @@ def test_export_peak_memory_is_flat_in_pool_size(pools, tmp_path, monkeypatch):
     # measured with the default segment (65,536 spans, so one segment here): 7.1 -> 14.2 MB; with 2,048-span
     # segments flat. The code before this change: 6.7 -> 26.8 MB (every docs.parquet span as Python objects)
     assert peaks[24000] - peaks[6000] < 1.0, peaks
+
+
+def test_datasets_folder_prepares_in_flat_memory(tmp_path, tiny_tokenizer, monkeypatch):
+    """A ``datasets.save_to_disk`` folder (memory-mapped Arrow, read 1,024 rows at a time), one task, of
+    6,000 and of 24,000 rows: the same peak."""
+    import datasets
+
+    import lmselect.data.prepare_tasks as pt
+
+    monkeypatch.setattr(pt, "MERGE_CHUNK_DOCS", 512)
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    peaks = {}
+    for n in (300, 6000, 24000):
+        rows = [{"text": " ".join(SAMPLE_TEXT[(i + k) % 8] for k in range(1 + i % 3)), "id": f"r{i}"} for i in range(n)]
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / f"ds{n}"))
+        del rows
+        cfg = PrepareConfig(inputs=[str(tmp_path / f"ds{n}")], tokenizer=str(tmp_path / "tok"), seq_len=16,
+                            n_shards=2, workers=1, tasks=1)
+        peaks[n] = _peak(prepare, cfg, tmp_path / f"pool{n}", progress=False)
+    assert peaks[24000] - peaks[6000] < 1.0, peaks
