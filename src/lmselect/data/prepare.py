@@ -390,7 +390,8 @@ def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], 
     dtype = token_dtype(len(tok))
     timings: dict[str, float] = dict(plan.get("timings", {}))
     timings["tokenize_pack_s"] = tasks_s  # the tasks: read, prefilter, decontaminate, tokenize
-    timings["tokenize_pack_cpu_s"] = sum(p["cpu_s"] for p in parts)
+    timings["tokenize_pack_cpu_s"] = sum(p["cpu_s"] for p in parts)  # CPU seconds of every task, all threads
+    timings["task_max_rss_mb"] = max(p.get("max_rss_mb", 0.0) for p in parts)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()

@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import socket
 import time
@@ -420,6 +421,8 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
                 "decontamination": decon.state() if decon is not None else None,
                 "decontam_index_s": decon.index_s if decon is not None else 0.0,
                 "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                # peak RSS of the task's process (Linux: KiB); a task in its own process is invisible to the caller
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
             atomic_write_json(tmp / PART_MARKER, info)
     return info
