@@ -31,9 +31,14 @@ eval task files. ``flag`` keeps it and lists it, ``drop`` removes it before the 
 tokenisation. Counts per source and per protected set go into ``extra.decontamination``, the flagged documents into
 ``contamination.parquet``.
 
+Tasks (``--tasks N``, ``--task I/N``; :mod:`lmselect.data.prepare_tasks`): the per-document work runs as N
+independent tasks over the inputs (datatrove's ``LocalPipelineExecutor``; a Slurm array with ``lmselect slurm
+prepare``), each writing a part; one streaming merge writes the pool, byte-identical for every N.
+
 The pool is built in a temporary directory beside ``--out`` and renamed into place with ``manifest.json`` written
-last, so an interrupted run leaves nothing that looks complete; rerunning starts again. A complete pool whose config
-hash matches is reused ("pool already complete"); a different config is an error unless ``--overwrite``.
+last, so an interrupted run leaves nothing that looks complete; rerunning keeps the tasks' complete parts
+(``.OUT.work/``) and redoes the rest. A complete pool whose config hash matches is reused ("pool already
+complete"); a different config is an error unless ``--overwrite``.
 """
 
 from __future__ import annotations
