@@ -263,7 +263,7 @@ def machine() -> str:
 def report(results: list[dict], steps: list[str]) -> str:
     lines = ["| step | " + " | ".join(f"{r['tokens'] / 1e6:.1f}M tok: tok/CPU-s, wall s, peak RSS MB" for r in results)
              + " | CPU exponent | RSS MB per M tok (ratio of the 2 largest) | 1B: core h / 64-task h / RSS GB "
-             "| 100B: core h / 64-task h / RSS GB |", "|" + "---|" * (len(results) + 4)]
+             "| 100B: core h / 64-task h / RSS GB |", "|" + "---|" * (len(results) + 5)]
     for s in steps:
         if not any(s in r["steps"] for r in results):
             continue
