@@ -143,3 +143,20 @@ def test_hf_dataset_row_ranges_keep_ids(tmp_path):
     assert [(d.doc_id, d.text) for d in iter_documents(parts)] == whole
     assert whole[5] == ("ds:6", "row 5")
     json.dumps(whole)
+
+
+def test_a_task_error_is_one_line(tmp_path, capfd, tok_dir):
+    """--strict and a malformed line in the second of two tasks (a datatrove worker process): one line naming the
+    file and line, exit 2, no pool; the other task's part stays for the rerun."""
+    d = tmp_path / "c"
+    d.mkdir()
+    a = write_jsonl(d / "a.jsonl", clean_records(30, "a"))
+    b = write_jsonl(d / "b.jsonl", clean_records(5, "b") + ["{broken"])
+    out = tmp_path / "pool"
+    rc = main(["prepare", str(a), str(b), "--out", str(out), "--tokenizer", tok_dir, "--seq-len", "16", "--n-shards",
+               "2", "--tasks", "2", "--strict", "--no-progress"])
+    err = capfd.readouterr().err.strip().splitlines()  # every process: datatrove's progress lines, then ours
+    assert rc == 2 and f"{b}:6: invalid JSON" in err[-1] and err[-1].startswith("lmselect prepare: error: "), err
+    assert not any("Traceback" in x for x in err)
+    assert not out.exists()
+    assert (pt.work_dir(out) / "parts" / "00000" / pt.PART_MARKER).is_file()

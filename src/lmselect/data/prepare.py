@@ -508,6 +508,9 @@ def _run_tasks(work: Path, plan: dict[str, Any], cfg: Any, ranks: Sequence[int],
         if isinstance(e, KeyboardInterrupt):
             raise
         raise LmselectError(f"prepare: a task failed ({type(e).__name__}: {e}); see {work / 'logs'}") from None
+    msgs = sorted(errors.glob("*.txt")) if errors.is_dir() else []
+    if msgs:  # a task's bad input (PrepareTask): its one line
+        raise LmselectError(msgs[0].read_text().strip())
     left = [r for r in ranks if not pt.part_done(work, plan, r)]
     if left:
         raise LmselectError(f"prepare: tasks {left} did not finish; see {work / 'logs'}; rerun to resume them")

@@ -13,7 +13,9 @@ from lmselect.artifacts import LmselectError
 class PrepareTask(PipelineStep):
     """Builds part ``rank`` of a prepare plan (``prepare_tasks.run_task``); its counts go to datatrove's per-task
     stats. A bad input is a one-line LmselectError: written to ``WORK/errors/RANK.txt`` for the launching process to
-    show, then raised (datatrove marks the task failed)."""
+    show as its one line, and not raised (datatrove would log it with a traceback). datatrove then marks the rank
+    complete, but the part's own marker (``part.json``) is what counts: the launcher removes datatrove's marker of a
+    rank whose part is missing before every run."""
 
     name = "lmselect prepare"
     type = "🔢 - TOKENIZE"
@@ -34,7 +36,8 @@ class PrepareTask(PipelineStep):
             errors = Path(self.work) / "errors"
             errors.mkdir(exist_ok=True)
             (errors / f"{rank:05d}.txt").write_text(f"{e}\n")
-            raise
+            self.stat_update("failed")
+            return None
         self.stat_update("documents", value=info["documents"])
         self.stat_update("tokens", value=info["tokens"])
         self.stat_update("records", value=info["read"]["records"])
