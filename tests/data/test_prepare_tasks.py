@@ -148,6 +148,9 @@ def test_hf_dataset_row_ranges_keep_ids(tmp_path):
 def test_a_task_error_is_one_line(tmp_path, capfd, tok_dir):
     """--strict and a malformed line in the second of two tasks (a datatrove worker process): one line naming the
     file and line, exit 2, no pool; the other task's part stays for the rerun."""
+    from datatrove.utils.logging import setup_default_logger
+
+    setup_default_logger()  # loguru's sink onto this test's stderr (an earlier test's captured stream is closed)
     d = tmp_path / "c"
     d.mkdir()
     a = write_jsonl(d / "a.jsonl", clean_records(30, "a"))
@@ -157,6 +160,6 @@ def test_a_task_error_is_one_line(tmp_path, capfd, tok_dir):
                "2", "--tasks", "2", "--strict", "--no-progress"])
     err = capfd.readouterr().err.strip().splitlines()  # every process: datatrove's progress lines, then ours
     assert rc == 2 and f"{b}:6: invalid JSON" in err[-1] and err[-1].startswith("lmselect prepare: error: "), err
-    assert not any("Traceback" in x for x in err)
+    assert not any("Traceback" in x for x in err), "\n".join(err)
     assert not out.exists()
     assert (pt.work_dir(out) / "parts" / "00000" / pt.PART_MARKER).is_file()
