@@ -163,3 +163,27 @@ def test_a_task_error_is_one_line(tmp_path, capfd, tok_dir):
     assert not any("Traceback" in x for x in err), "\n".join(err)
     assert not out.exists()
     assert (pt.work_dir(out) / "parts" / "00000" / pt.PART_MARKER).is_file()
+
+
+def test_bpe_sample_is_not_prefiltered_twice(tmp_path, monkeypatch):
+    """Training the BPE reads the prefiltered stream once; task 0 (whose stream the sample begins) reuses those
+    decisions, so with the whole corpus in the sample every document meets the filter once."""
+    from datatrove.pipeline.filters import GopherRepetitionFilter
+
+    calls = []
+    real = GopherRepetitionFilter.filter
+
+    def counted(self, doc):
+        calls.append(doc.id)
+        return real(self, doc)
+
+    monkeypatch.setattr(GopherRepetitionFilter, "filter", counted)
+    d = tmp_path / "c"
+    d.mkdir()
+    inputs = [str(write_jsonl(d / "a.jsonl", clean_records(30, "a"))), str(write_jsonl(d / "s.jsonl", spam_records(9)))]
+    cfg = PrepareConfig(inputs=inputs, vocab_size=300, seq_len=16, n_shards=2, workers=1, tasks=1,
+                        prefilter=["gopher_repetition"])
+    out, _ = prepare_pool(cfg, tmp_path / "pool", progress=False)
+    m = read_json(out / "manifest.json")
+    assert len(calls) == m["extra"]["prefilter"]["documents"] == 39
+    assert m["extra"]["prefilter"]["dropped"] > 0

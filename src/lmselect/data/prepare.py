@@ -60,6 +60,7 @@ from lmselect.artifacts import (
     LmselectError,
     Manifest,
     atomic_path,
+    atomic_write_json,
     file_checksums,
     read_json,
     save_config,
@@ -355,6 +356,8 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
         with _tokenizer_threads(cfg.workers):
             tok, info = _get_tokenizer(cfg, specs, where, decon, pre)
         tok.save_pretrained(str(tok_dir))
+        if pre is not None:  # the sample's filter decisions, for task 0 (whose stream the sample begins)
+            atomic_write_json(tok_dir.parent / pt.PREFILTER_MEMO, pre.memo_state())
         return info
 
     work = pt.work_dir(out_dir)

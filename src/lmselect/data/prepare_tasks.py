@@ -68,6 +68,7 @@ BATCH_DOCS = 2048
 BATCH_CHARS = 4_000_000
 PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
 PLAN = "plan.json"
+PREFILTER_MEMO = "prefilter_memo.json"  # the BPE sample's prefilter decisions (Prefilter.memo_state), for task 0
 PART_MARKER = "part.json"
 AUTO_TASK_BYTES = 32 << 20  # --tasks 0 (auto): at most one task per this many input bytes, and per core
 MERGE_CHUNK_DOCS = 1 << 16  # the merge reads documents in chunks of this many (one docs.parquet row group each)
@@ -234,6 +235,7 @@ def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_t
 
     for p in ("parts", "logs", "tokenizer"):
         shutil.rmtree(work / p, ignore_errors=True)
+    (work / PREFILTER_MEMO).unlink(missing_ok=True)
     units = plan_units(specs, n_tasks)
     tok_dir = work / "tokenizer"
     t0, c0 = time.perf_counter(), time.process_time()
@@ -351,6 +353,8 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
         dtype = token_dtype(len(tok))
         stats = ReadStats()
         pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
+        if pre is not None and rank == 0 and (work / PREFILTER_MEMO).is_file():
+            pre.load_memo(read_json(work / PREFILTER_MEMO))  # task 0's stream is the sample's: no filter twice
         decon = Decontaminator.build(cfg.decontaminate) if cfg.decontaminate.enabled else None
 
         def count_tokens(texts: list[str]) -> list[int]:  # with the EOS, as the pool counts a document's tokens
