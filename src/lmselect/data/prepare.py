@@ -394,7 +394,7 @@ def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], 
             f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}; "
             "add text or lower --seq-len"
         )
-    tok = load_tokenizer(plan["tokenizer_dir"])
+    tok = load_tokenizer(pt.tokenizer_dir(work, plan))
     dtype = token_dtype(len(tok))
     timings: dict[str, float] = dict(plan.get("timings", {}))
     timings["tokenize_pack_s"] = tasks_s  # the tasks: read, prefilter, decontaminate, tokenize

@@ -252,7 +252,7 @@ def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_t
         "specs": [asdict(s) for s in specs],
         "units": units,
         "tasks": assign_units([u["weight"] for u in units], n_tasks),
-        "tokenizer_dir": str(cfg.tokenizer) if cfg.tokenizer else str(tok_dir.resolve()),
+        "tokenizer_dir": str(cfg.tokenizer) if cfg.tokenizer else None,  # None: WORK/tokenizer (tokenizer_dir)
         "tokenizer": tok_info,
         "inputs": inputs,
         "timings": timings,
@@ -260,6 +260,12 @@ def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_t
     }
     atomic_write_json(work / PLAN, plan)
     return plan
+
+
+def tokenizer_dir(work: Path, plan: dict[str, Any]) -> Path:
+    """The tokenizer the tasks and the merge load: the given one, or the BPE trained into ``WORK/tokenizer`` (found
+    relative to the work dir, so a work dir seen at another path on another node still works)."""
+    return Path(plan["tokenizer_dir"]) if plan.get("tokenizer_dir") else work / "tokenizer"
 
 
 def part_dir(work: Path, rank: int) -> Path:
@@ -347,7 +353,7 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
     remove_stale_tmp(out, log)  # what a killed attempt of this task left
     t0, c0 = time.perf_counter(), time.process_time()
     with _tokenizer_threads(threads):
-        tok = load_tokenizer(plan["tokenizer_dir"])
+        tok = load_tokenizer(tokenizer_dir(work, plan))
         encode = batch_encoder(tok)
         eos = int(tok.eos_token_id)
         dtype = token_dtype(len(tok))
