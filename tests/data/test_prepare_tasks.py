@@ -148,6 +148,9 @@ def test_hf_dataset_row_ranges_keep_ids(tmp_path):
 def test_a_task_error_is_one_line(tmp_path, capfd, tok_dir):
     """--strict and a malformed line in the second of two tasks (a datatrove worker process): one line naming the
     file and line, exit 2, no pool; the other task's part stays for the rerun."""
+    from datatrove.utils.logging import setup_default_logger
+
+    setup_default_logger()  # loguru's sink onto this test's stderr (an earlier test's captured stream is closed)
     d = tmp_path / "c"
     d.mkdir()
     a = write_jsonl(d / "a.jsonl", clean_records(30, "a"))
@@ -157,7 +160,7 @@ def test_a_task_error_is_one_line(tmp_path, capfd, tok_dir):
                "2", "--tasks", "2", "--strict", "--no-progress"])
     err = capfd.readouterr().err.strip().splitlines()  # every process: datatrove's progress lines, then ours
     assert rc == 2 and f"{b}:6: invalid JSON" in err[-1] and err[-1].startswith("lmselect prepare: error: "), err
-    assert not any("Traceback" in x for x in err)
+    assert not any("Traceback" in x for x in err), "\n".join(err)
     assert not out.exists()
     assert (pt.work_dir(out) / "parts" / "00000" / pt.PART_MARKER).is_file()
 
@@ -189,3 +192,27 @@ def test_tasks_keep_where_documents_come_from(tmp_path, monkeypatch):
     assert all(stream[r["index"]].doc_id == r["doc_id"] for r in origins)
     edited = {r["doc_id"] for r in origins if r["edited"]}
     assert edited == {f"j{i}" for i in range(12)}  # C4 removed the junk line of each, nothing else
+
+
+def test_bpe_sample_is_not_prefiltered_twice(tmp_path, monkeypatch):
+    """Training the BPE reads the prefiltered stream once; task 0 (whose stream the sample begins) reuses those
+    decisions, so with the whole corpus in the sample every document meets the filter once."""
+    from datatrove.pipeline.filters import GopherRepetitionFilter
+
+    calls = []
+    real = GopherRepetitionFilter.filter
+
+    def counted(self, doc):
+        calls.append(doc.id)
+        return real(self, doc)
+
+    monkeypatch.setattr(GopherRepetitionFilter, "filter", counted)
+    d = tmp_path / "c"
+    d.mkdir()
+    inputs = [str(write_jsonl(d / "a.jsonl", clean_records(30, "a"))), str(write_jsonl(d / "s.jsonl", spam_records(9)))]
+    cfg = PrepareConfig(inputs=inputs, vocab_size=300, seq_len=16, n_shards=2, workers=1, tasks=1,
+                        prefilter=["gopher_repetition"])
+    out, _ = prepare_pool(cfg, tmp_path / "pool", progress=False)
+    m = read_json(out / "manifest.json")
+    assert len(calls) == m["extra"]["prefilter"]["documents"] == 39
+    assert m["extra"]["prefilter"]["dropped"] > 0

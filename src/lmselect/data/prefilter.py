@@ -156,6 +156,16 @@ class Prefilter:
         if not doc.edited:  # an edited document's input tokens were counted from its input text (filter)
             c["input_tokens"] += int(n_tokens)
 
+    def memo_state(self) -> dict[str, Any]:
+        """The uncounted pass's decisions (JSON): how many documents of the stream it saw, and the dropped ones."""
+        return {"n": self._memo_n, "dropped": [[i, f, r] for i, (f, r) in sorted(self._memo.items())]}
+
+    def load_memo(self, memo: dict[str, Any]) -> None:
+        """Take decisions of :meth:`memo_state` for the same stream (prepare's task 0, which starts where the
+        tokenizer's sample started): the counted pass then reruns only the text-editing filters on them."""
+        self._memo = {int(i): (f, r) for i, f, r in memo["dropped"]}
+        self._memo_n = int(memo["n"])
+
     def state(self) -> dict[str, Any]:
         """The counts (JSON) of a prepare task's part; :func:`merged_info` adds parts up."""
         return {"per_source": self.per_source, "by_filter": self.by_filter, "counted_tokens": self.counted_tokens,

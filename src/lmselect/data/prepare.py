@@ -60,6 +60,7 @@ from lmselect.artifacts import (
     LmselectError,
     Manifest,
     atomic_path,
+    atomic_write_json,
     file_checksums,
     read_json,
     save_config,
@@ -359,6 +360,8 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
         with _tokenizer_threads(cfg.workers):
             tok, info = _get_tokenizer(cfg, specs, where, decon, pre)
         tok.save_pretrained(str(tok_dir))
+        if pre is not None:  # the sample's filter decisions, for task 0 (whose stream the sample begins)
+            atomic_write_json(tok_dir.parent / pt.PREFILTER_MEMO, pre.memo_state())
         return info
 
     work = pt.work_dir(out_dir)
@@ -396,7 +399,7 @@ def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], 
             f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}"
             + (stats.text_field_hint(cfg.text_field) or "; add text or lower --seq-len")
         )
-    tok = load_tokenizer(plan["tokenizer_dir"])
+    tok = load_tokenizer(pt.tokenizer_dir(work, plan))
     dtype = token_dtype(len(tok))
     timings: dict[str, float] = dict(plan.get("timings", {}))
     timings["tokenize_pack_s"] = tasks_s  # the tasks: read, prefilter, decontaminate, tokenize

@@ -69,6 +69,7 @@ BATCH_DOCS = 2048
 BATCH_CHARS = 4_000_000
 PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
 PLAN = "plan.json"
+PREFILTER_MEMO = "prefilter_memo.json"  # the BPE sample's prefilter decisions (Prefilter.memo_state), for task 0
 PART_MARKER = "part.json"
 AUTO_TASK_BYTES = 32 << 20  # --tasks 0 (auto): at most one task per this many input bytes, and per core
 MERGE_CHUNK_DOCS = 1 << 16  # the merge reads documents in chunks of this many (one docs.parquet row group each)
@@ -239,6 +240,7 @@ def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_t
 
     for p in ("parts", "logs", "tokenizer"):
         shutil.rmtree(work / p, ignore_errors=True)
+    (work / PREFILTER_MEMO).unlink(missing_ok=True)
     units = plan_units(specs, n_tasks)
     tok_dir = work / "tokenizer"
     t0, c0 = time.perf_counter(), time.process_time()
@@ -256,7 +258,7 @@ def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_t
         "specs": [asdict(s) for s in specs],
         "units": units,
         "tasks": assign_units([u["weight"] for u in units], n_tasks),
-        "tokenizer_dir": str(cfg.tokenizer) if cfg.tokenizer else str(tok_dir.resolve()),
+        "tokenizer_dir": str(cfg.tokenizer) if cfg.tokenizer else None,  # None: WORK/tokenizer (tokenizer_dir)
         "tokenizer": tok_info,
         "inputs": inputs,
         "timings": timings,
@@ -264,6 +266,12 @@ def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_t
     }
     atomic_write_json(work / PLAN, plan)
     return plan
+
+
+def tokenizer_dir(work: Path, plan: dict[str, Any]) -> Path:
+    """The tokenizer the tasks and the merge load: the given one, or the BPE trained into ``WORK/tokenizer`` (found
+    relative to the work dir, so a work dir seen at another path on another node still works)."""
+    return Path(plan["tokenizer_dir"]) if plan.get("tokenizer_dir") else work / "tokenizer"
 
 
 def part_dir(work: Path, rank: int) -> Path:
@@ -351,12 +359,14 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
     remove_stale_tmp(out, log)  # what a killed attempt of this task left
     t0, c0 = time.perf_counter(), time.process_time()
     with _tokenizer_threads(threads):
-        tok = load_tokenizer(plan["tokenizer_dir"])
+        tok = load_tokenizer(tokenizer_dir(work, plan))
         encode = batch_encoder(tok)
         eos = int(tok.eos_token_id)
         dtype = token_dtype(len(tok))
         stats = ReadStats()
         pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
+        if pre is not None and rank == 0 and (work / PREFILTER_MEMO).is_file():
+            pre.load_memo(read_json(work / PREFILTER_MEMO))  # task 0's stream is the sample's: no filter twice
         decon = (Decontaminator.build(cfg.decontaminate, plan.get("decontam_keep", ()))
                  if cfg.decontaminate.enabled else None)
 
