@@ -151,8 +151,14 @@ def test_cli_writes_checks_and_submits(tmp_path, capsys, monkeypatch, tiny_pool)
     assert "mkdir -p slurm-logs" in text  # the script makes its log folder where it runs
     assert main(["slurm", "run", "demo", "--bogus", *common]) == 2
     assert "lmselect slurm: error: lmselect run: unrecognized arguments: --bogus" in capsys.readouterr().err
-    assert main(["slurm", "prepare", "x", "--out", "p", *common]) == 2
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
+    assert main(["slurm", "prepare", "x.jsonl", "--out", "p", *common]) == 2
     assert "lmselect slurm prepare needs --array K" in capsys.readouterr().err
+    # prepare's own preflight runs before anything is written: a missing input is one line
+    assert main(["slurm", "prepare", "missing.jsonl", "--out", "p", "--array", "2", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.jsonl: input not found" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "lmselect-prepare.sbatch").exists()
     # --submit without sbatch: the script is printed, one line says why, exit 2
     r = _cli(["run", "demo", "--out", "o", *common, "--submit"], tmp_path)
     assert r.returncode == 2 and r.stdout.startswith("#!/bin/bash")

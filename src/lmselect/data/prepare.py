@@ -611,6 +611,19 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         raise blame(e, getattr(args, "config", None), overrides) from None
 
 
+def preflight(args: argparse.Namespace) -> PrepareConfig:
+    """What ``lmselect prepare`` can check before any work: the config (file, flags, overrides), ``--task``, and that
+    every input exists and is of a readable kind; ``lmselect slurm prepare`` calls it before writing its scripts."""
+    cfg = config_from_args(args)
+    cfg.validate()
+    if getattr(args, "task", None):
+        from lmselect.data.prepare_tasks import parse_task
+
+        parse_task(args.task)
+    resolve_inputs(cfg.inputs)
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if getattr(args, "task", None):
