@@ -215,3 +215,20 @@ def test_export_cleans_stale_staging_and_needs_overwrite(tmp_path, corpus_pool, 
     assert main(["export", str(a), "--out", str(out)]) == 0  # the same export again: replaced quietly
     assert main(["export", str(b), "--out", str(out), "--overwrite"]) == 0
     assert read_manifest(out, kind="export")["config"]["selection"] == str(b)
+
+
+def test_segments_give_the_export_of_the_whole_table(tmp_path, corpus_pool, monkeypatch):
+    """docs.parquet read a few spans at a time (cut only where a document occurrence starts) gives the documents of
+    reading it whole: same rows, ids, offsets and text."""
+    import lmselect.export as ex
+
+    pool, _ = corpus_pool
+    sel = _selection(tmp_path, pool)
+    ex.export(sel, tmp_path / "whole")
+    segs = list(ex.occurrence_segments(pool.path / "docs.parquet", pool.seq_len, batch_rows=5))
+    assert len(segs) > 5 and sum(t.num_rows for t in segs) == pool.doc_spans().num_rows
+    monkeypatch.setattr(ex, "SEGMENT_SPANS", 5)
+    ex.export(sel, tmp_path / "seg")
+    a = gzip.decompress((tmp_path / "whole" / "documents.jsonl.gz").read_bytes())
+    assert a and a == gzip.decompress((tmp_path / "seg" / "documents.jsonl.gz").read_bytes())
+    assert read_manifest(tmp_path / "seg")["counts"] == read_manifest(tmp_path / "whole")["counts"]

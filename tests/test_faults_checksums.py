@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -43,8 +44,13 @@ def _no_leftovers(out):
 def test_prepare_enospc_on_tokens_bin(tmp_path, corpus, monkeypatch, capsys):
     out = tmp_path / "pool"
 
-    def full_disk(fd):  # the first fsync of prepare is the one of tokens.bin
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_fsync = os.fsync
+
+    def full_disk(fd):  # the disk fills up while the merge writes the pool's tokens.bin (its temp build dir)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith("tokens.bin") and "/.pool.tmp-" in name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full_disk)
     assert main(_prepare_args(corpus, out)) == 2
@@ -52,6 +58,21 @@ def test_prepare_enospc_on_tokens_bin(tmp_path, corpus, monkeypatch, capsys):
     assert line.endswith(f"{out / 'tokens.bin'}: cannot write: no space left on device")
     _no_leftovers(out)
     assert not out.exists()
+    # the tasks' parts survive a failed merge (a rerun only merges); a part on a full disk: one line naming it
+    work = tmp_path / ".pool.work"
+    assert (work / "parts" / "00000" / "part.json").is_file()
+    shutil.rmtree(work)
+
+    def full_disk_part(fd):
+        if "/.pool.work/parts/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_part)
+    assert main(_prepare_args(corpus, tmp_path / "pool")) == 2
+    line = _one_error_line(capsys.readouterr().err, "prepare")
+    assert line.endswith(f"{work / 'parts' / '00000'}: cannot write: no space left on device")
+    assert not out.exists() and not [p for p in (work / "parts").iterdir() if ".tmp-" in p.name]
 
 
 def test_prepare_erofs_on_manifest(tmp_path, corpus, monkeypatch, capsys):

@@ -107,17 +107,19 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in gzip.decompress(path.read_bytes()).splitlines()]
 
 
-@pytest.mark.parametrize("prefilter", ["gopher_repetition,c4", "none"])
-def test_export_gives_back_the_original_records(tmp_path, prefilter, caplog):
+@pytest.mark.parametrize("prefilter,tasks", [("gopher_repetition,c4", "2"), ("none", "1")])
+def test_export_gives_back_the_original_records(tmp_path, prefilter, tasks, caplog):
+    """(With the prefilter the pool is made by 2 prepare tasks, one per part, and their merge: issue 31.)"""
     folder, lines = _corpus(tmp_path)
     originals = _originals(lines)
     pool = tmp_path / "pool"
     with caplog.at_level(logging.WARNING, logger="lmselect"):
         assert main(["prepare", str(folder), "--out", str(pool), "--seq-len", "128", "--n-shards", "2",
-                     "--vocab-size", "300", "--prefilter", prefilter, "--no-progress"]) == 0
+                     "--vocab-size", "300", "--prefilter", prefilter, "--tasks", tasks, "--no-progress"]) == 0
     # item 4: the folder's parts are read (not "empty corpus"), the stray file is named
     assert any("notes.md" in r.getMessage() and "skipped 1 file" in r.getMessage() for r in caplog.records)
     p = TokenPool(pool)
+    assert p.manifest["extra"]["tasks"] == int(tasks)
     assert p.manifest["counts"]["documents"] == len(originals) - (1 if prefilter != "none" else 0)
     # item 3: pool doc ids follow the one rule (missing, null and "" ids alike)
     assert set(p.doc_spans().column("doc_id").to_pylist()) <= set(originals)

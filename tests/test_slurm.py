@@ -151,8 +151,14 @@ def test_cli_writes_checks_and_submits(tmp_path, capsys, monkeypatch, tiny_pool)
     assert "mkdir -p slurm-logs" in text  # the script makes its log folder where it runs
     assert main(["slurm", "run", "demo", "--bogus", *common]) == 2
     assert "lmselect slurm: error: lmselect run: unrecognized arguments: --bogus" in capsys.readouterr().err
-    assert main(["slurm", "prepare", "x", *common]) == 2
-    assert "not a distributed verb" in capsys.readouterr().err
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
+    assert main(["slurm", "prepare", "x.jsonl", "--out", "p", *common]) == 2
+    assert "lmselect slurm prepare needs --array K" in capsys.readouterr().err
+    # prepare's own preflight runs before anything is written: a missing input is one line
+    assert main(["slurm", "prepare", "missing.jsonl", "--out", "p", "--array", "2", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.jsonl: input not found" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "lmselect-prepare.sbatch").exists()
     # --submit without sbatch: the script is printed, one line says why, exit 2
     r = _cli(["run", "demo", "--out", "o", *common, "--submit"], tmp_path)
     assert r.returncode == 2 and r.stdout.startswith("#!/bin/bash")
@@ -212,3 +218,53 @@ def test_script_refuses_to_start_without_torchrun(tmp_path):
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "torchrun is not on PATH" in r.stderr and "--setup" in r.stderr
     assert not (tmp_path / "srun.args").exists()
+
+
+def test_prepare_array_and_merge_under_a_fake_slurm(tmp_path):
+    """lmselect slurm prepare --array 3 --submit: a fake sbatch runs the array script once per task (as Slurm would,
+    each with its SLURM_ARRAY_TASK_ID) and then the merge script it was told to hold until the array is done; the
+    pool equals the one of a single process."""
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from corpus_helpers import clean_records, spam_records, write_jsonl
+
+    from lmselect.artifacts import read_json
+    from lmselect.data.prepare import PrepareConfig, prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    inputs = [str(write_jsonl(corpus / f"c{i}.jsonl", clean_records(15 + i, f"c{i}"))) for i in range(3)]
+    inputs.append(str(write_jsonl(corpus / "spam.jsonl.gz", spam_records(9), "gz")))
+    prep = ["--vocab-size", "300", "--seq-len", "16", "--n-shards", "2", "--workers", "1", "--no-progress"]
+    ref = prepare(PrepareConfig(inputs=inputs, vocab_size=300, seq_len=16, n_shards=2, workers=1), tmp_path / "ref",
+                  progress=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # sbatch: an array script runs once per index; the answer names a job id; the dependency is recorded
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f"echo \"$@\" >> {tmp_path}/sbatch.log\n"
+        "script=${@: -1}\n"
+        "arr=$(sed -n 's/^#SBATCH --array=0-\\([0-9]*\\)$/\\1/p' \"$script\")\n"
+        "if [ -n \"$arr\" ]; then for i in $(seq 0 $arr); do SLURM_JOB_ID=$((500+i)) SLURM_ARRAY_JOB_ID=500 "
+        "SLURM_ARRAY_TASK_ID=$i bash \"$script\" || exit 1; done; echo 'Submitted batch job 500';\n"
+        "else SLURM_JOB_ID=600 bash \"$script\" || exit 1; echo 'Submitted batch job 600'; fi\n")
+    # srun: drop its options (--kill-on-bad-exit=1, --output=LOG), run the command
+    (bin_dir / "srun").write_text("#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift; done\nexec \"$@\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": SRC, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, "-m", "lmselect.cli", "slurm", "prepare", *inputs, "--out", "pool", *prep,
+                        "--array", "3", "--partition", "cpu", "--time", "1:00:00", "--submit",
+                        "--setup", f"export PATH={Path(sys.executable).parent}:$PATH"],  # the environment, as a user would
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert calls == ["lmselect-prepare.sbatch", "--dependency=afterok:500 lmselect-prepare-merge.sbatch"]
+    array = (tmp_path / "lmselect-prepare.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in array and '--task "${SLURM_ARRAY_TASK_ID}/3"' in array
+    assert "--tasks 3" in (tmp_path / "lmselect-prepare-merge.sbatch").read_text()
+    pool = tmp_path / "pool"
+    assert read_json(pool / "manifest.json")["extra"]["tasks"] == 3
+    for f in ("tokens.bin", "sequences.parquet", "docs.parquet", "tokenizer/tokenizer.json"):
+        assert (pool / f).read_bytes() == (ref / f).read_bytes(), f
+    assert read_json(pool / "manifest.json")["counts"] == read_json(ref / "manifest.json")["counts"]

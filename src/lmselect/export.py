@@ -74,6 +74,7 @@ TOKENS_FILE = "tokens.bin"
 TOKENS_META = "tokens.json"
 SEQ_IDS_FILE = "seq_ids.npy"
 _CHUNK = 4096  # pieces decoded and written at a time (bounds memory for large selections)
+SEGMENT_SPANS = 1 << 16  # docs.parquet spans read at a time (occurrence_segments)
 _ROUND_RE = re.compile(r"^round(\d+)$")
 _SEED_RE = re.compile(r"^seed(\d+)$")
 
@@ -196,7 +197,8 @@ def map_offsets(blocks: list[tuple[int, int, int]], start: int, end: int, n_orig
 
 class _Originals:
     """The original records of a pool's documents, read back in stream order (pieces come in pool order, which is
-    the reader's order): ``get(doc)`` -> (original text, edited)."""
+    the reader's order): ``get(doc)`` -> (original text, edited). ``doc_origins.parquet`` is read a row group at a
+    time as the document numbers grow (memory flat in the pool's size, like the segmented ``docs.parquet``)."""
 
     def __init__(self, pool: Any):
         import pyarrow.parquet as pq
@@ -204,31 +206,95 @@ class _Originals:
         from lmselect.data.prepare import ORIGINS_FILE
         from lmselect.data.readers import reread_documents
 
-        t = pq.read_table(pool.path / ORIGINS_FILE, columns=["index", "edited", "doc_id"])
-        self.index = t.column("index").to_numpy().astype(np.int64)
-        self.edited = t.column("edited").to_numpy(zero_copy_only=False).astype(bool)
-        self.ids = t.column("doc_id").to_pylist()
+        self.batches = pq.ParquetFile(pool.path / ORIGINS_FILE).iter_batches(
+            batch_size=SEGMENT_SPANS, columns=["doc", "index", "edited", "doc_id"])
+        self.first = 0  # document number of the current batch's first row
+        self.index = np.zeros(0, np.int64)
+        self.edited = np.zeros(0, bool)
+        self.ids: Any = None
         self.where = str(pool.path)
         self.docs = reread_documents(pool.manifest["config"], pool.manifest.get("extra", {}).get("inputs", []),
                                      self.where)
         self.last: Any = None
 
+    def _row(self, doc: int) -> tuple[int, bool, str]:
+        while doc >= self.first + len(self.index):
+            b = next(self.batches, None)
+            if b is None:
+                raise LmselectError(f"{self.where}: document {doc} is not in its doc_origins.parquet; prepare the "
+                                    "pool again")
+            self.first += len(self.index)
+            self.index = b.column("index").to_numpy().astype(np.int64)
+            self.edited = b.column("edited").to_numpy(zero_copy_only=False).astype(bool)
+            self.ids = b.column("doc_id")
+        if doc < self.first:  # pieces come in stream order: a document number never goes back
+            raise LmselectError(f"{self.where}: document {doc} asked for after {self.first}")  # pragma: no cover
+        k = doc - self.first
+        return int(self.index[k]), bool(self.edited[k]), str(self.ids[k].as_py())
+
     def get(self, doc: int) -> tuple[str, bool]:
-        want = int(self.index[doc])
+        want, edited, doc_id = self._row(doc)
         while self.last is None or self.last.index < want:
             self.last = next(self.docs, None)
             if self.last is None:
-                raise LmselectError(f"{self.where}: document {doc} ({self.ids[doc]}) is no longer in the pool's "
+                raise LmselectError(f"{self.where}: document {doc} ({doc_id}) is no longer in the pool's "
                                     "inputs; the original records cannot be read back")
-        if self.last.index != want or self.last.doc_id != self.ids[doc]:
+        if self.last.index != want or self.last.doc_id != doc_id:
             raise LmselectError(f"{self.where}: the inputs hold {self.last.doc_id!r} where the pool has "
-                                f"{self.ids[doc]!r}; the original records cannot be read back")
-        return self.last.text, bool(self.edited[doc])
+                                f"{doc_id!r}; the original records cannot be read back")
+        return self.last.text, edited
+
+
+def occurrence_segments(docs_parquet: Path, seq_len: int, batch_rows: int | None = None) -> Iterator[Any]:
+    """A pool's ``docs.parquet`` as consecutive tables of about ``batch_rows`` spans, cut only where a document
+    occurrence starts (the :func:`document_pieces` rule), so every occurrence lies whole in one table: the export
+    holds one such table at a time, whatever the pool's size (plus one occurrence, however long)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    carry = None
+    for b in pq.ParquetFile(docs_parquet).iter_batches(batch_size=batch_rows or SEGMENT_SPANS):
+        t = pa.Table.from_batches([b]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([b])])
+        n = t.num_rows
+        if n < 2:
+            carry = t
+            continue
+        if "doc" in t.column_names:  # pools that number their documents: one occurrence = one document number
+            dnum = t.column("doc").to_numpy()
+            cont = dnum[1:] == dnum[:-1]
+        else:
+            seq = t.column("seq_id").to_numpy()
+            start = t.column("start").to_numpy()
+            length = t.column("length").to_numpy()
+            ids, src = t.column("doc_id"), t.column("source")
+            cont = (pc.and_(pc.equal(ids.slice(1), ids.slice(0, n - 1)),
+                            pc.equal(src.slice(1), src.slice(0, n - 1))).to_numpy(zero_copy_only=False)
+                    & (seq[1:] == seq[:-1] + 1) & (start[1:] == 0) & (start[:-1] + length[:-1] == seq_len))
+        starts = np.flatnonzero(~cont) + 1  # spans (index >= 1) that begin an occurrence
+        if not len(starts):
+            carry = t
+            continue
+        cut = int(starts[-1])
+        yield t.slice(0, cut)
+        carry = t.slice(cut)
+    if carry is not None and carry.num_rows:
+        yield carry
+
+
+def selected_pieces(docs_parquet: Path, selected: np.ndarray, seq_len: int) -> Iterator[Pieces]:
+    """:func:`document_pieces` segment by segment (:func:`occurrence_segments`); segments without a selected
+    sequence are passed over without building any Python object."""
+    selected = np.asarray(selected, dtype=np.int64)
+    for seg in occurrence_segments(docs_parquet, seq_len):
+        seq = seg.column("seq_id").to_numpy()
+        if len(selected) and np.isin(seq, selected).any():
+            yield document_pieces(seg, selected, seq_len)
 
 
 def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
                 score_of: dict[int, float] | None, originals: _Originals | None = None,
-                text: str = "original") -> Iterator[list[dict[str, Any]]]:
+                text: str = "original", seen: dict[str, int] | None = None) -> Iterator[list[dict[str, Any]]]:
     """Export rows of the pieces, ``_CHUNK`` at a time (texts decoded in one batch per chunk).
 
     Every row gets a unique ``id``: the document's own id when the row is the whole document, else
@@ -272,7 +338,7 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
                                               clean_up_tokenization_spaces=False)
         return full_text[doc]
 
-    seen: dict[str, int] = {}
+    seen = {} if seen is None else seen  # ids handed out so far (shared by the segments of one export)
     for c0 in range(0, len(pieces), _CHUNK):
         ids_batch, rows = [], []
         for p in range(c0, min(c0 + _CHUNK, len(pieces))):
@@ -446,20 +512,31 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
     shutil.copytree(pool.tokenizer_dir, tmp / "tokenizer")
 
     # (a) documents with their text
+    # docs.parquet is read one segment at a time (memory flat in the pool's size); only segments that hold a
+    # selected sequence become Python objects; the original records are read back in the same (stream) order
+    import pyarrow.parquet as pq
+
     from lmselect.data.prepare import ORIGINS_FILE
 
-    pieces = document_pieces(pool.doc_spans(), selected, pool.seq_len)
     originals = None
-    if (pool.path / ORIGINS_FILE).is_file() and (pieces.doc >= 0).all():
+    if (pool.path / ORIGINS_FILE).is_file() and "doc" in pq.read_schema(pool.path / "docs.parquet").names:
         originals = _Originals(pool)
     else:
         log.warning("%s: prepared before pools recorded where their documents come from; the exported text is the "
                     "pool's decoded text (edited by the prefilter, if it ran), not the original records; prepare the "
                     "pool again for the original text", pool.path)
-    rows = _piece_rows(pieces, pool.tokens, pool.load_tokenizer(), pool.eos_id, score_of, originals, text)
-    n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows, score_of is not None, text)
+    seen: dict[str, int] = {}
+    complete = [0]
+
+    def rows() -> Iterator[list[dict[str, Any]]]:
+        tok = pool.load_tokenizer()
+        for pieces in selected_pieces(pool.path / "docs.parquet", selected, pool.seq_len):
+            yield from _piece_rows(pieces, pool.tokens, tok, pool.eos_id, score_of, originals, text, seen)
+            complete[0] += int(pieces.complete.sum())  # after the rows: a piece cut by the dropped tail is not
+
+    n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows(), score_of is not None, text)
     counts = {"sequences": int(len(selected)), "tokens": tokens_meta["n_tokens"], "documents": n_rows,
-              "complete_documents": int(pieces.complete.sum())}
+              "complete_documents": complete[0]}
     log.info("export: %s (%d sequences, %d document pieces)", sel_dir, len(selected), n_rows)
     return {"parents": [parent_ref(sel_dir), parent_ref(pool.path)], "counts": counts,
             "format": fmt, "documents": DOCUMENT_FILES[fmt], "tokens": TOKENS_FILE, "has_scores": score_of is not None,

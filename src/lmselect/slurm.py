@@ -3,6 +3,8 @@
     lmselect slurm run recipes/paper.yaml --out runs/paper --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00
     lmselect slurm train --pool POOL --out ckpt --nodes 2 --gpus-per-node 8 --partition gpu --time 4:00:00 --submit
     lmselect slurm score --model M --pool POOL --out scores --nodes 1 --gpus-per-node 8 --array 16 ...   # 16 array tasks
+    lmselect slurm prepare CORPUS/ --out pools/big --seq-len 2048 --array 64 --cpus-per-task 4 --partition cpu \\
+        --time 4:00:00 --submit        # 64 prepare tasks (--task i/64), then a merge job (render_prepare)
 
 This is a template, not a scheduler: the script has one Slurm task per node, and each task starts one ``torchrun``
 agent (``srun --kill-on-bad-exit=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=G --rdzv-backend=c10d
@@ -225,6 +227,120 @@ def render(spec: SlurmSpec) -> str:
     return "\n".join(lines)
 
 
+def render_prepare(spec: SlurmSpec) -> tuple[str, str]:
+    """``lmselect slurm prepare``: two scripts, not torchrun (prepare runs on CPUs). The array script runs
+    ``lmselect prepare ARGS --task $SLURM_ARRAY_TASK_ID/K`` (one part each; the first task to start trains the
+    tokenizer, the others wait for its plan; a requeued task redoes only its own part), the merge script ``lmselect
+    prepare ARGS --tasks K`` (runs any task still missing, then writes the pool); ``--submit`` makes the merge wait for
+    the array (``--dependency=afterok``)."""
+    if not spec.array or spec.array < 1:
+        raise LmselectError("lmselect slurm prepare needs --array K: K array tasks each prepare part I of K, then a "
+                            "merge job writes the pool")
+    if any(a == "--task" or a.startswith(("--task=", "--tasks")) for a in spec.verb_args):
+        raise LmselectError("--array sets each task's --task and the merge's --tasks itself; drop --task/--tasks")
+    if not spec.partition.strip():
+        raise LmselectError("--partition is empty")
+    if not _TIME.match(spec.time.strip()):
+        raise LmselectError(f"--time {spec.time!r}: use a Slurm time limit like 30, 4:00:00 or 1-12:00:00")
+    name = spec.job_name or "lmselect-prepare"
+    log_dir = spec.log_dir.rstrip("/") or "."
+
+    def script(array: bool) -> str:
+        d = [f"--job-name={name}" + ("" if array else "-merge"), "--nodes=1", "--ntasks=1",
+             f"--partition={spec.partition}", f"--time={spec.time}"]
+        if spec.account:
+            d.append(f"--account={spec.account}")
+        if spec.cpus_per_task:
+            d.append(f"--cpus-per-task={spec.cpus_per_task}")
+        # in the submit directory: Slurm opens --output before the script runs, so not in the folder it creates
+        d.append(f"--output={name}-{'%A_%a' if array else 'merge-%j'}.out")
+        if array:
+            d.append(f"--array=0-{spec.array - 1}")
+        if spec.requeue:
+            d += ["--requeue", "--open-mode=append"]
+        tail = f' --task "${{SLURM_ARRAY_TASK_ID}}/{spec.array}"' if array else f" --tasks {spec.array}"
+        job_ref = "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" if array else "merge-${SLURM_JOB_ID}"
+        cmd = shlex.join(["python", "-m", "lmselect.cli", "prepare", *spec.verb_args]) + tail
+        lines = ["#!/bin/bash", "# Written by lmselect slurm; submit with: lmselect slurm prepare ... --submit",
+                 f"# lmselect prepare: {'part $SLURM_ARRAY_TASK_ID of' if array else 'merge of'} {spec.array} tasks"]
+        lines += [f"#SBATCH {x}" for x in d]
+        lines += ["", "set -uo pipefail",
+                  "# paths are relative to where sbatch was run: the script travels (copy it to a login node, "
+                  "submit there)",
+                  'cd "${SLURM_SUBMIT_DIR:-.}"']
+        lines += ["# environment (--setup)"] + list(spec.setup) if spec.setup else []
+        lines += ['if ! python -c "import lmselect" >/dev/null 2>&1; then',
+                  '    echo "lmselect slurm: no python with lmselect on PATH on $(hostname); activate the environment '
+                  "that has lmselect with --setup, e.g. --setup 'source .venv/bin/activate'\" >&2",
+                  "    exit 2",
+                  "fi"]
+        if spec.cpus_per_task:
+            lines.append('export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"  # srun does not inherit --cpus-per-task')
+        lines += ["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}",
+                  f"mkdir -p {shlex.quote(log_dir)}",
+                  f'srun --kill-on-bad-exit=1 --output="{log_dir}/{name}-{job_ref}.log" {cmd}', "rc=$?",
+                  'if [ "$rc" -ne 0 ]; then',
+                  f'    echo "lmselect slurm: lmselect prepare ({"task $SLURM_ARRAY_TASK_ID" if array else "merge"}) '
+                  f'ended with exit code $rc; see {log_dir}/{name}-{job_ref}.log; resubmitting resumes it (complete '
+                  'parts are kept)" >&2',
+                  "fi", 'exit "$rc"', ""]
+        return "\n".join(lines)
+
+    return script(True), script(False)
+
+
+def _submit_prepare(sbatch: str, array_script: Path, merge_script: Path) -> str:
+    """Submit the array, then the merge with ``--dependency=afterok:ARRAY``; returns sbatch's last line."""
+    r = subprocess.run([sbatch, str(array_script)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        first = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        raise LmselectError(f"sbatch {array_script} failed (exit {r.returncode}): {first}")
+    ids = re.findall(r"\d+", r.stdout)
+    if not ids:
+        raise LmselectError(f"sbatch {array_script}: no job id in its answer {r.stdout.strip()!r}")
+    r2 = subprocess.run([sbatch, f"--dependency=afterok:{ids[-1]}", str(merge_script)], capture_output=True,
+                        text=True, check=False)
+    if r2.returncode != 0:
+        first = (r2.stderr.strip().splitlines() or ["no message"])[-1]
+        raise LmselectError(f"sbatch {merge_script} failed (exit {r2.returncode}); the array job {ids[-1]} runs: "
+                            f"merge later with lmselect prepare ... --tasks N ({first})")
+    return f"{r.stdout.strip()}\n{r2.stdout.strip()} (merge, after {ids[-1]})"
+
+
+def _run_prepare(args: argparse.Namespace, verb_args: list[str]) -> int:
+    missing = [f"--{k.replace('_', '-')}" for k in ("partition", "time") if getattr(args, k) in (None, "")]
+    if missing:
+        raise LmselectError(f"missing {', '.join(missing)}")
+    spec = SlurmSpec(
+        verb="prepare", verb_args=verb_args, nodes=1, gpus_per_node=0, partition=args.partition, time=args.time,
+        account=args.account, job_name=args.job_name, cpus_per_task=args.cpus_per_task,
+        log_dir=args.log_dir or "slurm-logs", setup=tuple(args.setup or ()), array=args.array,
+        requeue=not args.no_requeue,
+    )
+    array_text, merge_text = render_prepare(spec)
+    script = Path(args.script or "lmselect-prepare.sbatch")
+    merge = script.with_name(script.stem + "-merge" + script.suffix)
+    for path, text in ((script, array_text), (merge, merge_text)):
+        atomic_write_text(path, text)
+        path.chmod(0o755)
+    if not spec.setup:
+        print("lmselect slurm: no --setup: the jobs use whatever python is on PATH on the compute nodes; pass "
+              "--setup 'source PATH/TO/venv/bin/activate' (or 'module load ...') to choose the environment",
+              file=sys.stderr)
+    if not args.submit:
+        print(f"slurm scripts: {script} (array of {spec.array}), {merge} (merge); submit with: "
+              f"jid=$(sbatch --parsable {shlex.quote(str(script))}) && sbatch --dependency=afterok:$jid "
+              f"{shlex.quote(str(merge))}")
+        return 0
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        print(f"lmselect slurm: sbatch not found on this machine; wrote {script} and {merge}: copy them to a Slurm "
+              "login node and submit them there (the merge after the array)", file=sys.stderr)
+        return 2
+    print(_submit_prepare(sbatch, script, merge))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -238,7 +354,8 @@ def _slurm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--account", help="Slurm account")
     g.add_argument("--job-name", help="job name (default lmselect-VERB)")
     g.add_argument("--cpus-per-task", type=int, help="CPUs per node task")
-    g.add_argument("--array", type=int, help="score only: K array tasks, task i scores --shard i/K")
+    g.add_argument("--array", type=int, help="score: K array tasks, task i scores --shard i/K; prepare: K array "
+                   "tasks, task i prepares --task i/K, then a merge job")
     g.add_argument("--log-dir", help="where the per-node logs go (default slurm-logs/)")
     g.add_argument("--setup", action="append", help="a shell line run before launch, e.g. 'source .venv/bin/activate'")
     g.add_argument("--no-requeue", action="store_true", help="do not let Slurm requeue the job after preemption")
@@ -249,7 +366,7 @@ def _slurm_options(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``lmselect slurm VERB [verb arguments and slurm options]``."""
     _slurm_options(p)
-    p.add_argument("verb", help=f"the verb to launch: {', '.join(DISTRIBUTED_VERBS)}")
+    p.add_argument("verb", help=f"the verb to launch: {', '.join(DISTRIBUTED_VERBS)}, or prepare (an array + a merge)")
     p.add_argument("verb_args", nargs=argparse.REMAINDER, help="the verb's own arguments")
 
 
@@ -292,6 +409,9 @@ def check_verb_args(verb: str, verb_args: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the script (and submit it with ``--submit``)."""
     verb_args = split_args(list(args.verb_args or []), args) + list(getattr(args, "overrides", []) or [])
+    if args.verb == "prepare":  # CPU work: an array of prepare tasks and a merge, no torchrun
+        check_verb_args(args.verb, verb_args)
+        return _run_prepare(args, verb_args)
     if args.verb not in DISTRIBUTED_VERBS:
         raise LmselectError(f"'{args.verb}' is not a distributed verb; choose from {', '.join(DISTRIBUTED_VERBS)}")
     check_verb_args(args.verb, verb_args)  # first: a typo (or --help) concerns the verb, whatever else is missing

@@ -37,6 +37,7 @@ def stage_specs(r: Any) -> dict[str, dict[str, Any]]:
     ``select_fraction`` redoes selections, training and evaluation, changing ``warmup.steps`` redoes everything."""
     specs: dict[str, dict[str, Any]] = {}
     pool = {"pool": portable(to_dict(r.pool))}
+    pool["pool"].get("prepare", {}).pop("tasks", None)  # the task count does not change the pool
     if not pool["pool"].get("prepare", {}).get("prefilter", True):
         del pool["pool"]["prepare"]["prefilter"]  # off: runs made before the option existed keep their identity
     if r.pool.path is None:

@@ -302,9 +302,11 @@ def test_long_document_is_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok
     import logging
 
     import lmselect.data.prepare as prep
+    import lmselect.data.prepare_tasks as pt
 
-    monkeypatch.setattr(prep, "LONG_TEXT_CHARS", 500)
-    monkeypatch.setattr(prep, "PROGRESS_LOG_S", 0.0)
+    for mod in (prep, pt):  # BPE training reads prepare's, the tasks (tokenizing) prepare_tasks'
+        monkeypatch.setattr(mod, "LONG_TEXT_CHARS", 500)
+    monkeypatch.setattr(pt, "PROGRESS_LOG_S", 0.0)
     rng = np.random.default_rng(0)
     long_text = "  ".join(" ".join(rng.choice(SENTENCES, size=40)) for _ in range(5)) + "\n\nEnd of the report."
     recs = [{"id": "short-1", "text": SENTENCES[0]}, {"id": "long", "text": long_text},

@@ -156,7 +156,7 @@ def test_prepare_counts_sidecar_and_identity(tmp_path, mixed, tok_dir, caplog):
     # identity: off = the hash of a pool made before the option existed; the filters and their order count
     off = _cfg(mixed, tok_dir)
     d = to_dict(off)
-    for k in ("workers", "decontaminate", "prefilter"):
+    for k in ("workers", "tasks", "decontaminate", "prefilter"):
         d.pop(k)
     assert pool_config_hash(off) == config_hash(d) == pool_config_hash(_cfg(mixed, tok_dir, prefilter=["none"]))
     hashes = {pool_config_hash(_cfg(mixed, tok_dir, prefilter=p)) for p in ([], ["c4"], ["c4", "gopher_repetition"],

@@ -48,7 +48,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -343,6 +343,13 @@ class ProtectedIndex:
 # the prepare step
 
 
+def _all_dropped(seen: int, n: int) -> LmselectError:
+    return LmselectError(
+        f"decontamination: all {seen} documents overlap the protected sets ({n}-grams); "
+        "nothing is left to tokenize (check decontaminate.protected, or use mode 'flag')"
+    )
+
+
 @dataclass
 class _Flagged:
     doc_id: str
@@ -380,11 +387,14 @@ class Decontaminator:
         frac = matched / np.maximum(total, 1)
         return (matched > 0) & (frac >= self.cfg.min_fraction)
 
-    def filter(self, docs: Iterable[Document], record: bool = True) -> Iterator[Document]:
+    def filter(self, docs: Iterable[Document], record: bool = True, *, final: bool = True,
+               on_drop: Callable[[Document], None] | None = None) -> Iterator[Document]:
         """Yield the documents to keep: all of them (flag mode) or the uncontaminated ones (drop mode).
 
         ``record=False`` only filters (used for the tokenizer-training pass, which reads the same documents before
-        the counted tokenisation pass). Raises LmselectError when drop mode leaves no document at all.
+        the counted tokenisation pass). ``final`` (the whole corpus, not a prepare task's part): raise LmselectError
+        when drop mode leaves no document at all (:func:`check_info` does that for merged parts). ``on_drop`` is
+        called with each document drop mode removes (prepare counts its tokens for the prefilter's statistics).
         """
         drop = self.cfg.mode == "drop"
         seen = kept = 0
@@ -411,11 +421,31 @@ class Decontaminator:
                 if not (drop and bad[i] and not spare[i]):
                     kept += 1
                     yield d
-        if drop and seen and not kept:
-            raise LmselectError(
-                f"decontamination: all {seen} documents overlap the protected sets ({self.cfg.n}-grams); "
-                "nothing is left to tokenize (check decontaminate.protected, or use mode 'flag')"
-            )
+                elif on_drop is not None:
+                    on_drop(d)
+        if final and drop and seen and not kept:
+            raise _all_dropped(seen, self.cfg.n)
+
+    def state(self) -> dict[str, Any]:
+        """The counts and flagged documents (JSON) of a prepare task's part; :meth:`merge_states` adds parts up."""
+        return {"per_source": self.per_source, "set_docs": self.set_docs, "check_s": self.check_s,
+                "flagged": [vars(f) for f in self.flagged]}
+
+    def merge_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """Take the counts and flagged documents of the parts, in order, as if this one had read them all; then
+        refuse, as :meth:`filter` would, a drop mode that left nothing."""
+        for st in states:
+            for src, c in st["per_source"].items():
+                acc = self.per_source.setdefault(src, {"docs": 0, "contaminated": 0, "dropped": 0})
+                for k, v in c.items():
+                    acc[k] += v
+            for lab, v in st["set_docs"].items():
+                self.set_docs[lab] += v
+            self.check_s += st["check_s"]
+            self.flagged.extend(_Flagged(**f) for f in st["flagged"])
+        seen = sum(c["docs"] for c in self.per_source.values())
+        if self.cfg.mode == "drop" and seen and seen == sum(c["dropped"] for c in self.per_source.values()):
+            raise _all_dropped(seen, self.cfg.n)
 
     def manifest_info(self) -> dict[str, Any]:
         """``extra.decontamination`` of the pool manifest."""

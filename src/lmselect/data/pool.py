@@ -73,10 +73,13 @@ class TokenPool:
         self.tokens = np.memmap(tb, dtype=self.dtype, mode="r", shape=(self.n_sequences, self.seq_len))
         seqs = pq.read_table(self.path / "sequences.parquet")
         self.shard: np.ndarray = seqs.column("shard").to_numpy().astype(np.int32)
-        src = seqs.column("source").to_pylist()
-        self.source_names: list[str] = sorted(set(src))
-        lookup = {s: i for i, s in enumerate(self.source_names)}
-        self.source_code: np.ndarray = np.fromiter((lookup[s] for s in src), dtype=np.int32, count=len(src))
+        # codes through arrow's dictionary encoding: no Python string per sequence (memory flat in the pool's size)
+        enc = seqs.column("source").combine_chunks().dictionary_encode()
+        names = enc.dictionary.to_pylist()
+        self.source_names: list[str] = sorted(names)
+        remap = np.array([self.source_names.index(x) for x in names], dtype=np.int32)
+        codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64) if len(enc) else np.zeros(0, np.int64)
+        self.source_code: np.ndarray = remap[codes] if len(names) else np.zeros(0, np.int32)
         self.n_docs: np.ndarray = seqs.column("n_docs").to_numpy()
 
     # ---- selection helpers -------------------------------------------------------------------------------------

@@ -146,6 +146,30 @@ class Prefilter:
         self._memo: dict[int, tuple[str, str]] = {}
         self._memo_n = 0
         self._editing = [(n, f) for n, f in self.filters if FILTERS[n].cls in _EDITING]
+        self._later = False  # filter(kept_tokens_later=True): kept documents' tokens come through count_kept
+
+    def count_kept(self, doc: Document, n_tokens: int) -> None:
+        """The tokens (with EOS) of a document this prefilter kept, as the pool encoded them (or would have: a
+        document decontamination then drops): its kept tokens and, when no filter edited it, its input tokens."""
+        c = self.per_source[doc.source]
+        c["kept_tokens"] += int(n_tokens)
+        if not doc.edited:  # an edited document's input tokens were counted from its input text (filter)
+            c["input_tokens"] += int(n_tokens)
+
+    def memo_state(self) -> dict[str, Any]:
+        """The uncounted pass's decisions (JSON): how many documents of the stream it saw, and the dropped ones."""
+        return {"n": self._memo_n, "dropped": [[i, f, r] for i, (f, r) in sorted(self._memo.items())]}
+
+    def load_memo(self, memo: dict[str, Any]) -> None:
+        """Take decisions of :meth:`memo_state` for the same stream (prepare's task 0, which starts where the
+        tokenizer's sample started): the counted pass then reruns only the text-editing filters on them."""
+        self._memo = {int(i): (f, r) for i, f, r in memo["dropped"]}
+        self._memo_n = int(memo["n"])
+
+    def state(self) -> dict[str, Any]:
+        """The counts (JSON) of a prepare task's part; :func:`merged_info` adds parts up."""
+        return {"per_source": self.per_source, "by_filter": self.by_filter, "counted_tokens": self.counted_tokens,
+                "seconds": self.seconds}
 
     def apply(self, text: str, doc_id: str = "") -> tuple[str | None, str | None, str]:
         """Run the filters on one text: ``(None, None, final_text)`` when kept, else ``(filter, reason, text)``.
@@ -189,13 +213,19 @@ class Prefilter:
 
     def filter(self, docs: Iterable[Document], *, record: bool = True,
                count_tokens: Callable[[list[str]], list[int]] | None = None,
-               sink: IO[str] | None = None) -> Iterator[Document]:
+               sink: IO[str] | None = None, final: bool = True, kept_tokens_later: bool = False,
+               ) -> Iterator[Document]:
         """Yield the kept documents (text as the filters left it).
 
         ``record``: count (per filter, per source) and write dropped documents to ``sink``; ``record=False`` only
         filters (the tokenizer-training pass reads the same documents before the counted pass). ``count_tokens``
-        (texts -> token counts): also count input and kept tokens per source. Raises LmselectError when no document is
-        left; warns, with counts, for each source whose documents were all removed."""
+        (texts -> token counts): also count input and kept tokens per source; with ``kept_tokens_later`` only the
+        texts that are not tokenized for the pool anyway (dropped documents, the input text of edited ones) are
+        counted here, and the caller reports each kept document's tokens with :meth:`count_kept` (prepare: no text is
+        tokenized twice). ``final`` (the whole corpus, not a prepare task's part): raise LmselectError when no
+        document is left and warn, with counts, for each source whose documents were all removed
+        (:func:`check_info` does that for merged parts)."""
+        self._later = kept_tokens_later and count_tokens is not None
         index = seen = kept = 0
         self._pass: dict[str, int] = {}  # documents each filter removed in this pass (for the error below)
         buf: list[Document] = []
@@ -213,15 +243,10 @@ class Prefilter:
             for out in outs:
                 kept += 1
                 yield out
-        if seen and not kept:
-            by = ", ".join(f"{k} {v:,}" for k, v in self._pass.items())
-            raise LmselectError(f"prefilter: all {seen:,} documents were removed ({by}); nothing is "
-                                "left to tokenize: use fewer filters (pool.prepare.prefilter / --prefilter)")
-        if record and seen:
-            for src, c in sorted(self.per_source.items()):
-                if c["documents"] and not c["kept"]:
-                    log.warning("prefilter: all %d documents of source '%s' were removed (%s)", c["documents"], src,
-                                ", ".join(f"{k} {v}" for k, v in sorted(c["by_filter"].items())))
+        if final and seen and not kept:
+            raise _all_removed(seen, self._pass)
+        if final and record and seen:
+            _warn_removed_sources(self.per_source)
 
     def _batch(self, batch: list[Document], start: int, record: bool,
                count_tokens: Callable[[list[str]], list[int]] | None, sink: IO[str] | None) -> list[Document]:
@@ -238,12 +263,23 @@ class Prefilter:
         for d, (fname, _, text) in zip(batch, results):
             if fname is not None:
                 self._pass[fname] = self._pass.get(fname, 0) + 1
+            elif text == d.text:
+                out.append(d)
             else:
-                out.append(dataclasses.replace(d, text=text, edited=True) if text != d.text else d)
+                out.append(dataclasses.replace(d, text=text, edited=True))  # count_kept: its input tokens are
+                # counted here (from the input text); the pool's encoding gives only its kept tokens
         if not record:
             return out
         n_in = n_kept = None
-        if count_tokens is not None:
+        if count_tokens is not None and self._later:
+            # only what the pool does not tokenize anyway: dropped texts and the input text of edited ones; a kept
+            # document's tokens come from the pool's own encoding (count_kept)
+            self.counted_tokens = True
+            need = [i for i, (f, _, t) in enumerate(results) if f is not None or t != batch[i].text]
+            counted = dict(zip(need, count_tokens([batch[i].text for i in need]))) if need else {}
+            n_in = [counted.get(i, 0) for i in range(len(batch))]
+            n_kept = [0] * len(batch)
+        elif count_tokens is not None:
             self.counted_tokens = True
             n_in = count_tokens([d.text for d in batch])
             changed = [i for i, (f, _, t) in enumerate(results) if f is None and t != batch[i].text]
@@ -273,23 +309,65 @@ class Prefilter:
 
     def manifest_info(self) -> dict[str, Any]:
         """``extra.prefilter`` of the pool manifest."""
-        import datatrove
+        return merged_info(self.names, [self.state()])
 
-        tot = {k: sum(c[k] for c in self.per_source.values())
-               for k in ("documents", "kept", "dropped", "modified", "input_chars", "kept_chars")}
-        return {
-            "filters": list(self.names),
-            "settings": {n: {"class": FILTERS[n].cls, "kwargs": dict(FILTERS[n].kwargs)} for n in self.names},
-            "datatrove_version": getattr(datatrove, "__version__", None) or _dist_version("datatrove"),
-            **tot,
-            "tokens_counted": self.counted_tokens,
-            "by_filter": {n: {"dropped": v["dropped"], "reasons": dict(sorted(v["reasons"].items()))}
-                          for n, v in self.by_filter.items()},
-            "per_source": {k: dict(v, by_filter=dict(sorted(v["by_filter"].items())))
-                           for k, v in sorted(self.per_source.items())},
-            "file": DROPPED_FILE,
-            "seconds": round(self.seconds, 3),
-        }
+
+def merged_info(names: Sequence[str], states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``extra.prefilter`` of the pool manifest from the counts of one or more parts (:meth:`Prefilter.state`): sums,
+    so the order of the parts does not matter."""
+    import datatrove
+
+    per_source: dict[str, dict[str, Any]] = {}
+    by_filter: dict[str, dict[str, Any]] = {n: {"dropped": 0, "reasons": {}} for n in names}
+    for st in states:
+        for src, c in st["per_source"].items():
+            acc = per_source.setdefault(src, _new_source())
+            for k, v in c.items():
+                if k == "by_filter":
+                    for f, x in v.items():
+                        acc["by_filter"][f] = acc["by_filter"].get(f, 0) + x
+                else:
+                    acc[k] += v
+        for n, v in st["by_filter"].items():
+            by_filter[n]["dropped"] += v["dropped"]
+            for r, x in v["reasons"].items():
+                by_filter[n]["reasons"][r] = by_filter[n]["reasons"].get(r, 0) + x
+    tot = {k: sum(c[k] for c in per_source.values())
+           for k in ("documents", "kept", "dropped", "modified", "input_chars", "kept_chars")}
+    return {
+        "filters": list(names),
+        "settings": {n: {"class": FILTERS[n].cls, "kwargs": dict(FILTERS[n].kwargs)} for n in names},
+        "datatrove_version": getattr(datatrove, "__version__", None) or _dist_version("datatrove"),
+        **tot,
+        "tokens_counted": any(st["counted_tokens"] for st in states),
+        "by_filter": {n: {"dropped": v["dropped"], "reasons": dict(sorted(v["reasons"].items()))}
+                      for n, v in by_filter.items()},
+        "per_source": {k: dict(v, by_filter=dict(sorted(v["by_filter"].items())))
+                       for k, v in sorted(per_source.items())},
+        "file": DROPPED_FILE,
+        "seconds": round(sum(st["seconds"] for st in states), 3),
+    }
+
+
+def _all_removed(seen: int, by: dict[str, int]) -> LmselectError:
+    text = ", ".join(f"{k} {v:,}" for k, v in by.items())
+    return LmselectError(f"prefilter: all {seen:,} documents were removed ({text}); nothing is "
+                         "left to tokenize: use fewer filters (pool.prepare.prefilter / --prefilter)")
+
+
+def _warn_removed_sources(per_source: dict[str, dict[str, Any]]) -> None:
+    for src, c in sorted(per_source.items()):
+        if c["documents"] and not c["kept"]:
+            log.warning("prefilter: all %d documents of source '%s' were removed (%s)", c["documents"], src,
+                        ", ".join(f"{k} {v}" for k, v in sorted(c["by_filter"].items())))
+
+
+def check_info(info: dict[str, Any]) -> None:
+    """What :meth:`Prefilter.filter` checks at the end of the whole corpus, on merged counts (:func:`merged_info`):
+    LmselectError when every document was removed, a warning for each source removed whole."""
+    if info["documents"] and not info["kept"]:
+        raise _all_removed(info["documents"], {n: v["dropped"] for n, v in info["by_filter"].items() if v["dropped"]})
+    _warn_removed_sources(info["per_source"])
 
 
 def _dist_version(name: str) -> str | None:

@@ -31,22 +31,25 @@ eval task files. ``flag`` keeps it and lists it, ``drop`` removes it before the 
 tokenisation. Counts per source and per protected set go into ``extra.decontamination``, the flagged documents into
 ``contamination.parquet``.
 
+Tasks (``--tasks N``, ``--task I/N``; :mod:`lmselect.data.prepare_tasks`): the per-document work runs as N
+independent tasks over the inputs (datatrove's ``LocalPipelineExecutor``; a Slurm array with ``lmselect slurm
+prepare``), each writing a part; one streaming merge writes the pool, byte-identical for every N.
+
 The pool is built in a temporary directory beside ``--out`` and renamed into place with ``manifest.json`` written
-last, so an interrupted run leaves nothing that looks complete; rerunning starts again. A complete pool whose config
-hash matches is reused ("pool already complete"); a different config is an error unless ``--overwrite``.
+last, so an interrupted run leaves nothing that looks complete; rerunning keeps the tasks' complete parts
+(``.OUT.work/``) and redoes the rest. A complete pool whose config hash matches is reused ("pool already
+complete"); a different config is an error unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -57,6 +60,7 @@ from lmselect.artifacts import (
     LmselectError,
     Manifest,
     atomic_path,
+    atomic_write_json,
     file_checksums,
     read_json,
     save_config,
@@ -74,21 +78,26 @@ from lmselect.config import (
     to_dict,
 )
 from lmselect.data.decontam import DecontamConfig, Decontaminator, summary_line
-from lmselect.data.pool import VAL_SHARD, token_dtype
+from lmselect.data.pool import token_dtype
 from lmselect.data.prefilter import DROPPED_FILE, Prefilter, normalize_names, validate_names
 from lmselect.data.prefilter import summary_line as prefilter_summary
+from lmselect.data.prepare_tasks import (  # noqa: F401 - re-exported: the packing rules are prepare's
+    BATCH_CHARS,
+    BATCH_DOCS,
+    LONG_TEXT_CHARS,
+    ORIGINS_FILE,
+    PROGRESS_LOG_S,
+    _batches,
+    _tokenizer_threads,
+    assign_shards,
+    document_spans,
+)
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
-from lmselect.data.tokenizer import LONG_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
-# Encoding batches: large enough for the Rust thread pool to spread work over cores, small enough to bound memory.
-BATCH_DOCS = 2048
-BATCH_CHARS = 4_000_000
-PROGRESS_LOG_S = 30.0  # without a terminal (a log file), a progress line at most this often
-ORIGINS_FILE = "doc_origins.parquet"  # per pool document: stream position of its record, edited flag
 # Config keys that do not change the pool's content and so are left out of its identity (config hash).
-_NON_SEMANTIC = ("workers",)
+_NON_SEMANTIC = ("workers", "tasks")
 
 
 @dataclass
@@ -107,7 +116,8 @@ class PrepareConfig:
     val_fraction: float = 0.0  # fraction of sequences held out as shard -1
     val_sequences: int | None = None  # exact hold-out size; overrides val_fraction
     seed: int = 0
-    workers: int = 0  # tokenizer threads; 0 = all cores
+    workers: int = 0  # tokenizer threads; 0 = all cores (shared among the tasks that run at once)
+    tasks: int = 0  # independent tasks over the inputs (prepare_tasks); 0 = one per core, at most one per 32 MiB
     strict: bool = False  # malformed records are fatal instead of skipped and counted
     max_docs: int | None = None  # read at most this many documents (quick trials)
     # datatrove heuristic filters run first, in this order (lmselect.data.prefilter.FILTERS); [] / "none" = off
@@ -129,6 +139,8 @@ class PrepareConfig:
             raise ConfigError(f"config key 'max_docs' must be >= 1 (got {self.max_docs})")
         if self.workers < 0:
             raise ConfigError(f"config key 'workers' must be >= 0 (got {self.workers})")
+        if self.tasks < 0:
+            raise ConfigError(f"config key 'tasks' must be >= 0 (got {self.tasks})")
         if not self.text_field:
             raise ConfigError("config key 'text_field' may not be empty")
         if not self.inputs:
@@ -139,7 +151,7 @@ class PrepareConfig:
 
 
 def pool_config_hash(cfg: PrepareConfig) -> str:
-    """Identity of the pool a config produces (worker count excluded: it does not change the output)."""
+    """Identity of the pool a config produces (worker and task counts excluded: they do not change the output)."""
     d = to_dict(cfg)
     for k in _NON_SEMANTIC:
         d.pop(k, None)
@@ -153,27 +165,6 @@ def pool_config_hash(cfg: PrepareConfig) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 
-
-@contextlib.contextmanager
-def _tokenizer_threads(workers: int) -> Iterator[int]:
-    """Let the Rust tokenizer use ``workers`` threads for the duration of the call, then restore the environment.
-
-    ``RAYON_NUM_THREADS`` only takes effect if the Rust thread pool has not started yet in this process (a fresh CLI
-    run); ``TOKENIZERS_PARALLELISM`` is read on every batch call, so it always applies.
-    """
-    n = workers or os.cpu_count() or 1
-    keys = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if n > 1 else "false"
-    os.environ["RAYON_NUM_THREADS"] = str(n)
-    try:
-        yield n
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _describe_inputs(specs: Sequence[InputSpec], raw: Sequence[str]) -> str:
@@ -238,25 +229,6 @@ def _check_existing(out_dir: Path, chash: str, overwrite: bool) -> bool:
     return False  # empty, or an incomplete pool: rebuilt from scratch
 
 
-def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    chars = 0
-    for d in docs:
-        if len(d.text) > LONG_TEXT_CHARS:  # a long document goes alone: it is tokenized piece by piece
-            if batch:
-                yield batch
-            yield [d]
-            batch, chars = [], 0
-            continue
-        batch.append(d)
-        chars += len(d.text)
-        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
 def _documents(
     cfg: PrepareConfig, specs: Sequence[InputSpec], stats: ReadStats, pre: Prefilter | None, decon: Decontaminator | None,
     *, record: bool, count_tokens: Any = None, sink: Any = None,
@@ -316,7 +288,12 @@ def prepare_pool(
     cfg: PrepareConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
     decontam_keep: Sequence[str] = (),
 ) -> tuple[Path, bool]:
-    """Like :func:`prepare`; also says whether an existing complete pool was reused (True) or one was built."""
+    """Like :func:`prepare`; also says whether an existing complete pool was reused (True) or one was built.
+
+    The work runs as ``cfg.tasks`` tasks (:mod:`lmselect.data.prepare_tasks`; 0 = auto) and one merge; the pool is
+    the same for every task count. Parts left by a killed run of the same config are reused."""
+    import lmselect.data.prepare_tasks as pt
+
     cfg.validate()
     out_dir = Path(out_dir)
     chash = pool_config_hash(cfg)
@@ -326,309 +303,154 @@ def prepare_pool(
     _clean_stale_tmp(out_dir)
 
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    with _tokenizer_threads(cfg.workers) as n_threads:
-        specs = resolve_inputs(cfg.inputs)
-        where = _describe_inputs(specs, cfg.inputs)
-        t0 = time.perf_counter()
-        inputs_info = [input_fingerprint(s) for s in specs]
-        timings["hash_inputs_s"] = time.perf_counter() - t0
-
-        decon = Decontaminator.build(cfg.decontaminate, decontam_keep) if cfg.decontaminate.enabled else None
-        pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
-        t0, c0 = time.perf_counter(), time.process_time()
-        tok, tok_info = _get_tokenizer(cfg, specs, where, decon, pre)
-        timings["tokenizer_s"] = time.perf_counter() - t0
-        timings["tokenizer_cpu_s"] = time.process_time() - c0
-
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir(parents=True)
-            # CPU seconds (all threads) next to wall seconds: on a shared machine wall time depends on the load
-            t0, c0 = time.perf_counter(), time.process_time()
-            with writing(out_dir / "tokens.bin", tmp / "tokens.bin"):  # a full disk names tokens.bin, not the temp dir
-                with contextlib.ExitStack() as stack:
-                    sink = stack.enter_context(open(tmp / DROPPED_FILE, "w", encoding="utf-8")) if pre else None
-                    packed = _tokenize_and_pack(cfg, specs, tok, tmp / "tokens.bin", progress, where, decon, pre, sink)
-            packed["stats"].warn_malformed(log)  # a count in the manifest alone is easy to miss
-            timings["tokenize_pack_s"] = time.perf_counter() - t0
-            timings["tokenize_pack_cpu_s"] = time.process_time() - c0
-            t0 = time.perf_counter()
-            counts, extra = _write_index(cfg, tmp, tok, packed)
-            tok.save_pretrained(str(tmp / "tokenizer"))
-            save_config(cfg, tmp / "config.yaml")
-            if decon is not None:
-                decon.write(tmp)
-                extra["decontamination"] = decon.manifest_info()
-                timings.update(decon.timings())
-            if pre is not None:
-                extra["prefilter"] = pre.manifest_info()
-                timings["prefilter_s"] = pre.seconds
-            timings["index_write_s"] = time.perf_counter() - t0
-            timings["total_s"] = time.perf_counter() - t_start
-            extra.update(
-                {
-                    "tokenizer": tok_info,
-                    "inputs": [dict(info, documents=int(packed["stats"].docs_by_input.get(s.path, 0))) for s, info in zip(specs, inputs_info)],
-                    "tokenizer_threads": n_threads,
-                    "tokens_per_second": counts["corpus_tokens"] / max(timings["tokenize_pack_s"], 1e-9),
-                }
-            )
-            # the manifest goes in last: until the rename below, nothing at out_dir looks complete
-            write_manifest(
-                tmp,
-                Manifest(kind="pool", config=to_dict(cfg), seed=cfg.seed, counts=counts, timings=timings, extra=extra,
-                         config_hash=chash, checksums=file_checksums(tmp, ["tokens.bin"])),
-            )
+    specs = resolve_inputs(cfg.inputs)
+    n_tasks = pt.auto_tasks(specs, cfg.tasks, cfg.max_docs)
+    work, plan = _plan(cfg, out_dir, chash, specs, n_tasks, keep_other=False, decontam_keep=decontam_keep)
+    n_tasks = plan["n_tasks"]
+    cores = os.cpu_count() or 1
+    parallel = min(n_tasks, cores)
+    threads = max(1, (cfg.workers or cores) // parallel)
+    t0 = time.perf_counter()
+    _run_tasks(work, plan, cfg, range(n_tasks), workers=parallel, threads=threads, progress=progress)
+    tasks_s = time.perf_counter() - t0
+    counts = _merge(cfg, out_dir, work, plan, chash, t_start, tasks_s, threads)
+    shutil.rmtree(work, ignore_errors=True)
     log.info(
-        "%s: %d sequences x %d tokens from %d documents in %.1fs",
-        out_dir, counts["sequences"], cfg.seq_len, counts["documents"], timings["total_s"],
+        "%s: %d sequences x %d tokens from %d documents (%d tasks) in %.1fs",
+        out_dir, counts["sequences"], cfg.seq_len, counts["documents"], n_tasks, time.perf_counter() - t_start,
     )
     return out_dir, False
 
 
-def _tokenize_and_pack(
-    cfg: PrepareConfig, specs: Sequence[InputSpec], tok: Any, tokens_path: Path, progress: bool, where: str,
-    decon: Decontaminator | None = None, pre: Prefilter | None = None, sink: Any = None,
-) -> dict[str, Any]:
-    """Stream documents -> token ids + EOS -> full rows of ``seq_len`` appended to ``tokens_path``.
+def prepare_task(cfg: PrepareConfig, out_dir: str | Path, rank: int, n_tasks: int) -> dict[str, Any]:
+    """Run task ``rank`` of ``n_tasks`` only (a Slurm array task: ``lmselect prepare ... --task I/N``), making the
+    plan first when no task has (the first one trains the tokenizer; the others wait for it). The pool itself is
+    written by a later ``lmselect prepare ... --tasks N`` (the merge; it also runs any task still missing).
+    Returns ``{"complete": done parts, "tasks": N, "pool": True when the pool already exists}``."""
+    import lmselect.data.prepare_tasks as pt
 
-    Only per-document metadata (id, source, length) is kept in memory; tokens go to disk as soon as a row is full,
-    so memory stays bounded for corpora larger than RAM.
-    """
-    from tqdm import tqdm
+    cfg.validate()
+    out_dir = Path(out_dir)
+    chash = pool_config_hash(cfg)
+    if _check_existing(out_dir, chash, False):
+        return {"complete": n_tasks, "tasks": n_tasks, "pool": True}
+    specs = resolve_inputs(cfg.inputs)
+    if cfg.max_docs is not None and n_tasks > 1:
+        raise LmselectError("--max-docs reads a prefix of the whole stream: it runs as one task (drop --task)")
+    work, plan = _plan(cfg, out_dir, chash, specs, n_tasks, keep_other=True)
+    _run_tasks(work, plan, cfg, [rank], workers=1, threads=cfg.workers or os.cpu_count() or 1, progress=False)
+    return {"complete": n_tasks - len(pt.incomplete(work, plan)), "tasks": n_tasks, "pool": False}
 
-    from lmselect.data.tokenizer import batch_encoder, split_long_text
 
-    encode = batch_encoder(tok)
-    eos = int(tok.eos_token_id)
-    dtype = token_dtype(len(tok))
-    L = cfg.seq_len
-    stats = ReadStats()
-    doc_ids: list[str] = []
-    doc_index: list[int] = []  # each document's position in the reader's stream (export reads the original back)
-    doc_edited: list[bool] = []  # a prefilter edited its text
-    doc_src: list[int] = []
-    doc_len: list[int] = []
-    src_code: dict[str, int] = {}
-    total = 0
-    rows = 0
-    bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=None if progress else True, leave=False)
-    def count_tokens(texts: list[str]) -> list[int]:  # with the EOS, as the pool counts a document's tokens
-        return [len(ids) + 1 for ids in encode(texts)]
+def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSpec], n_tasks: int, *,
+          keep_other: bool, decontam_keep: Sequence[str] = ()) -> tuple[Path, dict[str, Any]]:
+    """The tasks' plan (``prepare_tasks.load_or_make_plan``): the tokenizer is loaded, or trained on its stated sample
+    (the first ``tokenizer_train_chars`` characters of the prefiltered, decontaminated stream) and saved for the
+    tasks. ``decontam_keep`` (sources flagged but never dropped) goes into the plan for every task."""
+    import lmselect.data.prepare_tasks as pt
 
-    docs = _documents(cfg, specs, stats, pre, decon, record=True, count_tokens=count_tokens, sink=sink)
-    pending = [np.empty(0, dtype=np.uint32)]  # tokens of the row being filled
-    t_log = time.monotonic()
+    where = _describe_inputs(specs, cfg.inputs)
 
-    def push(flat: np.ndarray, fout: Any) -> None:
-        """Append tokens to the stream; every full row of L goes to disk at once."""
-        nonlocal rows
-        buf = np.concatenate([pending[0], flat]) if pending[0].size else flat
-        n_full = len(buf) // L
-        if n_full:
-            fout.write(buf[: n_full * L].astype(dtype, copy=False).tobytes())
-            rows += n_full
-        pending[0] = buf[n_full * L :]
+    def make_tokenizer(tok_dir: Path) -> dict[str, Any]:
+        if cfg.tokenizer:
+            _, info = _get_tokenizer(cfg, specs, where)  # checks that it loads and has an EOS, before any task
+            return info
+        decon = Decontaminator.build(cfg.decontaminate, decontam_keep) if cfg.decontaminate.enabled else None
+        pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
+        with _tokenizer_threads(cfg.workers):
+            tok, info = _get_tokenizer(cfg, specs, where, decon, pre)
+        tok.save_pretrained(str(tok_dir))
+        if pre is not None:  # the sample's filter decisions, for task 0 (whose stream the sample begins)
+            atomic_write_json(tok_dir.parent / pt.PREFILTER_MEMO, pre.memo_state())
+        return info
 
-    with open(tokens_path, "wb") as fout:
-        for batch in _batches(docs):
-            if len(batch) == 1 and len(batch[0].text) > LONG_TEXT_CHARS:
-                # one long document, encoded piece by piece (tokenizer.split_long_text): memory stays bounded by
-                # the piece size instead of growing with the document (a 50 MB line took 9.5 GB whole)
-                n_tok = 1
-                for piece in split_long_text(batch[0].text, LONG_TEXT_CHARS):
-                    flat = np.asarray(encode([piece])[0], dtype=np.uint32)
-                    push(flat, fout)
-                    n_tok += len(flat)
-                push(np.asarray([eos], dtype=np.uint32), fout)
-                d = batch[0]
-                doc_ids.append(d.doc_id)
-                doc_index.append(d.index)
-                doc_edited.append(d.edited)
-                doc_src.append(src_code.setdefault(d.source, len(src_code)))
-                doc_len.append(n_tok)
-            else:
-                ids_lists = encode([d.text for d in batch])
-                n_tok = 0
-                for d, ids in zip(batch, ids_lists):
-                    ids.append(eos)
-                    n_tok += len(ids)
-                    doc_ids.append(d.doc_id)
-                    doc_index.append(d.index)
-                    doc_edited.append(d.edited)
-                    doc_src.append(src_code.setdefault(d.source, len(src_code)))
-                    doc_len.append(len(ids))
-                push(np.fromiter(chain.from_iterable(ids_lists), dtype=np.uint32, count=n_tok), fout)
-            total += n_tok
-            bar.update(n_tok)
-            bar.set_postfix(docs=len(doc_ids), refresh=False)
-            if bar.disable and progress and time.monotonic() - t_log >= PROGRESS_LOG_S:  # no terminal: log lines
-                t_log = time.monotonic()
-                log.info("tokenize: %d documents, %d tokens, %d sequences so far", len(doc_ids), total, rows)
-        fout.flush()
-        os.fsync(fout.fileno())
-    bar.close()
+    work = pt.work_dir(out_dir)
+    plan = pt.load_or_make_plan(work, cfg, chash, specs, n_tasks, make_tokenizer,
+                                lambda: [input_fingerprint(s) for s in specs], keep_other=keep_other,
+                                decontam_keep=decontam_keep)
+    return work, plan
+
+
+def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], chash: str, t_start: float,
+           tasks_s: float, threads: int) -> dict[str, Any]:
+    """Write the pool from the complete parts (``prepare_tasks``): one process, streaming, ``manifest.json`` last."""
+    import lmselect.data.prepare_tasks as pt
+    from lmselect.data.prefilter import check_info, merged_info
+    from lmselect.data.tokenizer import load_tokenizer
+
+    parts = pt.merged_parts(work, plan)
+    specs = [InputSpec(**x) for x in plan["specs"]]
+    where = _describe_inputs(specs, cfg.inputs)
+    stats = ReadStats.merged([p["read"] for p in parts])
     if stats.documents == 0:
         raise _empty_corpus_error(where, stats, cfg.text_field)
+    pre_info = merged_info(cfg.prefilter, [p["prefilter"] for p in parts]) if cfg.prefilter else None
+    if pre_info is not None:
+        check_info(pre_info)
+    decon = None
+    if cfg.decontaminate.enabled:
+        decon = Decontaminator.build(cfg.decontaminate, plan.get("decontam_keep", ()))
+        decon.merge_states([p["decontamination"] for p in parts])
+    L = cfg.seq_len
+    total = sum(p["tokens"] for p in parts)
+    rows = total // L
     if rows == 0:
         raise LmselectError(
             f"{where}: corpus has only {total} tokens ({stats.documents} documents), fewer than seq_len={L}"
             + (stats.text_field_hint(cfg.text_field) or "; add text or lower --seq-len")
         )
-    return {
-        "stats": stats,
-        "doc_ids": doc_ids,
-        "doc_index": np.asarray(doc_index, dtype=np.int64),
-        "doc_edited": np.asarray(doc_edited, dtype=bool),
-        "doc_src": np.asarray(doc_src, dtype=np.int64),
-        "doc_len": np.asarray(doc_len, dtype=np.int64),
-        "source_names": list(src_code),
-        "rows": rows,
-        "total_tokens": total,
-        "dtype": dtype,
-        "eos": eos,
-    }
-
-
-def document_spans(doc_len: np.ndarray, seq_len: int, n_rows: int) -> dict[str, np.ndarray]:
-    """Spans of documents (lengths in stream order, EOS included) over rows of ``seq_len`` tokens.
-
-    Returns arrays ``doc`` (document index), ``seq_id``, ``start`` (offset in the row) and ``length``, one entry per
-    (row, document) overlap, in stream order. Tokens past ``n_rows * seq_len`` (the dropped tail) are not covered.
-    """
-    doc_len = np.asarray(doc_len, dtype=np.int64)
-    ends = np.cumsum(doc_len)
-    starts = ends - doc_len
-    limit = n_rows * seq_len
-    ends_c = np.minimum(ends, limit)
-    keep = (starts < limit) & (doc_len > 0)
-    first = starts // seq_len
-    last = (ends_c - 1) // seq_len
-    nspan = np.where(keep, last - first + 1, 0)
-    doc = np.repeat(np.arange(len(doc_len)), nspan)
-    offs = np.arange(int(nspan.sum())) - np.repeat(np.cumsum(nspan) - nspan, nspan)
-    seq = first[doc] + offs
-    s = np.maximum(starts[doc], seq * seq_len)
-    e = np.minimum(ends_c[doc], (seq + 1) * seq_len)
-    return {"doc": doc, "seq_id": seq, "start": s - seq * seq_len, "length": e - s}
-
-
-def assign_shards(n_rows: int, n_shards: int, n_val: int, seed: int) -> np.ndarray:
-    """Shard of each row: a seeded permutation; its first ``n_val`` rows are the hold-out (-1), the rest is cut into
-    ``n_shards`` contiguous parts whose sizes differ by at most one."""
-    if n_rows - n_val < n_shards:
-        raise LmselectError(
-            f"only {n_rows} sequences ({n_val} held out for validation): not enough for {n_shards} shards; "
-            "add text, lower --seq-len, --n-shards or the validation hold-out"
+    tok = load_tokenizer(pt.tokenizer_dir(work, plan))
+    dtype = token_dtype(len(tok))
+    timings: dict[str, float] = dict(plan.get("timings", {}))
+    timings["tokenize_pack_s"] = tasks_s  # the tasks: read, prefilter, decontaminate, tokenize
+    timings["tokenize_pack_cpu_s"] = sum(p["cpu_s"] for p in parts)  # CPU seconds of every task, all threads
+    timings["task_max_rss_mb"] = max(p.get("max_rss_mb", 0.0) for p in parts)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        with writing(out_dir / "tokens.bin", tmp / "tokens.bin"):  # a full disk names tokens.bin, not the temp dir
+            pt.write_tokens(work, plan["n_tasks"], tmp / "tokens.bin", rows * L * np.dtype(dtype).itemsize)
+        stats.warn_malformed(log)  # a count in the manifest alone is easy to miss
+        counts, extra = _write_index(cfg, tmp, tok, work, plan, parts, rows, stats)
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        save_config(cfg, tmp / "config.yaml")
+        if decon is not None:
+            decon.write(tmp)
+            extra["decontamination"] = decon.manifest_info()
+            timings.update(decon.timings())
+        if pre_info is not None:
+            pt.write_dropped(work, parts, tmp / DROPPED_FILE)
+            extra["prefilter"] = pre_info
+            timings["prefilter_s"] = pre_info["seconds"]
+        timings["index_write_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        extra.update(
+            {
+                "tokenizer": plan["tokenizer"],
+                "inputs": [dict(info, documents=int(stats.docs_by_input.get(s.path, 0)))
+                           for s, info in zip(specs, plan["inputs"])],
+                "tokenizer_threads": threads,
+                "tasks": plan["n_tasks"],
+                "tokens_per_second": counts["corpus_tokens"] / max(timings["tokenize_pack_s"], 1e-9),
+            }
         )
-    perm = np.random.default_rng(seed).permutation(n_rows)
-    shard = np.empty(n_rows, dtype=np.int32)
-    shard[perm[:n_val]] = VAL_SHARD
-    for k, part in enumerate(np.array_split(perm[n_val:], n_shards)):
-        shard[part] = k
-    return shard
+        # the manifest goes in last: until the rename below, nothing at out_dir looks complete
+        write_manifest(
+            tmp,
+            Manifest(kind="pool", config=to_dict(cfg), seed=cfg.seed, counts=counts, timings=timings, extra=extra,
+                     config_hash=chash, checksums=file_checksums(tmp, ["tokens.bin"])),
+        )
+    return counts
 
 
-def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, packed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write sequences.parquet and docs.parquet; return the manifest counts and extra info."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, work: Path, plan: dict[str, Any],
+                 parts: Sequence[dict[str, Any]], n_rows: int, stats: ReadStats) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write sequences.parquet and docs.parquet (streamed from the parts); return the manifest counts and extra."""
+    from lmselect.data.prepare_tasks import write_index
     from lmselect.data.tokenizer import tokenizer_fingerprint
 
-    L = cfg.seq_len
-    n = packed["rows"]
-    # sort source names so codes (and tie-breaking) do not depend on input order
-    names_seen = packed["source_names"]
-    names = sorted(names_seen)
-    remap = np.array([names.index(s) for s in names_seen], dtype=np.int64)
-    doc_src = remap[packed["doc_src"]]
-    sp = document_spans(packed["doc_len"], L, n)
-    span_src = doc_src[sp["doc"]]
-    n_src = len(names)
-    # tokens of each source in each row -> majority label
-    per_row = np.bincount(sp["seq_id"] * n_src + span_src, weights=sp["length"], minlength=n * n_src).reshape(n, n_src)
-    row_src = per_row.argmax(1)
-    n_docs_row = np.bincount(sp["seq_id"], minlength=n)
-
-    n_val = cfg.val_sequences if cfg.val_sequences is not None else int(round(cfg.val_fraction * n))
-    if n_val >= n:
-        raise LmselectError(f"validation hold-out of {n_val} sequences leaves nothing to train on ({n} sequences)")
-    shard = assign_shards(n, cfg.n_shards, n_val, cfg.seed)
-
-    names_arr = np.array(names, dtype=object)
-    pq.write_table(
-        pa.table(
-            {
-                "seq_id": np.arange(n, dtype=np.int64),
-                "shard": shard,
-                "source": pa.array(names_arr[row_src].tolist(), type=pa.string()),
-                "n_docs": n_docs_row.astype(np.int64),
-            }
-        ),
-        tmp / "sequences.parquet",
-    )
-    doc_ids = np.array(packed["doc_ids"], dtype=object)
-    pq.write_table(
-        pa.table(
-            {
-                "seq_id": sp["seq_id"].astype(np.int64),
-                "doc_id": pa.array(doc_ids[sp["doc"]].tolist(), type=pa.string()),
-                "source": pa.array(names_arr[span_src].tolist(), type=pa.string()),
-                "start": sp["start"].astype(np.int64),
-                "length": sp["length"].astype(np.int64),
-                "doc": sp["doc"].astype(np.int64),  # the pool's document number (a row of ORIGINS_FILE)
-            }
-        ),
-        tmp / "docs.parquet",
-    )
-    # one row per pool document: where its original record is in the reader's stream and whether a prefilter
-    # edited its text (export gives back the original record's text and offsets into it)
-    pq.write_table(
-        pa.table(
-            {
-                "doc": np.arange(len(doc_ids), dtype=np.int64),
-                "doc_id": pa.array(doc_ids.tolist(), type=pa.string()),
-                "index": packed["doc_index"],
-                "edited": pa.array(packed["doc_edited"], type=pa.bool_()),
-            }
-        ),
-        tmp / ORIGINS_FILE,
-    )
-
-    # ---- counts for the manifest -------------------------------------------------------------------------------
-    n_docs = len(doc_ids)
-    span_shard = shard[sp["seq_id"]].astype(np.int64)
-    doc_shard_pairs = np.unique((span_shard + 1) * max(n_docs, 1) + sp["doc"])
-    docs_per_shard = np.bincount(doc_shard_pairs // max(n_docs, 1), minlength=cfg.n_shards + 1)  # index = shard + 1
-    shard_ids = [VAL_SHARD] + list(range(cfg.n_shards)) if n_val else list(range(cfg.n_shards))
-    per_shard = {
-        str(s): {"sequences": int((shard == s).sum()), "tokens": int((shard == s).sum()) * L, "documents": int(docs_per_shard[s + 1])}
-        for s in shard_ids
-    }
-    packed_tok_src = np.bincount(span_src, weights=sp["length"], minlength=n_src)
-    per_source = {
-        name: {
-            "documents": int((doc_src == i).sum()),
-            "tokens": int(packed["doc_len"][doc_src == i].sum()),
-            "packed_tokens": int(packed_tok_src[i]),
-            "sequences": int((row_src == i).sum()),
-        }
-        for i, name in enumerate(names)
-    }
-    stats: ReadStats = packed["stats"]
-    counts: dict[str, Any] = {
-        "sequences": int(n),
-        "tokens": int(n * L),
-        "sequences_per_shard": {str(s): int((shard == s).sum()) for s in range(cfg.n_shards)},
-        "validation_sequences": int(n_val),
-        "documents": int(n_docs),
-        "documents_packed": int(len(np.unique(sp["doc"]))),
-        "corpus_tokens": int(packed["total_tokens"]),
-        "dropped_tail_tokens": int(packed["total_tokens"] - n * L),
-        "per_shard": per_shard,
-        "per_source": per_source,
-    }
+    names = sorted({s for p in parts for s in p["sources"]})  # sorted: codes do not depend on input order
+    counts = write_index(cfg, work, plan, parts, tmp, n_rows, names)
     read = stats.to_dict()
     counts.update(
         {
@@ -641,15 +463,65 @@ def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, packed: dict[str, Any]
         }
     )
     extra = {
-        "seq_len": int(L),
+        "seq_len": int(cfg.seq_len),
         "vocab_size": int(len(tok)),
-        "eos_id": int(packed["eos"]),
-        "dtype": packed["dtype"].name,
+        "eos_id": int(tok.eos_token_id),
+        "dtype": token_dtype(len(tok)).name,
         "n_shards": int(cfg.n_shards),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "source_names": names,
     }
     return counts, extra
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running the tasks (under datatrove's executor; prepare_step imports prepare_tasks, so this lives here)
+
+
+def _run_tasks(work: Path, plan: dict[str, Any], cfg: Any, ranks: Sequence[int], *, workers: int, threads: int,
+              progress: bool) -> None:
+    """Run the incomplete ones of ``ranks``: one in this process (no executor: nothing to spread), else under
+    datatrove's LocalPipelineExecutor, ``workers`` at a time (``local_rank_offset`` / ``local_tasks`` select the
+    ranks of an array task). A task's LmselectError comes back as one line naming the task."""
+    import lmselect.data.prepare_tasks as pt
+
+    todo = [r for r in ranks if not pt.part_done(work, plan, r)]
+    if not todo:
+        return
+    n = plan["n_tasks"]
+    if n == 1:
+        pt.run_task(work, 0, cfg, threads=threads, progress=progress)
+        return
+    from datatrove.executor import LocalPipelineExecutor
+
+    from lmselect.data.prepare_step import PrepareTask
+
+    errors = work / "errors"
+    shutil.rmtree(errors, ignore_errors=True)
+    lo, hi = min(ranks), max(ranks) + 1
+    ex = LocalPipelineExecutor(
+        pipeline=[PrepareTask(str(work), cfg, threads)], tasks=n, workers=max(1, min(workers, len(todo))),
+        logging_dir=str(work / "logs"), local_tasks=hi - lo, local_rank_offset=lo, start_method="forkserver",
+    )
+    # datatrove's own markers say "complete" only after this plan's part is: a marker without a part (another plan,
+    # a part removed by hand) must not make it skip the task
+    for r in todo:
+        (work / "logs" / "completions" / f"{r:05d}").unlink(missing_ok=True)
+    try:
+        ex.run()
+    except BaseException as e:
+        msgs = sorted(errors.glob("*.txt")) if errors.is_dir() else []
+        if msgs:
+            raise LmselectError(msgs[0].read_text().strip()) from None
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise LmselectError(f"prepare: a task failed ({type(e).__name__}: {e}); see {work / 'logs'}") from None
+    msgs = sorted(errors.glob("*.txt")) if errors.is_dir() else []
+    if msgs:  # a task's bad input (PrepareTask): its one line
+        raise LmselectError(msgs[0].read_text().strip())
+    left = [r for r in ranks if not pt.part_done(work, plan, r)]
+    if left:
+        raise LmselectError(f"prepare: tasks {left} did not finish; see {work / 'logs'}; rerun to resume them")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -691,6 +563,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-sequences", dest="val_sequences", type=int, default=S, help="validation hold-out size (overrides --val-fraction)")
     parser.add_argument("--seed", type=int, default=S, help="seed of the shard assignment (default 0)")
     parser.add_argument("--workers", type=int, default=S, help="tokenizer threads (default: all cores)")
+    parser.add_argument("--tasks", type=int, default=S,
+                        help="independent tasks over the inputs, run under datatrove's LocalPipelineExecutor, then one "
+                        "merge; the pool is the same for any count (default 0: one per core, at most one per 32 MiB)")
+    parser.add_argument("--task", default=None, metavar="I/N",
+                        help="run only task I of N (a Slurm array task; lmselect slurm prepare); a later run with "
+                        "--tasks N merges")
     parser.add_argument("--strict", action="store_true", default=S, help="malformed records are fatal (default: skip and count)")
     parser.add_argument("--max-docs", dest="max_docs", type=int, default=S, help="read at most this many documents")
     parser.add_argument("--text-field", dest="text_field", default=S, help="record field with the text (default 'text')")
@@ -712,7 +590,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-_RUN_FLAGS = ("out", "config", "overwrite", "no_progress", "debug", "overrides", "command")
+_RUN_FLAGS = ("out", "config", "overwrite", "no_progress", "debug", "overrides", "command", "task")
 # flat decontamination flags -> keys of PrepareConfig.decontaminate
 _DECONTAM_FLAGS = {"decontaminate": "protected", "decontam_n": "n", "decontam_mode": "mode", "decontam_min_fraction": "min_fraction"}
 
@@ -733,8 +611,32 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         raise blame(e, getattr(args, "config", None), overrides) from None
 
 
+def preflight(args: argparse.Namespace) -> PrepareConfig:
+    """What ``lmselect prepare`` can check before any work: the config (file, flags, overrides), ``--task``, and that
+    every input exists and is of a readable kind; ``lmselect slurm prepare`` calls it before writing its scripts."""
+    cfg = config_from_args(args)
+    cfg.validate()
+    if getattr(args, "task", None):
+        from lmselect.data.prepare_tasks import parse_task
+
+        parse_task(args.task)
+    resolve_inputs(cfg.inputs)
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if getattr(args, "task", None):
+        from lmselect.data.prepare_tasks import parse_task
+
+        rank, n = parse_task(args.task)
+        done = prepare_task(cfg, args.out, rank, n)
+        if done["pool"]:
+            print(f"{args.out}: pool already complete")
+        else:
+            print(f"{args.out}: task {rank}/{n} done; {done['complete']} of {n} parts complete"
+                  + ("" if done["complete"] < n else f"; merge with: lmselect prepare ... --tasks {n}"))
+        return 0
     path, reused = prepare_pool(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     if reused:
         print(f"{path}: pool already complete")

@@ -87,6 +87,10 @@ class InputSpec:
     kind: str  # "jsonl", "parquet", "text", "hf_disk", "hub"
     split: str | None = None  # for hf_disk / hub
     rel: str | None = None  # the file's path relative to the folder / glob root it was found in (ids: ID_RULE)
+    # a contiguous row range of a datasets folder (prepare's tasks split one dataset over several tasks); records
+    # keep their row numbers in the whole dataset, so ids and messages do not depend on how the work is split
+    start: int = 0
+    stop: int | None = None
 
     @property
     def name(self) -> str:
@@ -166,6 +170,27 @@ class ReadStats:
         """Log :meth:`malformed_warnings` as warnings (they also go to stderr with the default logging setup)."""
         for line in self.malformed_warnings(threshold):
             logger.warning("%s", line)
+
+    def state(self) -> dict[str, Any]:
+        """Everything counted, as JSON (a prepare task's part); :meth:`merged` adds such states up."""
+        return {"records": self.records, "documents": self.documents, "empty": self.empty,
+                "skipped": dict(self.skipped), "skipped_by_file": dict(self.skipped_by_file),
+                "examples": list(self.examples), "docs_by_input": dict(self.docs_by_input),
+                "records_by_file": dict(self.records_by_file), "fields_without_text": dict(self.fields_without_text)}
+
+    @classmethod
+    def merged(cls, states: Sequence[dict[str, Any]]) -> ReadStats:
+        """The counts of reading the parts one after the other, in order (the first MAX_EXAMPLES messages of the
+        concatenated stream: each part keeps its own first ones)."""
+        out = cls()
+        for s in states:
+            out.records += s["records"]
+            out.documents += s["documents"]
+            out.empty += s["empty"]
+            for key in ("skipped", "skipped_by_file", "docs_by_input", "records_by_file", "fields_without_text"):
+                getattr(out, key).update(s.get(key, {}))
+            out.examples.extend(s["examples"][: MAX_EXAMPLES - len(out.examples)])
+        return out
 
     @property
     def n_skipped(self) -> int:
@@ -417,13 +442,16 @@ def _iter_text_files(spec: InputSpec) -> Iterator[tuple[str, Any]]:
         yield str(f), {"__text__": text, "__id__": rel}
 
 
-def _iter_hf_dataset(ds: Any, label: str, text_field: str, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
+def _iter_hf_dataset(ds: Any, label: str, text_field: str, columns: Sequence[str], start: int = 0,
+                     stop: int | None = None) -> Iterator[tuple[str, Any]]:
     names = list(ds.column_names)
     if text_field not in names:
         raise LmselectError(f"{label}: no '{text_field}' column (columns: {', '.join(names)})")
     cols = [c for c in columns if c in names]
     ds = ds.select_columns(cols)
-    row = 0
+    row = start
+    if start or stop is not None:
+        ds = ds.select(range(start, len(ds) if stop is None else min(stop, len(ds))))  # contiguous: no index file
     for batch in ds.iter(batch_size=1024):
         n = len(batch[text_field])
         for i in range(n):
@@ -448,6 +476,11 @@ def _load_hf_disk(spec: InputSpec) -> Any:
             )
         ds = ds[split]
     return ds
+
+
+def dataset_rows(spec: InputSpec) -> int:
+    """Rows of a ``datasets.save_to_disk`` input (its split), read from the folder's metadata without the data."""
+    return len(_load_hf_disk(spec))
 
 
 def _load_hub(spec: InputSpec) -> Any:
@@ -484,7 +517,7 @@ def _records(spec: InputSpec, text_field: str, id_field: str, source_field: str)
     if spec.kind == "text":
         return _iter_text_files(spec)
     if spec.kind == "hf_disk":
-        return _iter_hf_dataset(_load_hf_disk(spec), spec.path, text_field, columns)
+        return _iter_hf_dataset(_load_hf_disk(spec), spec.path, text_field, columns, spec.start, spec.stop)
     if spec.kind == "hub":
         return _iter_hub(_load_hub(spec), f"{HF_PREFIX}{spec.path}", text_field, columns)
     raise LmselectError(f"{spec.path}: unknown input kind {spec.kind!r}")  # pragma: no cover

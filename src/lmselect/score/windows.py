@@ -143,7 +143,7 @@ def read_jsonl_texts(path: str | Path) -> list[tuple[str, str]]:
 class Windows:
     """Fixed-size token windows of documents, with their character spans in the source text."""
 
-    tokens: np.ndarray  # flat int64
+    tokens: np.ndarray  # flat token ids (int32: half of int64's memory; batches are built as int64)
     start: np.ndarray  # offset of each window in ``tokens``
     length: np.ndarray
     doc_id: list[str]
@@ -154,41 +154,58 @@ class Windows:
     n_empty: int
 
 
+WINDOW_CHUNK_CHARS = 1 << 20  # texts encoded per tokenizer call (with offsets: ~40 Python objects per token)
+
+
 def make_windows(docs: list[tuple[str, str]], tokenizer: Any, seq_len: int, chunk: int = 1024) -> Windows:
     """Tokenize each text (no special tokens) and cut it into consecutive windows of at most ``seq_len`` tokens.
 
     A window's ``char_start:char_end`` is the text from its first token's start offset to its last token's end
     offset, so the spans of a document's windows tile its (tokenized) text and can be joined back to the record.
+    Texts are encoded ``chunk`` documents but at most ``WINDOW_CHUNK_CHARS`` characters at a time, and each call's
+    Python lists (ids, offsets) are turned into arrays and dropped before the next: the tokenizer's output, which
+    dominated the peak, no longer grows with the input (the flat int32 token array still does).
     """
     if seq_len < 1:
         raise LmselectError(f"--seq-len must be >= 1, got {seq_len}")
-    toks, starts, lens, dids, dix, cs, ce = [], [], [], [], [], [], []
+    dtype = np.int32 if len(tokenizer) < 2**31 else np.int64
+    toks, starts, lens, dix, cs, ce = [], [], [], [], [], []
+    dids: list[str] = []
     pos, n_empty = 0, 0
-    for c in range(0, len(docs), chunk):
-        part = docs[c : c + chunk]
+    c = 0
+    while c < len(docs):
+        end, chars = c, 0
+        while end < len(docs) and end - c < chunk and (end == c or chars + len(docs[end][1]) <= WINDOW_CHUNK_CHARS):
+            chars += len(docs[end][1])
+            end += 1
+        part = docs[c:end]
         enc = tokenizer([t for _, t in part], add_special_tokens=False, return_offsets_mapping=True)
-        for j, ((doc_id, _), ids, offs) in enumerate(zip(part, enc["input_ids"], enc["offset_mapping"])):
+        for j, (doc_id, _) in enumerate(part):
+            ids = enc["input_ids"][j]
             if not ids:
                 n_empty += 1
                 continue
-            ids_a = np.asarray(ids, dtype=np.int64)
-            offs_a = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+            ids_a = np.asarray(ids, dtype=dtype)
+            offs_a = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
             toks.append(ids_a)
-            for w in range(0, len(ids_a), seq_len):
-                k = min(seq_len, len(ids_a) - w)
-                starts.append(pos + w)
-                lens.append(k)
-                dids.append(doc_id)
-                dix.append(c + j)
-                cs.append(int(offs_a[w, 0]))
-                ce.append(int(offs_a[w + k - 1, 1]))
+            w = np.arange(0, len(ids_a), seq_len, dtype=np.int64)
+            k = np.minimum(seq_len, len(ids_a) - w)
+            starts.append(pos + w)
+            lens.append(k)
+            dids.extend([doc_id] * len(w))
+            dix.append(np.full(len(w), c + j, dtype=np.int64))
+            cs.append(offs_a[w, 0])
+            ce.append(offs_a[w + k - 1, 1])
             pos += len(ids_a)
+        del enc, part  # before the next call: never two chunks' Python lists at once
+        c = end
+
+    def cat(xs: list[np.ndarray], dt: Any = np.int64) -> np.ndarray:
+        return np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
+
     return Windows(
-        tokens=np.concatenate(toks) if toks else np.zeros(0, np.int64),
-        start=np.asarray(starts, dtype=np.int64), length=np.asarray(lens, dtype=np.int64), doc_id=dids,
-        doc_index=np.asarray(dix, dtype=np.int64),
-        char_start=np.asarray(cs, dtype=np.int64), char_end=np.asarray(ce, dtype=np.int64),
-        n_docs=len(docs), n_empty=n_empty,
+        tokens=cat(toks, dtype), start=cat(starts), length=cat(lens), doc_id=dids, doc_index=cat(dix),
+        char_start=cat(cs), char_end=cat(ce), n_docs=len(docs), n_empty=n_empty,
     )
 
 
