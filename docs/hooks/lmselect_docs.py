@@ -5,9 +5,6 @@
 - ``DESIGN.md`` (repository root) and the dated results files (``benchmarks/results/``) are added to the site as
   they are, without a copy in ``docs/``: DESIGN.md as ``design.md``, the results folder as ``results/`` (its
   README.md as the index, every dated file in the nav under it, newest first).
-- Guide pages written on other branches (``PENDING``) are in the nav; until they are merged the nav entry is
-  dropped with an INFO line, so ``mkdocs build --strict`` passes on a branch without them. Any other missing nav
-  page still fails the strict build.
 
 ``render_cli()`` needs only lmselect (tests/test_docs.py calls it without mkdocs); mkdocs is imported inside the
 hook functions.
@@ -23,8 +20,6 @@ from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
-# Pages other helpers are writing on their branches (issue 32); delete an entry once its page is merged.
-PENDING = {"guide/own-corpus.md", "guide/comparisons.md", "guide/corpus-scale.md"}
 HELP_WIDTH = "100"  # argparse wraps help to $COLUMNS: fix it, so the page is the same on every machine
 
 log = logging.getLogger("mkdocs.hooks.lmselect")
@@ -80,14 +75,7 @@ def results_pages() -> list[str]:
 
 
 def on_config(config: Any, **kwargs: Any) -> Any:
-    docs = Path(config["docs_dir"])
-
-    def keep(entry: Any) -> bool:
-        target = next(iter(entry.values())) if isinstance(entry, dict) else entry
-        if isinstance(target, str) and target in PENDING and not (docs / target).is_file():
-            log.info("nav: %s is not merged yet; its entry is left out of this build", target)
-            return False
-        return True
+    """The results entry of the nav: its index, then every dated file, newest first."""
 
     def walk(items: list[Any]) -> list[Any]:
         out = []
@@ -96,10 +84,9 @@ def on_config(config: Any, **kwargs: Any) -> Any:
                 (title, value), = entry.items()
                 if isinstance(value, list):
                     entry = {title: walk(value)}
-                elif value == "results/index.md":  # the results folder: its index, then every dated file, newest first
+                elif value == "results/index.md":
                     entry = {title: [value, *results_pages()]}
-            if keep(entry):
-                out.append(entry)
+            out.append(entry)
         return out
 
     if config.get("nav"):
