@@ -181,7 +181,11 @@ def test_sigterm_stops_run_cleanly(tiny_recipe, tmp_path):
                      "command to resume"], err[-3000:]
     assert "Traceback" not in err
     assert not (run / LOCK_NAME).exists()
-    assert not is_complete(run, kind="run") and not is_complete(run / "warmup" / "target", kind="checkpoint")
+    assert not is_complete(run, kind="run")
+    # the warm-up target may have finished before the signal landed (the step in flight finishes, issue 29's
+    # preemption rule); then it is whole: its weights are there beside the manifest
+    if is_complete(run / "warmup" / "target", kind="checkpoint"):
+        assert list((run / "warmup" / "target").glob("*.safetensors"))
     assert not list(run.rglob(".*.tmp-*"))  # no temp file of an atomic write left over
     with run_lock(run):  # a rerun is not refused
         pass
