@@ -22,8 +22,12 @@ import numpy as np
 import torch
 
 from lmselect.artifacts import LmselectError, is_complete
-from lmselect.score.job import _check_vocab, _device, forward_scores, load_scoring_model, resolve_amp_dtype
-from lmselect.score.windows import JsonlDoc, make_windows, resolve_tokenizer_dir, rollup_documents
+from lmselect.data.pool import TokenPool
+from lmselect.data.readers import JsonlDoc
+from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from lmselect.score.job import check_vocab, forward_scores, load_scoring_model, resolve_amp_dtype, torch_device
+from lmselect.score.windows import make_windows, resolve_tokenizer_dir, rollup_documents
+from lmselect.select.base import is_text_scorer, load_text_scorer
 
 
 class DocumentScorer:
@@ -36,10 +40,6 @@ class DocumentScorer:
     def __init__(self, model: str | Path, tokenizer_from: str | Path | None = None, *, lm_loss: bool = False,
                  seq_len: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto",
                  trust_tokenizer: bool = False):
-        from lmselect.data.pool import TokenPool
-        from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-        from lmselect.select.base import is_text_scorer, load_text_scorer
-
         if batch_size < 1:
             raise LmselectError(f"batch_size must be >= 1, got {batch_size}")
         self.text_scorer = None
@@ -53,7 +53,7 @@ class DocumentScorer:
         self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_from)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.model, self.meta = load_scoring_model(model, lm_loss=lm_loss)
-        _check_vocab(self.meta, tokenizer_fingerprint(self.tokenizer), len(self.tokenizer), str(self.tokenizer_dir),
+        check_vocab(self.meta, tokenizer_fingerprint(self.tokenizer), len(self.tokenizer), str(self.tokenizer_dir),
                      trust=trust_tokenizer)
         # the window length, resolved as score_jsonl resolves it
         if seq_len is None:
@@ -68,7 +68,7 @@ class DocumentScorer:
         if self.meta.get("max_positions") and self.seq_len > int(self.meta["max_positions"]):
             raise LmselectError(f"seq_len {self.seq_len} exceeds the model's {self.meta['max_positions']} positions")
         self.batch_size = int(batch_size)
-        self.device = _device(device)
+        self.device = torch_device(device)
         self.amp_dtype = resolve_amp_dtype(dtype, self.device)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

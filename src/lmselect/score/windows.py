@@ -12,26 +12,38 @@ relative names (:func:`write_attributes`, :func:`attribute_path`), before the ma
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import json
 import logging
-import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from lmselect.artifacts import LmselectError, atomic_path, is_complete, parent_ref
-from lmselect.score.job import _check_vocab, _Job, _model_and_meta, _run_job
-from lmselect.score.sidecar import ATTRIBUTES_DIR, DOCUMENTS_FILE
+from lmselect.artifacts import (
+    LmselectError,
+    Manifest,
+    atomic_path,
+    is_complete,
+    parent_ref,
+    read_manifest,
+    write_manifest,
+)
+from lmselect.data.pool import TokenPool
+from lmselect.data.readers import ID_POLICY, JsonlDoc, ReadStats, read_jsonl_docs, resolve_jsonl_inputs
+from lmselect.data.records import DEFAULT_ATTRIBUTE, check_attribute_name, write_attributes
+from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from lmselect.score.job import ScoreJob, check_vocab, model_and_meta, run_job
+from lmselect.score.sidecar import ATTRIBUTES_DIR, DOCUMENTS_FILE, part_name, write_part_table
+from lmselect.select.base import is_text_scorer, load_text_scorer
 
 log = logging.getLogger("lmselect.score")
 
-DEFAULT_ATTRIBUTE = "lmselect"  # dolma attribute name prefix: "<name>__score", "<name>__window_scores"
+__all__ = ["DEFAULT_ATTRIBUTE", "ID_POLICY", "JsonlDoc", "Windows", "attribute_path", "check_attribute_name",
+           "make_windows", "resolve_jsonl_inputs", "resolve_tokenizer_dir", "rollup_documents", "score_jsonl",
+           "score_jsonl_texts", "write_attributes"]
 
 
 def resolve_tokenizer_dir(path: str | Path) -> Path:
@@ -43,100 +55,6 @@ def resolve_tokenizer_dir(path: str | Path) -> Path:
         if (c / "tokenizer.json").is_file() or (c / "tokenizer_config.json").is_file():
             return c
     raise LmselectError(f"{p}: no tokenizer found (looked for tokenizer/, backbone/ and tokenizer.json)")
-
-
-@dataclass(frozen=True)
-class JsonlDoc:
-    """One record (non-blank line) of a .jsonl file to score."""
-
-    doc_id: str  # the record's ``id`` as a string; without one, derived: "<file>/<0-based line>" (see ID_POLICY)
-    text: str  # "" for a malformed line (it keeps its row so that every output stays line-aligned)
-    source: str  # the record's ``source``, else the file's name without extensions (dolma needs one)
-    line: int  # 1-based line number
-    file: str = ""  # the file's path relative to the input root; its attribute file mirrors it
-    raw_id: Any = None  # the record's ``id`` exactly as in the file (None: null or missing)
-    id_derived: bool = False  # True when ``doc_id`` was derived because the record has no id
-    malformed: bool = False  # the line was skipped as malformed (not JSON, not UTF-8, no string text field)
-    blank: bool = False  # an empty / whitespace-only line: no record, but its row keeps every output line-aligned
-
-
-ID_POLICY = """\
-Records without an id (``id`` null, missing or "") keep their row everywhere, so nothing shifts: the dolma
-attribute file carries the record's id exactly as it is in the file (null stays null, a number stays a number),
-because dolma's mixer matches an attribute line to the document line at the same position and compares the two
-``id`` values as JSON. documents.parquet needs a string key for joins, so such a record gets the derived
-``doc_id`` "<file>/<0-based line index>" (``id_derived`` true): the id datatrove's JsonlReader itself gives a record
-without an ``id`` key when it reads the same folder. A warning says how many records had no id.
-"""
-
-
-def _file_stem(path: Path) -> str:
-    name = path.name
-    for ext in (".gz", ".zst", ".jsonl", ".json", ".ndjson"):
-        name = name[: -len(ext)] if name.endswith(ext) else name
-    return name or path.name
-
-
-def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
-    """The files behind ``--jsonl``: (path, name relative to the input root), sorted.
-
-    A file is itself (its name); a folder is every .jsonl / .json / .ndjson file under it (``.gz`` / ``.zst`` too,
-    searched recursively, names relative to the folder); a glob is its matches, named relative to the folder part
-    before the first wildcard. The relative name is what the attribute file mirrors under ``attributes/<name>/``.
-    """
-    import glob
-
-    from lmselect.data.readers import _file_kind
-
-    raw = str(jsonl)
-    if glob.has_magic(raw):
-        parts = Path(raw).parts
-        k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-        root = Path(*parts[:k]) if k else Path(".")
-        files = [Path(m) for m in sorted(glob.glob(raw, recursive=True)) if Path(m).is_file()]
-        if not files:
-            raise LmselectError(f"{raw}: no file matches this pattern")
-    else:
-        p = Path(raw)
-        if not p.exists():
-            raise LmselectError(f"{p}: --jsonl file or folder not found")
-        if p.is_file():
-            return [(p, p.name)]
-        root = p
-        from lmselect.data.readers import folder_files
-
-        files = folder_files(p, kinds=("jsonl",), what="score --jsonl")
-        if not files:
-            raise LmselectError(f"{p}: no .jsonl / .json / .ndjson files (optionally .gz or .zst) in this folder")
-    out = []
-    for f in files:
-        if _file_kind(f) != "jsonl":
-            raise LmselectError(f"{f}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
-        out.append((f, f.relative_to(root).as_posix()))
-    return out
-
-
-def read_jsonl_docs(path: str | Path, text_field: str = "text", stats: Any = None) -> list[JsonlDoc]:
-    """Every line of a .jsonl[.gz|.zst] file, folder or glob, in file order, through prepare's reader
-    (:func:`lmselect.data.readers.iter_jsonl_records`): malformed lines are counted in ``stats`` and kept as
-    unscorable rows, blank lines too (``blank``: one output line per input line, always); records without an id get
-    a derived one (``ID_POLICY``)."""
-    from lmselect.data.readers import ReadStats, iter_jsonl_records, record_id
-
-    stats = stats if stats is not None else ReadStats()
-    out: list[JsonlDoc] = []
-    for f, rel in resolve_jsonl_inputs(path):
-        stem = _file_stem(f)
-        for r in iter_jsonl_records(f, text_field=text_field, stats=stats):
-            doc_id, derived = record_id(r.raw_id, rel, r.line - 1)  # the one id rule (readers.ID_RULE)
-            out.append(JsonlDoc(doc_id, r.text or "", r.source or stem, r.line, rel, r.raw_id,
-                                derived and not r.blank, r.problem is not None, r.blank))
-    return out
-
-
-def read_jsonl_texts(path: str | Path) -> list[tuple[str, str]]:
-    """(doc_id, text) per record (see :func:`read_jsonl_docs`)."""
-    return [(d.doc_id, d.text) for d in read_jsonl_docs(path)]
 
 
 @dataclass
@@ -243,15 +161,9 @@ def score_jsonl(
     A text scorer (the ``scores/text_scorer`` of a ``fasttext`` / ``dsir`` round) scores each whole record instead:
     :func:`score_jsonl_texts`, no tokenizer and no windows."""
     if not lm_loss and isinstance(model_dir_or_scorer, (str, Path)):
-        from lmselect.select.base import is_text_scorer
-
         if is_text_scorer(model_dir_or_scorer):
             return score_jsonl_texts(model_dir_or_scorer, jsonl, out_dir, shard=shard, config=config,
                                      attribute_name=attribute_name, text_field=text_field)
-    from lmselect.data.pool import TokenPool
-    from lmselect.data.readers import ReadStats
-    from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-
     check_attribute_name(attribute_name)
     files = resolve_jsonl_inputs(jsonl)
     read_stats = ReadStats()
@@ -262,7 +174,7 @@ def score_jsonl(
     n_blank = sum(d.blank for d in records)
     tok_dir = resolve_tokenizer_dir(tokenizer_from)
     tokenizer = load_tokenizer(tok_dir)
-    model, meta, model_parents = _model_and_meta(model_dir_or_scorer, lm_loss)
+    model, meta, model_parents = model_and_meta(model_dir_or_scorer, lm_loss)
     parents = list(model_parents)
     if seq_len is None:
         seq_len = meta.get("seq_len")
@@ -275,7 +187,7 @@ def score_jsonl(
     seq_len = int(seq_len)
     if meta.get("max_positions") and seq_len > int(meta["max_positions"]):
         raise LmselectError(f"--seq-len {seq_len} exceeds the model's {meta['max_positions']} positions")
-    _check_vocab(meta, tokenizer_fingerprint(tokenizer), len(tokenizer), str(tok_dir), trust=trust_tokenizer)
+    check_vocab(meta, tokenizer_fingerprint(tokenizer), len(tokenizer), str(tok_dir), trust=trust_tokenizer)
     if is_complete(tokenizer_from, "pool"):
         parents.append(parent_ref(tokenizer_from))
     win = make_windows(docs, tokenizer, seq_len)
@@ -295,7 +207,7 @@ def score_jsonl(
         return torch.from_numpy(x), torch.from_numpy(mask)
 
     doc_ids = np.asarray(win.doc_id, dtype=object)
-    job = _Job(
+    job = ScoreJob(
         items=np.arange(len(win.length), dtype=np.int64),
         fetch=fetch,
         key={"input": "jsonl", "jsonl": [_file_key(f) for f, _ in files], "text_field": text_field,
@@ -310,7 +222,7 @@ def score_jsonl(
                                                "tokenizer_from": str(tokenizer_from), "seq_len": seq_len,
                                                "lm_loss": lm_loss, "batch_size": batch_size, "text_field": text_field}
     read = read_stats.to_dict()
-    return _run_job(
+    return run_job(
         model, job, out_dir, batch_size=batch_size, shard=shard, num_parts=num_parts, device=device, dtype=dtype,
         progress=progress, checkpoint_every=checkpoint_every, config=cfg, parents=parents,
         counts={"documents": win.n_docs - n_blank, "empty_documents": win.n_empty - n_blank, "blank_lines": n_blank,
@@ -345,13 +257,6 @@ def score_jsonl_texts(
     record (chars 0 … len), so ``documents.parquet``, the dolma attribute files and ``select`` read it the same way; a
     malformed line keeps its row with no score. Written atomically; a complete sidecar of the same model and inputs is
     reused, one of another is refused."""
-    import time
-
-    from lmselect.artifacts import Manifest, read_manifest, write_manifest
-    from lmselect.data.readers import ReadStats
-    from lmselect.score.sidecar import part_name, write_part_table
-    from lmselect.select.base import load_text_scorer
-
     out = Path(out_dir)
     check_attribute_name(attribute_name)
     if shard is not None and shard != (0, 1):
@@ -408,13 +313,6 @@ def score_jsonl_texts(
 
 # ----------------------------------------------------------------------------------------------------------------
 # document roll-up
-
-
-def check_attribute_name(name: str) -> str:
-    """A dolma attribute name: letters, digits, ``_ - .``, no ``__`` (dolma joins ``name__key`` with it)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) or "__" in str(name):
-        raise LmselectError(f"--attribute-name must be letters, digits, _ - . without '__'; got {name!r}")
-    return str(name)
 
 
 def attribute_path(jsonl: str | Path, name: str) -> str:
@@ -480,54 +378,6 @@ def rollup_documents(windows: Any, docs: list[JsonlDoc]) -> Any:
         "malformed": pa.array([d.malformed for d in docs], type=pa.bool_()),
         "blank": pa.array([d.blank for d in docs], type=pa.bool_()),
     })
-
-
-@contextlib.contextmanager
-def _open_for_write(path: Path, name: str) -> Iterator[Any]:
-    """A binary writer to ``path`` compressed as the extension of ``name`` says (dolma picks the decompressor by
-    extension): ``.gz`` (no name or time in the header: a rerun writes identical bytes), ``.zst``, else plain."""
-    with open(path, "wb") as raw:
-        if name.endswith(".gz"):
-            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-                yield gz
-        elif name.endswith(".zst"):
-            import zstandard
-
-            with zstandard.ZstdCompressor().stream_writer(raw, closefd=False) as zw:
-                yield zw
-        else:
-            yield raw
-
-
-def write_attributes(path: Path, documents: Any, windows: Any, name: str, ids: list[Any] | None = None) -> None:
-    """Write a dolma attribute file: one json line per document, in the documents' order::
-
-        {"id": ..., "source": ..., "attributes": {"<name>__score": [[0, len(text), mean]],
-                                                  "<name>__window_scores": [[char_start, char_end, score], ...]}}
-
-    ``ids``: the records' ids exactly as in the input file (default: ``documents``' ``doc_id``); dolma compares them
-    with the document line's ``id`` as JSON values. Spans are character offsets into the record's ``text``; a
-    document without a finite score gets ``[]`` (JSON has no NaN). Compressed as the name's extension says.
-    """
-    by_doc: dict[int, list[list[float]]] = {}
-    idx = windows.column("doc_index").to_numpy()
-    order = np.lexsort((windows.column("char_start").to_numpy(), idx))
-    cs, ce = windows.column("char_start").to_numpy(), windows.column("char_end").to_numpy()
-    sc = windows.column("score").to_numpy()
-    for r in order:
-        if np.isfinite(sc[r]):
-            by_doc.setdefault(int(idx[r]), []).append([int(cs[r]), int(ce[r]), float(sc[r])])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = documents.to_pylist()
-    ids = ids if ids is not None else [d["doc_id"] for d in rows]
-    with atomic_path(path) as tmp, _open_for_write(tmp, path.name) as out:
-        for d, rid in zip(rows, ids):
-            score = d["score"]
-            doc_span = [[0, int(d["n_chars"]), float(score)]] if score is not None and np.isfinite(score) else []
-            rec = {"id": rid, "source": d["source"],
-                   "attributes": {f"{name}__score": doc_span,
-                                  f"{name}__window_scores": by_doc.get(int(d["doc_index"]), [])}}
-            out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _write_documents(out_dir: Path, parts: list[Path], docs: list[JsonlDoc], name: str) -> dict[str, Any]:
