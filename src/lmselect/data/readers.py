@@ -39,7 +39,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lmselect.artifacts import LmselectError
 
@@ -381,9 +381,11 @@ def open_binary(path: Path) -> io.BufferedIOBase:
 BLANK = object()  # what ``iter_jsonl(..., blank=True)`` yields for a blank line
 
 
-def iter_jsonl(path: Path, blank: bool = False) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: Path, blank: bool = False,
+               keep: Callable[[int], bool] | None = None) -> Iterator[tuple[str, Any]]:
     """("file:line", record) per line of a .jsonl[.gz|.zst] file; a bad line yields a :class:`Malformed` instead of
-    the record (the caller's policy: skip and count, or refuse)."""
+    the record (the caller's policy: skip and count, or refuse). ``keep(line)`` (1-based), when given, is asked for
+    every line first: a line it refuses is passed over undecoded (a ``score --jsonl`` shard's share of a file)."""
     # Lines are split as bytes and decoded one by one, so a single non-UTF-8 line is one malformed record rather
     # than the end of the file. A corrupt compressed stream cannot be resynchronised: that is fatal. Blank lines
     # are skipped, or with ``blank`` yielded as ``BLANK`` (line-aligned outputs need a row for every line).
@@ -391,6 +393,8 @@ def iter_jsonl(path: Path, blank: bool = False) -> Iterator[tuple[str, Any]]:
     try:
         with open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
+                if keep is not None and not keep(lineno):
+                    continue
                 where = f"{path}:{lineno}"
                 if not raw.strip():
                     if blank:
@@ -620,12 +624,14 @@ def iter_jsonl_records(
     source_field: str = "source",
     strict: bool = False,
     stats: ReadStats | None = None,
+    keep: Callable[[int], bool] | None = None,
 ) -> Iterator[JsonlRecord]:
     """Every line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules as
     :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
     ``problem`` set, or with ``strict`` raises a one-line error naming ``path:line``. Empty texts are counted as
     ``empty`` and yielded; a blank line is yielded with ``blank`` set (and counted nowhere), so that a consumer
-    writing one line per input line (dolma attribute files) stays aligned."""
+    writing one line per input line (dolma attribute files) stays aligned. ``keep``: as in :func:`iter_jsonl` (lines
+    it refuses are neither yielded nor counted)."""
     p = Path(path)
     if not p.is_file():
         raise LmselectError(f"{p}: file not found")
@@ -633,7 +639,7 @@ def iter_jsonl_records(
         raise LmselectError(f"{p}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
     stats = stats if stats is not None else ReadStats()
     spec = InputSpec(str(p), "jsonl")
-    for where, rec in iter_jsonl(p, blank=True):
+    for where, rec in iter_jsonl(p, blank=True, keep=keep):
         line = int(where.rsplit(":", 1)[1])
         if rec is BLANK:
             yield JsonlRecord(line, None, None, None, None, blank=True)
@@ -746,12 +752,13 @@ def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
 
 
 def iter_jsonl_docs(path: Path, rel: str, text_field: str = "text", stats: ReadStats | None = None,
-                    strict: bool = False) -> Iterator[JsonlDoc]:
+                    strict: bool = False, keep: Callable[[int], bool] | None = None) -> Iterator[JsonlDoc]:
     """Every line of one .jsonl[.gz|.zst] file (``rel``: its name relative to the input root), in order, through
     :func:`iter_jsonl_records`: malformed lines are counted in ``stats`` and kept as unscorable rows, blank lines too
-    (``blank``: one output line per input line, always); records without an id get a derived one (:data:`ID_POLICY`)."""
+    (``blank``: one output line per input line, always); records without an id get a derived one (:data:`ID_POLICY`).
+    ``keep``: only the lines it accepts (:func:`iter_jsonl`)."""
     stem = file_stem(path)
-    for r in iter_jsonl_records(path, text_field=text_field, stats=stats, strict=strict):
+    for r in iter_jsonl_records(path, text_field=text_field, stats=stats, strict=strict, keep=keep):
         doc_id, derived = record_id(r.raw_id, rel, r.line - 1)  # the one id rule (ID_RULE)
         yield JsonlDoc(doc_id, r.text or "", r.source or stem, r.line, rel, r.raw_id, derived and not r.blank,
                        r.problem is not None, r.blank)

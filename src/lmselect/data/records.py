@@ -51,19 +51,17 @@ def open_for_write(path: Path, name: str) -> Iterator[Any]:
             yield raw
 
 
-def write_attributes(path: Path, documents: Any, windows: Any, name: str, ids: list[Any] | None = None) -> None:
-    """Write a dolma attribute file: one json line per document, in the documents' order::
+def attribute_lines(documents: Any, windows: Any, name: str, ids: list[Any] | None = None) -> Iterator[bytes]:
+    """The dolma attribute lines of ``documents`` (one per row, in order), as UTF-8 bytes with their newline::
 
         {"id": ..., "source": ..., "attributes": {"<name>__score": [[0, len(text), mean]],
                                                   "<name>__window_scores": [[char_start, char_end, score], ...]}}
 
-    ``documents`` is a pyarrow Table of ``documents.parquet``'s rows (``doc_index``, ``doc_id``, ``source``,
-    ``n_chars``, ``score``), ``windows`` one of window rows (``doc_index``, ``char_start``, ``char_end``, ``score``).
-    ``ids``: the records' ids exactly as in the input file (default: ``documents``' ``doc_id``); dolma compares them
-    with the document line's ``id`` as JSON values. Spans are character offsets into the record's ``text``; a
-    document without a finite score gets ``[]`` (JSON has no NaN). Compressed as the name's extension says; written
-    atomically.
-    """
+    ``documents`` is a pyarrow Table of ``documents.parquet``'s rows (``doc_index``, ``source``, ``n_chars``,
+    ``score``, and ``doc_id`` unless ``ids`` is given), ``windows`` one of their window rows (``doc_index``,
+    ``char_start``, ``char_end``, ``score``). ``ids``: the records' ids exactly as in the input file (default:
+    ``doc_id``); dolma compares them with the document line's ``id`` as JSON values. Spans are character offsets
+    into the record's ``text``; a document without a finite score gets ``[]`` (JSON has no NaN)."""
     by_doc: dict[int, list[list[float]]] = {}
     idx = windows.column("doc_index").to_numpy()
     order = np.lexsort((windows.column("char_start").to_numpy(), idx))
@@ -72,17 +70,24 @@ def write_attributes(path: Path, documents: Any, windows: Any, name: str, ids: l
     for r in order:
         if np.isfinite(sc[r]):
             by_doc.setdefault(int(idx[r]), []).append([int(cs[r]), int(ce[r]), float(sc[r])])
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = documents.to_pylist()
     ids = ids if ids is not None else [d["doc_id"] for d in rows]
+    for d, rid in zip(rows, ids):
+        score = d["score"]
+        doc_span = [[0, int(d["n_chars"]), float(score)]] if score is not None and np.isfinite(score) else []
+        rec = {"id": rid, "source": d["source"],
+               "attributes": {f"{name}__score": doc_span,
+                              f"{name}__window_scores": by_doc.get(int(d["doc_index"]), [])}}
+        yield (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_attributes(path: Path, documents: Any, windows: Any, name: str, ids: list[Any] | None = None) -> None:
+    """Write a dolma attribute file at ``path``: :func:`attribute_lines` of ``documents``, compressed as the name's
+    extension says (:func:`open_for_write`), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open_for_write(tmp, path.name) as out:
-        for d, rid in zip(rows, ids):
-            score = d["score"]
-            doc_span = [[0, int(d["n_chars"]), float(score)]] if score is not None and np.isfinite(score) else []
-            rec = {"id": rid, "source": d["source"],
-                   "attributes": {f"{name}__score": doc_span,
-                                  f"{name}__window_scores": by_doc.get(int(d["doc_index"]), [])}}
-            out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+        for line in attribute_lines(documents, windows, name, ids):
+            out.write(line)
 
 
 def write_selected_records(jsonl: Path, lines: np.ndarray, out: Path | Any) -> int:

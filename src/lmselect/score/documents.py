@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from lmselect.artifacts import LmselectError, is_complete
 from lmselect.data.pool import TokenPool
 from lmselect.data.readers import JsonlDoc
 from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from lmselect.score.job import check_vocab, forward_scores, load_scoring_model, resolve_amp_dtype, torch_device
-from lmselect.score.windows import make_windows, resolve_tokenizer_dir, rollup_documents
+from lmselect.score.job import check_vocab, load_scoring_model, resolve_amp_dtype, torch_device
+from lmselect.score.windows import make_windows, resolve_tokenizer_dir, rollup_documents, score_windows
 from lmselect.select.base import is_text_scorer, load_text_scorer
 
 
@@ -77,21 +76,8 @@ class DocumentScorer:
     def score_windows(self, texts: Sequence[str]) -> tuple[Any, np.ndarray]:
         """(windows of ``texts``, their scores float32) — the rows ``score --jsonl`` writes as window scores."""
         win = make_windows([(str(i), t) for i, t in enumerate(texts)], self.tokenizer, self.seq_len)
-        n = len(win.length)
-        scores = np.full(n, np.nan, dtype=np.float32)
-        order = np.lexsort((np.arange(n), -win.length))  # longest first, as score_jsonl: little padding
-        for s in range(0, n, self.batch_size):
-            b = order[s : s + self.batch_size]
-            lens = win.length[b]
-            width = int(lens.max())
-            x = np.full((len(b), width), self.pad_id, dtype=np.int64)
-            for r, (st, k) in enumerate(zip(win.start[b], lens)):
-                x[r, :k] = win.tokens[st : st + k]
-            mask = None
-            if int(lens.min()) != width:
-                mask = torch.from_numpy((np.arange(width)[None, :] < lens[:, None]).astype(np.int64))
-            scores[b] = forward_scores(self.model, torch.from_numpy(x), mask, self.device, self.amp_dtype)
-        return win, scores
+        return win, score_windows(self.model, win, batch_size=self.batch_size, device=self.device,
+                                  amp_dtype=self.amp_dtype, pad_id=self.pad_id)
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """Document scores (float32; NaN for a text without a scorable window). A text scorer gives one per whole

@@ -326,7 +326,7 @@ def _score_part(
     return rec
 
 
-def _check_job(out_dir: Path, key: dict[str, Any]) -> None:
+def check_job(out_dir: Path, key: dict[str, Any]) -> None:
     """Refuse to mix two different scoring jobs in one directory (a rerun would otherwise skip stale parts)."""
     p = out_dir / JOB_FILE
     if p.is_file():
@@ -341,7 +341,7 @@ def _check_job(out_dir: Path, key: dict[str, Any]) -> None:
         atomic_write_json(p, key)  # identical content from every rank, so concurrent writes are harmless
 
 
-def _finalize(out_dir: Path, n: int, n_items: int, *, config: dict[str, Any], parents: list[dict[str, str]],
+def finalize_job(out_dir: Path, n: int, n_items: int, *, config: dict[str, Any], parents: list[dict[str, str]],
               counts: dict[str, Any], extra: dict[str, Any],
               finish: Callable[[Path, list[Path]], dict[str, Any]] | None = None) -> bool:
     """Write the manifest once every part exists; True when the sidecar is complete."""
@@ -433,7 +433,7 @@ def run_job(
     if n > max(1, len(job.items)):
         raise LmselectError(f"{out}: {n} parts for only {len(job.items)} sequences; use fewer parts")
     out.mkdir(parents=True, exist_ok=True)
-    _check_job(out, {**job.key, "n_parts": n})
+    check_job(out, {**job.key, "n_parts": n})
     atomic_write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False))
     missing = [i for i in range(n) if not (out / part_name(i, n)).is_file()]
     if missing and (out / MANIFEST).exists():
@@ -449,7 +449,7 @@ def run_job(
     else:
         log.info("%s: part(s) %s already done", out, ", ".join(map(str, mine)))
     extra = {**extra, "device": str(dev), "amp_dtype": str(amp_dtype).replace("torch.", ""), "batch_size": batch_size}
-    if not _finalize(out, n, len(job.items), config=config, parents=parents, counts=counts, extra=extra,
+    if not finalize_job(out, n, len(job.items), config=config, parents=parents, counts=counts, extra=extra,
                      finish=job.finish):
         left = [i for i in range(n) if not (out / part_name(i, n)).is_file()]
         log.info("%s: waiting for part(s) %s of %d; the last to finish writes the manifest", out,
