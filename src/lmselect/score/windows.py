@@ -282,10 +282,10 @@ def _score_block(blocks: Path, f: int, j: int, docs: list[JsonlDoc], stats: Read
 
 
 def _score_file(f: int, path: Path, rel: str, g: int, p: int, blocks: Path,
-                sc: _Scoring) -> tuple[int, list[dict[str, Any]], int]:
+                sc: _Scoring) -> tuple[int, ReadStats, int]:
     """Score the blocks ``j`` with ``j mod g == p`` of file ``f`` that are not on disk yet, each as soon as its lines
     are read; the ``p == 0`` reader also writes the file's marker (lines, blocks). Returns (windows scored, the
-    blocks' read counts in order, records without an id)."""
+    blocks' read counts added up, records without an id)."""
     router, per_block = _BlockStats(), {}
     seen = {"lines": 0, "block": -1}
 
@@ -299,26 +299,26 @@ def _score_file(f: int, path: Path, rel: str, g: int, p: int, blocks: Path,
             router.cur = per_block[j] = ReadStats()
         return True
 
-    computed, states, no_id = 0, [], 0
+    computed, read, no_id = 0, ReadStats(), 0
     cur_j, cur = -1, []
     for d in iter_jsonl_docs(path, rel, sc.text_field, stats=router, keep=keep):  # type: ignore[arg-type]
         no_id += d.id_derived
         j = (d.line - 1) // BLOCK_LINES
         if j != cur_j and cur:
             computed += _score_block(blocks, f, cur_j, cur, per_block[cur_j], sc)
-            states.append(per_block.pop(cur_j).state())
+            read = ReadStats.merged([read.state(), per_block.pop(cur_j).state()])
             cur = []
         cur_j = j
         cur.append(d)
     if cur:
         computed += _score_block(blocks, f, cur_j, cur, per_block[cur_j], sc)
-        states.append(per_block.pop(cur_j).state())
+        read = ReadStats.merged([read.state(), per_block.pop(cur_j).state()])
     if p == 0:
         if not (blocks / _block_name(f, 0, "docs")).is_file():  # an empty file: one empty block
             _score_block(blocks, f, 0, [], ReadStats(), sc)
         atomic_write_json(blocks / _file_marker(f),
                           {"file": rel, "lines": seen["lines"], "blocks": max(1, -(-seen["lines"] // BLOCK_LINES))})
-    return computed, states, no_id
+    return computed, read, no_id
 
 
 def _run_shard(s: int, n: int, files: list[tuple[Path, str]], owners: list[list[int]], blocks: Path,
@@ -328,7 +328,7 @@ def _run_shard(s: int, n: int, files: list[tuple[Path, str]], owners: list[list[
     shard's marker (its timing record). Memory: one block's records, tokens and windows at a time."""
     mine = [f for f in range(len(files)) if s in owners[f]]
     t0, started, computed = time.perf_counter(), time.time(), 0
-    shard_stats: list[dict[str, Any]] = []
+    shard_stats = ReadStats()
     bar = Progress(len(mine), unit="file", desc=f"score part {s}/{n}", enabled=progress)
     try:
         for f in mine:
@@ -339,15 +339,15 @@ def _run_shard(s: int, n: int, files: list[tuple[Path, str]], owners: list[list[
                                         for j in range(p, read_json(marker)["blocks"], g)):
                 bar.update(1)
                 continue  # done by an earlier run
-            done, states, no_id = _score_file(f, path, rel, g, p, blocks, sc)
+            done, read, no_id = _score_file(f, path, rel, g, p, blocks, sc)
             computed += done
-            shard_stats.extend(states)
+            shard_stats = ReadStats.merged([shard_stats.state(), read.state()])
             if no_id:
                 _warn_missing_ids(rel, no_id)
             bar.update(1)
     finally:
         bar.close()
-    ReadStats.merged(shard_stats).warn_malformed(log)
+    shard_stats.warn_malformed(log)
     seconds = time.perf_counter() - t0
     atomic_write_json(blocks / _shard_marker(s, n), {
         "part": s, "of": n, "computed_now": int(computed), "seconds": float(seconds), "started": started,
@@ -381,7 +381,7 @@ def _merge_blocks(out: Path, n: int, files: list[tuple[Path, str]], owners: list
             part_rows[s] += rows
             plan.append((f, j, s, rows))
     total = sum(part_rows)
-    states: list[dict[str, Any]] = []
+    read_acc = ReadStats()  # the read counts of every block, added up in file order (memory: one state)
     n_empty = n_lines = n_blank = no_id = 0
     if total == 0:
         for f, j, _, _ in plan:
@@ -402,7 +402,7 @@ def _merge_blocks(out: Path, n: int, files: list[tuple[Path, str]], owners: list
             if f != attr_f:
                 if attr is not None:
                     attr.close()
-                attr = contextlib.ExitStack()
+                attr = stack.enter_context(contextlib.ExitStack())  # closed on error too: no rename then
                 path = out / attribute_path(files[f][1], name)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = attr.enter_context(atomic_path(path))
@@ -411,7 +411,7 @@ def _merge_blocks(out: Path, n: int, files: list[tuple[Path, str]], owners: list
             docs = pq.read_table(blocks / _block_name(f, j, "docs"))
             wins = pq.read_table(blocks / _block_name(f, j, "windows"))
             meta = json.loads((docs.schema.metadata or {}).get(b"lmselect", b"{}"))
-            states.append(meta["stats"])
+            read_acc = ReadStats.merged([read_acc.state(), meta["stats"]])
             n_empty += int(meta["n_empty"])
             n_lines += docs.num_rows
             n_blank += int(np.sum(docs.column("blank").to_numpy(zero_copy_only=False)))
@@ -447,7 +447,7 @@ def _merge_blocks(out: Path, n: int, files: list[tuple[Path, str]], owners: list
                 with atomic_path(out / part_name(s, n)) as ptmp:
                     pq.write_table(part_schema.with_metadata({b"lmselect": json.dumps(meta_s).encode()}).empty_table(),
                                    ptmp)
-    read = ReadStats.merged(states).to_dict()
+    read = read_acc.to_dict()
     scored = 0
     for f in pq.ParquetFile(out / DOCUMENTS_FILE).iter_batches(columns=["score"]):
         scored += int(np.isfinite(f.column(0).to_numpy(zero_copy_only=False)).sum())
