@@ -70,13 +70,16 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in files if p.is_file()}
 
 
-@pytest.mark.parametrize("sizes,block_lines", [([10, 14, 9, 12], 5), ([40], 4)], ids=["files", "shared-file"])
+@pytest.mark.parametrize("sizes,block_lines,block_bytes", [([10, 14, 9, 12], 5, 1 << 20), ([40], 4, 1 << 20),
+                                                           ([40], 1000, 600)],
+                         ids=["files", "shared-file", "shared-file-bytes"])
 def test_three_shards_merge_to_what_one_process_writes(tmp_path, tiny_pool, scorer_dir, monkeypatch, sizes,
-                                                       block_lines):
-    """4 files over 3 shards (each reads only its own files), and 1 file of 10 blocks over 3 shards (each decodes
-    and scores only its own blocks): documents.parquet, the attribute files and the window rows are byte-identical
-    to one process's, and so are the manifest's counts."""
+                                                       block_lines, block_bytes):
+    """4 files over 3 shards (each reads only its own files), and 1 file of 10 blocks (cut by lines, or by bytes)
+    over 3 shards (each decodes and scores only its own blocks): documents.parquet, the attribute files and the
+    window rows are byte-identical to one process's, and so are the manifest's counts."""
     monkeypatch.setattr(windows, "BLOCK_LINES", block_lines)
+    monkeypatch.setattr(windows, "BLOCK_BYTES", block_bytes)
     src = _corpus(tmp_path / "corpus", sizes)
     one, three = tmp_path / "one", tmp_path / "three"
     assert _score(scorer_dir, src, tiny_pool.path, one) == 0
@@ -93,7 +96,9 @@ def test_three_shards_merge_to_what_one_process_writes(tmp_path, tiny_pool, scor
     if len(sizes) > 1:
         assert owners == [[0], [0], [1], [2]]  # whole files: a shard opens only its own
     else:
-        assert owners == [[0, 1, 2]]  # a shared file: blocks 0, 3, 6, 9 / 1, 4, 7 / 2, 5, 8
+        assert owners == [[0, 1, 2]]  # a shared file: blocks 0, 3, 6, ... / 1, 4, 7, ... / 2, 5, 8, ...
+        n_blocks = len(list((three / "blocks").glob("*.docs.parquet")))
+        assert n_blocks >= 6, n_blocks  # every shard had blocks to score
     a, b = _outputs(one), _outputs(three)
     assert sorted(a) == sorted(b) and len(a) == 1 + len(sizes)
     for name in a:

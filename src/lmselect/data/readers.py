@@ -382,10 +382,11 @@ BLANK = object()  # what ``iter_jsonl(..., blank=True)`` yields for a blank line
 
 
 def iter_jsonl(path: Path, blank: bool = False,
-               keep: Callable[[int], bool] | None = None) -> Iterator[tuple[str, Any]]:
+               keep: Callable[[int, int], bool] | None = None) -> Iterator[tuple[str, Any]]:
     """("file:line", record) per line of a .jsonl[.gz|.zst] file; a bad line yields a :class:`Malformed` instead of
-    the record (the caller's policy: skip and count, or refuse). ``keep(line)`` (1-based), when given, is asked for
-    every line first: a line it refuses is passed over undecoded (a ``score --jsonl`` shard's share of a file)."""
+    the record (the caller's policy: skip and count, or refuse). ``keep(line, nbytes)`` (1-based line, its length in
+    bytes as decompressed), when given, is asked for every line first: a line it refuses is passed over undecoded (a
+    ``score --jsonl`` shard's share of a file)."""
     # Lines are split as bytes and decoded one by one, so a single non-UTF-8 line is one malformed record rather
     # than the end of the file. A corrupt compressed stream cannot be resynchronised: that is fatal. Blank lines
     # are skipped, or with ``blank`` yielded as ``BLANK`` (line-aligned outputs need a row for every line).
@@ -393,7 +394,7 @@ def iter_jsonl(path: Path, blank: bool = False,
     try:
         with open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
-                if keep is not None and not keep(lineno):
+                if keep is not None and not keep(lineno, len(raw)):
                     continue
                 where = f"{path}:{lineno}"
                 if not raw.strip():
@@ -624,7 +625,7 @@ def iter_jsonl_records(
     source_field: str = "source",
     strict: bool = False,
     stats: ReadStats | None = None,
-    keep: Callable[[int], bool] | None = None,
+    keep: Callable[[int, int], bool] | None = None,
 ) -> Iterator[JsonlRecord]:
     """Every line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules as
     :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
@@ -752,7 +753,7 @@ def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
 
 
 def iter_jsonl_docs(path: Path, rel: str, text_field: str = "text", stats: ReadStats | None = None,
-                    strict: bool = False, keep: Callable[[int], bool] | None = None) -> Iterator[JsonlDoc]:
+                    strict: bool = False, keep: Callable[[int, int], bool] | None = None) -> Iterator[JsonlDoc]:
     """Every line of one .jsonl[.gz|.zst] file (``rel``: its name relative to the input root), in order, through
     :func:`iter_jsonl_records`: malformed lines are counted in ``stats`` and kept as unscorable rows, blank lines too
     (``blank``: one output line per input line, always); records without an id get a derived one (:data:`ID_POLICY`).

@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("execution")
     g.add_argument("--out", required=True, help="output sidecar directory")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--shard", help="i/n: compute only part i of n (cluster arrays); torchrun ranks split it further")
+    g.add_argument("--shard", help="i/n: compute only part i of n (cluster arrays; --jsonl: shard i's files, the last "
+                   "shard to finish merges); torchrun ranks split it further")
     g.add_argument("--num-parts", type=int, help="split into this many parts (default: existing split, or 1)")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0")
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on GPU), float32, bfloat16, float16")

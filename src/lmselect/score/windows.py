@@ -1,13 +1,16 @@
-"""Scoring raw .jsonl text: fixed-size token windows, ``score_jsonl``, and the roll-up to document scores.
+"""Scoring raw .jsonl text: fixed-size token windows, ``score_jsonl`` (streamed, sharded) and the roll-up to
+document scores.
 
 Each record's ``text`` is tokenized (no special tokens) and cut into consecutive windows of at most ``seq_len``
 tokens; every window is scored like a pool sequence (``seq_id`` = window number in file order) and its row carries
 ``doc_id`` (the record's ``id``; without one, "<file>/<0-based line>": ``ID_POLICY``), ``doc_index`` (0-based
 record number over all input files), ``char_start`` and ``char_end``. The input is a file, a folder or a glob, read
-by prepare's reader (``.gz`` / ``.zst``, malformed lines skipped and counted). When every part exists the windows
-are rolled up to one row per document in ``documents.parquet`` (:func:`rollup_documents`: mean of the finite
-window scores, with min, max and n_windows) and written as dolma attribute files mirroring the input files'
-relative names (:func:`write_attributes`, :func:`attribute_path`), before the manifest.
+by prepare's reader (:mod:`lmselect.data.readers`: ``.gz`` / ``.zst``, malformed lines skipped and counted but kept
+as rows). It is streamed in blocks of lines (at most :data:`BLOCK_LINES` lines or :data:`BLOCK_BYTES`), each
+scored and rolled up to its documents (:func:`rollup_documents`: mean of the finite window scores, with min, max and n_windows) as soon as it is read;
+``--shard i/n`` reads only its own files (:func:`shard_owners`). Once every shard is done the blocks are merged, in
+file order, into the parts, ``documents.parquet`` and the dolma attribute files mirroring the input files' relative
+names (:func:`attribute_path`; written by :mod:`lmselect.data.records`), before the manifest.
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ def _file_key(p: Path) -> dict[str, Any]:
     return {"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-BLOCK_LINES = 4096  # lines per block of a .jsonl file: the unit of memory, batching, resume and --shard sharing
+BLOCK_LINES = 4096  # lines per block of a .jsonl file at most: the unit of memory, batching, resume and --shard sharing
+BLOCK_BYTES = 8 << 20  # ... and a block ends after the line that brings it to 8 MiB of (decompressed) text
 BLOCKS_DIR = "blocks"  # score --jsonl's per-block work inside the sidecar (kept: a rerun resumes from it)
 
 
@@ -173,7 +177,7 @@ def shard_owners(n_files: int, n: int) -> list[list[int]]:
 
     With at least as many files as shards every file has one shard: contiguous, near-equal runs of the sorted files,
     so a shard opens only its own files. With fewer files than shards each file is shared by a contiguous run of
-    ``g`` shards that take its blocks of :data:`BLOCK_LINES` lines in turn (block ``j`` goes to the ``j mod g``-th);
+    ``g`` shards that take its blocks (:class:`_Blocks`) in turn (block ``j`` goes to the ``j mod g``-th);
     each of them reads the file's lines but decodes, tokenizes and scores only its own blocks. Either way the blocks,
     and so the batches, the scores and the merged output, are the same for every ``n``."""
     out: list[list[int]] = [[] for _ in range(n_files)]
@@ -281,29 +285,50 @@ def _score_block(blocks: Path, f: int, j: int, docs: list[JsonlDoc], stats: Read
     return len(scores)
 
 
+class _Blocks:
+    """Cuts one file's lines into blocks as they are read: a block ends after :data:`BLOCK_LINES` lines, or after
+    the line that brings it to :data:`BLOCK_BYTES` bytes (decompressed), whichever comes first. The cut depends on
+    the file's content only, so every shard that reads the file finds the same blocks."""
+
+    def __init__(self) -> None:
+        self.block, self.lines_in, self.bytes_in, self.lines = 0, 0, 0, 0
+
+    def place(self, line: int, nbytes: int) -> int:
+        """The block of ``line`` (lines come in order, each once)."""
+        if self.lines_in >= BLOCK_LINES or self.bytes_in >= BLOCK_BYTES:
+            self.block, self.lines_in, self.bytes_in = self.block + 1, 0, 0
+        self.lines_in += 1
+        self.bytes_in += nbytes
+        self.lines = line
+        return self.block
+
+    @property
+    def n_blocks(self) -> int:
+        return self.block + 1  # an empty file: one empty block
+
+
 def _score_file(f: int, path: Path, rel: str, g: int, p: int, blocks: Path,
                 sc: _Scoring) -> tuple[int, ReadStats, int]:
     """Score the blocks ``j`` with ``j mod g == p`` of file ``f`` that are not on disk yet, each as soon as its lines
     are read; the ``p == 0`` reader also writes the file's marker (lines, blocks). Returns (windows scored, the
     blocks' read counts added up, records without an id)."""
-    router, per_block = _BlockStats(), {}
-    seen = {"lines": 0, "block": -1}
+    router, per_block, cut = _BlockStats(), {}, _Blocks()
+    state = {"block": -1, "mine": False}
 
-    def keep(line: int) -> bool:
-        seen["lines"] = line
-        j = (line - 1) // BLOCK_LINES
-        if j % g != p or (blocks / _block_name(f, j, "docs")).is_file():
-            return False
-        if j != seen["block"]:
-            seen["block"] = j
-            router.cur = per_block[j] = ReadStats()
-        return True
+    def keep(line: int, nbytes: int) -> bool:
+        j = cut.place(line, nbytes)
+        if j != state["block"]:  # decided once per block: this shard's, and not on disk yet
+            state["block"] = j
+            state["mine"] = j % g == p and not (blocks / _block_name(f, j, "docs")).is_file()
+            if state["mine"]:
+                router.cur = per_block[j] = ReadStats()
+        return state["mine"]
 
     computed, read, no_id = 0, ReadStats(), 0
     cur_j, cur = -1, []
     for d in iter_jsonl_docs(path, rel, sc.text_field, stats=router, keep=keep):  # type: ignore[arg-type]
         no_id += d.id_derived
-        j = (d.line - 1) // BLOCK_LINES
+        j = state["block"]  # keep() has just placed this line (and no later one)
         if j != cur_j and cur:
             computed += _score_block(blocks, f, cur_j, cur, per_block[cur_j], sc)
             read = ReadStats.merged([read.state(), per_block.pop(cur_j).state()])
@@ -316,15 +341,14 @@ def _score_file(f: int, path: Path, rel: str, g: int, p: int, blocks: Path,
     if p == 0:
         if not (blocks / _block_name(f, 0, "docs")).is_file():  # an empty file: one empty block
             _score_block(blocks, f, 0, [], ReadStats(), sc)
-        atomic_write_json(blocks / _file_marker(f),
-                          {"file": rel, "lines": seen["lines"], "blocks": max(1, -(-seen["lines"] // BLOCK_LINES))})
+        atomic_write_json(blocks / _file_marker(f), {"file": rel, "lines": cut.lines, "blocks": cut.n_blocks})
     return computed, read, no_id
 
 
 def _run_shard(s: int, n: int, files: list[tuple[Path, str]], owners: list[list[int]], blocks: Path,
                sc: _Scoring, progress: bool) -> None:
     """Shard ``s`` of ``n``: read its files (its blocks of shared ones) line by line, score each block of
-    :data:`BLOCK_LINES` lines as soon as it is read (a block already on disk is passed over undecoded), and write the
+    lines (:class:`_Blocks`) as soon as it is read (a block already on disk is passed over undecoded), and write the
     shard's marker (its timing record). Memory: one block's records, tokens and windows at a time."""
     mine = [f for f in range(len(files)) if s in owners[f]]
     t0, started, computed = time.perf_counter(), time.time(), 0
@@ -481,7 +505,8 @@ def score_jsonl(
 ) -> Path:
     """Score every ``seq_len``-token window of each record's ``text``, streamed: the input files (a file, a folder or
     a glob: :func:`~lmselect.data.readers.resolve_jsonl_inputs`) are read line by line in blocks of
-    :data:`BLOCK_LINES` lines; each block is tokenized, windowed, scored and rolled up to its documents at once and
+    lines (at most :data:`BLOCK_LINES` lines or :data:`BLOCK_BYTES` bytes: :class:`_Blocks`); each block is
+    tokenized, windowed, scored and rolled up to its documents at once and
     written to ``blocks/`` (atomically; a rerun passes finished blocks over), so memory holds one block whatever the
     input's size. ``shard=(i, n)`` (``--shard i/n``) takes only shard ``i``'s files (:func:`shard_owners`); without
     it this process runs all ``num_parts`` shards (default: the split already in ``out_dir``, else 1); under torchrun
@@ -527,7 +552,8 @@ def score_jsonl(
         parents.append(parent_ref(tokenizer_from))
     key = {"input": "jsonl", "jsonl": [_file_key(f) for f, _ in files], "text_field": text_field,
            "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len, "model": meta["path"],
-           "score": meta["kind"], "format": 4, "block_lines": BLOCK_LINES}
+           "score": meta["kind"], "format": 4, "block_lines": BLOCK_LINES,
+           "block_bytes": BLOCK_BYTES}
     rank, world = rank_world()
     have = int(read_json(out / JOB_FILE).get("n_parts", 0)) if (out / JOB_FILE).is_file() else None
     if shard is not None:
@@ -577,6 +603,7 @@ def score_jsonl(
         extra={"input": "jsonl", "jsonl": str(jsonl), "tokenizer": str(tok_dir), "seq_len": seq_len,
                "score": meta["kind"], "activation": meta.get("activation"), "model": meta["path"],
                "documents_file": DOCUMENTS_FILE, "text_field": text_field, "block_lines": BLOCK_LINES,
+               "block_bytes": BLOCK_BYTES,
                "jsonl_files": [{"path": str(f.resolve()), "file": rel} for f, rel in files],
                "attributes": attribute_path(files[0][1], attribute_name),
                "attribute_files": [attribute_path(rel, attribute_name) for _, rel in files],
