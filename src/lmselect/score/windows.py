@@ -15,6 +15,7 @@ names (:func:`attribute_path`; written by :mod:`lmselect.data.records`), before 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import json
 import logging
@@ -23,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -262,14 +263,16 @@ class _Scoring:
     text_field: str
 
 
-def _score_block(blocks: Path, f: int, j: int, docs: list[JsonlDoc], stats: ReadStats, sc: _Scoring) -> int:
-    """Score one block's lines and write its window rows and its documents (local ``doc_index``; ``raw_id``: the
-    record's id as JSON text), windows first and the documents file last, each atomically: the documents file is the
-    block's completion marker. Returns the number of windows."""
+def _score_block(blocks: Path, f: int, j: int, docs: list[JsonlDoc], stats: ReadStats, sc: _Scoring,
+                 win: Windows | None = None) -> int:
+    """Score one block's lines (``win``: their windows, when already made) and write its window rows and its
+    documents (local ``doc_index``; ``raw_id``: the record's id as JSON text), windows first and the documents file
+    last, each atomically: the documents file is the block's completion marker. Returns the number of windows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    win = make_windows([(d.doc_id, d.text) for d in docs], sc.tokenizer, sc.seq_len)
+    if win is None:
+        win = make_windows([(d.doc_id, d.text) for d in docs], sc.tokenizer, sc.seq_len)
     scores = score_windows(sc.model, win, batch_size=sc.batch_size, device=sc.device, amp_dtype=sc.amp_dtype,
                            pad_id=sc.pad_id)
     windows = pa.table({"doc_index": pa.array(win.doc_index, pa.int64()), "char_start": pa.array(win.char_start, pa.int64()),
@@ -283,6 +286,26 @@ def _score_block(blocks: Path, f: int, j: int, docs: list[JsonlDoc], stats: Read
     with atomic_path(blocks / _block_name(f, j, "docs")) as tmp:
         pq.write_table(documents, tmp)
     return len(scores)
+
+
+_END = object()
+
+
+def _one_ahead(items: Iterator[Any], fn: Callable[[Any], Any]) -> Iterator[Any]:
+    """``fn(x)`` of every item, in order, each computed in a worker thread while the caller works on the previous
+    one (the iterator is advanced in that thread only). Memory: two results at a time."""
+    def step() -> Any:
+        x = next(items, _END)
+        return _END if x is _END else fn(x)
+
+    with cf.ThreadPoolExecutor(max_workers=1) as ex:
+        fut = ex.submit(step)
+        while True:
+            r = fut.result()
+            if r is _END:
+                return
+            fut = ex.submit(step)
+            yield r
 
 
 class _Blocks:
@@ -324,20 +347,31 @@ def _score_file(f: int, path: Path, rel: str, g: int, p: int, blocks: Path,
                 router.cur = per_block[j] = ReadStats()
         return state["mine"]
 
-    computed, read, no_id = 0, ReadStats(), 0
-    cur_j, cur = -1, []
-    for d in iter_jsonl_docs(path, rel, sc.text_field, stats=router, keep=keep):  # type: ignore[arg-type]
-        no_id += d.id_derived
-        j = state["block"]  # keep() has just placed this line (and no later one)
-        if j != cur_j and cur:
-            computed += _score_block(blocks, f, cur_j, cur, per_block[cur_j], sc)
-            read = ReadStats.merged([read.state(), per_block.pop(cur_j).state()])
-            cur = []
-        cur_j = j
-        cur.append(d)
-    if cur:
-        computed += _score_block(blocks, f, cur_j, cur, per_block[cur_j], sc)
-        read = ReadStats.merged([read.state(), per_block.pop(cur_j).state()])
+    counted = {"no_id": 0}
+
+    def read_blocks() -> Iterator[tuple[int, list[JsonlDoc]]]:
+        cur_j, cur = -1, []
+        for d in iter_jsonl_docs(path, rel, sc.text_field, stats=router, keep=keep):  # type: ignore[arg-type]
+            counted["no_id"] += d.id_derived
+            j = state["block"]  # keep() has just placed this line (and no later one)
+            if j != cur_j and cur:
+                yield cur_j, cur
+                cur = []
+            cur_j = j
+            cur.append(d)
+        if cur:
+            yield cur_j, cur
+
+    def windowed(item: tuple[int, list[JsonlDoc]]) -> tuple[int, list[JsonlDoc], Windows]:
+        j, docs = item
+        return j, docs, make_windows([(d.doc_id, d.text) for d in docs], sc.tokenizer, sc.seq_len)
+
+    computed, read = 0, ReadStats()
+    # the next block is read and tokenized in a thread while this one is scored (the tokenizer releases the GIL)
+    for j, docs, win in _one_ahead(read_blocks(), windowed):
+        computed += _score_block(blocks, f, j, docs, per_block[j], sc, win)
+        read = ReadStats.merged([read.state(), per_block.pop(j).state()])
+    no_id = counted["no_id"]
     if p == 0:
         if not (blocks / _block_name(f, 0, "docs")).is_file():  # an empty file: one empty block
             _score_block(blocks, f, 0, [], ReadStats(), sc)
