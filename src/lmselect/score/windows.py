@@ -383,7 +383,7 @@ def _run_shard(s: int, n: int, files: list[tuple[Path, str]], owners: list[list[
                sc: _Scoring, progress: bool) -> None:
     """Shard ``s`` of ``n``: read its files (its blocks of shared ones) line by line, score each block of
     lines (:class:`_Blocks`) as soon as it is read (a block already on disk is passed over undecoded), and write the
-    shard's marker (its timing record). Memory: one block's records, tokens and windows at a time."""
+    shard's marker (its timing record). Memory: two blocks' records, tokens and windows at a time."""
     mine = [f for f in range(len(files)) if s in owners[f]]
     t0, started, computed = time.perf_counter(), time.time(), 0
     shard_stats = ReadStats()
@@ -541,8 +541,8 @@ def score_jsonl(
     a glob: :func:`~lmselect.data.readers.resolve_jsonl_inputs`) are read line by line in blocks of
     lines (at most :data:`BLOCK_LINES` lines or :data:`BLOCK_BYTES` bytes: :class:`_Blocks`); each block is
     tokenized, windowed, scored and rolled up to its documents at once and
-    written to ``blocks/`` (atomically; a rerun passes finished blocks over), so memory holds one block whatever the
-    input's size. ``shard=(i, n)`` (``--shard i/n``) takes only shard ``i``'s files (:func:`shard_owners`); without
+    written to ``blocks/`` (atomically; a rerun passes finished blocks over), so memory holds two blocks at most (the
+    next is read and tokenized in a thread) whatever the input's size. ``shard=(i, n)`` (``--shard i/n``) takes only shard ``i``'s files (:func:`shard_owners`); without
     it this process runs all ``num_parts`` shards (default: the split already in ``out_dir``, else 1); under torchrun
     each rank takes its own shard. Whichever process finds every shard done merges the blocks, in file order, into
     the sidecar (:func:`_merge_blocks`): parts with rows ``seq_id`` (window number in file order), ``score``,
