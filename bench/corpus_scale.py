@@ -19,7 +19,8 @@ because the machine may be shared; wall seconds; peak RSS = the largest process 
   ``task_max_rss_mb``, measured inside each task) and are added / maxed in;
 * ``score pool``: ``lmselect score --lm-loss`` with an untrained ``debug``-preset model on pool shard 1 (a fifth of
   the pool): the scoring job, not the model, is what is measured;
-* ``score jsonl``: the same model on the raw shards, ``--shard 0/5`` (a fifth of the windows; every record is read);
+* ``score jsonl``: the same model on the raw shards, ``--shard 0/5`` (shard 0 reads 2 of the 8 files, streamed in
+  blocks of lines; the merge waits for the other shards, so it is not in this step);
 * ``select`` (top 10 % of the pool scores) and ``export`` of that selection.
 
 Per step it prints tokens (of the corpus) per CPU-second, wall, peak RSS; with two or more sizes the fitted growth

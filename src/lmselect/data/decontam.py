@@ -52,16 +52,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from lmselect.artifacts import LmselectError
+from lmselect.artifacts import LmselectError, read_manifest
 from lmselect.config import ConfigError
-from lmselect.data.readers import Document
+from lmselect.data.readers import Document, Malformed, file_kind, folder_files, iter_jsonl
+from lmselect.paths import DATA_DIR
 
 CONTAMINATION_FILE = "contamination.parquet"
 MODES = ("flag", "drop")
 BUNDLED_PREFIX = "bundled:"
 NORMALISATION = "NFKC, lower-case, punctuation/symbols -> space, whitespace split"
-_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_COMPRESSIONS = ("", ".gz", ".zst")
 _PUNCT = re.compile(r"[^\w\s]|_")
 _P = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the polynomial hash (the golden-ratio constant)
 _CHECK_BATCH = 1024  # pool documents checked together (vectorised hashing and look-up)
@@ -187,15 +186,13 @@ def _resolve_entry(entry: str) -> list[tuple[str, Path]]:
         if not p.exists():
             raise LmselectError(f"{raw}: protected set not found" + (f" ({p})" if str(p) != raw else ""))
         if p.is_dir():
-            from lmselect.data.readers import folder_files  # the one folder rule (prepare, score --jsonl)
-
-            files = folder_files(p, what="decontaminate")
+            files = folder_files(p, what="decontaminate")  # the one folder rule (prepare, score --jsonl)
             if not files:
                 raise LmselectError(f"{raw}: protected folder holds no .jsonl / .json / .parquet / .txt file")
             base = label_base if label_base is not None else str(p)
             out.extend((f"{base.rstrip('/')}/{f.relative_to(p).as_posix()}", f) for f in files)
         else:
-            if _text_kind(p) is None:
+            if file_kind(p) is None:  # the one file-kind rule (data.readers)
                 raise LmselectError(
                     f"{raw}: protected set has an unsupported format "
                     "(expected .jsonl[.gz|.zst], .json, .parquet or .txt)"
@@ -205,22 +202,7 @@ def _resolve_entry(entry: str) -> list[tuple[str, Path]]:
 
 
 def _bundled_dir() -> Path:
-    from lmselect.paths import DATA_DIR
-
     return DATA_DIR
-
-
-def _text_kind(p: Path) -> str | None:
-    name = p.name.lower()
-    for comp in _COMPRESSIONS:
-        for suf in _JSONL_SUFFIXES:
-            if name.endswith(suf + comp):
-                return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".txt"):
-        return "txt"
-    return None
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -237,11 +219,9 @@ def _strings(value: Any) -> Iterator[str]:
 
 def protected_texts(path: str | Path) -> Iterator[str]:
     """The texts of one protected file (see the module docstring); a bad record is a one-line LmselectError."""
-    from lmselect.data.readers import _iter_jsonl, _Malformed
-
     p = Path(path)
-    kind = _text_kind(p)
-    if kind == "txt":
+    kind = file_kind(p)
+    if kind == "text":
         try:
             yield p.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
@@ -249,9 +229,9 @@ def protected_texts(path: str | Path) -> Iterator[str]:
         except OSError as e:
             raise LmselectError(f"{p}: cannot read protected file ({e})") from None
     elif kind == "jsonl":
-        for _where, rec in _iter_jsonl(p):
+        for _where, rec in iter_jsonl(p):
             # a protected set is read strictly: skipping a bad record would silently protect less
-            if isinstance(rec, _Malformed):
+            if isinstance(rec, Malformed):
                 raise LmselectError(f"{rec.message} (protected set)")
             yield " ".join(_strings(rec))
     elif kind == "parquet":
@@ -515,8 +495,6 @@ def overlap_report(pool_dir: str | Path, top: int = 10) -> dict[str, Any]:
     (n, mode, min_fraction, documents, contaminated, dropped, per_source, per_set) plus ``summary`` (one line) and
     ``top``: the ``top`` most overlapping documents (doc_id, source, ngrams, matched, fraction, sets, dropped).
     """
-    from lmselect.artifacts import read_manifest
-
     pool_dir = Path(pool_dir)
     m = read_manifest(pool_dir, kind="pool")
     info = (m.get("extra") or {}).get("decontamination")

@@ -39,7 +39,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lmselect.artifacts import LmselectError
 
@@ -208,8 +208,9 @@ class ReadStats:
         }
 
 
-class _Malformed(Exception):
-    """Internal: one bad record (reason key, message); handled by :func:`iter_documents`."""
+class Malformed(Exception):
+    """One bad record (reason key, message): what :func:`iter_jsonl` yields in a bad line's place; the readers count
+    it (:meth:`ReadStats.count_malformed`) or, reading strictly (decontamination's protected sets), refuse it."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -228,7 +229,9 @@ def _strip_split(raw: str) -> tuple[str, str | None]:
     return raw, None
 
 
-def _file_kind(p: Path) -> str | None:
+def file_kind(p: Path) -> str | None:
+    """The one file-kind rule (prepare, ``score --jsonl``, decontamination): ``"jsonl"`` (.jsonl / .json / .ndjson,
+    .gz / .zst too), ``"parquet"``, ``"text"`` (.txt) or None (not a readable kind)."""
     name = p.name.lower()
     for comp in COMPRESSIONS:
         for suf in JSONL_SUFFIXES:
@@ -256,7 +259,7 @@ def folder_files(folder: Path, kinds: Sequence[str] = ("jsonl", "parquet", "text
     folder rule of prepare, ``score --jsonl`` (``kinds=("jsonl",)``) and decontamination."""
     files, skipped = [], []
     for f in sorted((x for x in folder.rglob("*") if x.is_file()), key=lambda x: x.relative_to(folder).as_posix()):
-        (files if _file_kind(f) in kinds else skipped).append(f)
+        (files if file_kind(f) in kinds else skipped).append(f)
     if skipped:
         names = [f.relative_to(folder).as_posix() for f in skipped]
         log.warning("%s: %sskipped %d file(s) that are not %s: %s%s", folder, f"{what}: " if what else "",
@@ -311,7 +314,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[InputSpec]:
                     raise LmselectError(f"{p}: folder holds no readable file ({READABLE})")
                 text_added = False
                 for f in files:
-                    kind = _file_kind(f)
+                    kind = file_kind(f)
                     if kind == "text":
                         if not text_added:  # the folder's .txt files are one input, as before
                             specs.append(InputSpec(str(p), "text"))
@@ -319,7 +322,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[InputSpec]:
                         continue
                     specs.append(InputSpec(str(f), kind, rel=f.relative_to(p).as_posix()))  # type: ignore[arg-type]
                 continue
-            kind = _file_kind(p)
+            kind = file_kind(p)
             if kind is None:
                 raise LmselectError(
                     f"{p}: unsupported input format (expected .jsonl[.gz|.zst], .parquet, .txt, a folder of them, "
@@ -362,8 +365,8 @@ def input_fingerprint(spec: InputSpec) -> dict[str, Any]:
 # per-format record iterators: yield (location, record-or-text); location is "file:line" / "file: record N"
 
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    """A binary, line-iterable reader that decompresses .gz / .zst transparently."""
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """A binary, line-iterable reader that decompresses .gz / .zst transparently (by the name's extension)."""
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
@@ -375,17 +378,24 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 20)
 
 
-BLANK = object()  # what ``_iter_jsonl(..., blank=True)`` yields for a blank line
+BLANK = object()  # what ``iter_jsonl(..., blank=True)`` yields for a blank line
 
 
-def _iter_jsonl(path: Path, blank: bool = False) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: Path, blank: bool = False,
+               keep: Callable[[int, int], bool] | None = None) -> Iterator[tuple[str, Any]]:
+    """("file:line", record) per line of a .jsonl[.gz|.zst] file; a bad line yields a :class:`Malformed` instead of
+    the record (the caller's policy: skip and count, or refuse). ``keep(line, nbytes)`` (1-based line, its length in
+    bytes as decompressed), when given, is asked for every line first: a line it refuses is passed over undecoded (a
+    ``score --jsonl`` shard's share of a file)."""
     # Lines are split as bytes and decoded one by one, so a single non-UTF-8 line is one malformed record rather
     # than the end of the file. A corrupt compressed stream cannot be resynchronised: that is fatal. Blank lines
     # are skipped, or with ``blank`` yielded as ``BLANK`` (line-aligned outputs need a row for every line).
     lineno = 0
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
+                if keep is not None and not keep(lineno, len(raw)):
+                    continue
                 where = f"{path}:{lineno}"
                 if not raw.strip():
                     if blank:
@@ -394,12 +404,12 @@ def _iter_jsonl(path: Path, blank: bool = False) -> Iterator[tuple[str, Any]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield where, _Malformed("bad_utf8", f"{where}: not valid UTF-8 (byte {e.start})")
+                    yield where, Malformed("bad_utf8", f"{where}: not valid UTF-8 (byte {e.start})")
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield where, _Malformed("bad_json", f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                    yield where, Malformed("bad_json", f"{where}: invalid JSON ({e.msg} at column {e.colno})")
                     continue
                 yield where, rec
     except (OSError, EOFError) as e:  # truncated / corrupt gzip stream (gzip.BadGzipFile is an OSError)
@@ -436,7 +446,7 @@ def _iter_text_files(spec: InputSpec) -> Iterator[tuple[str, Any]]:
         try:
             text = f.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
-            yield str(f), _Malformed("bad_utf8", f"{f}: not valid UTF-8 (byte {e.start})")
+            yield str(f), Malformed("bad_utf8", f"{f}: not valid UTF-8 (byte {e.start})")
             continue
         # a text file's id is its path relative to the folder, its source the folder name
         yield str(f), {"__text__": text, "__id__": rel}
@@ -511,7 +521,7 @@ def _iter_hub(ds: Any, label: str, text_field: str, columns: Sequence[str]) -> I
 def _records(spec: InputSpec, text_field: str, id_field: str, source_field: str) -> Iterator[tuple[str, Any]]:
     columns = [c for c in dict.fromkeys([text_field, id_field, source_field]) if c]
     if spec.kind == "jsonl":
-        return _iter_jsonl(Path(spec.path))
+        return iter_jsonl(Path(spec.path))
     if spec.kind == "parquet":
         return _iter_parquet(Path(spec.path), columns, text_field)
     if spec.kind == "text":
@@ -524,17 +534,17 @@ def _records(spec: InputSpec, text_field: str, id_field: str, source_field: str)
 
 
 def _to_document(where: str, rec: Any, spec: InputSpec, text_field: str, id_field: str, source_field: str) -> Document:
-    if isinstance(rec, _Malformed):
+    if isinstance(rec, Malformed):
         raise rec
     if "__text__" in rec and spec.kind == "text":  # text files carry their own id
         return Document(rec["__text__"], rec["__id__"], spec.default_source)
     if not isinstance(rec, dict):
-        raise _Malformed("not_an_object", f"{where}: record is a JSON {type(rec).__name__}, not an object")
+        raise Malformed("not_an_object", f"{where}: record is a JSON {type(rec).__name__}, not an object")
     if text_field not in rec or rec[text_field] is None:
-        raise _Malformed("no_text_field", f"{where}: record has no '{text_field}' field")
+        raise Malformed("no_text_field", f"{where}: record has no '{text_field}' field")
     text = rec[text_field]
     if not isinstance(text, str):
-        raise _Malformed("text_not_string", f"{where}: record field '{text_field}' is a {type(text).__name__}, not a string")
+        raise Malformed("text_not_string", f"{where}: record field '{text_field}' is a {type(text).__name__}, not a string")
     number = int(where.rsplit(":", 1)[-1].strip().replace("record ", ""))  # 1-based line / row
     doc_id, _ = record_id(rec.get(id_field) if id_field else None, spec.name, number - 1)
     src = rec.get(source_field) if source_field else None
@@ -562,7 +572,7 @@ def iter_documents(
             stats.count_record(spec.path)
             try:
                 doc = _to_document(where, rec, spec, text_field, id_field, source_field)
-            except _Malformed as m:
+            except Malformed as m:
                 stats.count_malformed(spec.path, m.reason, m.message, strict)
                 if m.reason == "no_text_field" and isinstance(rec, dict):
                     stats.fields_without_text.update(rec.keys())
@@ -587,8 +597,8 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[in
     p = Path(path)
     if not p.is_file():
         raise LmselectError(f"{p}: {what} not found")
-    for where, rec in _iter_jsonl(p):
-        if isinstance(rec, _Malformed):
+    for where, rec in iter_jsonl(p):
+        if isinstance(rec, Malformed):
             raise LmselectError(rec.message)
         if not isinstance(rec, dict):
             raise LmselectError(f"{where}: record is not a JSON object")
@@ -615,20 +625,22 @@ def iter_jsonl_records(
     source_field: str = "source",
     strict: bool = False,
     stats: ReadStats | None = None,
+    keep: Callable[[int, int], bool] | None = None,
 ) -> Iterator[JsonlRecord]:
     """Every line of one .jsonl[.gz|.zst] file, with the same decoding and the same malformed-record rules as
     :func:`iter_documents` (prepare): a bad line is counted in ``stats`` (reason, file, examples) and yielded with
     ``problem`` set, or with ``strict`` raises a one-line error naming ``path:line``. Empty texts are counted as
     ``empty`` and yielded; a blank line is yielded with ``blank`` set (and counted nowhere), so that a consumer
-    writing one line per input line (dolma attribute files) stays aligned."""
+    writing one line per input line (dolma attribute files) stays aligned. ``keep``: as in :func:`iter_jsonl` (lines
+    it refuses are neither yielded nor counted)."""
     p = Path(path)
     if not p.is_file():
         raise LmselectError(f"{p}: file not found")
-    if _file_kind(p) != "jsonl":
+    if file_kind(p) != "jsonl":
         raise LmselectError(f"{p}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
     stats = stats if stats is not None else ReadStats()
     spec = InputSpec(str(p), "jsonl")
-    for where, rec in _iter_jsonl(p, blank=True):
+    for where, rec in iter_jsonl(p, blank=True, keep=keep):
         line = int(where.rsplit(":", 1)[1])
         if rec is BLANK:
             yield JsonlRecord(line, None, None, None, None, blank=True)
@@ -637,7 +649,7 @@ def iter_jsonl_records(
         raw_id = rec.get(id_field) if isinstance(rec, dict) and id_field else None
         try:
             doc = _to_document(where, rec, spec, text_field, id_field, source_field)
-        except _Malformed as m:
+        except Malformed as m:
             stats.count_malformed(spec.path, m.reason, m.message, strict)
             yield JsonlRecord(line, raw_id, None, None, m.message)
             continue
@@ -668,3 +680,98 @@ def reread_documents(config: dict[str, Any], recorded: Sequence[dict[str, Any]],
                                 "were added or removed); the original records cannot be read back")
     return iter_documents(specs, config.get("text_field", "text"), config.get("id_field", "id"),
                           config.get("source_field", "source"), False, config.get("max_docs"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ``score --jsonl``'s input: the files behind --jsonl, and every line of them as a line-aligned record
+
+ID_POLICY = """\
+Records without an id (``id`` null, missing or "") keep their row everywhere, so nothing shifts: the dolma
+attribute file carries the record's id exactly as it is in the file (null stays null, a number stays a number),
+because dolma's mixer matches an attribute line to the document line at the same position and compares the two
+``id`` values as JSON. documents.parquet needs a string key for joins, so such a record gets the derived
+``doc_id`` "<file>/<0-based line index>" (``id_derived`` true): the id datatrove's JsonlReader itself gives a record
+without an ``id`` key when it reads the same folder. A warning says how many records had no id.
+"""
+
+
+@dataclass(frozen=True)
+class JsonlDoc:
+    """One line of a .jsonl file to score (blank and malformed lines too: every output stays line-aligned)."""
+
+    doc_id: str  # the record's ``id`` as a string; without one, derived: "<file>/<0-based line>" (see ID_POLICY)
+    text: str  # "" for a malformed line (it keeps its row so that every output stays line-aligned)
+    source: str  # the record's ``source``, else the file's name without extensions (dolma needs one)
+    line: int  # 1-based line number
+    file: str = ""  # the file's path relative to the input root; its attribute file mirrors it
+    raw_id: Any = None  # the record's ``id`` exactly as in the file (None: null or missing)
+    id_derived: bool = False  # True when ``doc_id`` was derived because the record has no id
+    malformed: bool = False  # the line was skipped as malformed (not JSON, not UTF-8, no string text field)
+    blank: bool = False  # an empty / whitespace-only line: no record, but its row keeps every output line-aligned
+
+
+def file_stem(path: Path) -> str:
+    """A .jsonl file's name without format and compression extensions (the source label of records without one)."""
+    name = path.name
+    for ext in (".gz", ".zst", ".jsonl", ".json", ".ndjson"):
+        name = name[: -len(ext)] if name.endswith(ext) else name
+    return name or path.name
+
+
+def resolve_jsonl_inputs(jsonl: str | Path) -> list[tuple[Path, str]]:
+    """The files behind ``--jsonl``: (path, name relative to the input root), sorted.
+
+    A file is itself (its name); a folder is every .jsonl / .json / .ndjson file under it (``.gz`` / ``.zst`` too,
+    searched recursively, names relative to the folder: :func:`folder_files`); a glob is its matches, named relative
+    to the folder part before the first wildcard. The relative name is what the attribute file mirrors under
+    ``attributes/<name>/`` and what derived ids start with (:data:`ID_RULE`).
+    """
+    raw = str(jsonl)
+    if glob.has_magic(raw):
+        parts = Path(raw).parts
+        k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root = Path(*parts[:k]) if k else Path(".")
+        files = [Path(m) for m in sorted(glob.glob(raw, recursive=True)) if Path(m).is_file()]
+        if not files:
+            raise LmselectError(f"{raw}: no file matches this pattern")
+    else:
+        p = Path(raw)
+        if not p.exists():
+            raise LmselectError(f"{p}: --jsonl file or folder not found")
+        if p.is_file():
+            return [(p, p.name)]
+        root = p
+        files = folder_files(p, kinds=("jsonl",), what="score --jsonl")
+        if not files:
+            raise LmselectError(f"{p}: no .jsonl / .json / .ndjson files (optionally .gz or .zst) in this folder")
+    out = []
+    for f in files:
+        if file_kind(f) != "jsonl":
+            raise LmselectError(f"{f}: not a .jsonl / .json / .ndjson file (optionally .gz or .zst)")
+        out.append((f, f.relative_to(root).as_posix()))
+    return out
+
+
+def iter_jsonl_docs(path: Path, rel: str, text_field: str = "text", stats: ReadStats | None = None,
+                    strict: bool = False, keep: Callable[[int, int], bool] | None = None) -> Iterator[JsonlDoc]:
+    """Every line of one .jsonl[.gz|.zst] file (``rel``: its name relative to the input root), in order, through
+    :func:`iter_jsonl_records`: malformed lines are counted in ``stats`` and kept as unscorable rows, blank lines too
+    (``blank``: one output line per input line, always); records without an id get a derived one (:data:`ID_POLICY`).
+    ``keep``: only the lines it accepts (:func:`iter_jsonl`)."""
+    stem = file_stem(path)
+    for r in iter_jsonl_records(path, text_field=text_field, stats=stats, strict=strict, keep=keep):
+        doc_id, derived = record_id(r.raw_id, rel, r.line - 1)  # the one id rule (ID_RULE)
+        yield JsonlDoc(doc_id, r.text or "", r.source or stem, r.line, rel, r.raw_id, derived and not r.blank,
+                       r.problem is not None, r.blank)
+
+
+def read_jsonl_docs(path: str | Path, text_field: str = "text", stats: ReadStats | None = None) -> list[JsonlDoc]:
+    """Every line of a .jsonl[.gz|.zst] file, folder or glob (:func:`resolve_jsonl_inputs`), in file order
+    (:func:`iter_jsonl_docs`), as one list: for small inputs; ``score --jsonl`` streams file by file instead."""
+    stats = stats if stats is not None else ReadStats()
+    return [d for f, rel in resolve_jsonl_inputs(path) for d in iter_jsonl_docs(f, rel, text_field, stats)]
+
+
+def read_jsonl_texts(path: str | Path) -> list[tuple[str, str]]:
+    """(doc_id, text) per record (see :func:`read_jsonl_docs`)."""
+    return [(d.doc_id, d.text) for d in read_jsonl_docs(path)]

@@ -6,7 +6,8 @@ The package is split by concern:
   ``read_documents``, ``write_scores``, part listing. Every reader of scores goes through it.
 * :mod:`lmselect.score.job` — the sharded, resumable scoring job: ``score_pool``, model loading, forward scoring.
 * :mod:`lmselect.score.windows` — .jsonl windowing, ``score_jsonl`` and the roll-up to document scores
-  (``documents.parquet``, dolma attribute files).
+  (``documents.parquet``, dolma attribute files); its input (files, records, ids) is read by
+  :mod:`lmselect.data.readers`, its attribute files are written by :mod:`lmselect.data.records`.
 * :mod:`lmselect.score.cli` — ``lmselect score`` (``add_arguments``, ``run``, ``--pool-shard`` parsing).
 
 This module re-exports the public API, so ``from lmselect.score import read_scores, score_pool`` keeps working.
@@ -14,6 +15,8 @@ This module re-exports the public API, so ``from lmselect.score import read_scor
 
 from __future__ import annotations
 
+from lmselect.data.readers import ID_POLICY, JsonlDoc, read_jsonl_docs, read_jsonl_texts, resolve_jsonl_inputs
+from lmselect.data.records import DEFAULT_ATTRIBUTE, write_attributes
 from lmselect.score.cli import ScoreConfig, parse_shard, pool_ids
 from lmselect.score.job import (
     JOB_FILE,
@@ -38,19 +41,12 @@ from lmselect.score.sidecar import (
     write_scores,
 )
 from lmselect.score.windows import (
-    DEFAULT_ATTRIBUTE,
-    ID_POLICY,
-    JsonlDoc,
     Windows,
     attribute_path,
     make_windows,
-    read_jsonl_docs,
-    read_jsonl_texts,
-    resolve_jsonl_inputs,
     resolve_tokenizer_dir,
     rollup_documents,
     score_jsonl,
-    write_attributes,
 )
 
 __all__ = [

@@ -7,7 +7,8 @@
 
 Output: a scores sidecar (DESIGN "Scores sidecar"; :mod:`lmselect.score.sidecar`), written part by part and
 resumable (:mod:`lmselect.score.job`). ``--jsonl`` input also gets ``documents.parquet`` (one score per document:
-the mean over its windows, with min, max and n_windows) and a dolma attribute file (:mod:`lmselect.score.windows`).
+the mean over its windows, with min, max and n_windows) and a dolma attribute file per input file
+(:mod:`lmselect.score.windows`, written by :mod:`lmselect.data.records`).
 The model is a :class:`~lmselect.models.scorer.SequenceScorer` directory (``scorer.json``), or, with ``--lm-loss``,
 any HF causal-LM checkpoint, which then scores a sequence by its negative mean next-token cross-entropy.
 """
@@ -24,9 +25,13 @@ from typing import Any
 import numpy as np
 
 from lmselect.artifacts import LmselectError, is_complete, read_manifest
-from lmselect.config import to_dict
+from lmselect.config import load_config, to_dict
+from lmselect.data.pool import TokenPool
+from lmselect.data.readers import resolve_jsonl_inputs
+from lmselect.data.records import DEFAULT_ATTRIBUTE, check_attribute_name
 from lmselect.score.job import score_pool
-from lmselect.score.windows import DEFAULT_ATTRIBUTE, check_attribute_name, score_jsonl
+from lmselect.score.windows import score_jsonl
+from lmselect.select.base import is_text_scorer
 from lmselect.train.distributed import rank_world
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("execution")
     g.add_argument("--out", required=True, help="output sidecar directory")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--shard", help="i/n: compute only part i of n (cluster arrays); torchrun ranks split it further")
+    g.add_argument("--shard", help="i/n: compute only part i of n (cluster arrays; --jsonl: shard i's files, the last "
+                   "shard to finish merges); torchrun ranks split it further")
     g.add_argument("--num-parts", type=int, help="split into this many parts (default: existing split, or 1)")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0")
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on GPU), float32, bfloat16, float16")
@@ -129,8 +135,6 @@ def pool_ids(pool: Any, spec: str) -> np.ndarray:
 def preflight(args: argparse.Namespace) -> ScoreConfig:
     """What ``lmselect score`` checks before loading anything heavy: the settings, that the model and the input
     exist (a pool's manifest, the --jsonl files); ``lmselect slurm score`` calls it before writing a script."""
-    from lmselect.config import load_config
-
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreConfig) if hasattr(args, f.name)}
     cfg = load_config(ScoreConfig, None, getattr(args, "overrides", []) or [], base=base)
     if (cfg.pool is None) == (cfg.jsonl is None):
@@ -140,8 +144,6 @@ def preflight(args: argparse.Namespace) -> ScoreConfig:
     if cfg.pool is not None:
         read_manifest(cfg.pool, kind="pool")
     else:
-        from lmselect.score.windows import resolve_jsonl_inputs
-
         resolve_jsonl_inputs(cfg.jsonl)
     parse_shard(cfg.shard)
     check_attribute_name(cfg.attribute_name)
@@ -150,13 +152,9 @@ def preflight(args: argparse.Namespace) -> ScoreConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lmselect score``; prints where the sidecar is and how fast it was computed."""
-    from lmselect.data.pool import TokenPool
-
     cfg = preflight(args)
     if (cfg.pool is None) == (cfg.jsonl is None):
         raise LmselectError("give exactly one input: --pool POOL or --jsonl FILE")
-    from lmselect.select.base import is_text_scorer
-
     text = not cfg.lm_loss and is_text_scorer(cfg.model)
     if text and cfg.pool is not None:
         raise LmselectError(f"{cfg.model}: a text scorer (fasttext / dsir) scores documents of --jsonl files; the "

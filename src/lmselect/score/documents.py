@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from lmselect.artifacts import LmselectError, is_complete
-from lmselect.score.job import _check_vocab, _device, forward_scores, load_scoring_model, resolve_amp_dtype
-from lmselect.score.windows import JsonlDoc, make_windows, resolve_tokenizer_dir, rollup_documents
+from lmselect.data.pool import TokenPool
+from lmselect.data.readers import JsonlDoc
+from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from lmselect.score.job import check_vocab, load_scoring_model, resolve_amp_dtype, torch_device
+from lmselect.score.windows import make_windows, resolve_tokenizer_dir, rollup_documents, score_windows
+from lmselect.select.base import is_text_scorer, load_text_scorer
 
 
 class DocumentScorer:
@@ -36,10 +39,6 @@ class DocumentScorer:
     def __init__(self, model: str | Path, tokenizer_from: str | Path | None = None, *, lm_loss: bool = False,
                  seq_len: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto",
                  trust_tokenizer: bool = False):
-        from lmselect.data.pool import TokenPool
-        from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-        from lmselect.select.base import is_text_scorer, load_text_scorer
-
         if batch_size < 1:
             raise LmselectError(f"batch_size must be >= 1, got {batch_size}")
         self.text_scorer = None
@@ -53,7 +52,7 @@ class DocumentScorer:
         self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_from)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.model, self.meta = load_scoring_model(model, lm_loss=lm_loss)
-        _check_vocab(self.meta, tokenizer_fingerprint(self.tokenizer), len(self.tokenizer), str(self.tokenizer_dir),
+        check_vocab(self.meta, tokenizer_fingerprint(self.tokenizer), len(self.tokenizer), str(self.tokenizer_dir),
                      trust=trust_tokenizer)
         # the window length, resolved as score_jsonl resolves it
         if seq_len is None:
@@ -68,7 +67,7 @@ class DocumentScorer:
         if self.meta.get("max_positions") and self.seq_len > int(self.meta["max_positions"]):
             raise LmselectError(f"seq_len {self.seq_len} exceeds the model's {self.meta['max_positions']} positions")
         self.batch_size = int(batch_size)
-        self.device = _device(device)
+        self.device = torch_device(device)
         self.amp_dtype = resolve_amp_dtype(dtype, self.device)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -77,21 +76,8 @@ class DocumentScorer:
     def score_windows(self, texts: Sequence[str]) -> tuple[Any, np.ndarray]:
         """(windows of ``texts``, their scores float32) — the rows ``score --jsonl`` writes as window scores."""
         win = make_windows([(str(i), t) for i, t in enumerate(texts)], self.tokenizer, self.seq_len)
-        n = len(win.length)
-        scores = np.full(n, np.nan, dtype=np.float32)
-        order = np.lexsort((np.arange(n), -win.length))  # longest first, as score_jsonl: little padding
-        for s in range(0, n, self.batch_size):
-            b = order[s : s + self.batch_size]
-            lens = win.length[b]
-            width = int(lens.max())
-            x = np.full((len(b), width), self.pad_id, dtype=np.int64)
-            for r, (st, k) in enumerate(zip(win.start[b], lens)):
-                x[r, :k] = win.tokens[st : st + k]
-            mask = None
-            if int(lens.min()) != width:
-                mask = torch.from_numpy((np.arange(width)[None, :] < lens[:, None]).astype(np.int64))
-            scores[b] = forward_scores(self.model, torch.from_numpy(x), mask, self.device, self.amp_dtype)
-        return win, scores
+        return win, score_windows(self.model, win, batch_size=self.batch_size, device=self.device,
+                                  amp_dtype=self.amp_dtype, pad_id=self.pad_id)
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """Document scores (float32; NaN for a text without a scorable window). A text scorer gives one per whole

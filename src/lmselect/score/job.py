@@ -39,6 +39,11 @@ from lmselect.artifacts import (
     read_manifest,
     write_manifest,
 )
+from lmselect.data.pool import TokenPool
+from lmselect.data.tokenizer import tokenizer_fingerprint
+from lmselect.log import Progress
+from lmselect.models.losses import token_ce
+from lmselect.models.scorer import SequenceScorer
 from lmselect.score.sidecar import (
     existing_split,
     first_line,
@@ -76,7 +81,7 @@ def resolve_amp_dtype(dtype: str | torch.dtype | None, device: torch.device) -> 
         raise LmselectError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}") from None
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def torch_device(device: str | torch.device | None) -> torch.device:
     """``--device`` as a torch.device (``auto``: this rank's GPU when CUDA is available, else the CPU)."""
     if isinstance(device, torch.device):
         return device
@@ -101,8 +106,6 @@ class LMLossScorer(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from lmselect.models.losses import token_ce
-
         logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
         ce = token_ce(logits, input_ids)  # [B, L-1], float32
         if attention_mask is None:
@@ -116,8 +119,6 @@ class LMLossScorer(nn.Module):
 def load_scoring_model(path: str | Path, *, lm_loss: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Load a score model: a SequenceScorer dir (``scorer.json``; also a bilevel dir holding ``score_model/``), or
     with ``lm_loss`` an HF causal-LM checkpoint. Returns (module in eval mode, metadata)."""
-    from lmselect.models.scorer import SequenceScorer
-
     p = Path(path)
     if not p.exists():
         raise LmselectError(f"{p}: model directory not found")
@@ -161,8 +162,6 @@ def load_scoring_model(path: str | Path, *, lm_loss: bool = False) -> tuple[nn.M
 def _carried_tokenizer(d: Path) -> str | None:
     """Fingerprint of the tokenizer saved with a checkpoint (``tokenizer.json`` / ``tokenizer_config.json`` in
     ``d``, as ``save_pretrained`` and the Hub lay it out), or None when it carries none."""
-    from lmselect.data.tokenizer import tokenizer_fingerprint
-
     if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
         return None
     return tokenizer_fingerprint(d)  # a tokenizer that does not load is a one-line LmselectError
@@ -213,8 +212,9 @@ Fetch = Callable[[np.ndarray], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 @dataclass
-class _Job:
-    """What one scoring run computes: item ids, how to fetch their tokens, and extra output columns."""
+class ScoreJob:
+    """What one scoring run computes: item ids, how to fetch their tokens, and extra output columns; run by
+    :func:`run_job` (pool sequences: :func:`score_pool`; .jsonl windows: :func:`lmselect.score.windows.score_jsonl`)."""
 
     items: np.ndarray  # int64 seq ids (pool rows, or jsonl window indices)
     fetch: Fetch
@@ -269,7 +269,7 @@ def _prefetching(fetch: Fetch, batches: list[np.ndarray], pin: bool) -> Iterator
 
 def _score_part(
     model: nn.Module,
-    job: _Job,
+    job: ScoreJob,
     out_dir: Path,
     i: int,
     n: int,
@@ -281,8 +281,6 @@ def _score_part(
     progress: bool,
 ) -> dict[str, Any]:
     """Compute part ``i`` of ``n`` and write it atomically; returns its timing record."""
-    from lmselect.log import Progress
-
     part_ids = split_part(job.items, i, n)
     order = part_ids
     if job.order_key is not None and len(part_ids):
@@ -328,7 +326,7 @@ def _score_part(
     return rec
 
 
-def _check_job(out_dir: Path, key: dict[str, Any]) -> None:
+def check_job(out_dir: Path, key: dict[str, Any]) -> None:
     """Refuse to mix two different scoring jobs in one directory (a rerun would otherwise skip stale parts)."""
     p = out_dir / JOB_FILE
     if p.is_file():
@@ -343,7 +341,7 @@ def _check_job(out_dir: Path, key: dict[str, Any]) -> None:
         atomic_write_json(p, key)  # identical content from every rank, so concurrent writes are harmless
 
 
-def _finalize(out_dir: Path, n: int, n_items: int, *, config: dict[str, Any], parents: list[dict[str, str]],
+def finalize_job(out_dir: Path, n: int, n_items: int, *, config: dict[str, Any], parents: list[dict[str, str]],
               counts: dict[str, Any], extra: dict[str, Any],
               finish: Callable[[Path, list[Path]], dict[str, Any]] | None = None) -> bool:
     """Write the manifest once every part exists; True when the sidecar is complete."""
@@ -386,9 +384,9 @@ def _finalize(out_dir: Path, n: int, n_items: int, *, config: dict[str, Any], pa
     return True
 
 
-def _run_job(
+def run_job(
     model: nn.Module,
-    job: _Job,
+    job: ScoreJob,
     out_dir: str | Path,
     *,
     batch_size: int,
@@ -403,6 +401,9 @@ def _run_job(
     counts: dict[str, Any],
     extra: dict[str, Any],
 ) -> Path:
+    """Run ``job`` into the sidecar ``out_dir``: this process's parts (``shard=(i, n)``: part ``i`` of ``n``; under
+    torchrun part ``rank`` of ``world``; else all ``num_parts``), each written atomically, then the manifest (after
+    ``job.finish``) once every part exists. Returns ``out_dir``."""
     out = Path(out_dir)
     if batch_size < 1:
         raise LmselectError(f"--batch-size must be >= 1, got {batch_size}")
@@ -432,12 +433,12 @@ def _run_job(
     if n > max(1, len(job.items)):
         raise LmselectError(f"{out}: {n} parts for only {len(job.items)} sequences; use fewer parts")
     out.mkdir(parents=True, exist_ok=True)
-    _check_job(out, {**job.key, "n_parts": n})
+    check_job(out, {**job.key, "n_parts": n})
     atomic_write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False))
     missing = [i for i in range(n) if not (out / part_name(i, n)).is_file()]
     if missing and (out / MANIFEST).exists():
         (out / MANIFEST).unlink()  # a part was deleted: the old manifest no longer describes the directory
-    dev = _device(device)
+    dev = torch_device(device)
     amp_dtype = resolve_amp_dtype(dtype, dev)
     todo = [i for i in mine if i in missing]
     if todo:
@@ -448,7 +449,7 @@ def _run_job(
     else:
         log.info("%s: part(s) %s already done", out, ", ".join(map(str, mine)))
     extra = {**extra, "device": str(dev), "amp_dtype": str(amp_dtype).replace("torch.", ""), "batch_size": batch_size}
-    if not _finalize(out, n, len(job.items), config=config, parents=parents, counts=counts, extra=extra,
+    if not finalize_job(out, n, len(job.items), config=config, parents=parents, counts=counts, extra=extra,
                      finish=job.finish):
         left = [i for i in range(n) if not (out / part_name(i, n)).is_file()]
         log.info("%s: waiting for part(s) %s of %d; the last to finish writes the manifest", out,
@@ -460,7 +461,9 @@ def _ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.sort(ids).astype(np.int64)).tobytes()).hexdigest()[:16]
 
 
-def _model_and_meta(model_dir_or_scorer: Any, lm_loss: bool) -> tuple[nn.Module, dict[str, Any], list[dict[str, str]]]:
+def model_and_meta(model_dir_or_scorer: Any, lm_loss: bool) -> tuple[nn.Module, dict[str, Any], list[dict[str, str]]]:
+    """(model in eval mode, metadata, parent refs) of a model directory (:func:`load_scoring_model`) or of an
+    in-memory scorer (no parents; its tokenizer cannot be checked)."""
     if isinstance(model_dir_or_scorer, nn.Module):
         m = model_dir_or_scorer
         lm = getattr(m, "lm", None)
@@ -473,8 +476,8 @@ def _model_and_meta(model_dir_or_scorer: Any, lm_loss: bool) -> tuple[nn.Module,
     return model, meta, _model_parents(Path(meta["path"]))
 
 
-def _check_vocab(meta: dict[str, Any], fingerprint: str | None, vocab_size: int, where: str,
-                 trust: bool = False) -> None:
+def check_vocab(meta: dict[str, Any], fingerprint: str | None, vocab_size: int, where: str,
+                trust: bool = False) -> None:
     """Refuse, before any compute, a model whose tokenizer differs from the text's (the scores would be
     plausible-looking garbage), and a model loaded from disk whose tokenizer cannot be checked (no fingerprint in
     its manifest or scorer.json, no tokenizer saved with it) unless ``trust`` (``--trust-tokenizer``)."""
@@ -516,8 +519,6 @@ def score_pool(
     by default); otherwise all ``num_parts`` parts (default: the split already in ``out_dir``, else 1). Finished
     parts are skipped. Returns ``out_dir``; it is complete (has a manifest) once every part exists.
     """
-    from lmselect.data.pool import TokenPool
-
     if not isinstance(pool, TokenPool):
         pool = TokenPool(pool)
     ids = pool.ids(None) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
@@ -525,12 +526,12 @@ def score_pool(
         raise LmselectError(f"{pool.path}: no sequences to score")
     if ids[0] < 0 or ids[-1] >= pool.n_sequences:
         raise LmselectError(f"{pool.path}: sequence ids out of range (pool has {pool.n_sequences})")
-    model, meta, model_parents = _model_and_meta(model_dir_or_scorer, lm_loss)
-    _check_vocab(meta, pool.tokenizer_fingerprint, pool.vocab_size, str(pool.path), trust=trust_tokenizer)
+    model, meta, model_parents = model_and_meta(model_dir_or_scorer, lm_loss)
+    check_vocab(meta, pool.tokenizer_fingerprint, pool.vocab_size, str(pool.path), trust=trust_tokenizer)
     if meta.get("max_positions") and pool.seq_len > int(meta["max_positions"]):
         raise LmselectError(f"{pool.path}: seq_len {pool.seq_len} exceeds the model's {meta['max_positions']} positions")
     tokens = pool.tokens
-    job = _Job(
+    job = ScoreJob(
         items=ids,
         fetch=lambda b: (_read_rows(tokens, b), None),
         key={"input": "pool", "pool_uuid": pool.manifest.get("uuid"), "ids_sha": _ids_digest(ids),
@@ -539,7 +540,7 @@ def score_pool(
     shards = sorted(int(s) for s in np.unique(pool.shard[ids]))
     cfg = config if config is not None else {"model": meta["path"], "pool": str(pool.path), "lm_loss": lm_loss,
                                                "batch_size": batch_size}
-    return _run_job(
+    return run_job(
         model, job, out_dir, batch_size=batch_size, shard=shard, num_parts=num_parts, device=device, dtype=dtype,
         progress=progress, checkpoint_every=checkpoint_every, config=cfg,
         parents=[parent_ref(pool.path)] + model_parents,

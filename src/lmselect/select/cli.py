@@ -42,6 +42,7 @@ from lmselect.artifacts import (
     read_manifest,
     write_manifest,
 )
+from lmselect.data.records import write_selected_files
 from lmselect.select.topk import gumbel_topk, random_fraction, top_fraction
 
 log = logging.getLogger("lmselect.select")
@@ -303,49 +304,6 @@ def _scored_files(scores_dir: Path, man: dict[str, Any]) -> list[tuple[Path, str
     return files
 
 
-def write_selected_records(jsonl: Path, lines: np.ndarray, out: Path | Any) -> int:
-    """Copy the lines numbered ``lines`` (1-based) of ``jsonl`` (.jsonl, .gz or .zst) to ``out`` (a gzip file path,
-    or an open binary writer), unchanged and in file order. The gzip header has no name or time, so the same
-    selection gives the same bytes."""
-    import gzip
-
-    from lmselect.data.readers import _open_binary
-
-    if isinstance(out, (str, Path)):
-        with open(out, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-            return write_selected_records(jsonl, lines, gz)
-    want = set(int(x) for x in lines)
-    n = 0
-    try:
-        with _open_binary(jsonl) as f:
-            for lineno, line in enumerate(f, 1):
-                if lineno in want:
-                    out.write(line if line.endswith(b"\n") else line + b"\n")
-                    n += 1
-    except (OSError, EOFError) as e:
-        raise LmselectError(f"{jsonl}: cannot read ({str(e).splitlines()[0][:200]})") from None
-    if n != len(want):
-        raise LmselectError(f"{jsonl}: has fewer lines than when it was scored; rescore it")
-    return n
-
-
-def _write_selected_files(files: list[tuple[Path, str]], docs: Any, sel: np.ndarray, out: Path) -> int:
-    """The selected records of every scored file, file after file, into one gzip file."""
-    import gzip
-
-    lines = docs.column("line").to_numpy().astype(np.int64)
-    names = np.asarray(docs.column("file").to_pylist() if "file" in docs.column_names else [""] * len(lines),
-                       dtype=object)
-    chosen = np.zeros(len(lines), dtype=bool)
-    chosen[sel] = True
-    n = 0
-    with open(out, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-        for path, rel in files:
-            mine = chosen & ((names == rel) if len(files) > 1 else True)
-            n += write_selected_records(path, lines[mine], gz)
-    return n
-
-
 def _select_documents(cfg: SelectConfig, scores_dir: Path, man: dict[str, Any]) -> Path:
     """Select documents of a scored .jsonl file by their rolled-up scores; see the module docstring."""
     from lmselect.config import to_dict
@@ -372,5 +330,5 @@ def _select_documents(cfg: SelectConfig, scores_dir: Path, man: dict[str, Any]) 
     return write_selection(
         cfg.out, _DocumentSources(jsonl, docs.column("source").to_pylist()), cand, cand_scores, sel, cfg.method,
         cfg.fraction, extra=extra, parents=[parent_ref(scores_dir)], config=to_dict(cfg), seed=cfg.seed,
-        largest=not cfg.lowest, extra_files=lambda tmp: _write_selected_files(files, docs, sel, tmp / SELECTED_RECORDS),
+        largest=not cfg.lowest, extra_files=lambda tmp: write_selected_files(files, docs, sel, tmp / SELECTED_RECORDS),
     )
