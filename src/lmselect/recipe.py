@@ -333,13 +333,12 @@ def check_context_lengths(r: Any, where: Any = None) -> None:
             ctx = _checkpoint_context(sec.init_from)
             if ctx is not None:
                 models.append((f"{key}.init_from", f"{key}.init_from checkpoint {sec.init_from}", ctx))
-    mates = getattr(r, "mates", None)
-    if "mates" in r.methods and mates is not None and getattr(mates, "influence_init", "") == "preset":
+    for name in r.methods:  # the models a method builds of its own (MATES: a fresh influence_preset)
         try:
-            ctx = get_preset(mates.influence_preset).max_position_embeddings
-        except LmselectError as e:
-            raise ConfigError(f"recipe key 'mates.influence_preset'{where('mates.influence_preset')}: {e}") from None
-        models.append(("mates.influence_preset", f"MATES influence preset '{mates.influence_preset}'", ctx))
+            models += method_class(name)(getattr(r, name, None)).model_contexts()
+        except ConfigError as e:
+            key = e.key or name
+            raise ConfigError(f"recipe key '{key}'{where(key)}: {e}", key=key) from None
 
     def fits(length: int, length_key: str, src: str, targets: list[tuple[str, str, int]]) -> None:
         for key, what, ctx in targets:

@@ -79,9 +79,11 @@ from lmselect.artifacts import (
     is_complete,
     write_manifest,
 )
+from lmselect.config import ConfigError
 from lmselect.context import STREAM_PROBE, STREAM_SELECT, STREAM_TRAIN, FlopContext, RoundContext
 from lmselect.log import track
 from lmselect.models.losses import token_ce
+from lmselect.models.presets import build_model, get_preset
 from lmselect.models.util import attention_implementation
 from lmselect.select.base import Selection, SelectionMethod, register
 from lmselect.stats import spearman
@@ -483,7 +485,6 @@ def train_influence_model(
     a call with the same inputs resumes there and returns what an uninterrupted call returns, bit for bit. The
     caller removes the file once it has saved the finished model.
     """
-    from lmselect.models.presets import build_model
     from lmselect.models.scorer import SequenceScorer
     from lmselect.train.loop import PreemptionGuard
 
@@ -805,6 +806,18 @@ class Mates(SelectionMethod):
             raise LmselectError(f"recipe key 'mates.temperature': must be > 0, got {c.temperature}")
         if c.probe_from not in ("holdout", "candidates"):
             raise LmselectError(f"recipe key 'mates.probe_from': must be holdout or candidates, got {c.probe_from!r}")
+
+    def model_contexts(self) -> list[tuple[str, str, int]]:
+        """The influence model, when it is a fresh ``influence_preset`` rather than a copy of the target (whose
+        context the recipe checks anyway)."""
+        c = self.cfg
+        if c is None or c.influence_init != "preset":
+            return []
+        try:
+            ctx = get_preset(c.influence_preset).max_position_embeddings
+        except LmselectError as e:
+            raise ConfigError(str(e), key="mates.influence_preset") from None
+        return [("mates.influence_preset", f"MATES influence preset '{c.influence_preset}'", ctx)]
 
     def selection_flops(self, f: FlopContext) -> float:
         m, T, r = self.cfg, f.seq_len, f.recipe
