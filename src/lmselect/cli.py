@@ -72,7 +72,7 @@ def _version() -> str:
     return __version__
 
 
-def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
+def verb_parser_and_module(verb: str) -> tuple[argparse.ArgumentParser, object]:
     mod_name, help_ = COMMANDS[verb]
     try:
         mod = importlib.import_module(mod_name)
@@ -89,7 +89,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
 def verb_parser(verb: str) -> argparse.ArgumentParser:
     """The full parser of one verb (what ``lmselect VERB --help`` prints); the documentation's CLI reference is
     generated from it, so it cannot drift from the code."""
-    return _verb_parser(verb)[0]
+    return verb_parser_and_module(verb)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = "--debug" in argv[:verb_idx]
     verb = argv[verb_idx]
-    parser, mod = _verb_parser(verb)
+    parser, mod = verb_parser_and_module(verb)
     args, rest = parser.parse_known_args(argv[verb_idx + 1 :])
     # --key.sub=value overrides pass through to config loading; anything else unknown is an error
     bad = [a for a in rest if not (a.startswith("--") and ("." in a.split("=")[0] or "=" in a))]

@@ -216,20 +216,20 @@ def scale_agreement(by_scale: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def agreement_markdown(agr: dict[str, Any]) -> str:
-    from lmselect.report.results import _md_table, _paired_label
+    from lmselect.report.results import md_table, paired_label
 
     a, b = agr["scales"]
     rows = []
     for k, v in agr["metrics"].items():
         acc = "–" if v["accuracy"] is None else f"{v['accuracy']:.2f} ({v['agree']}/{v['pairs']})"
         rho = "–" if v["spearman"] is None else f"{v['spearman']:+.2f}"
-        rows.append([_paired_label(k)[2:], str(len(v["arms"])), acc, rho])
+        rows.append([paired_label(k)[2:], str(len(v["arms"])), acc, rho])
     seeds = "; ".join(f"{s}: " + ", ".join(f"{m} {len(v)}" for m, v in per.items()) for s, per in agr["seeds"].items())
     return "\n".join([
         f"## Agreement of the comparison at {a} and {b}", "",
         "Per metric: decision accuracy = share of pairs of arms (every method and control) that both scales order the "
         "same way (DataDecide); Spearman's ρ of the arms' means. Means over seeds; seeds per arm: " + seeds + ".", "",
-        _md_table(["metric", "arms", f"decision accuracy ({a} vs {b})", "Spearman ρ"], rows), ""])
+        md_table(["metric", "arms", f"decision accuracy ({a} vs {b})", "Spearman ρ"], rows), ""])
 
 
 def arm_names(args: argparse.Namespace) -> list[str]:

@@ -385,9 +385,9 @@ def check_verb_args(verb: str, verb_args: list[str]) -> None:
     """Parse the verb's arguments with the verb's own parser and run the verb's own ``preflight`` (the checks it
     makes before any compute: the recipe file and its overrides for run / compare, the config, model and inputs for
     train / score), so a typo, a missing file or ``--rounds=abc`` fails here, not after the queue wait."""
-    from lmselect.cli import _verb_parser
+    from lmselect.cli import verb_parser_and_module
 
-    parser, mod = _verb_parser(verb)
+    parser, mod = verb_parser_and_module(verb)
     try:
         ns, rest = parser.parse_known_args(verb_args)
     except SystemExit as e:  # argparse printed the verb's --help (code 0) or its usage error

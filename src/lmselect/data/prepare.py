@@ -87,8 +87,8 @@ from lmselect.data.prepare_tasks import (  # noqa: F401 - re-exported: the packi
     LONG_TEXT_CHARS,
     ORIGINS_FILE,
     PROGRESS_LOG_S,
-    _batches,
-    _tokenizer_threads,
+    document_batches,
+    tokenizer_threads,
     assign_shards,
     document_spans,
 )
@@ -357,7 +357,7 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
             return info
         decon = Decontaminator.build(cfg.decontaminate, decontam_keep) if cfg.decontaminate.enabled else None
         pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
-        with _tokenizer_threads(cfg.workers):
+        with tokenizer_threads(cfg.workers):
             tok, info = _get_tokenizer(cfg, specs, where, decon, pre)
         tok.save_pretrained(str(tok_dir))
         if pre is not None:  # the sample's filter decisions, for task 0 (whose stream the sample begins)

@@ -291,7 +291,7 @@ def incomplete(work: Path, plan: dict[str, Any]) -> list[int]:
 # one task
 
 @contextlib.contextmanager
-def _tokenizer_threads(workers: int) -> Iterator[int]:
+def tokenizer_threads(workers: int) -> Iterator[int]:
     """Let the Rust tokenizer use ``workers`` threads for the duration of the call, then restore the environment.
 
     ``RAYON_NUM_THREADS`` only takes effect if the Rust thread pool has not started yet in this process (a fresh CLI
@@ -312,7 +312,7 @@ def _tokenizer_threads(workers: int) -> Iterator[int]:
                 os.environ[k] = v
 
 
-def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+def document_batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
     batch: list[Document] = []
     chars = 0
     for d in docs:
@@ -358,7 +358,7 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
         return read_json(out / PART_MARKER)
     remove_stale_tmp(out, log)  # what a killed attempt of this task left
     t0, c0 = time.perf_counter(), time.process_time()
-    with _tokenizer_threads(threads):
+    with tokenizer_threads(threads):
         tok = load_tokenizer(tokenizer_dir(work, plan))
         encode = batch_encoder(tok)
         eos = int(tok.eos_token_id)
@@ -397,7 +397,7 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
                        leave=False)
             t_log = time.monotonic()
             with open(tmp / "tokens.bin", "wb") as fout:
-                for batch in _batches(docs):
+                for batch in document_batches(docs):
                     if len(batch) == 1 and len(batch[0].text) > LONG_TEXT_CHARS:
                         # one long document, encoded piece by piece (bounded memory; tokenizer.split_long_text)
                         n = 0
