@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lmselect.cli import main
-from lmselect.report.results import md_table, headline_sections
+from lmselect.report.results import headline_sections, md_table
 
 
 def run() -> int:

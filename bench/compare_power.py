@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lmselect.artifacts import atomic_write_text, git_commit
 from lmselect.cli import main
-from lmselect.report.results import md_table, headline_sections
+from lmselect.report.results import headline_sections, md_table
 
 KEEP = ("What this comparison can detect", "Final round", "Paired difference to random", "Known-answer controls",
         "Headroom", "Exposure")
@@ -71,7 +71,7 @@ def sections(res: dict) -> str:
 def verdict(scale: str, res: dict) -> list[str]:
     """Plain-words lines from the tables: which controls were detected, which methods moved beyond noise, and what
     a within-noise result could have detected, on the headline (first) metrics."""
-    from lmselect.report.results import paired_label, paired_cell
+    from lmselect.report.results import paired_cell, paired_label
 
     lines = []
     ka = res.get("known_answer_controls") or {}

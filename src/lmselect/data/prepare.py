@@ -87,10 +87,10 @@ from lmselect.data.prepare_tasks import (  # noqa: F401 - re-exported: the packi
     LONG_TEXT_CHARS,
     ORIGINS_FILE,
     PROGRESS_LOG_S,
-    document_batches,
-    tokenizer_threads,
     assign_shards,
+    document_batches,
     document_spans,
+    tokenizer_threads,
 )
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
 

@@ -16,7 +16,14 @@ from lmselect.artifacts import LmselectError, atomic_write_json, atomic_write_te
 from lmselect.provenance import DONE, stale_artifacts
 from lmselect.report.figures import FigureEntry, make_figures
 from lmselect.report.model import RoundData, RunData, collect
-from lmselect.report.results import selection_rate_table, per_seed_table, task_table, headline_sections, results, results_markdown
+from lmselect.report.results import (
+    headline_sections,
+    per_seed_table,
+    results,
+    results_markdown,
+    selection_rate_table,
+    task_table,
+)
 from lmselect.score.sidecar import read_scores
 
 
