@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from lmselect import __version__
+    from lmselect import __version__  # start-up: the package's __init__ only when --version asks
 
     return __version__
 
@@ -120,11 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not debug:
         _quiet_third_party()
+    # start-up: `lmselect --help` imports the standard library only (artifacts pulls numpy and yaml)
     from lmselect.artifacts import LmselectError
     from lmselect.config import ConfigError
 
     if getattr(args, "take_over_lock", False):
-        from lmselect.runlock import TAKE_OVER_ENV
+        from lmselect.runlock import TAKE_OVER_ENV  # start-up, as above
 
         os.environ[TAKE_OVER_ENV] = "1"
     prev_term = _install_sigterm()
@@ -204,7 +205,7 @@ def os_error_message(e: OSError) -> str:
     """``FILE: cannot write: no space left on device`` style text for an OSError that names a file."""
     import errno as _errno
 
-    from lmselect.artifacts import WRITE_FAULT_ERRNOS
+    from lmselect.artifacts import WRITE_FAULT_ERRNOS  # start-up, as in main()
 
     what = (e.strerror or os.strerror(e.errno or _errno.EIO)).lower()
     target = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)

@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
+from lmselect.config import replace
 from lmselect.errors import LmselectError
+from lmselect.models.presets import matmul_params
+from lmselect.select.topk import random_fraction
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmselect.data.pool import TokenPool
@@ -109,7 +112,7 @@ class RunContext:
     def __init__(self, recipe: Any, run_dir: str | Path):
         import torch.distributed as dist
 
-        from lmselect.train.distributed import init_distributed
+        from lmselect.train.distributed import init_distributed  # torch: context is imported by torch-free rooms
 
         self.recipe = recipe
         self.layout = RunLayout(run_dir, recipe.pool.path)
@@ -163,7 +166,7 @@ class RunContext:
     def close(self) -> None:
         """Leave the process group if this context joined it (clean torchrun shutdown)."""
         if self._owns_group:
-            from lmselect.train.distributed import cleanup
+            from lmselect.train.distributed import cleanup  # torch, as in __init__
 
             cleanup()
             self._owns_group = False
@@ -171,14 +174,12 @@ class RunContext:
     # ---- shared inputs ----------------------------------------------------------------------------------------
     @property
     def pool(self) -> TokenPool:
-        from lmselect.data.pool import TokenPool
-
         if self._pool is None:
             self._pool = TokenPool(self.layout.pool)
         return self._pool
 
     def _valset(self, key: str, path: str | None, kind: str) -> ValidationSet | None:
-        from lmselect.data.valset import load_validation
+        from lmselect.data.valset import load_validation  # torch, as in __init__
 
         if path is None:
             return None
@@ -209,8 +210,6 @@ class RunContext:
     def warmup_ids(self) -> np.ndarray:
         """The part of shard 0 the warm-up trains on (a seeded random ``warmup.fraction``); the rest of shard 0 is in
         no candidate shard and never trained on: MATES draws its held-out probes there."""
-        from lmselect.select.topk import random_fraction
-
         return random_fraction(self.pool.ids(0), self.recipe.warmup.fraction,
                                seed=derived_seed(self.recipe.seed, stream=STREAM_WARMUP_DATA))
 
@@ -223,8 +222,6 @@ class RunContext:
                   warmup: bool = False, stream: int = STREAM_TRAIN) -> Any:
         """The recipe's training config for one stage. Only the warm-up warms the LR up; rounds continue the target's
         weights *and* AdamW moments with the schedule's steady LR (× ``lr_scale(rnd)``)."""
-        from lmselect.config import replace
-
         r = self.recipe
         changes: dict[str, Any] = {
             "preset": preset or r.target.preset, "steps": int(steps),
@@ -302,8 +299,6 @@ class FlopContext:
 
     def params(self, preset: str) -> float:
         """N of the 2N / 6N rules: non-embedding parameters plus the output projection."""
-        from lmselect.models.presets import matmul_params
-
         return float(matmul_params(preset, self.vocab))
 
     @property

@@ -65,6 +65,11 @@ from lmselect.artifacts import (
     remove_stale_tmp,
     write_manifest,
 )
+from lmselect.data.pool import TokenPool, token_dtype
+from lmselect.data.prefilter import export_dropped
+from lmselect.data.prepare import ORIGINS_FILE
+from lmselect.data.readers import reread_documents
+from lmselect.select.cli import read_selection
 
 log = logging.getLogger("lmselect.export")
 
@@ -203,8 +208,6 @@ class _Originals:
     def __init__(self, pool: Any):
         import pyarrow.parquet as pq
 
-        from lmselect.data.prepare import ORIGINS_FILE
-        from lmselect.data.readers import reread_documents
 
         self.batches = pq.ParquetFile(pool.path / ORIGINS_FILE).iter_batches(
             batch_size=SEGMENT_SPANS, columns=["doc", "index", "edited", "doc_id"])
@@ -429,8 +432,6 @@ def _write_documents(path: Path, fmt: str, chunks: Iterator[list[dict[str, Any]]
 
 def _selection_pool(sel_dir: Path, man: dict[str, Any], pool_arg: str | Path | None) -> Any:
     """The pool a selection's sequence ids refer to: ``--pool``, else the one its manifest names."""
-    from lmselect.data.pool import TokenPool
-
     pool_parents = [p for p in man.get("parents", []) if p.get("kind") == "pool"]
     candidates = [pool_arg] if pool_arg is not None else [man.get("extra", {}).get("pool")] + [
         p.get("path") for p in pool_parents]
@@ -447,7 +448,7 @@ def _selection_pool(sel_dir: Path, man: dict[str, Any], pool_arg: str | Path | N
 
 def _selection_scores(man: dict[str, Any]) -> dict[int, float] | None:
     """seq_id -> score from the scores sidecar the selection was made from (None when it has none)."""
-    from lmselect.score import read_scores
+    from lmselect.score import read_scores  # torch (the score package): export runs without it
 
     refs = [p for p in man.get("parents", []) if p.get("kind") == "scores"]
     if not refs or not is_complete(refs[0]["path"], "scores"):
@@ -481,9 +482,6 @@ def export_selection(sel_dir: str | Path, out_dir: str | Path, *, fmt: str = "js
 def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None,
                  text: str = "original") -> dict[str, Any]:
     """Write the files of one export into ``tmp``; returns its manifest parts (parents, counts, extra)."""
-    from lmselect.data.pool import token_dtype
-    from lmselect.select.cli import read_selection
-
     man = read_manifest(sel_dir, kind="selection")
     if man.get("extra", {}).get("unit") == "documents":
         raise LmselectError(f"{sel_dir}: a selection of .jsonl documents; its records are already in "
@@ -516,7 +514,6 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
     # selected sequence become Python objects; the original records are read back in the same (stream) order
     import pyarrow.parquet as pq
 
-    from lmselect.data.prepare import ORIGINS_FILE
 
     originals = None
     if (pool.path / ORIGINS_FILE).is_file() and "doc" in pq.read_schema(pool.path / "docs.parquet").names:
@@ -648,8 +645,6 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "overrides", None):
         raise LmselectError(f"export takes no --key=value overrides (got {args.overrides[0]})")
     if getattr(args, "dropped", False):
-        from lmselect.data.prefilter import export_dropped
-
         out, n = export_dropped(args.source, args.out)
         print(f"exported {n} documents the prefilter removed -> {out / 'dropped.jsonl.gz'}")
         return 0

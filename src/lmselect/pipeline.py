@@ -50,7 +50,7 @@ from lmselect.artifacts import (
     save_config,
     write_manifest,
 )
-from lmselect.config import to_dict
+from lmselect.config import replace, to_dict
 from lmselect.context import (
     STREAM_DECAY,
     STREAM_DIAGNOSTICS,
@@ -63,10 +63,25 @@ from lmselect.context import (
     RunContext,
     derived_seed,
 )
+from lmselect.data.prepare import prepare
+from lmselect.data.tokenizer import check_same_tokenizer
+from lmselect.data.valset import bits_per_byte, validation_loss
 from lmselect.errors import LmselectError, StaleStageError
+from lmselect.eval import evaluate_model
+from lmselect.log import read_jsonl
+from lmselect.models.losses import mean_token_ce
 from lmselect.recipe import load_recipe, recipe_summary
+from lmselect.report.html import write_report
+from lmselect.report.results import collect, results_markdown, write_results
+from lmselect.report.results import results as run_results
+from lmselect.runlock import run_lock
 from lmselect.select.base import SelectionMethod, get_method
+from lmselect.select.diagnostics import diagnostics_verdict
+from lmselect.select.diagnostics import selection_diagnostics as scorer_diagnostics
 from lmselect.stages import downstream, find_stale, forget_specs, record_spec, stage_specs
+from lmselect.train.checkpoint import load_checkpoint_model
+from lmselect.train.distributed import rank_world
+from lmselect.train.loop import train
 
 log = logging.getLogger("lmselect.pipeline")
 # Candidates whose proxy loss the selection diagnostics correlate with a scorer's ranking: a seeded sample, since
@@ -154,7 +169,6 @@ class Runner:
                 return
             if is_complete(self.layout.pool, kind="pool"):
                 return
-            from lmselect.data.prepare import prepare
 
             self._record("pool")
             t0 = time.perf_counter()
@@ -166,8 +180,6 @@ class Runner:
 
     def check_tokenizers(self) -> None:
         """Proxy, target and pool must share one tokenizer (KL distillation and selection transfer need it)."""
-        from lmselect.data.tokenizer import check_same_tokenizer
-
         for key in ("target", "proxy"):
             init = getattr(self.r, key).init_from
             if init:
@@ -177,8 +189,6 @@ class Runner:
         return self.ctx.warmup_ids()
 
     def stage_warmup(self, which: str) -> Path:
-        from lmselect.train.loop import train
-
         out = self.layout.warmup(which)
         if is_complete(out, kind="checkpoint"):
             return out
@@ -241,9 +251,6 @@ class Runner:
         ``PROXY_LOSS_SAMPLE`` candidates of shard ``rnd``, NaN for the others (the Spearman drops them): the "proxy
         loss" a scorer's ranking is correlated with in the selection diagnostics. Cached per shard: the same sample
         for every method of the run."""
-        from lmselect.models.losses import mean_token_ce
-        from lmselect.train.checkpoint import load_checkpoint_model
-
         if rnd not in self._ref_loss:
             which = "proxy" if is_complete(self.layout.warmup("proxy"), kind="checkpoint") else "target"
             model = load_checkpoint_model(self.layout.warmup(which), device=self.ctx.device)
@@ -260,13 +267,11 @@ class Runner:
     def selection_diagnostics(self, rc: RoundContext, scores: np.ndarray, selected: np.ndarray) -> dict[str, Any]:
         """What a scorer sorts by (``select/diagnostics.py``): per-source score distributions, Spearman with length,
         documents per sequence, proxy loss and near-duplication, ties, and a one-line verdict."""
-        from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
-
         log.info("%s: selection diagnostics (per-source scores, length, proxy loss, near-duplicates) ...",
                  self._rel(rc, "selection"))
         t0 = time.perf_counter()
         model, loss = self.reference_loss(rc.round)
-        d = selection_diagnostics(self.pool, rc.candidates, scores, selected, proxy_loss=loss,
+        d = scorer_diagnostics(self.pool, rc.candidates, scores, selected, proxy_loss=loss,
                                   seed=rc.derived_seed(STREAM_SELECT))
         d["proxy_loss_model"] = model
         d["verdict"] = diagnostics_verdict(d)
@@ -281,8 +286,6 @@ class Runner:
         return m.token_selector(rc) if m.level == "token" else None
 
     def stage_train(self, m: SelectionMethod, rc: RoundContext, selected: np.ndarray) -> Path:
-        from lmselect.train.loop import train
-
         out = rc.stage_dir("target")
         if is_complete(out, kind="checkpoint"):
             return out
@@ -294,9 +297,6 @@ class Runner:
         return out
 
     def stage_eval(self, m: SelectionMethod, rc: RoundContext, selected: np.ndarray) -> dict[str, Any]:
-        from lmselect.config import replace
-        from lmselect.train.loop import train
-
         edir = rc.stage_dir("eval")
         if is_complete(edir, kind="eval"):
             return read_json(edir / "results.json")
@@ -318,8 +318,6 @@ class Runner:
 
     def exposure(self, m: SelectionMethod, rc: RoundContext, selected: np.ndarray) -> dict[str, Any]:
         """What the method was given this round: tokens fed / backpropagated, distinct sequences, epochs, cost."""
-        from lmselect.log import read_jsonl
-
         tdir = rc.stage_dir("target")
         extra = read_manifest(tdir)["extra"]
         steps, gb, L = self.r.round_steps, self.r.train.global_batch, self.pool.seq_len
@@ -358,9 +356,6 @@ class Runner:
 
     def _evaluate(self, m: SelectionMethod, rc: RoundContext, model_dir: Path, selected: np.ndarray) -> dict[str, Any]:
         """Report-set losses (+ lm-eval) of ``model_dir`` and the exposure ledger -> ``eval/``."""
-        from lmselect.data.valset import bits_per_byte, validation_loss
-        from lmselect.train.checkpoint import load_checkpoint_model
-
         edir = rc.stage_dir("eval")
         if is_complete(edir, kind="eval"):
             return read_json(edir / "results.json")
@@ -380,8 +375,6 @@ class Runner:
         res["exposure"] = self.exposure(m, rc, selected)
         res["downstream"] = None
         if self.r.eval.downstream:
-            from lmselect.eval import evaluate_model
-
             res["downstream"] = evaluate_model(
                 model, self.pool.load_tokenizer(), tasks=self.r.eval.tasks, task_data=self.r.eval.task_data,
                 limit=self.r.eval.limit, batch_size=self.r.eval.batch_size, device=str(self.ctx.device), seed=self.r.seed,
@@ -433,7 +426,6 @@ class Runner:
             for seed in self.r.seeds:
                 for rnd in range(1, self.r.rounds + 1):
                     self.run_round(method, seed, rnd)
-        from lmselect.report.results import collect, results, write_results
 
         def finish() -> None:
             write_manifest(self.run_dir, Manifest(
@@ -446,7 +438,7 @@ class Runner:
             write_results(self.run_dir)
 
         self.ctx.main_only(finish)
-        return results(collect(self.run_dir))  # read-only: every rank returns the same numbers
+        return run_results(collect(self.run_dir))  # read-only: every rank returns the same numbers
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -474,7 +466,6 @@ def run_recipe(recipe: Any, out: str | Path | None = None, report: bool = True, 
     """Run ``recipe`` into ``out`` (locked while it runs); returns the run directory and its headline results."""
     import contextlib
 
-    from lmselect.runlock import run_lock
 
     run_dir = Path(out or recipe.out or Path("runs") / recipe.name)
     runner = Runner(recipe, run_dir, recompute=recompute)
@@ -483,8 +474,6 @@ def run_recipe(recipe: Any, out: str | Path | None = None, report: bool = True, 
         with run_lock(run_dir) if runner.is_main else contextlib.nullcontext():
             res = runner.run()
             if report:
-                from lmselect.report import write_report
-
                 path = runner.ctx.main_only(lambda: write_report(run_dir))
                 if runner.is_main:
                     log.info("report: %s", path)
@@ -500,9 +489,6 @@ def preflight(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmselect.report.results import results_markdown
-    from lmselect.train.distributed import rank_world
-
     recipe = preflight(args)
     run_dir, results = run_recipe(recipe, args.out, report=not args.no_report, recompute=args.recompute)
     if rank_world()[0] == 0:  # the runner has left the process group: torchrun's environment tells the rank

@@ -28,6 +28,7 @@ from lmselect.artifacts import MANIFEST, LmselectError, ParentCheck, check_paren
 from lmselect.context import RunLayout
 from lmselect.select.base import STAGE_ORDER as _SELECT_STAGE_ORDER
 from lmselect.select.base import method_class, method_names
+from lmselect.stages import find_stale
 
 DONE, PARTIAL, MISSING = "done", "partial", "missing"
 
@@ -477,8 +478,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
 
 def stale_stages(run_dir: str | Path, recipe: Any = None) -> list[tuple[str, list[str]]]:
     """Stages of a run that a rerun of ``recipe`` (default: the run's own ``config.yaml``) would not reuse."""
-    from lmselect.recipe import load_recipe
-    from lmselect.stages import find_stale
+    from lmselect.recipe import load_recipe  # torch (recipe reads TrainConfig): provenance stays torch-free
 
     run_dir = Path(run_dir)
     if recipe is None:

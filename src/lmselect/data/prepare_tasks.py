@@ -58,9 +58,12 @@ from lmselect.artifacts import (
     read_json,
     remove_stale_tmp,
 )
-from lmselect.data.pool import VAL_SHARD
+from lmselect.config import to_dict
+from lmselect.data.decontam import Decontaminator
+from lmselect.data.pool import VAL_SHARD, token_dtype
+from lmselect.data.prefilter import Prefilter
 from lmselect.data.readers import Document, InputSpec, ReadStats, dataset_rows, iter_documents
-from lmselect.data.tokenizer import LONG_TEXT_CHARS
+from lmselect.data.tokenizer import LONG_TEXT_CHARS, batch_encoder, load_tokenizer, split_long_text
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +239,6 @@ def _wait_for_plan(work: Path, lock: Path) -> None:
 
 def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_tasks: int, make_tokenizer: Any,
                inputs_info: Any, decontam_keep: Sequence[str] = ()) -> dict[str, Any]:
-    from lmselect.config import to_dict
-
     for p in ("parts", "logs", "tokenizer"):
         shutil.rmtree(work / p, ignore_errors=True)
     (work / PREFILTER_MEMO).unlink(missing_ok=True)
@@ -346,11 +347,6 @@ def task_specs(plan: dict[str, Any], rank: int) -> list[InputSpec]:
 def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """Build part ``rank`` of the plan in ``work`` (skipped when complete): read its units, prefilter, decontaminate,
     tokenize; write the part in a temp dir and rename it, ``part.json`` last. Returns the part's ``part.json``."""
-    from lmselect.data.decontam import Decontaminator
-    from lmselect.data.pool import token_dtype
-    from lmselect.data.prefilter import Prefilter
-    from lmselect.data.tokenizer import batch_encoder, load_tokenizer, split_long_text
-
     work = Path(work)
     plan = read_json(work / PLAN)
     out = part_dir(work, rank)

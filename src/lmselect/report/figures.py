@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lmselect.artifacts import LmselectError
+from lmselect.report import plots as F
 from lmselect.report.model import RunData
 from lmselect.report.results import val_key
 from lmselect.score.sidecar import read_scores
@@ -96,8 +97,6 @@ def _first(d: Any, keys: Sequence[str]) -> list[Any] | None:
 
 def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureEntry]:
     """Draw every figure the run's artifacts allow; append a note for each one skipped."""
-    from lmselect.report import plots as F
-
     out: list[FigureEntry] = []
 
     def attempt(what: str, fn: Any) -> None:

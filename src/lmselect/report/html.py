@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lmselect.artifacts import LmselectError, atomic_write_json, atomic_write_text
+from lmselect.data.pool import TokenPool
 from lmselect.provenance import DONE, stale_artifacts
 from lmselect.report.figures import FigureEntry, make_figures
 from lmselect.report.model import RoundData, RunData, collect
@@ -56,7 +57,6 @@ def examples(data: RunData, n: int = 3, max_chars: int = 400, notes: list[str] |
     if data.pool is None:
         notes.append("examples skipped: the run has no pool (RUN/pool or config.yaml pool.path)")
         return []
-    from lmselect.data.pool import TokenPool
 
     try:
         pool = TokenPool(data.pool)

@@ -9,8 +9,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from lmselect.artifacts import atomic_write_json, atomic_write_text
-from lmselect.provenance import DONE
+from lmselect.data.decontam import overlap_report
+from lmselect.data.prefilter import prefilter_report, source_rows
+from lmselect.provenance import DONE, pool_dir
 from lmselect.report.model import RunData, collect
+from lmselect.score.sidecar import read_scores
+from lmselect.select.base import (
+    baseline_names,
+    control_name,
+    known_answer_controls,
+    level_control_name,
+    method_class,
+    method_names,
+)
+from lmselect.select.diagnostics import topk_overlap
 from lmselect.stats import (
     finite_mean,
     min_detectable_effect,
@@ -41,8 +53,6 @@ def _sum_or_none(vals: Sequence[Any]) -> float | None:
 
 
 def _control() -> str:
-    from lmselect.select.base import control_name
-
     return control_name()
 
 
@@ -174,8 +184,6 @@ def flops_multiple(e: dict[str, Any]) -> float | None:
 def _paired_vs_level_controls(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """control -> its level's methods -> metric -> paired difference, for every registered level control in the
     run (random_tokens: RHO-1 and BLADE against a random mask of the same kept fraction)."""
-    from lmselect.select.base import level_control_name, method_class, method_names
-
     known = set(method_names())
     out: dict[str, dict[str, Any]] = {}
     for level in ("sequence", "token"):
@@ -193,8 +201,6 @@ def _paired_vs_best_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ``{"baseline", "metric", "means", "paired"}``, or {} when none ran. Best = the lowest mean final loss on the
     first report set (LAMBADA in the demo), over the seeds it has; which baseline that is and every baseline's mean
     are recorded, so the choice is visible rather than silent."""
-    from lmselect.select.base import baseline_names
-
     present = [b for b in baseline_names() if any(r["method"] == b for r in rows)]
     keys = sorted({k for r in rows if r["method"] in present for k in r["val_loss"]}, key=val_key)
     if not present or not keys:
@@ -216,8 +222,6 @@ def _best_with_power(best: dict[str, Any], noise: dict[str, dict[str, Any]]) -> 
 
 
 def _known_answer() -> dict[str, str]:
-    from lmselect.select.base import known_answer_controls
-
     return known_answer_controls()
 
 
@@ -438,9 +442,6 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
     """Per method and round: what the scorer sorts by (selection/diagnostics.json, first seed; plus top-k overlap and
     score rank correlation across seeds) and the solver's own diagnostics (any other stage's diagnostics.json, e.g.
     BLISS's bilevel/, averaged over seeds), with their warnings."""
-    from lmselect.score.sidecar import read_scores
-    from lmselect.select.diagnostics import topk_overlap
-
     out: dict[str, Any] = {}
     for method, seeds in data.rounds.items():
         per_round: dict[str, Any] = {}
@@ -493,9 +494,6 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
 
 def _decontamination(data: RunData) -> dict[str, Any] | None:
     """The pool's n-gram overlap with the protected sets (selection, report, eval tasks), without the per-doc list."""
-    from lmselect.data.decontam import overlap_report
-    from lmselect.provenance import pool_dir
-
     p = pool_dir(data.run_dir)
     if p is None or not (p / "manifest.json").is_file():
         return None
@@ -513,9 +511,6 @@ def _decontamination(data: RunData) -> dict[str, Any] | None:
 
 def _prefilter(data: RunData) -> dict[str, Any] | None:
     """What the pool's heuristic prefilter removed (manifest ``extra.prefilter``), or None without one."""
-    from lmselect.data.prefilter import prefilter_report
-    from lmselect.provenance import pool_dir
-
     p = pool_dir(data.run_dir)
     if p is None or not (p / "manifest.json").is_file():
         return None
@@ -908,8 +903,6 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
         [f"warning: {w}" for w in warns])
     pre = res.get("prefilter")
     if pre:
-        from lmselect.data.prefilter import source_rows
-
         add("What the prefilter removed (datatrove heuristic filters, before tokenizing)", pre["summary"] + ".",
             (["source", "documents", "removed", "by filter", "characters kept"], source_rows(pre)),
             [f"{n}: {v['dropped']} removed ({', '.join(f'{k} {c}' for k, c in v['reasons'].items()) or '–'})"

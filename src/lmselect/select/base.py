@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+import lmselect.select as pkg  # this package, for discovery (its __init__ imports nothing)
 from lmselect.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -235,8 +236,6 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    import lmselect.select as pkg
-
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if info.name not in ("base", "cli"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")

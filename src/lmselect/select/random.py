@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from lmselect.artifacts import LmselectError
+from lmselect.artifacts import LmselectError, parent_ref
 from lmselect.context import STREAM_SELECT, RoundContext
 from lmselect.select.base import Selection, SelectionMethod, register
 from lmselect.select.topk import random_fraction
@@ -30,7 +30,6 @@ def random_selection(
     parents: list[dict[str, str]] | None = None,
 ) -> Path:
     """Select randomly and write the selection artifact (summary without histogram)."""
-    from lmselect.artifacts import parent_ref
     from lmselect.select.cli import write_selection
 
     cand = pool.ids(None) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
