@@ -9,8 +9,8 @@ from pathlib import Path
 import lmselect
 
 SRC = Path(lmselect.__file__).parent
-# select/ modules every other room may use: the registry, the selection writer, top-k, summaries, diagnostics
-SELECT_SHARED = {"lmselect.select", "lmselect.select.base", "lmselect.select.cli", "lmselect.select.topk",
+# select/ modules every other room may use: the registry, the selection format and its writer, the select verb, top-k, summaries, diagnostics
+SELECT_SHARED = {"lmselect.select", "lmselect.select.base", "lmselect.select.cli", "lmselect.select.selection", "lmselect.select.topk",
                  "lmselect.select.summary", "lmselect.select.diagnostics"}
 
 
@@ -89,7 +89,7 @@ def test_nothing_outside_select_imports_a_method_module():
 
 # ---- layers (DESIGN "Import rules"): each room imports its own layer and those below; the upward arrows are listed
 LAYERS = {"lmselect": 1, "lmselect.errors": 1, "lmselect.paths": 1, "lmselect.config": 1, "lmselect.artifacts": 1,
-          "lmselect.stats": 1, "lmselect.log": 2, "lmselect.runlock": 2, "lmselect.context": 2, "lmselect.models": 2,
+          "lmselect.stats": 1, "lmselect.layout": 1, "lmselect.log": 2, "lmselect.runlock": 2, "lmselect.context": 2, "lmselect.models": 2,
           "lmselect.data": 2, "lmselect.train": 2, "lmselect.score": 2, "lmselect.eval": 2, "lmselect.select": 3,
           "lmselect.recipe": 4, "lmselect.stages": 4, "lmselect.export": 4, "lmselect.integrations": 4,
           "lmselect.provenance": 5, "lmselect.report": 5, "lmselect.inspect": 5, "lmselect.pipeline": 6,
@@ -141,7 +141,7 @@ def test_no_import_circle_through_package_inits():
 
 # ---- import budget (issue 32): imports at the top unless something forces a lazy one (an optional or heavy
 # dependency at start-up, a circle; said in a comment there); no private name imported from another module
-INNER_IMPORT_BUDGET = 66  # lmselect imports inside functions (246 before issue 32)
+INNER_IMPORT_BUDGET = 63  # lmselect imports inside functions (246 before issue 32)
 # private names imported across modules (dunders such as __version__ are public); issue 32 asks for <= 3 once
 # data/readers.py and score/job.py export what data/decontam, select/cli and score/{windows,documents} use
 PRIVATE_IMPORT_BUDGET = 10

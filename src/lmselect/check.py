@@ -77,6 +77,7 @@ from lmselect.data.prefilter import normalize_names
 from lmselect.data.prepare import PrepareConfig, prepare
 from lmselect.data.readers import iter_documents, resolve_inputs
 from lmselect.data.valset import read_texts
+from lmselect.layout import RunLayout
 from lmselect.paths import portable
 from lmselect.pipeline import run_recipe
 from lmselect.recipe import Recipe, load_recipe, resolve_path
@@ -623,14 +624,16 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
         label = cfg.method
         run_dir, _ = run_recipe(r, out_dir / "run", report=False)
         summaries, rounds_selected = [], {}
+        layout = RunLayout(run_dir)
         for sd in cfg.method_seeds:
             for k in range(1, r.rounds + 1):
-                rdir = run_dir / cfg.method / f"seed{sd}" / f"round{k}"
-                summaries.append({**read_json(rdir / "selection" / "summary.json"), "seed": sd})
-                rounds_selected[(sd, k)] = (pool.ids(k), np.load(rdir / "selection" / "selected.npy"))
-                if sd == cfg.method_seeds[0] and is_complete(rdir / "scores", kind="scores"):
-                    ids, s = read_scores(rdir / "scores")
-                    by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
+                summaries.append({**read_json(layout.selection_summary(cfg.method, sd, k)), "seed": sd})
+                selected = np.load(layout.selected(cfg.method, sd, k))
+                rounds_selected[(sd, k)] = (pool.ids(k), selected)
+                sdir = layout.stage(cfg.method, sd, k, "scores")
+                if sd == cfg.method_seeds[0] and is_complete(sdir, kind="scores"):
+                    ids, s = read_scores(sdir)
+                    by_round[k] = (ids, s, selected)
     docs = {key: planted_documents(pool, *selected) for key, selected in rounds_selected.items()}
     method = judge(summaries, cfg, docs)
     pipe = pipeline_rows(pool, rounds_selected, planted["counts"], cfg)

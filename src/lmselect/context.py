@@ -1,7 +1,7 @@
 """What a stage of a run can see: the run layout, derived seeds, and the run / round contexts given to methods.
 
-* :class:`RunLayout` is the one place that knows where things live in a run directory (DESIGN "Run directory");
-  the runner, provenance, the report and the test fake run all use it.
+* :class:`~lmselect.layout.RunLayout` (``layout.py``) is the one place that builds and parses the paths of a run
+  directory (DESIGN "Run directory"); a :class:`RunContext` carries one.
 * :func:`derived_seed` is the one seed formula: every random stream of a run (warm-up, selection, training data
   order, evaluation branch, probes, score-model init, references) is ``derived_seed(run seed, method seed, round,
   stream)``. Method names are not part of it, so seed k of every method trains on the same data order — the
@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import numpy as np
 
 from lmselect.config import replace
+from lmselect.data.pool import TokenPool
 from lmselect.errors import LmselectError
+from lmselect.layout import RunLayout
 from lmselect.models.presets import matmul_params
 from lmselect.select.topk import random_fraction
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lmselect.data.pool import TokenPool
     from lmselect.data.valset import ValidationSet
     from lmselect.train.distributed import DistInfo
 
@@ -48,57 +49,6 @@ def derived_seed(run_seed: int, method_seed: int = 0, rnd: int = 0, stream: int 
     if not (0 <= stream < 100 and 0 <= rnd < 100 and 0 <= method_seed < 1000):
         raise LmselectError(f"derived_seed: stream {stream}, round {rnd} or method seed {method_seed} out of range")
     return int(run_seed) * 10_000_000 + int(method_seed) * 10_000 + int(rnd) * 100 + int(stream)
-
-
-class RunLayout:
-    """Paths inside a run directory (DESIGN "Run directory")."""
-
-    def __init__(self, run_dir: str | Path, pool_path: str | Path | None = None):
-        self.root = Path(run_dir)
-        self._pool_path = Path(pool_path) if pool_path else None
-
-    @property
-    def pool(self) -> Path:
-        return self._pool_path or self.root / "pool"
-
-    def warmup(self, which: str) -> Path:
-        return self.root / "warmup" / which
-
-    def method(self, method: str) -> Path:
-        return self.root / method
-
-    def seed(self, method: str, seed: int) -> Path:
-        return self.root / method / f"seed{seed}"
-
-    def round(self, method: str, seed: int, rnd: int) -> Path:
-        return self.seed(method, seed) / f"round{rnd}"
-
-    def stage(self, method: str, seed: int, rnd: int, stage: str) -> Path:
-        return self.round(method, seed, rnd) / stage
-
-    def target(self, method: str, seed: int, rnd: int) -> Path:
-        """The target checkpoint a round *ends* with; round 0 is the warm-up target."""
-        return self.warmup("target") if rnd == 0 else self.stage(method, seed, rnd, "target")
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def results_json(self) -> Path:
-        return self.root / "results.json"
-
-    @property
-    def results_md(self) -> Path:
-        return self.root / "results.md"
-
-    @property
-    def report_html(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
 
 
 class RunContext:

@@ -44,7 +44,6 @@ import argparse
 import gzip
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +68,8 @@ from lmselect.data.pool import TokenPool, token_dtype
 from lmselect.data.prefilter import export_dropped
 from lmselect.data.prepare import ORIGINS_FILE
 from lmselect.data.readers import reread_documents
-from lmselect.select.cli import read_selection
+from lmselect.layout import RunLayout, RunPath
+from lmselect.select.selection import read_selection
 
 log = logging.getLogger("lmselect.export")
 
@@ -80,8 +80,6 @@ TOKENS_META = "tokens.json"
 SEQ_IDS_FILE = "seq_ids.npy"
 _CHUNK = 4096  # pieces decoded and written at a time (bounds memory for large selections)
 SEGMENT_SPANS = 1 << 16  # docs.parquet spans read at a time (occurrence_segments)
-_ROUND_RE = re.compile(r"^round(\d+)$")
-_SEED_RE = re.compile(r"^seed(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -566,11 +564,12 @@ def run_selections(run_dir: str | Path, round_: int | None = None) -> list[tuple
     """(method, seed, round, selection dir) of each method/seed of a run: its highest round with a complete
     selection, or round ``round_``. Sorted by method, then seed."""
     run = Path(run_dir)
+    layout = RunLayout(run)
     found: dict[tuple[str, int], dict[int, Path]] = {}
-    for sel in run.glob("*/seed*/round*/selection"):
-        rm, sm = _ROUND_RE.match(sel.parent.name), _SEED_RE.match(sel.parent.parent.name)
-        if rm and sm and is_complete(sel, "selection"):
-            found.setdefault((sel.parent.parent.parent.name, int(sm.group(1))), {})[int(rm.group(1))] = sel
+    for rp in layout.round_paths():
+        sel = layout.stage(rp.method, rp.seed, rp.round, "selection")
+        if is_complete(sel, "selection"):
+            found.setdefault((rp.method, rp.seed), {})[rp.round] = sel
     if not found:
         raise LmselectError(f"{run}: neither a selection nor a run directory with a complete selection")
     out = []
@@ -580,7 +579,7 @@ def run_selections(run_dir: str | Path, round_: int | None = None) -> list[tuple
         elif round_ in rounds:
             r = round_
         else:
-            raise LmselectError(f"{run}: {method}/seed{seed} has no complete selection for --round {round_} "
+            raise LmselectError(f"{run}: {layout.key(RunPath(method, seed))} has no complete selection for --round {round_} "
                                 f"(rounds {', '.join(map(str, sorted(rounds)))})")
         out.append((method, seed, r, rounds[r]))
     return out
@@ -604,7 +603,7 @@ def export(source: str | Path, out_dir: str | Path, *, fmt: str = "jsonl", round
         tmp.mkdir(parents=True)
         entries, parents = [], []
         for method, seed, r, sel in chosen:
-            sub = tmp / method / f"seed{seed}" / f"round{r}"
+            sub = RunLayout(tmp).round(method, seed, r)
             sub.mkdir(parents=True)
             info = _export_into(sel, sub, fmt, pool, text)
             write_manifest(sub, Manifest(kind="export", config={"selection": str(sel), "format": fmt, **_check_text(text)},

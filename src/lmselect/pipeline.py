@@ -68,6 +68,7 @@ from lmselect.data.tokenizer import check_same_tokenizer
 from lmselect.data.valset import bits_per_byte, validation_loss
 from lmselect.errors import LmselectError, StaleStageError
 from lmselect.eval import evaluate_model
+from lmselect.layout import EVAL_RESULTS_FILE, SELECTED_FILE, SUMMARY_FILE, RunPath
 from lmselect.log import read_jsonl
 from lmselect.models.losses import mean_token_ce
 from lmselect.recipe import load_recipe, recipe_summary
@@ -75,6 +76,7 @@ from lmselect.report.html import write_report
 from lmselect.report.results import collect, results_markdown, write_results
 from lmselect.report.results import results as run_results
 from lmselect.runlock import run_lock
+from lmselect.select import selection as selection_format  # write_selection looked up per call: tests replace it
 from lmselect.select.base import SelectionMethod, get_method
 from lmselect.select.diagnostics import diagnostics_verdict
 from lmselect.select.diagnostics import selection_diagnostics as scorer_diagnostics
@@ -170,7 +172,7 @@ class Runner:
             if is_complete(self.layout.pool, kind="pool"):
                 return
 
-            self._record("pool")
+            self._record(self.layout.key(RunPath(pool=True)))
             t0 = time.perf_counter()
             log.info("preparing pool -> %s", self.layout.pool)
             prepare(self.r.pool.prepare, self.layout.pool)
@@ -192,7 +194,7 @@ class Runner:
         out = self.layout.warmup(which)
         if is_complete(out, kind="checkpoint"):
             return out
-        self._record(f"warmup/{which}")
+        self._record(self.layout.key(RunPath(warmup=which)))
         sec = getattr(self.r, which)
         stream = STREAM_WARMUP_TARGET if which == "target" else STREAM_WARMUP_PROXY
         cfg = self.ctx.train_cfg(self.r.warmup.steps, preset=sec.preset, warmup=True, stream=stream)
@@ -207,13 +209,11 @@ class Runner:
 
     def stage_select(self, m: SelectionMethod, rc: RoundContext) -> tuple[np.ndarray, float]:
         """Selected sequence ids of the round's shard and the seconds the selection took (0 when reused)."""
-        from lmselect.select.cli import write_selection
-
         sel_dir = rc.stage_dir("selection")
         if is_complete(sel_dir, kind="selection"):
-            return np.load(sel_dir / "selected.npy"), 0.0
+            return np.load(sel_dir / SELECTED_FILE), 0.0
         for st in m.seed_stages:
-            self._record(f"{m.name}/seed{rc.seed}/{st}")
+            self._record(self.layout.key(RunPath(m.name, rc.seed, stage=st)))
         for st in m.stages:
             if st in ("selection", "target", "eval") or not is_complete(rc.stage_dir(st)):
                 self._record(self._rel(rc, st))
@@ -236,7 +236,7 @@ class Runner:
             if diag is not None:
                 extra["diagnostics_verdict"] = diag["verdict"]
                 diag.update(method_diag)
-            write_selection(
+            selection_format.write_selection(
                 sel_dir, self.pool, rc.candidates, scores, sel, method=m.name, fraction=frac,
                 extra={**extra, "round": rc.round, "seed": rc.seed, "selection_seconds": seconds, "level": m.level},
                 parents=parents,
@@ -244,7 +244,7 @@ class Runner:
             )
 
         self.ctx.main_only(write)
-        return np.load(sel_dir / "selected.npy"), seconds  # every rank trains on exactly the artifact rank 0 wrote
+        return np.load(sel_dir / SELECTED_FILE), seconds  # every rank trains on exactly the artifact rank 0 wrote
 
     def reference_loss(self, rnd: int) -> tuple[str, np.ndarray]:
         """Mean next-token CE under the warm-up proxy (else the warm-up target) of a seeded sample of at most
@@ -280,7 +280,7 @@ class Runner:
         return d
 
     def _rel(self, rc: RoundContext, stage: str) -> str:
-        return f"{rc.method}/seed{rc.seed}/round{rc.round}/{stage}"
+        return self.layout.key(RunPath(rc.method, rc.seed, rc.round, stage))
 
     def token_selector(self, m: SelectionMethod, rc: RoundContext) -> Any:
         return m.token_selector(rc) if m.level == "token" else None
@@ -299,7 +299,7 @@ class Runner:
     def stage_eval(self, m: SelectionMethod, rc: RoundContext, selected: np.ndarray) -> dict[str, Any]:
         edir = rc.stage_dir("eval")
         if is_complete(edir, kind="eval"):
-            return read_json(edir / "results.json")
+            return read_json(edir / EVAL_RESULTS_FILE)
         self._record(self._rel(rc, "eval"))
         # Decay branch: continue from the round's checkpoint with the LR halved every `halve_every` steps, on the
         # round's selection *with the method's own token selector* (a token-level method is evaluated as trained);
@@ -329,7 +329,7 @@ class Runner:
             total = [x["sel_kept_fraction_total"] for x in recs if "sel_kept_fraction_total" in x]
             per_step = [x["sel_kept_fraction"] for x in recs if "sel_kept_fraction" in x]
             kept = float(total[-1]) if total else (float(np.mean(per_step)) if per_step else float("nan"))
-        summary = read_json(rc.stage_dir("selection") / "summary.json")
+        summary = read_json(rc.stage_dir("selection") / SUMMARY_FILE)
         f = FlopContext(self.r, self.pool.vocab_size, L, len(rc.candidates))
         fed = int(extra.get("tokens_seen", fed_seqs * L))
         n_t = f.params(self.r.target.preset)
@@ -358,7 +358,7 @@ class Runner:
         """Report-set losses (+ lm-eval) of ``model_dir`` and the exposure ledger -> ``eval/``."""
         edir = rc.stage_dir("eval")
         if is_complete(edir, kind="eval"):
-            return read_json(edir / "results.json")
+            return read_json(edir / EVAL_RESULTS_FILE)
         model = load_checkpoint_model(model_dir, device=self.ctx.device)
         t0 = time.perf_counter()
         res: dict[str, Any] = {"method": m.name, "seed": rc.seed, "round": rc.round}
@@ -381,7 +381,7 @@ class Runner:
             )
         res["eval_seconds"] = time.perf_counter() - t0
         edir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(edir / "results.json", res)
+        atomic_write_json(edir / EVAL_RESULTS_FILE, res)
         write_manifest(edir, Manifest(kind="eval", config=to_dict(self.r.eval), seed=self.r.seed,
                                       parents=[parent_ref(model_dir)], counts={"tokens": res["tokens"]},
                                       timings={"eval": res["eval_seconds"]}, extra={"exposure": res["exposure"]}))
@@ -391,11 +391,11 @@ class Runner:
         m = self.methods[method]
         rc = self.round_ctx(method, seed, rnd)
         if is_complete(rc.dir, kind="round"):
-            return read_json(rc.stage_dir("eval") / "results.json")
+            return read_json(rc.stage_dir("eval") / EVAL_RESULTS_FILE)
         selected, sel_seconds = self.stage_select(m, rc)
         self.stage_train(m, rc, selected)
         res = self.stage_eval(m, rc, selected)
-        summary = read_json(rc.stage_dir("selection") / "summary.json")
+        summary = read_json(rc.stage_dir("selection") / SUMMARY_FILE)
         self.ctx.main_only(lambda: write_manifest(rc.dir, Manifest(
             kind="round", config=recipe_summary(self.r), seed=seed,
             parents=[parent_ref(rc.stage_dir(s)) for s in ("selection", "target", "eval")],
