@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lmselect.cli import main
-from lmselect.report.results import _md_table
+from lmselect.report.results import md_table
 from lmselect.stats import paired_interval, sample_sd
 
 #: name -> overrides of the bliss section (the paper profile reproduces the released code's behaviour)
@@ -141,7 +141,7 @@ def run() -> int:
                       f"{r['clean'][0]:.4f} ± {_fmt(r['clean'][1], 4)}", delta(r["d_clean"]), _fmt(dg["cos_zv"]),
                       _fmt(dg["v_agreement"]), _fmt(dg["c_source_share"])])
     print(f"\nBLISS ablation, demo scale, {args.seeds} seeds, final round (report sets; lower is better)\n")
-    print(_md_table(header, table))
+    print(md_table(header, table))
     if not args.no_check:
         srcs = ["planted_target", "planted_shuffled", "planted_repeated", "planted_random"]
         ch = ["variant", "verdict", *[f"{s.removeprefix('planted_')} (x base, rounds)" for s in srcs]]
@@ -159,7 +159,7 @@ def run() -> int:
             crow.append([r["variant"], f"{c.get('method_verdict', c['verdict'])} ({c['passed']}/{c['criteria']})", *cells])
         print("\nKnown-answer check (lmselect check demo --method bliss; rate / base rate per round; ! = criterion "
               "failed: target >= 2x, junk <= 0.5x)\n")
-        print(_md_table(ch, crow))
+        print(md_table(ch, crow))
     print(f"\nwall time: {(time.perf_counter() - t0) / 60:.1f} min; details: {out / 'ablation.json'}")
     return 0
 

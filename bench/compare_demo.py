@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lmselect.cli import main
-from lmselect.report.results import _md_table, headline_sections
+from lmselect.report.results import headline_sections, md_table
 
 
 def run() -> int:
@@ -48,7 +48,7 @@ def summary(res: dict) -> str:
     out = []
     for sec in headline_sections(res):
         if sec["title"].startswith(keep) and sec["header"]:
-            out += [f"{sec['title']}", "", _md_table(sec["header"], sec["rows"]), ""]
+            out += [f"{sec['title']}", "", md_table(sec["header"], sec["rows"]), ""]
     return "\n".join(out)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lmselect.artifacts import atomic_write_text, git_commit
 from lmselect.cli import main
-from lmselect.report.results import _md_table, headline_sections
+from lmselect.report.results import headline_sections, md_table
 
 KEEP = ("What this comparison can detect", "Final round", "Paired difference to random", "Known-answer controls",
         "Headroom", "Exposure")
@@ -63,7 +63,7 @@ def sections(res: dict) -> str:
         if sec["title"].startswith(KEEP):
             out += [f"#### {sec['title']}", "", sec["note"], ""]
             if sec["rows"]:
-                out += [_md_table(sec["header"], sec["rows"]), ""]
+                out += [md_table(sec["header"], sec["rows"]), ""]
             out += [f"- {b}" for b in sec["bullets"]] + ([""] if sec["bullets"] else [])
     return "\n".join(out)
 
@@ -71,12 +71,12 @@ def sections(res: dict) -> str:
 def verdict(scale: str, res: dict) -> list[str]:
     """Plain-words lines from the tables: which controls were detected, which methods moved beyond noise, and what
     a within-noise result could have detected, on the headline (first) metrics."""
-    from lmselect.report.results import _paired_label, paired_cell
+    from lmselect.report.results import paired_cell, paired_label
 
     lines = []
     ka = res.get("known_answer_controls") or {}
     for m, a in (ka.get("arms") or {}).items():
-        on = ", ".join(_paired_label(k)[2:] for k in a["detected_on"])
+        on = ", ".join(paired_label(k)[2:] for k in a["detected_on"])
         lines.append(f"{scale}: the {a['kind']} control ({m}) is " + (f"detected beyond noise on {on}." if on else
                                                                       "not detected beyond noise on any metric."))
     if ka and not ka.get("can_rank"):
@@ -85,14 +85,14 @@ def verdict(scale: str, res: dict) -> list[str]:
     for m, per in (res.get("paired_vs_random") or {}).items():
         if m in controls:
             continue
-        moved = [f"{_paired_label(k)[2:]} {paired_cell(v, k)}" for k, v in per.items() if not v.get("within_noise")]
+        moved = [f"{paired_label(k)[2:]} {paired_cell(v, k)}" for k, v in per.items() if not v.get("within_noise")]
         if moved:
             lines.append(f"{scale}: {m} differs from random beyond noise on " + "; ".join(moved) + ".")
         else:
             first = next(iter(per.items()), None)
             if first:
                 lines.append(f"{scale}: {m} is within noise of random on every metric; e.g. "
-                             f"{_paired_label(first[0])[2:]} {paired_cell(first[1], first[0])}.")
+                             f"{paired_label(first[0])[2:]} {paired_cell(first[1], first[0])}.")
     return lines
 
 

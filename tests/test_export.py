@@ -16,7 +16,7 @@ from lmselect.cli import main
 from lmselect.data.pool import TokenPool
 from lmselect.data.prepare import PrepareConfig, prepare
 from lmselect.score import read_scores, write_scores
-from lmselect.select.cli import read_selection, write_selection
+from lmselect.select.selection import read_selection, write_selection
 from lmselect.testing import SAMPLE_TEXT
 
 SEQ_LEN = 16

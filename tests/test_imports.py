@@ -9,8 +9,8 @@ from pathlib import Path
 import lmselect
 
 SRC = Path(lmselect.__file__).parent
-# select/ modules every other room may use: the registry, the selection writer, top-k, summaries, diagnostics
-SELECT_SHARED = {"lmselect.select", "lmselect.select.base", "lmselect.select.cli", "lmselect.select.topk",
+# select/ modules every other room may use: the registry, the selection format and its writer, the select verb, top-k, summaries, diagnostics
+SELECT_SHARED = {"lmselect.select", "lmselect.select.base", "lmselect.select.cli", "lmselect.select.selection", "lmselect.select.topk",
                  "lmselect.select.summary", "lmselect.select.diagnostics"}
 
 
@@ -85,3 +85,119 @@ def test_nothing_outside_select_imports_a_method_module():
     bad = [(m, t) for m, ts in import_graph().items() if not m.startswith("lmselect.select")
            for t in ts if t.startswith("lmselect.select") and t not in SELECT_SHARED]
     assert not bad, bad
+
+
+# ---- layers (DESIGN "Import rules"): each room imports its own layer and those below; the upward arrows are listed
+LAYERS = {"lmselect": 1, "lmselect.errors": 1, "lmselect.paths": 1, "lmselect.config": 1, "lmselect.artifacts": 1,
+          "lmselect.stats": 1, "lmselect.layout": 1, "lmselect.log": 2, "lmselect.runlock": 2, "lmselect.context": 2, "lmselect.models": 2,
+          "lmselect.data": 2, "lmselect.train": 2, "lmselect.score": 2, "lmselect.eval": 2, "lmselect.select": 3,
+          "lmselect.recipe": 4, "lmselect.stages": 4, "lmselect.export": 4, "lmselect.integrations": 4,
+          "lmselect.provenance": 5, "lmselect.report": 5, "lmselect.inspect": 5, "lmselect.pipeline": 6,
+          "lmselect.compare": 6, "lmselect.check": 6, "lmselect.pipeline_demo": 6, "lmselect.cli": 6,
+          "lmselect.slurm": 6, "lmselect.testing": 6}
+# the upward arrows DESIGN names: the warm-up's random fraction; score --jsonl's text scorers through the registry
+UPWARD = {("lmselect.context", "lmselect.select.topk"), ("lmselect.score.cli", "lmselect.select.base"),
+          ("lmselect.score.documents", "lmselect.select.base"), ("lmselect.score.windows", "lmselect.select.base")}
+
+
+def layer(mod: str) -> int:
+    parts = mod.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in LAYERS:
+            return LAYERS[".".join(parts[:i])]
+    raise KeyError(f"{mod}: no layer in tests/test_imports.py LAYERS (add it, and to DESIGN 'Import rules')")
+
+
+def test_imports_go_down_the_layers_but_for_the_listed_arrows():
+    up = {(m, t) for m, ts in import_graph().items() for t in ts if layer(t) > layer(m)}
+    assert up <= UPWARD, f"new upward imports (DESIGN 'Import rules'): {sorted(up - UPWARD)}"
+    assert up == UPWARD, f"arrows listed but gone (drop them here and in DESIGN): {sorted(UPWARD - up)}"
+
+
+def test_the_circle_finder_counts_package_inits():
+    """Importing ``a.b.c`` runs ``a/b/__init__.py`` first: the circle test sees those edges too."""
+    g = with_package_edges({"lmselect.x.y": {"lmselect.z"}, "lmselect.z": set(), "lmselect.x": {"lmselect.z"}})
+    assert g["lmselect.z"] == set() and "lmselect.x" not in g["lmselect.x.y"]
+    g = with_package_edges({"lmselect.a": {"lmselect.b.c"}, "lmselect.b": set(), "lmselect.b.c": set()})
+    assert g["lmselect.a"] == {"lmselect.b.c", "lmselect.b"}
+
+
+def with_package_edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``graph`` plus, for every import of ``pkg.mod``, an edge to each enclosing package the importer is not in."""
+    out = {m: set(ts) for m, ts in graph.items()}
+    for m, ts in graph.items():
+        for t in ts:
+            parts = t.split(".")
+            for i in range(2, len(parts)):
+                p = ".".join(parts[:i])
+                if p in graph and p != m and not m.startswith(p + "."):
+                    out[m].add(p)
+    return out
+
+
+def test_no_import_circle_through_package_inits():
+    cycle = find_cycle(with_package_edges(import_graph()))
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+# ---- import budget (issue 32): imports at the top unless something forces a lazy one (an optional or heavy
+# dependency at start-up, a circle; said in a comment there); no private name imported from another module
+INNER_IMPORT_BUDGET = 35  # lmselect imports inside functions (246 before issue 32)
+# private names imported across modules (dunders such as __version__ are public): none (20 before issue 32)
+PRIVATE_IMPORT_BUDGET = 0
+
+
+def counts_in(tree: ast.AST, mod: str, rel: str) -> tuple[list[str], list[str]]:
+    """One module's lmselect imports inside functions and private names it imports from another module."""
+    inner, private = [], []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for n in ast.walk(fn):
+                if (isinstance(n, ast.ImportFrom) and n.module and (n.module.startswith("lmselect") or n.level)) \
+                        or (isinstance(n, ast.Import) and any(a.name.startswith("lmselect") for a in n.names)):
+                    inner.append(f"{rel}:{n.lineno}")
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("lmselect") and n.module != mod:
+            private += [f"{rel}:{n.lineno} {n.module}.{a.name}" for a in n.names
+                        if a.name.startswith("_") and not (a.name.startswith("__") and a.name.endswith("__"))]
+    return inner, private
+
+
+def import_counts() -> tuple[list[str], list[str]]:
+    """(lmselect imports inside functions, private names imported from another module), as ``file:line`` strings."""
+    inner, private = [], []
+    for mod, path in _modules().items():
+        a, b = counts_in(ast.parse(path.read_text(), str(path)), mod, path.relative_to(SRC).as_posix())
+        inner += a
+        private += b
+    return inner, private
+
+
+def test_import_budget():
+    inner, private = import_counts()
+    assert len(inner) <= INNER_IMPORT_BUDGET, (
+        f"{len(inner)} lmselect imports inside functions (budget {INNER_IMPORT_BUDGET}): import at the top unless a "
+        f"circle or a heavy optional dependency forces it (say which in a comment); {inner}")
+    assert len(private) <= PRIVATE_IMPORT_BUDGET, f"private names imported from another module: {private}"
+
+
+def test_import_counter_counts():
+    """The counter sees nested lazy imports (nested functions once each) and a private cross-module name, and
+    neither a top-level import, a dunder nor a module's own private name (so the budget test can fail)."""
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent("""
+        from lmselect.a import _x, __version__, y
+        from lmselect.m import _own
+        def f():
+            if True:
+                from lmselect.b import y
+            import lmselect.c
+            import numpy
+            def g():
+                from .d import e
+    """))
+    inner, private = counts_in(tree, "lmselect.m", "m.py")
+    # a nested function's import is counted in each enclosing function (as /tmp/count_imports.py, issue 32, does)
+    assert sorted(inner) == ["m.py:10", "m.py:10", "m.py:6", "m.py:7"]
+    assert private == ["m.py:2 lmselect.a._x"]

@@ -22,11 +22,11 @@ def test_method_is_deterministic_resumable_and_writes_its_declared_stages(name, 
                                                                          monkeypatch):
     from lmselect import pipeline
     from lmselect.recipe import load_recipe
-    from lmselect.select import cli as select_cli
+    from lmselect.select import selection as selection_format
 
     # interrupt round 2 just before its selection artifact is written: the method's own sub-stages of round 2
     # (bilevel solve, scores, influence model, ...) are on disk, the selection is not
-    real = select_cli.write_selection
+    real = selection_format.write_selection
     calls = {"n": 0}
 
     def crashing(out_dir, *a, **kw):
@@ -35,7 +35,7 @@ def test_method_is_deterministic_resumable_and_writes_its_declared_stages(name, 
             raise KeyboardInterrupt("simulated kill")
         return real(out_dir, *a, **kw)
 
-    monkeypatch.setattr(select_cli, "write_selection", crashing)
+    monkeypatch.setattr(selection_format, "write_selection", crashing)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(load_recipe(tiny_recipe, [f"--methods={name}"]), run, report=False)

@@ -70,10 +70,22 @@ from lmselect.artifacts import (
     read_json,
     read_manifest,
 )
-from lmselect.config import ConfigError, replace, to_dict
+from lmselect.config import ConfigError, deep_merge, from_dict, parse_overrides, replace, to_dict
 from lmselect.data.planted import JUNK, PLANTED, TARGET  # the planted sources' names, one place
-from lmselect.recipe import Recipe, load_recipe
+from lmselect.data.pool import TokenPool
+from lmselect.data.prefilter import normalize_names
+from lmselect.data.prepare import PrepareConfig, prepare
+from lmselect.data.readers import iter_documents, resolve_inputs
+from lmselect.data.valset import read_texts
+from lmselect.layout import RunLayout
+from lmselect.paths import portable
+from lmselect.pipeline import run_recipe
+from lmselect.recipe import Recipe, load_recipe, resolve_path
+from lmselect.score import read_scores
 from lmselect.select.base import method_class
+from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
+from lmselect.select.summary import build_summary
+from lmselect.select.topk import top_fraction
 
 log = logging.getLogger("lmselect.check")
 
@@ -159,8 +171,6 @@ def random_words(n_words: int, vocab: list[str], rng: np.random.Generator) -> st
 
 def _read_corpus_sample(prep: Any, seed: int) -> tuple[list[str], int, int]:
     """(seeded reservoir sample of up to RESERVOIR document texts, documents read, characters read)."""
-    from lmselect.data.readers import iter_documents, resolve_inputs
-
     rng = np.random.default_rng(seed + 1)  # offset 1: the reservoir
     sample: list[str] = []
     n = chars = 0
@@ -195,12 +205,9 @@ def _jsonl(path: Path, texts: list[str], prep: Any, source: str | None) -> None:
 def build_planted_inputs(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig) -> dict[str, Any]:
     """Write ``OUT/inputs/``: ``selection_visible.jsonl`` (what the method sees) and one ``planted_*.jsonl`` per
     planted source, plus ``plant.json`` (written last: settings, counts). Reused when ``plant.json`` matches."""
-    from lmselect.data.valset import read_texts
-
     prep = recipe.pool.prepare
     sel_path = recipe.validation.selection
     inp = Path(out_dir) / "inputs"
-    from lmselect.paths import portable  # bundled data as bundled:REL: a reinstall elsewhere is the same key
 
     key = {"seed": cfg.seed, "target_holdout": cfg.target_holdout, "plant_fraction": cfg.plant_fraction,
            "max_doc_chars": cfg.max_doc_chars,
@@ -270,9 +277,6 @@ def prepare_from_pool(recipe: Recipe, overrides: Sequence[str] = ()) -> Recipe:
     top of the pool's settings: ``check R --prefilter=none`` with ``pool.path`` checks the method alone."""
     if recipe.pool.path is None:
         return recipe
-    from lmselect.config import deep_merge, from_dict, parse_overrides
-    from lmselect.data.prepare import PrepareConfig
-    from lmselect.data.readers import resolve_inputs
 
     path = recipe.pool.path
     mine = (parse_overrides(list(overrides)).get("pool") or {}).get("prepare") or {}
@@ -293,8 +297,6 @@ def prepare_from_pool(recipe: Recipe, overrides: Sequence[str] = ()) -> Recipe:
 
 def _same_prefilter(recipe: Recipe, out_dir: Path) -> None:
     """Refuse, in one line, a check into an output directory whose pool was prepared with another prefilter."""
-    from lmselect.data.prefilter import normalize_names
-
     m = out_dir / "pool" / "manifest.json"
     if not m.is_file():
         return
@@ -324,8 +326,6 @@ def controlled_recipe(recipe: Recipe, planted: dict[str, Any]) -> Recipe:
     target-like passages are the other part). Decontamination keeps protecting the report sets and task files; of the
     selection set it protects the visible part, so that the planted passages are not dropped as overlaps of the
     file they were cut from (and a planted passage that shares an n-gram with a report item is still dropped)."""
-    from lmselect.recipe import resolve_path
-
     recipe = prepare_from_pool(recipe)
     prep = recipe.pool.prepare
     n_planted = sum(planted["counts"][n]["documents"] for n in PLANTED)
@@ -341,8 +341,6 @@ def controlled_recipe(recipe: Recipe, planted: dict[str, Any]) -> Recipe:
 
 def prepare_planted_pool(recipe: Recipe, planted: dict[str, Any], out_dir: str | Path) -> Path:
     """Prepare ``OUT/pool`` with the recipe's pool.prepare settings from its inputs plus the planted files."""
-    from lmselect.data.prepare import prepare
-
     prep = recipe.pool.prepare
     n_planted = sum(planted["counts"][n]["documents"] for n in PLANTED)
     cfg = replace(prep, inputs=list(prep.inputs) + [planted["files"][n] for n in PLANTED],
@@ -354,8 +352,6 @@ def prepare_planted_pool(recipe: Recipe, planted: dict[str, Any], out_dir: str |
 
 def describe_pool(recipe: Recipe, prepared: Recipe) -> str:
     """One line saying what the check's pool is: its inputs and settings, where they came from, plus the plants."""
-    from lmselect.data.prefilter import normalize_names
-
     p = prepared.pool.prepare
     dec = p.decontaminate
     origin = (f"the inputs and settings of pool.path {recipe.pool.path}" if recipe.pool.path is not None
@@ -375,8 +371,6 @@ def scores_by_round(pool: Any, seq_ids: np.ndarray, scores: np.ndarray, fraction
     """Per round r = 1..rounds: (candidates = shard r, their scores, the top ``fraction`` of them by score).
 
     Every candidate needs a score; a sidecar that lacks some is refused with the command that makes a full one."""
-    from lmselect.select.topk import top_fraction
-
     seq_ids = np.asarray(seq_ids, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(seq_ids)
@@ -581,8 +575,6 @@ def check_markdown(result: dict[str, Any]) -> str:
 
 def _diagnostics(pool: Any, by_round: dict[int, tuple]) -> dict[int, Any]:
     """Per round with scores: the selection-diagnostics verdict line and its headline numbers."""
-    from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
-
     out = {}
     for r, (cand, s, sel) in by_round.items():
         d = selection_diagnostics(pool, cand, s, sel)
@@ -601,8 +593,6 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
 
     Returns the result dict (``verdict`` "PASS" / "FAIL", ``rows``, ...); with ``prepare_only`` stops after the pool.
     """
-    from lmselect.data.pool import TokenPool
-
     cfg.validate()
     given = recipe
     recipe = prepare_from_pool(recipe, overrides)
@@ -619,35 +609,31 @@ def run_check(recipe: Recipe, out_dir: str | Path, cfg: CheckConfig, *, prepare_
     by_round: dict[int, tuple] = {}
     if cfg.scores is not None:
         sdir, label = Path(cfg.scores), f"scores {cfg.scores}"
-        from lmselect.score import read_scores
 
         m = read_manifest(sdir, kind="scores")
         other = [p for p in m.get("parents", []) if p.get("kind") == "pool" and p.get("uuid") != pool.manifest["uuid"]]
         if other:
             raise LmselectError(f"{sdir}: these scores are of another pool ({other[0].get('path')}), not {pool_dir}")
         ids, s = read_scores(sdir)
-        from lmselect.select.summary import build_summary
 
         by_round = scores_by_round(pool, ids, s, r.select_fraction, r.rounds, where=str(sdir))
         summaries = [build_summary(pool, cand, sc, sel, "top", r.select_fraction, extra={"round": k})
                      for k, (cand, sc, sel) in by_round.items()]
         rounds_selected = {(0, k): (cand, sel) for k, (cand, _, sel) in by_round.items()}
     else:
-        from lmselect.pipeline import run_recipe
-
         label = cfg.method
         run_dir, _ = run_recipe(r, out_dir / "run", report=False)
         summaries, rounds_selected = [], {}
+        layout = RunLayout(run_dir)
         for sd in cfg.method_seeds:
             for k in range(1, r.rounds + 1):
-                rdir = run_dir / cfg.method / f"seed{sd}" / f"round{k}"
-                summaries.append({**read_json(rdir / "selection" / "summary.json"), "seed": sd})
-                rounds_selected[(sd, k)] = (pool.ids(k), np.load(rdir / "selection" / "selected.npy"))
-                if sd == cfg.method_seeds[0] and is_complete(rdir / "scores", kind="scores"):
-                    from lmselect.score import read_scores  # the scorer diagnostics: first seed
-
-                    ids, s = read_scores(rdir / "scores")
-                    by_round[k] = (ids, s, np.load(rdir / "selection" / "selected.npy"))
+                summaries.append({**read_json(layout.selection_summary(cfg.method, sd, k)), "seed": sd})
+                selected = np.load(layout.selected(cfg.method, sd, k))
+                rounds_selected[(sd, k)] = (pool.ids(k), selected)
+                sdir = layout.stage(cfg.method, sd, k, "scores")
+                if sd == cfg.method_seeds[0] and is_complete(sdir, kind="scores"):
+                    ids, s = read_scores(sdir)
+                    by_round[k] = (ids, s, selected)
     docs = {key: planted_documents(pool, *selected) for key, selected in rounds_selected.items()}
     method = judge(summaries, cfg, docs)
     pipe = pipeline_rows(pool, rounds_selected, planted["counts"], cfg)

@@ -67,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from lmselect import __version__
+    from lmselect import __version__  # start-up: the package's __init__ only when --version asks
 
     return __version__
 
 
-def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
+def verb_parser_and_module(verb: str) -> tuple[argparse.ArgumentParser, object]:
     mod_name, help_ = COMMANDS[verb]
     try:
         mod = importlib.import_module(mod_name)
@@ -89,7 +89,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, object]:
 def verb_parser(verb: str) -> argparse.ArgumentParser:
     """The full parser of one verb (what ``lmselect VERB --help`` prints); the documentation's CLI reference is
     generated from it, so it cannot drift from the code."""
-    return _verb_parser(verb)[0]
+    return verb_parser_and_module(verb)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = "--debug" in argv[:verb_idx]
     verb = argv[verb_idx]
-    parser, mod = _verb_parser(verb)
+    parser, mod = verb_parser_and_module(verb)
     args, rest = parser.parse_known_args(argv[verb_idx + 1 :])
     # --key.sub=value overrides pass through to config loading; anything else unknown is an error
     bad = [a for a in rest if not (a.startswith("--") and ("." in a.split("=")[0] or "=" in a))]
@@ -120,11 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not debug:
         _quiet_third_party()
+    # start-up: `lmselect --help` imports the standard library only (artifacts pulls numpy and yaml)
     from lmselect.artifacts import LmselectError
     from lmselect.config import ConfigError
 
     if getattr(args, "take_over_lock", False):
-        from lmselect.runlock import TAKE_OVER_ENV
+        from lmselect.runlock import TAKE_OVER_ENV  # start-up, as above
 
         os.environ[TAKE_OVER_ENV] = "1"
     prev_term = _install_sigterm()
@@ -204,7 +205,7 @@ def os_error_message(e: OSError) -> str:
     """``FILE: cannot write: no space left on device`` style text for an OSError that names a file."""
     import errno as _errno
 
-    from lmselect.artifacts import WRITE_FAULT_ERRNOS
+    from lmselect.artifacts import WRITE_FAULT_ERRNOS  # start-up, as in main()
 
     what = (e.strerror or os.strerror(e.errno or _errno.EIO)).lower()
     target = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)

@@ -37,11 +37,16 @@ from typing import Any
 import numpy as np
 
 from lmselect.artifacts import atomic_write_json, atomic_write_text
+from lmselect.check import CheckConfig, build_planted_inputs, controlled_recipe, prepare_from_pool
 from lmselect.config import replace
 from lmselect.context import FlopContext
+from lmselect.data.pool import TokenPool
+from lmselect.errors import ConfigError
+from lmselect.models.presets import PRESETS
 from lmselect.pipeline import add_run_arguments, run_recipe
 from lmselect.recipe import load_recipe
-from lmselect.report.results import fmt_flops, results_markdown
+from lmselect.report.model import collect
+from lmselect.report.results import fmt_flops, md_table, metric_keys, metric_value, paired_label, results_markdown
 from lmselect.select.base import (
     comparable_method_names,
     control_name,
@@ -77,8 +82,6 @@ def comparison_table(results: dict[str, Any], flops: dict[str, float], rounds: i
 
 def curves(run_dir: Path) -> dict[str, dict[str, dict[int, list[float]]]]:
     """method -> metric -> tokens -> values over seeds, from every round's eval/results.json."""
-    from lmselect.report.model import collect
-
     out: dict[str, dict[str, dict[int, list[float]]]] = {}
     for method, seeds in collect(run_dir).rounds.items():
         for _, rounds in seeds.items():
@@ -165,8 +168,6 @@ def with_controls(methods: list[str]) -> list[str]:
 def plant_controls(recipe: Any, out: Path) -> Any:
     """The recipe of a controlled comparison: the known-answer check's planted documents (``OUT/controls/inputs``,
     seeded by the recipe's seed) added to the pool's inputs, the selection set cut to its visible part."""
-    from lmselect.check import CheckConfig, build_planted_inputs, controlled_recipe, prepare_from_pool
-
     planted = build_planted_inputs(prepare_from_pool(recipe), out / "controls", CheckConfig(seed=recipe.seed))
     return controlled_recipe(recipe, planted)
 
@@ -181,7 +182,6 @@ def compare_once(args: argparse.Namespace, methods: list[str], out: Path,
     run_dir, results = run_recipe(recipe, out, report=not args.no_report, recompute=args.recompute)
     if rank_world()[0] != 0:  # under torchrun only rank 0 writes the table and the plot
         return None
-    from lmselect.data.pool import TokenPool
 
     pool = TokenPool(Path(recipe.pool.path) if recipe.pool.path else run_dir / "pool")
     flops = selection_flops(recipe, pool.vocab_size, pool.seq_len, int(np.mean([len(pool.ids(r)) for r in range(1, recipe.rounds + 1)])))
@@ -196,8 +196,6 @@ def compare_once(args: argparse.Namespace, methods: list[str], out: Path,
 
 def arm_means(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """metric -> arm -> mean over seeds of the final-round figure (every arm of the run, controls included)."""
-    from lmselect.report.results import metric_keys, metric_value
-
     rows = results.get("rows") or []
     return {k: {m: finite_mean([metric_value(r, k) for r in rows if r["method"] == m])
                 for m in sorted({r["method"] for r in rows})} for k in metric_keys(rows)}
@@ -216,20 +214,18 @@ def scale_agreement(by_scale: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def agreement_markdown(agr: dict[str, Any]) -> str:
-    from lmselect.report.results import _md_table, _paired_label
-
     a, b = agr["scales"]
     rows = []
     for k, v in agr["metrics"].items():
         acc = "–" if v["accuracy"] is None else f"{v['accuracy']:.2f} ({v['agree']}/{v['pairs']})"
         rho = "–" if v["spearman"] is None else f"{v['spearman']:+.2f}"
-        rows.append([_paired_label(k)[2:], str(len(v["arms"])), acc, rho])
+        rows.append([paired_label(k)[2:], str(len(v["arms"])), acc, rho])
     seeds = "; ".join(f"{s}: " + ", ".join(f"{m} {len(v)}" for m, v in per.items()) for s, per in agr["seeds"].items())
     return "\n".join([
         f"## Agreement of the comparison at {a} and {b}", "",
         "Per metric: decision accuracy = share of pairs of arms (every method and control) that both scales order the "
         "same way (DataDecide); Spearman's ρ of the arms' means. Means over seeds; seeds per arm: " + seeds + ".", "",
-        _md_table(["metric", "arms", f"decision accuracy ({a} vs {b})", "Spearman ρ"], rows), ""])
+        md_table(["metric", "arms", f"decision accuracy ({a} vs {b})", "Spearman ρ"], rows), ""])
 
 
 def arm_names(args: argparse.Namespace) -> list[str]:
@@ -243,9 +239,6 @@ def arm_names(args: argparse.Namespace) -> list[str]:
 
 
 def _scales(args: argparse.Namespace) -> list[str]:
-    from lmselect.errors import ConfigError
-    from lmselect.models.presets import PRESETS
-
     scales = [s.strip() for s in args.scales.split(",") if s.strip()]
     if len(scales) != 2 or len(set(scales)) != 2:
         raise ConfigError(f"--scales: give two different target presets, e.g. debug,pythia-14m (got {args.scales!r})")

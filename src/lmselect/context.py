@@ -1,7 +1,7 @@
 """What a stage of a run can see: the run layout, derived seeds, and the run / round contexts given to methods.
 
-* :class:`RunLayout` is the one place that knows where things live in a run directory (DESIGN "Run directory");
-  the runner, provenance, the report and the test fake run all use it.
+* :class:`~lmselect.layout.RunLayout` (``layout.py``) is the one place that builds and parses the paths of a run
+  directory (DESIGN "Run directory"); a :class:`RunContext` carries one.
 * :func:`derived_seed` is the one seed formula: every random stream of a run (warm-up, selection, training data
   order, evaluation branch, probes, score-model init, references) is ``derived_seed(run seed, method seed, round,
   stream)``. Method names are not part of it, so seed k of every method trains on the same data order — the
@@ -20,10 +20,14 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
+from lmselect.config import replace
+from lmselect.data.pool import TokenPool
 from lmselect.errors import LmselectError
+from lmselect.layout import RunLayout
+from lmselect.models.presets import matmul_params
+from lmselect.select.topk import random_fraction
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lmselect.data.pool import TokenPool
     from lmselect.data.valset import ValidationSet
     from lmselect.train.distributed import DistInfo
 
@@ -47,57 +51,6 @@ def derived_seed(run_seed: int, method_seed: int = 0, rnd: int = 0, stream: int 
     return int(run_seed) * 10_000_000 + int(method_seed) * 10_000 + int(rnd) * 100 + int(stream)
 
 
-class RunLayout:
-    """Paths inside a run directory (DESIGN "Run directory")."""
-
-    def __init__(self, run_dir: str | Path, pool_path: str | Path | None = None):
-        self.root = Path(run_dir)
-        self._pool_path = Path(pool_path) if pool_path else None
-
-    @property
-    def pool(self) -> Path:
-        return self._pool_path or self.root / "pool"
-
-    def warmup(self, which: str) -> Path:
-        return self.root / "warmup" / which
-
-    def method(self, method: str) -> Path:
-        return self.root / method
-
-    def seed(self, method: str, seed: int) -> Path:
-        return self.root / method / f"seed{seed}"
-
-    def round(self, method: str, seed: int, rnd: int) -> Path:
-        return self.seed(method, seed) / f"round{rnd}"
-
-    def stage(self, method: str, seed: int, rnd: int, stage: str) -> Path:
-        return self.round(method, seed, rnd) / stage
-
-    def target(self, method: str, seed: int, rnd: int) -> Path:
-        """The target checkpoint a round *ends* with; round 0 is the warm-up target."""
-        return self.warmup("target") if rnd == 0 else self.stage(method, seed, rnd, "target")
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def results_json(self) -> Path:
-        return self.root / "results.json"
-
-    @property
-    def results_md(self) -> Path:
-        return self.root / "results.md"
-
-    @property
-    def report_html(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
-
-
 class RunContext:
     """Everything of a run that stages and methods share: recipe, layout, pool, validation sets, devices, ranks.
 
@@ -109,7 +62,7 @@ class RunContext:
     def __init__(self, recipe: Any, run_dir: str | Path):
         import torch.distributed as dist
 
-        from lmselect.train.distributed import init_distributed
+        from lmselect.train.distributed import init_distributed  # torch: context is imported by torch-free rooms
 
         self.recipe = recipe
         self.layout = RunLayout(run_dir, recipe.pool.path)
@@ -163,7 +116,7 @@ class RunContext:
     def close(self) -> None:
         """Leave the process group if this context joined it (clean torchrun shutdown)."""
         if self._owns_group:
-            from lmselect.train.distributed import cleanup
+            from lmselect.train.distributed import cleanup  # torch, as in __init__
 
             cleanup()
             self._owns_group = False
@@ -171,14 +124,12 @@ class RunContext:
     # ---- shared inputs ----------------------------------------------------------------------------------------
     @property
     def pool(self) -> TokenPool:
-        from lmselect.data.pool import TokenPool
-
         if self._pool is None:
             self._pool = TokenPool(self.layout.pool)
         return self._pool
 
     def _valset(self, key: str, path: str | None, kind: str) -> ValidationSet | None:
-        from lmselect.data.valset import load_validation
+        from lmselect.data.valset import load_validation  # torch, as in __init__
 
         if path is None:
             return None
@@ -209,8 +160,6 @@ class RunContext:
     def warmup_ids(self) -> np.ndarray:
         """The part of shard 0 the warm-up trains on (a seeded random ``warmup.fraction``); the rest of shard 0 is in
         no candidate shard and never trained on: MATES draws its held-out probes there."""
-        from lmselect.select.topk import random_fraction
-
         return random_fraction(self.pool.ids(0), self.recipe.warmup.fraction,
                                seed=derived_seed(self.recipe.seed, stream=STREAM_WARMUP_DATA))
 
@@ -223,8 +172,6 @@ class RunContext:
                   warmup: bool = False, stream: int = STREAM_TRAIN) -> Any:
         """The recipe's training config for one stage. Only the warm-up warms the LR up; rounds continue the target's
         weights *and* AdamW moments with the schedule's steady LR (× ``lr_scale(rnd)``)."""
-        from lmselect.config import replace
-
         r = self.recipe
         changes: dict[str, Any] = {
             "preset": preset or r.target.preset, "steps": int(steps),
@@ -302,8 +249,6 @@ class FlopContext:
 
     def params(self, preset: str) -> float:
         """N of the 2N / 6N rules: non-embedding parameters plus the output projection."""
-        from lmselect.models.presets import matmul_params
-
         return float(matmul_params(preset, self.vocab))
 
     @property

@@ -44,7 +44,6 @@ import argparse
 import gzip
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +64,12 @@ from lmselect.artifacts import (
     remove_stale_tmp,
     write_manifest,
 )
+from lmselect.data.pool import TokenPool, token_dtype
+from lmselect.data.prefilter import export_dropped
+from lmselect.data.prepare import ORIGINS_FILE
+from lmselect.data.readers import reread_documents
+from lmselect.layout import RunLayout, RunPath
+from lmselect.select.selection import read_selection
 
 log = logging.getLogger("lmselect.export")
 
@@ -75,8 +80,6 @@ TOKENS_META = "tokens.json"
 SEQ_IDS_FILE = "seq_ids.npy"
 _CHUNK = 4096  # pieces decoded and written at a time (bounds memory for large selections)
 SEGMENT_SPANS = 1 << 16  # docs.parquet spans read at a time (occurrence_segments)
-_ROUND_RE = re.compile(r"^round(\d+)$")
-_SEED_RE = re.compile(r"^seed(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,8 +206,6 @@ class _Originals:
     def __init__(self, pool: Any):
         import pyarrow.parquet as pq
 
-        from lmselect.data.prepare import ORIGINS_FILE
-        from lmselect.data.readers import reread_documents
 
         self.batches = pq.ParquetFile(pool.path / ORIGINS_FILE).iter_batches(
             batch_size=SEGMENT_SPANS, columns=["doc", "index", "edited", "doc_id"])
@@ -429,8 +430,6 @@ def _write_documents(path: Path, fmt: str, chunks: Iterator[list[dict[str, Any]]
 
 def _selection_pool(sel_dir: Path, man: dict[str, Any], pool_arg: str | Path | None) -> Any:
     """The pool a selection's sequence ids refer to: ``--pool``, else the one its manifest names."""
-    from lmselect.data.pool import TokenPool
-
     pool_parents = [p for p in man.get("parents", []) if p.get("kind") == "pool"]
     candidates = [pool_arg] if pool_arg is not None else [man.get("extra", {}).get("pool")] + [
         p.get("path") for p in pool_parents]
@@ -447,7 +446,7 @@ def _selection_pool(sel_dir: Path, man: dict[str, Any], pool_arg: str | Path | N
 
 def _selection_scores(man: dict[str, Any]) -> dict[int, float] | None:
     """seq_id -> score from the scores sidecar the selection was made from (None when it has none)."""
-    from lmselect.score import read_scores
+    from lmselect.score import read_scores  # torch (the score package): export runs without it
 
     refs = [p for p in man.get("parents", []) if p.get("kind") == "scores"]
     if not refs or not is_complete(refs[0]["path"], "scores"):
@@ -481,9 +480,6 @@ def export_selection(sel_dir: str | Path, out_dir: str | Path, *, fmt: str = "js
 def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None,
                  text: str = "original") -> dict[str, Any]:
     """Write the files of one export into ``tmp``; returns its manifest parts (parents, counts, extra)."""
-    from lmselect.data.pool import token_dtype
-    from lmselect.select.cli import read_selection
-
     man = read_manifest(sel_dir, kind="selection")
     if man.get("extra", {}).get("unit") == "documents":
         raise LmselectError(f"{sel_dir}: a selection of .jsonl documents; its records are already in "
@@ -516,7 +512,6 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
     # selected sequence become Python objects; the original records are read back in the same (stream) order
     import pyarrow.parquet as pq
 
-    from lmselect.data.prepare import ORIGINS_FILE
 
     originals = None
     if (pool.path / ORIGINS_FILE).is_file() and "doc" in pq.read_schema(pool.path / "docs.parquet").names:
@@ -569,11 +564,12 @@ def run_selections(run_dir: str | Path, round_: int | None = None) -> list[tuple
     """(method, seed, round, selection dir) of each method/seed of a run: its highest round with a complete
     selection, or round ``round_``. Sorted by method, then seed."""
     run = Path(run_dir)
+    layout = RunLayout(run)
     found: dict[tuple[str, int], dict[int, Path]] = {}
-    for sel in run.glob("*/seed*/round*/selection"):
-        rm, sm = _ROUND_RE.match(sel.parent.name), _SEED_RE.match(sel.parent.parent.name)
-        if rm and sm and is_complete(sel, "selection"):
-            found.setdefault((sel.parent.parent.parent.name, int(sm.group(1))), {})[int(rm.group(1))] = sel
+    for rp in layout.round_paths():
+        sel = layout.stage(rp.method, rp.seed, rp.round, "selection")
+        if is_complete(sel, "selection"):
+            found.setdefault((rp.method, rp.seed), {})[rp.round] = sel
     if not found:
         raise LmselectError(f"{run}: neither a selection nor a run directory with a complete selection")
     out = []
@@ -583,7 +579,7 @@ def run_selections(run_dir: str | Path, round_: int | None = None) -> list[tuple
         elif round_ in rounds:
             r = round_
         else:
-            raise LmselectError(f"{run}: {method}/seed{seed} has no complete selection for --round {round_} "
+            raise LmselectError(f"{run}: {layout.key(RunPath(method, seed))} has no complete selection for --round {round_} "
                                 f"(rounds {', '.join(map(str, sorted(rounds)))})")
         out.append((method, seed, r, rounds[r]))
     return out
@@ -607,7 +603,7 @@ def export(source: str | Path, out_dir: str | Path, *, fmt: str = "jsonl", round
         tmp.mkdir(parents=True)
         entries, parents = [], []
         for method, seed, r, sel in chosen:
-            sub = tmp / method / f"seed{seed}" / f"round{r}"
+            sub = RunLayout(tmp).round(method, seed, r)
             sub.mkdir(parents=True)
             info = _export_into(sel, sub, fmt, pool, text)
             write_manifest(sub, Manifest(kind="export", config={"selection": str(sel), "format": fmt, **_check_text(text)},
@@ -648,8 +644,6 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "overrides", None):
         raise LmselectError(f"export takes no --key=value overrides (got {args.overrides[0]})")
     if getattr(args, "dropped", False):
-        from lmselect.data.prefilter import export_dropped
-
         out, n = export_dropped(args.source, args.out)
         print(f"exported {n} documents the prefilter removed -> {out / 'dropped.jsonl.gz'}")
         return 0

@@ -21,7 +21,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from lmselect.artifacts import MANIFEST, LmselectError, read_json, read_manifest
+from lmselect.artifacts import MANIFEST, LmselectError, is_complete, read_json, read_manifest, verify_checksums
+from lmselect.data.decontam import summary_line as decontam_line
+from lmselect.data.pool import TokenPool
+from lmselect.data.prefilter import read_dropped, source_rows, summary_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +46,6 @@ def verify_tree(path: str | Path, out: TextIO | None = None) -> int:
 
     Returns the number of files checked; raises ``ChecksumError`` naming the first file whose content differs.
     """
-    from lmselect.artifacts import is_complete, verify_checksums
-
     out = out or sys.stdout
     root = Path(path)
     n = 0
@@ -92,8 +93,6 @@ def _shard_arg(shard: str | None) -> int | None:
 def print_pool_summary(path: str | Path, n: int = 3, shard: int | None = None, seed: int = 0, max_chars: int = 600,
                        out: TextIO | None = None) -> None:
     """Print a pool's manifest summary and ``n`` decoded sample sequences (from ``shard``, or from all training shards)."""
-    from lmselect.data.pool import TokenPool
-
     out = out or sys.stdout
     pool = TokenPool(path)  # refuses incomplete pools with a one-line error
     m = pool.manifest
@@ -137,7 +136,6 @@ def print_pool_summary(path: str | Path, n: int = 3, shard: int | None = None, s
         for ex in c.get("skipped_examples", [])[:5]:
             out.write(f"  e.g. {ex}\n")
     if x.get("prefilter"):  # datatrove heuristic filters (lmselect.data.prefilter)
-        from lmselect.data.prefilter import read_dropped, source_rows, summary_line
 
         pre = x["prefilter"]
         out.write(f"\n{summary_line(pre)}\n")
@@ -149,7 +147,6 @@ def print_pool_summary(path: str | Path, n: int = 3, shard: int | None = None, s
             ex = ", ".join(f"{r['id']} ({r['filter']}: {r['reason']})" for r in dropped[:5])
             out.write(f"  {pool.path / pre.get('file', 'prefilter_dropped.jsonl')}: {len(dropped)} rows, e.g. {ex}\n")
     if x.get("decontamination"):  # n-gram overlap with the protected sets (lmselect.data.decontam)
-        from lmselect.data.decontam import summary_line as decontam_line
 
         dec = x["decontamination"]
         out.write(f"\n{decontam_line(dec)}\n")
@@ -207,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         raise LmselectError(f"{path}: {what}; lineage printing needs lmselect.provenance, which is not available") from None
     recipe = None
     if getattr(args, "recipe", None):
-        from lmselect.recipe import load_recipe
+        from lmselect.recipe import load_recipe  # torch (recipe reads TrainConfig): only with --recipe
 
         recipe = load_recipe(args.recipe, getattr(args, "overrides", None) or [])
     print_lineage(path, recipe)

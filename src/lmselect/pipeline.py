@@ -50,7 +50,7 @@ from lmselect.artifacts import (
     save_config,
     write_manifest,
 )
-from lmselect.config import to_dict
+from lmselect.config import replace, to_dict
 from lmselect.context import (
     STREAM_DECAY,
     STREAM_DIAGNOSTICS,
@@ -63,10 +63,27 @@ from lmselect.context import (
     RunContext,
     derived_seed,
 )
+from lmselect.data.prepare import prepare
+from lmselect.data.tokenizer import check_same_tokenizer
+from lmselect.data.valset import bits_per_byte, validation_loss
 from lmselect.errors import LmselectError, StaleStageError
+from lmselect.eval import evaluate_model
+from lmselect.layout import EVAL_RESULTS_FILE, SELECTED_FILE, SUMMARY_FILE, RunPath
+from lmselect.log import read_jsonl
+from lmselect.models.losses import mean_token_ce
 from lmselect.recipe import load_recipe, recipe_summary
+from lmselect.report.html import write_report
+from lmselect.report.results import collect, results_markdown, write_results
+from lmselect.report.results import results as run_results
+from lmselect.runlock import run_lock
+from lmselect.select import selection as selection_format  # write_selection looked up per call: tests replace it
 from lmselect.select.base import SelectionMethod, get_method
+from lmselect.select.diagnostics import diagnostics_verdict
+from lmselect.select.diagnostics import selection_diagnostics as scorer_diagnostics
 from lmselect.stages import downstream, find_stale, forget_specs, record_spec, stage_specs
+from lmselect.train.checkpoint import load_checkpoint_model
+from lmselect.train.distributed import rank_world
+from lmselect.train.loop import train
 
 log = logging.getLogger("lmselect.pipeline")
 # Candidates whose proxy loss the selection diagnostics correlate with a scorer's ranking: a seeded sample, since
@@ -154,9 +171,8 @@ class Runner:
                 return
             if is_complete(self.layout.pool, kind="pool"):
                 return
-            from lmselect.data.prepare import prepare
 
-            self._record("pool")
+            self._record(self.layout.key(RunPath(pool=True)))
             t0 = time.perf_counter()
             log.info("preparing pool -> %s", self.layout.pool)
             prepare(self.r.pool.prepare, self.layout.pool)
@@ -166,8 +182,6 @@ class Runner:
 
     def check_tokenizers(self) -> None:
         """Proxy, target and pool must share one tokenizer (KL distillation and selection transfer need it)."""
-        from lmselect.data.tokenizer import check_same_tokenizer
-
         for key in ("target", "proxy"):
             init = getattr(self.r, key).init_from
             if init:
@@ -177,12 +191,10 @@ class Runner:
         return self.ctx.warmup_ids()
 
     def stage_warmup(self, which: str) -> Path:
-        from lmselect.train.loop import train
-
         out = self.layout.warmup(which)
         if is_complete(out, kind="checkpoint"):
             return out
-        self._record(f"warmup/{which}")
+        self._record(self.layout.key(RunPath(warmup=which)))
         sec = getattr(self.r, which)
         stream = STREAM_WARMUP_TARGET if which == "target" else STREAM_WARMUP_PROXY
         cfg = self.ctx.train_cfg(self.r.warmup.steps, preset=sec.preset, warmup=True, stream=stream)
@@ -197,13 +209,11 @@ class Runner:
 
     def stage_select(self, m: SelectionMethod, rc: RoundContext) -> tuple[np.ndarray, float]:
         """Selected sequence ids of the round's shard and the seconds the selection took (0 when reused)."""
-        from lmselect.select.cli import write_selection
-
         sel_dir = rc.stage_dir("selection")
         if is_complete(sel_dir, kind="selection"):
-            return np.load(sel_dir / "selected.npy"), 0.0
+            return np.load(sel_dir / SELECTED_FILE), 0.0
         for st in m.seed_stages:
-            self._record(f"{m.name}/seed{rc.seed}/{st}")
+            self._record(self.layout.key(RunPath(m.name, rc.seed, stage=st)))
         for st in m.stages:
             if st in ("selection", "target", "eval") or not is_complete(rc.stage_dir(st)):
                 self._record(self._rel(rc, st))
@@ -226,7 +236,7 @@ class Runner:
             if diag is not None:
                 extra["diagnostics_verdict"] = diag["verdict"]
                 diag.update(method_diag)
-            write_selection(
+            selection_format.write_selection(
                 sel_dir, self.pool, rc.candidates, scores, sel, method=m.name, fraction=frac,
                 extra={**extra, "round": rc.round, "seed": rc.seed, "selection_seconds": seconds, "level": m.level},
                 parents=parents,
@@ -234,16 +244,13 @@ class Runner:
             )
 
         self.ctx.main_only(write)
-        return np.load(sel_dir / "selected.npy"), seconds  # every rank trains on exactly the artifact rank 0 wrote
+        return np.load(sel_dir / SELECTED_FILE), seconds  # every rank trains on exactly the artifact rank 0 wrote
 
     def reference_loss(self, rnd: int) -> tuple[str, np.ndarray]:
         """Mean next-token CE under the warm-up proxy (else the warm-up target) of a seeded sample of at most
         ``PROXY_LOSS_SAMPLE`` candidates of shard ``rnd``, NaN for the others (the Spearman drops them): the "proxy
         loss" a scorer's ranking is correlated with in the selection diagnostics. Cached per shard: the same sample
         for every method of the run."""
-        from lmselect.models.losses import mean_token_ce
-        from lmselect.train.checkpoint import load_checkpoint_model
-
         if rnd not in self._ref_loss:
             which = "proxy" if is_complete(self.layout.warmup("proxy"), kind="checkpoint") else "target"
             model = load_checkpoint_model(self.layout.warmup(which), device=self.ctx.device)
@@ -260,13 +267,11 @@ class Runner:
     def selection_diagnostics(self, rc: RoundContext, scores: np.ndarray, selected: np.ndarray) -> dict[str, Any]:
         """What a scorer sorts by (``select/diagnostics.py``): per-source score distributions, Spearman with length,
         documents per sequence, proxy loss and near-duplication, ties, and a one-line verdict."""
-        from lmselect.select.diagnostics import diagnostics_verdict, selection_diagnostics
-
         log.info("%s: selection diagnostics (per-source scores, length, proxy loss, near-duplicates) ...",
                  self._rel(rc, "selection"))
         t0 = time.perf_counter()
         model, loss = self.reference_loss(rc.round)
-        d = selection_diagnostics(self.pool, rc.candidates, scores, selected, proxy_loss=loss,
+        d = scorer_diagnostics(self.pool, rc.candidates, scores, selected, proxy_loss=loss,
                                   seed=rc.derived_seed(STREAM_SELECT))
         d["proxy_loss_model"] = model
         d["verdict"] = diagnostics_verdict(d)
@@ -275,14 +280,12 @@ class Runner:
         return d
 
     def _rel(self, rc: RoundContext, stage: str) -> str:
-        return f"{rc.method}/seed{rc.seed}/round{rc.round}/{stage}"
+        return self.layout.key(RunPath(rc.method, rc.seed, rc.round, stage))
 
     def token_selector(self, m: SelectionMethod, rc: RoundContext) -> Any:
         return m.token_selector(rc) if m.level == "token" else None
 
     def stage_train(self, m: SelectionMethod, rc: RoundContext, selected: np.ndarray) -> Path:
-        from lmselect.train.loop import train
-
         out = rc.stage_dir("target")
         if is_complete(out, kind="checkpoint"):
             return out
@@ -294,12 +297,9 @@ class Runner:
         return out
 
     def stage_eval(self, m: SelectionMethod, rc: RoundContext, selected: np.ndarray) -> dict[str, Any]:
-        from lmselect.config import replace
-        from lmselect.train.loop import train
-
         edir = rc.stage_dir("eval")
         if is_complete(edir, kind="eval"):
-            return read_json(edir / "results.json")
+            return read_json(edir / EVAL_RESULTS_FILE)
         self._record(self._rel(rc, "eval"))
         # Decay branch: continue from the round's checkpoint with the LR halved every `halve_every` steps, on the
         # round's selection *with the method's own token selector* (a token-level method is evaluated as trained);
@@ -318,8 +318,6 @@ class Runner:
 
     def exposure(self, m: SelectionMethod, rc: RoundContext, selected: np.ndarray) -> dict[str, Any]:
         """What the method was given this round: tokens fed / backpropagated, distinct sequences, epochs, cost."""
-        from lmselect.log import read_jsonl
-
         tdir = rc.stage_dir("target")
         extra = read_manifest(tdir)["extra"]
         steps, gb, L = self.r.round_steps, self.r.train.global_batch, self.pool.seq_len
@@ -331,7 +329,7 @@ class Runner:
             total = [x["sel_kept_fraction_total"] for x in recs if "sel_kept_fraction_total" in x]
             per_step = [x["sel_kept_fraction"] for x in recs if "sel_kept_fraction" in x]
             kept = float(total[-1]) if total else (float(np.mean(per_step)) if per_step else float("nan"))
-        summary = read_json(rc.stage_dir("selection") / "summary.json")
+        summary = read_json(rc.stage_dir("selection") / SUMMARY_FILE)
         f = FlopContext(self.r, self.pool.vocab_size, L, len(rc.candidates))
         fed = int(extra.get("tokens_seen", fed_seqs * L))
         n_t = f.params(self.r.target.preset)
@@ -358,12 +356,9 @@ class Runner:
 
     def _evaluate(self, m: SelectionMethod, rc: RoundContext, model_dir: Path, selected: np.ndarray) -> dict[str, Any]:
         """Report-set losses (+ lm-eval) of ``model_dir`` and the exposure ledger -> ``eval/``."""
-        from lmselect.data.valset import bits_per_byte, validation_loss
-        from lmselect.train.checkpoint import load_checkpoint_model
-
         edir = rc.stage_dir("eval")
         if is_complete(edir, kind="eval"):
-            return read_json(edir / "results.json")
+            return read_json(edir / EVAL_RESULTS_FILE)
         model = load_checkpoint_model(model_dir, device=self.ctx.device)
         t0 = time.perf_counter()
         res: dict[str, Any] = {"method": m.name, "seed": rc.seed, "round": rc.round}
@@ -380,15 +375,13 @@ class Runner:
         res["exposure"] = self.exposure(m, rc, selected)
         res["downstream"] = None
         if self.r.eval.downstream:
-            from lmselect.eval import evaluate_model
-
             res["downstream"] = evaluate_model(
                 model, self.pool.load_tokenizer(), tasks=self.r.eval.tasks, task_data=self.r.eval.task_data,
                 limit=self.r.eval.limit, batch_size=self.r.eval.batch_size, device=str(self.ctx.device), seed=self.r.seed,
             )
         res["eval_seconds"] = time.perf_counter() - t0
         edir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(edir / "results.json", res)
+        atomic_write_json(edir / EVAL_RESULTS_FILE, res)
         write_manifest(edir, Manifest(kind="eval", config=to_dict(self.r.eval), seed=self.r.seed,
                                       parents=[parent_ref(model_dir)], counts={"tokens": res["tokens"]},
                                       timings={"eval": res["eval_seconds"]}, extra={"exposure": res["exposure"]}))
@@ -398,11 +391,11 @@ class Runner:
         m = self.methods[method]
         rc = self.round_ctx(method, seed, rnd)
         if is_complete(rc.dir, kind="round"):
-            return read_json(rc.stage_dir("eval") / "results.json")
+            return read_json(rc.stage_dir("eval") / EVAL_RESULTS_FILE)
         selected, sel_seconds = self.stage_select(m, rc)
         self.stage_train(m, rc, selected)
         res = self.stage_eval(m, rc, selected)
-        summary = read_json(rc.stage_dir("selection") / "summary.json")
+        summary = read_json(rc.stage_dir("selection") / SUMMARY_FILE)
         self.ctx.main_only(lambda: write_manifest(rc.dir, Manifest(
             kind="round", config=recipe_summary(self.r), seed=seed,
             parents=[parent_ref(rc.stage_dir(s)) for s in ("selection", "target", "eval")],
@@ -433,7 +426,6 @@ class Runner:
             for seed in self.r.seeds:
                 for rnd in range(1, self.r.rounds + 1):
                     self.run_round(method, seed, rnd)
-        from lmselect.report.results import collect, results, write_results
 
         def finish() -> None:
             write_manifest(self.run_dir, Manifest(
@@ -446,7 +438,7 @@ class Runner:
             write_results(self.run_dir)
 
         self.ctx.main_only(finish)
-        return results(collect(self.run_dir))  # read-only: every rank returns the same numbers
+        return run_results(collect(self.run_dir))  # read-only: every rank returns the same numbers
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -474,7 +466,6 @@ def run_recipe(recipe: Any, out: str | Path | None = None, report: bool = True, 
     """Run ``recipe`` into ``out`` (locked while it runs); returns the run directory and its headline results."""
     import contextlib
 
-    from lmselect.runlock import run_lock
 
     run_dir = Path(out or recipe.out or Path("runs") / recipe.name)
     runner = Runner(recipe, run_dir, recompute=recompute)
@@ -483,8 +474,6 @@ def run_recipe(recipe: Any, out: str | Path | None = None, report: bool = True, 
         with run_lock(run_dir) if runner.is_main else contextlib.nullcontext():
             res = runner.run()
             if report:
-                from lmselect.report import write_report
-
                 path = runner.ctx.main_only(lambda: write_report(run_dir))
                 if runner.is_main:
                     log.info("report: %s", path)
@@ -500,9 +489,6 @@ def preflight(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmselect.report.results import results_markdown
-    from lmselect.train.distributed import rank_world
-
     recipe = preflight(args)
     run_dir, results = run_recipe(recipe, args.out, report=not args.no_report, recompute=args.recompute)
     if rank_world()[0] == 0:  # the runner has left the process group: torchrun's environment tells the rank

@@ -19,15 +19,15 @@ Rounds are numbered 1..R (METHODS §1.3) unless the directory already holds a ``
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from lmselect.artifacts import MANIFEST, LmselectError, ParentCheck, check_parents, read_manifest_loose
-from lmselect.context import RunLayout
+from lmselect.layout import POOL, WARMUP, WARMUP_MODELS, RunLayout, parse_round, parse_seed, round_name, seed_name
 from lmselect.select.base import STAGE_ORDER as _SELECT_STAGE_ORDER
 from lmselect.select.base import method_class, method_names
+from lmselect.stages import find_stale
 
 DONE, PARTIAL, MISSING = "done", "partial", "missing"
 
@@ -37,8 +37,6 @@ STAGE_ORDER: tuple[str, ...] = ("reference",) + _SELECT_STAGE_ORDER
 
 # directories never descended into when looking for artifacts
 _SKIP_DIRS = {"tokenizer", "tb", "wandb", "figures", "__pycache__"}
-_SEED_RE = re.compile(r"^seed(-?\d+)$")
-_ROUND_RE = re.compile(r"^round(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +135,7 @@ def run_plan(run_dir: str | Path) -> RunPlan:
         seeds = [base_seed] if methods else []
 
     rounds_v = pick("rounds")
-    first = 0 if any(run_dir.glob("*/seed*/round0")) else 1
+    first = 0 if any(p.round == 0 for p in RunLayout(run_dir).round_paths()) else 1
     if isinstance(rounds_v, (list, tuple)):
         rounds = [int(r) for r in rounds_v]
     elif isinstance(rounds_v, int) and not isinstance(rounds_v, bool):
@@ -159,8 +157,8 @@ def pool_dir(run_dir: str | Path) -> Path | None:
             if cand.is_dir():
                 return cand
         return p if p.is_absolute() else run_dir / p
-    if (run_dir / "pool").is_dir():
-        return run_dir / "pool"
+    if RunLayout(run_dir).pool.is_dir():
+        return RunLayout(run_dir).pool
     return None
 
 
@@ -172,7 +170,7 @@ def is_run_dir(path: str | Path) -> bool:
     m = read_manifest_loose(path)
     if m is not None:
         return m.get("kind") == "run"
-    if (path / "warmup").is_dir() or any(path.glob("*/seed*/round*")):
+    if (path / WARMUP).is_dir() or next(RunLayout(path).round_paths(), None) is not None:
         return True
     try:
         return bool(run_plan(path).methods)
@@ -187,16 +185,15 @@ def _discovered(run_dir: Path) -> tuple[list[str], dict[str, list[int]], dict[tu
     rounds: dict[tuple[str, int], list[int]] = {}
     if not run_dir.is_dir():
         return methods, seeds, rounds
+    layout = RunLayout(run_dir)
     for mdir in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        sdirs = [(int(mm.group(1)), s) for s in mdir.iterdir() if s.is_dir() and (mm := _SEED_RE.match(s.name))]
+        sdirs = layout.seeds(mdir.name)
         if not sdirs and mdir.name not in _known_methods():
             continue
         methods.append(mdir.name)
-        seeds[mdir.name] = sorted(k for k, _ in sdirs)
-        for k, sdir in sdirs:
-            rounds[(mdir.name, k)] = sorted(
-                int(mm.group(1)) for r in sdir.iterdir() if r.is_dir() and (mm := _ROUND_RE.match(r.name))
-            )
+        seeds[mdir.name] = sorted(sdirs)
+        for k in sdirs:
+            rounds[(mdir.name, k)] = sorted(layout.rounds(mdir.name, k))
     return methods, seeds, rounds
 
 
@@ -240,7 +237,7 @@ def stage_status(run_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "run": dir_status(run_dir) if (run_dir / MANIFEST).is_file() else PARTIAL,
         "pool": dir_status(pool) if pool is not None else MISSING,
-        "warmup": {w: dir_status(run_dir / "warmup" / w) for w in ("target", "proxy")},
+        "warmup": {w: dir_status(RunLayout(run_dir).warmup(w)) for w in WARMUP_MODELS},
         "rounds": {},
         "counts": {DONE: 0, PARTIAL: 0, MISSING: 0},
     }
@@ -320,15 +317,15 @@ class Node:
 
 def _child_sort_key(p: Path) -> tuple[int, int, str]:
     name = p.name
-    if name == "pool":
+    if name == POOL:
         return (0, 0, name)
-    if name == "warmup":
+    if name == WARMUP:
         return (1, 0, name)
     known = _known_methods()
     if name in known:
         return (2, known.index(name), name)
-    if (mm := _SEED_RE.match(name)) or (mm := _ROUND_RE.match(name)):
-        return (3, int(mm.group(1)), name)
+    if (k := parse_seed(name)) is not None or (k := parse_round(name)) is not None:
+        return (3, k, name)
     if name in STAGE_ORDER:
         return (4, STAGE_ORDER.index(name), name)
     return (5, 0, name)
@@ -350,7 +347,7 @@ def _build(d: Path, root: Path, run_dir: Path | None, depth: int) -> Node | None
             if n is not None:
                 children.append(n)
     rel = "." if d == root else d.relative_to(root).as_posix()
-    is_stage = d.name in STAGE_ORDER or _ROUND_RE.match(d.name) is not None or d.parent.name == "warmup"
+    is_stage = d.name in STAGE_ORDER or parse_round(d.name) is not None or d.parent.name == WARMUP
     if m is None and not children and not is_stage:
         return None
     if m is not None:
@@ -365,7 +362,7 @@ def _enclosing_run(path: Path) -> Path | None:
     for p in [path, *path.parents]:
         if (p / MANIFEST).is_file() and (read_manifest_loose(p) or {}).get("kind") == "run":
             return p
-        if (p / "config.yaml").is_file() and ((p / "warmup").is_dir() or any(p.glob("*/seed*"))):
+        if (p / "config.yaml").is_file() and ((p / WARMUP).is_dir() or RunLayout(p).has_seeds()):
             return p
     return None
 
@@ -386,7 +383,7 @@ def lineage(path: str | Path) -> Node:
         root = Node(path, ".", None, None, "", [], [])
     if run_dir is not None and Path(run_dir) == path:
         pool = pool_dir(path)
-        if pool is not None and not (path / "pool").is_dir():
+        if pool is not None and not RunLayout(path).pool.is_dir():
             pm = read_manifest_loose(pool)
             pn = Node(pool, str(pool), (pm or {}).get("kind"), (pm or {}).get("uuid"), dir_status(pool),
                       check_parents(pm, pool, None) if pm else [], [])
@@ -463,7 +460,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
         for seed, rounds in seeds.items():
             for r, info in rounds.items():
                 stages = " ".join(f"{s}={v}" for s, v in info["stages"].items())
-                rows.append((method, f"seed{seed}", f"round{r}", info["status"], stages))
+                rows.append((method, seed_name(seed), round_name(r), info["status"], stages))
     if rows:
         w = [max(len(r[i]) for r in rows + [("method", "seed", "round", "status", "")]) for i in range(4)]
         lines.append(f"{'method':<{w[0]}}  {'seed':<{w[1]}}  {'round':<{w[2]}}  {'status':<{w[3]}}  stages")
@@ -477,8 +474,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
 
 def stale_stages(run_dir: str | Path, recipe: Any = None) -> list[tuple[str, list[str]]]:
     """Stages of a run that a rerun of ``recipe`` (default: the run's own ``config.yaml``) would not reuse."""
-    from lmselect.recipe import load_recipe
-    from lmselect.stages import find_stale
+    from lmselect.recipe import load_recipe  # torch (recipe reads TrainConfig): provenance stays torch-free
 
     run_dir = Path(run_dir)
     if recipe is None:

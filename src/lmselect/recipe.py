@@ -19,10 +19,13 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from lmselect.config import ConfigError, check_fraction, load_config, read_yaml
+from lmselect.artifacts import is_complete, read_manifest
+from lmselect.config import ConfigError, check_fraction, load_config, parse_overrides, read_yaml
 from lmselect.data.prefilter import normalize_names, validate_names
 from lmselect.data.prepare import PrepareConfig
+from lmselect.data.valset import read_texts
 from lmselect.errors import LmselectError
+from lmselect.models.presets import get_preset
 from lmselect.paths import DATA_DIR, RECIPES_DIR
 from lmselect.select.base import method_class, method_names
 from lmselect.train.loop import TrainConfig
@@ -148,8 +151,6 @@ def _check_exists(key: str, value: str | None, glob_ok: bool = False, origin: st
 
 def item_digests(path: str) -> dict[str, int]:
     """Content hash of every item of a validation / text file -> its 1-based line number (normalised whitespace)."""
-    from lmselect.data.valset import read_texts
-
     out: dict[str, int] = {}
     for n, text in enumerate(read_texts(Path(path)), start=1):
         out.setdefault(hashlib.sha1(" ".join(text.split()).encode()).hexdigest(), n)
@@ -175,8 +176,6 @@ class _Origins:
     """Where a recipe key's value came from: the command line (an override) or the recipe file."""
 
     def __init__(self, path: Path | None, overrides: list[str] | tuple[str, ...]):
-        from lmselect.config import parse_overrides
-
         self.path = path
         self.flat = json.loads(json.dumps(_flatten(parse_overrides(overrides)), default=str))
 
@@ -199,8 +198,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
     """Resolve paths and check everything that can be checked before compute; errors name the key and its origin."""
-    from lmselect.models.presets import get_preset
-
     where = origin or (lambda key: "")
 
     def need(ok: bool, key: str, what: str, value: Any) -> None:
@@ -298,8 +295,6 @@ def validate(r: Any, base: Path | None = None, origin: Any = None) -> Any:
 
 def _pool_seq_len(r: Any) -> tuple[int | None, str]:
     """The pool's sequence length and the key it comes from: an existing pool's manifest, else ``pool.prepare``."""
-    from lmselect.artifacts import is_complete, read_manifest
-
     if r.pool.path is not None:
         if not is_complete(r.pool.path, "pool"):
             return None, "pool.path"  # prepared elsewhere later, or not a pool: the pipeline says so
@@ -322,8 +317,6 @@ def check_context_lengths(r: Any, where: Any = None) -> None:
     warm-up: the pool's ``seq_len`` against the target, the proxy (the score-model backbone), an ``init_from``
     checkpoint and a method's own model (MATES ``influence_preset``); ``validation.seq_len`` and a method's
     ``seq_len`` (RHO-1's / the reference's text packing) against the models that read them."""
-    from lmselect.models.presets import get_preset
-
     where = where or (lambda key: "")
     models: list[tuple[str, str, int]] = []  # (key, description, context)
     for key in ("target", "proxy"):
@@ -333,13 +326,12 @@ def check_context_lengths(r: Any, where: Any = None) -> None:
             ctx = _checkpoint_context(sec.init_from)
             if ctx is not None:
                 models.append((f"{key}.init_from", f"{key}.init_from checkpoint {sec.init_from}", ctx))
-    mates = getattr(r, "mates", None)
-    if "mates" in r.methods and mates is not None and getattr(mates, "influence_init", "") == "preset":
+    for name in r.methods:  # the models a method builds of its own (MATES: a fresh influence_preset)
         try:
-            ctx = get_preset(mates.influence_preset).max_position_embeddings
-        except LmselectError as e:
-            raise ConfigError(f"recipe key 'mates.influence_preset'{where('mates.influence_preset')}: {e}") from None
-        models.append(("mates.influence_preset", f"MATES influence preset '{mates.influence_preset}'", ctx))
+            models += method_class(name)(getattr(r, name, None)).model_contexts()
+        except ConfigError as e:
+            key = e.key or name
+            raise ConfigError(f"recipe key '{key}'{where(key)}: {e}", key=key) from None
 
     def fits(length: int, length_key: str, src: str, targets: list[tuple[str, str, int]]) -> None:
         for key, what, ctx in targets:

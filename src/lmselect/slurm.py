@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmselect.artifacts import LmselectError, atomic_write_text
+from lmselect.cli import verb_parser_and_module
+from lmselect.runlock import slurm_job
 
 DISTRIBUTED_VERBS = ("run", "train", "score", "compare")
 PORT_BASE, PORT_SPAN = 60000, 5000  # OLMo-core's entrypoint: MASTER_PORT=$((60000 + SLURM_JOB_ID % 5000))
@@ -82,8 +84,6 @@ class SlurmEnv:
     @property
     def job_key(self) -> str | None:
         """Stable across a requeue: ``ARRAYJOB_TASK`` for an array task, else the job id (see :mod:`runlock`)."""
-        from lmselect.runlock import slurm_job
-
         env = {"SLURM_JOB_ID": self.job_id or "", "SLURM_ARRAY_JOB_ID": self.array_job_id or "",
                "SLURM_ARRAY_TASK_ID": "" if self.array_task_id is None else str(self.array_task_id)}
         return slurm_job(env)
@@ -385,9 +385,7 @@ def check_verb_args(verb: str, verb_args: list[str]) -> None:
     """Parse the verb's arguments with the verb's own parser and run the verb's own ``preflight`` (the checks it
     makes before any compute: the recipe file and its overrides for run / compare, the config, model and inputs for
     train / score), so a typo, a missing file or ``--rounds=abc`` fails here, not after the queue wait."""
-    from lmselect.cli import _verb_parser
-
-    parser, mod = _verb_parser(verb)
+    parser, mod = verb_parser_and_module(verb)
     try:
         ns, rest = parser.parse_known_args(verb_args)
     except SystemExit as e:  # argparse printed the verb's --help (code 0) or its usage error

@@ -18,11 +18,14 @@ from typing import Any
 
 from lmselect.artifacts import atomic_write_json, check_parents, is_complete, read_json, read_manifest
 from lmselect.config import config_hash, to_dict
+from lmselect.layout import RunLayout, RunPath
 from lmselect.paths import portable
 from lmselect.select.base import STAGE_ORDER, get_method
 
 SPECS_FILE = "stages.json"
 
+
+_REL = RunLayout(".")  # run-relative keys (RUN/stages.json), built and parsed by the layout
 
 def _sub(r: Any, *keys: str) -> dict[str, Any]:
     d = portable(to_dict(r))
@@ -41,16 +44,17 @@ def stage_specs(r: Any) -> dict[str, dict[str, Any]]:
     if not pool["pool"].get("prepare", {}).get("prefilter", True):
         del pool["pool"]["prepare"]["prefilter"]  # off: runs made before the option existed keep their identity
     if r.pool.path is None:
-        specs["pool"] = pool
+        specs[_REL.key(RunPath(pool=True))] = pool
     warm = {**pool, **_sub(r, "seed", "warmup", "train")}
-    specs["warmup/target"] = {**warm, "target": portable(to_dict(r.target))}
+    warm_target = _REL.key(RunPath(warmup="target"))
+    specs[warm_target] = {**warm, "target": portable(to_dict(r.target))}
     methods = {m: get_method(m, getattr(r, m, None)) for m in r.methods}
     if any("proxy" in m.needs for m in methods.values()):
-        specs["warmup/proxy"] = {**warm, "proxy": portable(to_dict(r.proxy))}
+        specs[_REL.key(RunPath(warmup="proxy"))] = {**warm, "proxy": portable(to_dict(r.proxy))}
     v = portable(to_dict(r.validation))
     sel_v = {k: v[k] for k in ("selection", "selection_kind", "max_items", "seq_len", "batch_size")}
     for name, m in methods.items():
-        base = {**specs["warmup/target"], **_sub(r, "select_fraction", "round_steps", "lr_per_round", "score_batch_size"),
+        base = {**specs[warm_target], **_sub(r, "select_fraction", "round_steps", "lr_per_round", "score_batch_size"),
                 "method": name, "settings": portable(to_dict(m.resolved_config())) if m.cfg is not None else None}
         if "proxy" in m.needs:
             base["proxy"] = portable(to_dict(r.proxy))
@@ -58,14 +62,14 @@ def stage_specs(r: Any) -> dict[str, dict[str, Any]]:
             base["validation"] = sel_v
         for seed in r.seeds:
             for st in m.seed_stages:
-                specs[f"{name}/seed{seed}/{st}"] = base
+                specs[_REL.key(RunPath(name, seed, stage=st))] = base
             for rnd in range(1, r.rounds + 1):
                 for st in m.stages:
                     spec = base
                     if st == "eval":
                         spec = {**base, **_sub(r, "decay", "eval"), "report_sets": {k: v[k] for k in ("lambada", "clean")},
                                 "report_validation": {k: v[k] for k in ("max_items", "seq_len", "batch_size")}}
-                    specs[f"{name}/seed{seed}/round{rnd}/{st}"] = spec
+                    specs[_REL.key(RunPath(name, seed, rnd, st))] = spec
     return specs
 
 
@@ -87,23 +91,24 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def downstream(rel: str, planned: list[str]) -> list[str]:
     """``rel`` and every planned stage that depends on it (in plan order)."""
-    parts = rel.split("/")
-    if parts[0] in ("pool", "warmup"):
-        if rel == "warmup/proxy":  # only methods that use the proxy depend on it
-            return [rel] + [p for p in planned if "/seed" in p]
-        return [p for p in planned if p == rel or p.startswith("warmup/") or "/seed" in p]
-    method, seed = parts[0], parts[1]
-    chain = [p for p in planned if p.startswith(f"{method}/{seed}/")]
-    if len(parts) == 3:  # a per-seed stage (e.g. a reference): the whole chain depends on it
-        return chain
-    rnd, stage = int(parts[2][len("round"):]), parts[3]
-    if stage == "eval":  # evaluation feeds nothing downstream
+    at = _REL.parse(rel)
+    plan = [(p, _REL.parse(p)) for p in planned]
+    if at is None:
+        raise ValueError(f"{rel}: not a stage of a run directory")
+    if at.pool or at.warmup is not None:
+        if at.warmup == "proxy":  # only methods that use the proxy depend on it
+            return [rel] + [p for p, q in plan if q is not None and q.seed is not None]
+        return [p for p, q in plan if p == rel or (q is not None and (q.warmup is not None or q.seed is not None))]
+    chain = [(p, q) for p, q in plan if q is not None and q.method == at.method and q.seed == at.seed
+             and q.stage is not None]
+    if at.round is None:  # a per-seed stage (e.g. a reference): the whole chain depends on it
+        return [p for p, _ in chain]
+    if at.stage == "eval":  # evaluation feeds nothing downstream
         return [rel]
     out = [rel]
-    for p in chain:
-        q = p.split("/")
-        if len(q) == 4 and (int(q[2][len("round"):]) > rnd or
-                            (int(q[2][len("round"):]) == rnd and STAGE_ORDER.index(q[3]) > STAGE_ORDER.index(stage))):
+    for p, q in chain:
+        if q.round is not None and (q.round > at.round or (q.round == at.round and
+                                                            STAGE_ORDER.index(q.stage) > STAGE_ORDER.index(at.stage))):
             out.append(p)
     return out
 

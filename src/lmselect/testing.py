@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmselect.data.pool import write_pool
+
 SAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "A language model predicts the next token from the tokens before it.",
@@ -38,8 +40,6 @@ def make_tokenizer(vocab_size: int = 320):
 
 def make_pool(path: Path, tokenizer, n_per_shard: int = 16, n_shards: int = 2, n_val: int = 8, seq_len: int = 32, seed: int = 0) -> Path:
     """A pool of real tokenized sentences, two sources ('clean', 'spam'), shards 0..n_shards-1 plus a val hold-out."""
-    from lmselect.data.pool import write_pool
-
     rng = np.random.default_rng(seed)
     clean = [t for t in SAMPLE_TEXT if "!!!" not in t and "prize" not in t]
     spam = [t for t in SAMPLE_TEXT if "!!!" in t or "prize" in t]
@@ -78,7 +78,7 @@ def write_jsonl_texts(path: Path, texts: list[str]) -> Path:
 
 def make_valset(path: Path, tokenizer, texts: list[str] | None = None, kind: str = "lambada", seq_len: int = 32):
     """Write ``texts`` (default: six LAMBADA-style passages) to ``path`` and load them as a ValidationSet."""
-    from lmselect.data.valset import load_validation
+    from lmselect.data.valset import load_validation  # torch: the other helpers need none
 
     return load_validation(write_jsonl_texts(path, texts or SAMPLE_LAMBADA), tokenizer, kind=kind, seq_len=seq_len)
 

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from lmselect.artifacts import Manifest, atomic_save_npy, atomic_write_json, parent_ref, write_manifest
-from lmselect.context import RunLayout
+from lmselect.layout import RunLayout
 
 TEXTS = {
     "wiki": [

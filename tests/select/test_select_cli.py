@@ -11,8 +11,8 @@ from lmselect.artifacts import is_complete, parent_ref, read_manifest
 from lmselect.cli import main
 from lmselect.data.tokenizer import tokenizer_fingerprint
 from lmselect.score import write_scores
-from lmselect.select.cli import read_selection, write_selection
 from lmselect.select.random import random_selection, select_random
+from lmselect.select.selection import read_selection, write_selection
 
 
 @pytest.fixture()

@@ -34,6 +34,7 @@ from lmselect.artifacts import (
     write_manifest,
     writing,
 )
+from lmselect.data import tokenizer as hf_tokenizer  # the module: TokenPool has a load_tokenizer of its own
 
 VAL_SHARD = -1
 TOKENS = "tokens.bin"
@@ -120,10 +121,8 @@ class TokenPool:
 
     def load_tokenizer(self) -> Any:
         """The pool's HF tokenizer, loaded once per TokenPool (decoding examples calls this per sequence)."""
-        from lmselect.data.tokenizer import load_tokenizer
-
         if getattr(self, "_tokenizer", None) is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_dir)
+            self._tokenizer = hf_tokenizer.load_tokenizer(self.tokenizer_dir)
         return self._tokenizer
 
     def doc_spans(self) -> Any:
@@ -167,15 +166,13 @@ def write_pool(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lmselect.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ArtifactError(f"{path}: a pool needs at least one sequence (got shape {tokens.shape})")
     n, seq_len = tokens.shape
     if isinstance(tokenizer, (str, Path)):
-        tok_obj = load_tokenizer(tokenizer)
+        tok_obj = hf_tokenizer.load_tokenizer(tokenizer)
     else:
         tok_obj = tokenizer
     vocab_size = len(tok_obj)
@@ -237,7 +234,7 @@ def write_pool(
             "eos_id": int(eos_id),
             "dtype": dtype.name,
             "n_shards": len(shards_present),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tok_obj),
+            "tokenizer_fingerprint": hf_tokenizer.tokenizer_fingerprint(tok_obj),
         }
         info.update(extra or {})
         write_manifest(

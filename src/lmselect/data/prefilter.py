@@ -55,9 +55,9 @@ from itertools import chain
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from lmselect.artifacts import LmselectError
+from lmselect.artifacts import LmselectError, Manifest, atomic_path, parent_ref, read_manifest, write_manifest
 from lmselect.config import ConfigError
-from lmselect.data.readers import Document
+from lmselect.data.readers import Document, reread_documents
 
 log = logging.getLogger(__name__)
 
@@ -405,8 +405,6 @@ def source_rows(info: dict[str, Any]) -> list[list[str]]:
 def prefilter_report(pool_dir: str | Path) -> dict[str, Any]:
     """``{"enabled": False}`` for a pool prepared without a prefilter; else the manifest's ``extra.prefilter`` plus
     ``summary`` (one line)."""
-    from lmselect.artifacts import read_manifest
-
     m = read_manifest(Path(pool_dir), kind="pool")
     info = (m.get("extra") or {}).get("prefilter")
     if not info:
@@ -436,8 +434,6 @@ def export_dropped(pool_dir: str | Path, out_dir: str | Path) -> tuple[Path, int
     ``OUT`` is an artifact (manifest kind ``export``), built in a temporary directory. Returns (OUT, documents)."""
     import gzip
 
-    from lmselect.artifacts import Manifest, atomic_path, parent_ref, read_manifest, write_manifest
-    from lmselect.data.readers import reread_documents
 
     pool_dir, out_dir = Path(pool_dir), Path(out_dir)
     m = read_manifest(pool_dir, kind="pool")

@@ -55,6 +55,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+import lmselect.data.prepare_tasks as pt
 from lmselect.artifacts import (
     MANIFEST,
     LmselectError,
@@ -79,7 +80,7 @@ from lmselect.config import (
 )
 from lmselect.data.decontam import DecontamConfig, Decontaminator, summary_line
 from lmselect.data.pool import token_dtype
-from lmselect.data.prefilter import DROPPED_FILE, Prefilter, normalize_names, validate_names
+from lmselect.data.prefilter import DROPPED_FILE, Prefilter, check_info, merged_info, normalize_names, validate_names
 from lmselect.data.prefilter import summary_line as prefilter_summary
 from lmselect.data.prepare_tasks import (  # noqa: F401 - re-exported: the packing rules are prepare's
     BATCH_CHARS,
@@ -87,12 +88,15 @@ from lmselect.data.prepare_tasks import (  # noqa: F401 - re-exported: the packi
     LONG_TEXT_CHARS,
     ORIGINS_FILE,
     PROGRESS_LOG_S,
-    _batches,
-    _tokenizer_threads,
     assign_shards,
+    document_batches,
     document_spans,
+    parse_task,
+    tokenizer_threads,
+    write_index,
 )
 from lmselect.data.readers import Document, InputSpec, ReadStats, input_fingerprint, iter_documents, resolve_inputs
+from lmselect.data.tokenizer import load_tokenizer, split_long_text, tokenizer_fingerprint, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +250,6 @@ def _get_tokenizer(
     cfg: PrepareConfig, specs: Sequence[InputSpec], where: str, decon: Decontaminator | None = None,
     pre: Prefilter | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    from lmselect.data.tokenizer import load_tokenizer, split_long_text, train_bpe
-
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
         if tok.eos_token_id is None:
@@ -292,8 +294,6 @@ def prepare_pool(
 
     The work runs as ``cfg.tasks`` tasks (:mod:`lmselect.data.prepare_tasks`; 0 = auto) and one merge; the pool is
     the same for every task count. Parts left by a killed run of the same config are reused."""
-    import lmselect.data.prepare_tasks as pt
-
     cfg.validate()
     out_dir = Path(out_dir)
     chash = pool_config_hash(cfg)
@@ -327,8 +327,6 @@ def prepare_task(cfg: PrepareConfig, out_dir: str | Path, rank: int, n_tasks: in
     plan first when no task has (the first one trains the tokenizer; the others wait for it). The pool itself is
     written by a later ``lmselect prepare ... --tasks N`` (the merge; it also runs any task still missing).
     Returns ``{"complete": done parts, "tasks": N, "pool": True when the pool already exists}``."""
-    import lmselect.data.prepare_tasks as pt
-
     cfg.validate()
     out_dir = Path(out_dir)
     chash = pool_config_hash(cfg)
@@ -347,8 +345,6 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
     """The tasks' plan (``prepare_tasks.load_or_make_plan``): the tokenizer is loaded, or trained on its stated sample
     (the first ``tokenizer_train_chars`` characters of the prefiltered, decontaminated stream) and saved for the
     tasks. ``decontam_keep`` (sources flagged but never dropped) goes into the plan for every task."""
-    import lmselect.data.prepare_tasks as pt
-
     where = _describe_inputs(specs, cfg.inputs)
 
     def make_tokenizer(tok_dir: Path) -> dict[str, Any]:
@@ -357,7 +353,7 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
             return info
         decon = Decontaminator.build(cfg.decontaminate, decontam_keep) if cfg.decontaminate.enabled else None
         pre = Prefilter(cfg.prefilter) if cfg.prefilter else None
-        with _tokenizer_threads(cfg.workers):
+        with tokenizer_threads(cfg.workers):
             tok, info = _get_tokenizer(cfg, specs, where, decon, pre)
         tok.save_pretrained(str(tok_dir))
         if pre is not None:  # the sample's filter decisions, for task 0 (whose stream the sample begins)
@@ -374,10 +370,6 @@ def _plan(cfg: PrepareConfig, out_dir: Path, chash: str, specs: Sequence[InputSp
 def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], chash: str, t_start: float,
            tasks_s: float, threads: int) -> dict[str, Any]:
     """Write the pool from the complete parts (``prepare_tasks``): one process, streaming, ``manifest.json`` last."""
-    import lmselect.data.prepare_tasks as pt
-    from lmselect.data.prefilter import check_info, merged_info
-    from lmselect.data.tokenizer import load_tokenizer
-
     parts = pt.merged_parts(work, plan)
     specs = [InputSpec(**x) for x in plan["specs"]]
     where = _describe_inputs(specs, cfg.inputs)
@@ -446,9 +438,6 @@ def _merge(cfg: PrepareConfig, out_dir: Path, work: Path, plan: dict[str, Any], 
 def _write_index(cfg: PrepareConfig, tmp: Path, tok: Any, work: Path, plan: dict[str, Any],
                  parts: Sequence[dict[str, Any]], n_rows: int, stats: ReadStats) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write sequences.parquet and docs.parquet (streamed from the parts); return the manifest counts and extra."""
-    from lmselect.data.prepare_tasks import write_index
-    from lmselect.data.tokenizer import tokenizer_fingerprint
-
     names = sorted({s for p in parts for s in p["sources"]})  # sorted: codes do not depend on input order
     counts = write_index(cfg, work, plan, parts, tmp, n_rows, names)
     read = stats.to_dict()
@@ -483,8 +472,6 @@ def _run_tasks(work: Path, plan: dict[str, Any], cfg: Any, ranks: Sequence[int],
     """Run the incomplete ones of ``ranks``: one in this process (no executor: nothing to spread), else under
     datatrove's LocalPipelineExecutor, ``workers`` at a time (``local_rank_offset`` / ``local_tasks`` select the
     ranks of an array task). A task's LmselectError comes back as one line naming the task."""
-    import lmselect.data.prepare_tasks as pt
-
     todo = [r for r in ranks if not pt.part_done(work, plan, r)]
     if not todo:
         return
@@ -494,7 +481,7 @@ def _run_tasks(work: Path, plan: dict[str, Any], cfg: Any, ranks: Sequence[int],
         return
     from datatrove.executor import LocalPipelineExecutor
 
-    from lmselect.data.prepare_step import PrepareTask
+    from lmselect.data.prepare_step import PrepareTask  # datatrove: only for N > 1 tasks
 
     errors = work / "errors"
     shutil.rmtree(errors, ignore_errors=True)
@@ -617,8 +604,6 @@ def preflight(args: argparse.Namespace) -> PrepareConfig:
     cfg = config_from_args(args)
     cfg.validate()
     if getattr(args, "task", None):
-        from lmselect.data.prepare_tasks import parse_task
-
         parse_task(args.task)
     resolve_inputs(cfg.inputs)
     return cfg
@@ -627,8 +612,6 @@ def preflight(args: argparse.Namespace) -> PrepareConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if getattr(args, "task", None):
-        from lmselect.data.prepare_tasks import parse_task
-
         rank, n = parse_task(args.task)
         done = prepare_task(cfg, args.out, rank, n)
         if done["pool"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from datatrove.pipeline.base import PipelineStep
 
 from lmselect.artifacts import LmselectError
+from lmselect.data.prepare_tasks import run_task
 
 
 class PrepareTask(PipelineStep):
@@ -27,8 +28,6 @@ class PrepareTask(PipelineStep):
         self.threads = threads
 
     def run(self, data: object = None, rank: int = 0, world_size: int = 1) -> None:
-        from lmselect.data.prepare_tasks import run_task
-
         try:
             with self.track_time():
                 info = run_task(Path(self.work), rank, self.cfg, threads=self.threads)

@@ -58,9 +58,12 @@ from lmselect.artifacts import (
     read_json,
     remove_stale_tmp,
 )
-from lmselect.data.pool import VAL_SHARD
+from lmselect.config import to_dict
+from lmselect.data.decontam import Decontaminator
+from lmselect.data.pool import VAL_SHARD, token_dtype
+from lmselect.data.prefilter import Prefilter
 from lmselect.data.readers import Document, InputSpec, ReadStats, dataset_rows, iter_documents
-from lmselect.data.tokenizer import LONG_TEXT_CHARS
+from lmselect.data.tokenizer import LONG_TEXT_CHARS, batch_encoder, load_tokenizer, split_long_text
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +239,6 @@ def _wait_for_plan(work: Path, lock: Path) -> None:
 
 def _make_plan(work: Path, cfg: Any, chash: str, specs: Sequence[InputSpec], n_tasks: int, make_tokenizer: Any,
                inputs_info: Any, decontam_keep: Sequence[str] = ()) -> dict[str, Any]:
-    from lmselect.config import to_dict
-
     for p in ("parts", "logs", "tokenizer"):
         shutil.rmtree(work / p, ignore_errors=True)
     (work / PREFILTER_MEMO).unlink(missing_ok=True)
@@ -291,7 +292,7 @@ def incomplete(work: Path, plan: dict[str, Any]) -> list[int]:
 # one task
 
 @contextlib.contextmanager
-def _tokenizer_threads(workers: int) -> Iterator[int]:
+def tokenizer_threads(workers: int) -> Iterator[int]:
     """Let the Rust tokenizer use ``workers`` threads for the duration of the call, then restore the environment.
 
     ``RAYON_NUM_THREADS`` only takes effect if the Rust thread pool has not started yet in this process (a fresh CLI
@@ -312,7 +313,7 @@ def _tokenizer_threads(workers: int) -> Iterator[int]:
                 os.environ[k] = v
 
 
-def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+def document_batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
     batch: list[Document] = []
     chars = 0
     for d in docs:
@@ -346,11 +347,6 @@ def task_specs(plan: dict[str, Any], rank: int) -> list[InputSpec]:
 def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """Build part ``rank`` of the plan in ``work`` (skipped when complete): read its units, prefilter, decontaminate,
     tokenize; write the part in a temp dir and rename it, ``part.json`` last. Returns the part's ``part.json``."""
-    from lmselect.data.decontam import Decontaminator
-    from lmselect.data.pool import token_dtype
-    from lmselect.data.prefilter import Prefilter
-    from lmselect.data.tokenizer import batch_encoder, load_tokenizer, split_long_text
-
     work = Path(work)
     plan = read_json(work / PLAN)
     out = part_dir(work, rank)
@@ -358,7 +354,7 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
         return read_json(out / PART_MARKER)
     remove_stale_tmp(out, log)  # what a killed attempt of this task left
     t0, c0 = time.perf_counter(), time.process_time()
-    with _tokenizer_threads(threads):
+    with tokenizer_threads(threads):
         tok = load_tokenizer(tokenizer_dir(work, plan))
         encode = batch_encoder(tok)
         eos = int(tok.eos_token_id)
@@ -397,7 +393,7 @@ def run_task(work: Path, rank: int, cfg: Any, *, threads: int = 1, progress: boo
                        leave=False)
             t_log = time.monotonic()
             with open(tmp / "tokens.bin", "wb") as fout:
-                for batch in _batches(docs):
+                for batch in document_batches(docs):
                     if len(batch) == 1 and len(batch[0].text) > LONG_TEXT_CHARS:
                         # one long document, encoded piece by piece (bounded memory; tokenizer.split_long_text)
                         n = 0

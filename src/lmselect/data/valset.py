@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import torch
 
 from lmselect.artifacts import LmselectError
+from lmselect.data.readers import iter_json_records
+from lmselect.models.losses import token_ce
 
 
 @dataclass
@@ -72,8 +74,6 @@ class ValidationSet:
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
     """The items of a validation / text file: ``.jsonl`` records' ``field``, else one item per non-empty line."""
-    from lmselect.data.readers import iter_json_records
-
     if not path.is_file():
         raise LmselectError(f"{path}: validation file not found")
     if ".jsonl" in path.name:
@@ -139,8 +139,6 @@ def load_validation(
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, vset: ValidationSet, batch_size: int = 32, device: Any = None) -> float:
     """Token-weighted mean CE over the masked positions of the whole set (eval mode, no grad)."""
-    from lmselect.models.losses import token_ce
-
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device

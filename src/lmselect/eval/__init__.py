@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmselect.eval import harness
 from lmselect.eval.tasks import ALL_TASKS, HEADLINE_TASKS, LOCAL_TASKS, build_tasks, resolve_task_names
 
 __all__ = [
@@ -29,7 +30,5 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # harness.py imports numpy/torch-adjacent code; keep `import lmselect.eval` cheap for the CLI's --help
     if name in ("evaluate_model", "evaluate_checkpoint", "headline_average", "EvalConfig", "format_results"):
-        from lmselect.eval import harness
-
         return getattr(harness, name)
     raise AttributeError(name)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from lmselect.artifacts import LmselectError
 from lmselect.config import load_config, to_dict
+from lmselect.eval.harness import EvalConfig, evaluate_checkpoint, format_results
+from lmselect.eval.tasks import ALL_TASKS, export_task_configs, resolve_task_names
+from lmselect.paths import TASKS_DIR
 
 
 def export(args: argparse.Namespace) -> int:
     """``--export-tasks DIR``: write the task configs and print the lm_eval command that uses them."""
-    from lmselect.eval.tasks import export_task_configs
-    from lmselect.paths import TASKS_DIR
-
     if args.online:
         raise LmselectError("--export-tasks writes configs for local files; it cannot be combined with --online")
     names = export_task_configs(args.tasks, args.task_data or TASKS_DIR, args.export_tasks)
@@ -43,8 +43,6 @@ def export(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lmselect eval``."""
-    from lmselect.eval.tasks import ALL_TASKS
-
     parser.add_argument(
         "checkpoint", metavar="CHECKPOINT_DIR", nargs="?", default=None,
         help="HF-format checkpoint (config.json + weights + tokenizer)",
@@ -71,9 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate ``args.checkpoint`` and print the per-task table; raises LmselectError on bad input."""
-    from lmselect.eval.harness import EvalConfig, evaluate_checkpoint, format_results
-    from lmselect.eval.tasks import resolve_task_names
-
     if args.export_tasks is not None:
         return export(args)
     if args.checkpoint is None:

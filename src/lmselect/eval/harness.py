@@ -47,10 +47,21 @@ from lmselect.artifacts import (
     library_versions,
     parent_ref,
     read_json,
+    save_config,
     write_manifest,
 )
-from lmselect.eval.tasks import ALL_TASKS, HEADLINE_TASKS, build_tasks, resolve_task_names, task_split_info
+from lmselect.config import to_dict
+from lmselect.eval.tasks import (
+    ALL_TASKS,
+    HEADLINE_TASKS,
+    build_tasks,
+    harness_task_manager,
+    local_task_file,
+    resolve_task_names,
+    task_split_info,
+)
 from lmselect.paths import TASKS_DIR
+from lmselect.stats import se_of_mean, standard_error
 
 RESULTS_FILE = "results.json"
 DEFAULT_SEED = 1234  # the harness's default numpy/torch/few-shot seed
@@ -147,8 +158,6 @@ def continuous_metrics(samples: dict[str, list[dict[str, Any]]], task_objs: dict
     """Per task: mean and standard error over items of ``prob_correct`` and ``bpb`` (:func:`item_metrics`) from the
     harness's logged samples (``filtered_resps`` = the per-request loglikelihoods, ``arguments`` = the (context,
     continuation) pairs it scored). Multiple-choice tasks get both metrics, loglikelihood tasks (LAMBADA) ``bpb``."""
-    from lmselect.stats import standard_error
-
     out: dict[str, dict[str, Any]] = {}
     for t, items in samples.items():
         task = task_objs.get(t)
@@ -189,7 +198,6 @@ def continuous_average(per_task: dict[str, dict[str, Any]], metric: str,
     present = [t for t in tasks if isinstance((per_task.get(t) or {}).get(metric), (int, float))]
     if not present:
         return {"value": None, "stderr": None, "n_tasks": 0, "tasks": [], "complete": False}
-    from lmselect.stats import se_of_mean
 
     ses = [per_task[t].get(f"{metric}_stderr") for t in present]
     return {"value": float(np.mean([per_task[t][metric] for t in present])),
@@ -415,7 +423,6 @@ def quiet_git_probe() -> Iterator[None]:
 
 def _task_manager() -> Any:
     # simple_evaluate builds a full TaskManager (a ~5 s scan) when given none; ours indexes only our folders
-    from lmselect.eval.tasks import harness_task_manager
 
     return harness_task_manager()
 
@@ -483,12 +490,9 @@ def evaluate_checkpoint(
     ``out_dir`` defaults to ``<path>/eval``. Tasks and task files are checked before the model is loaded.
     Returns the results dict as written.
     """
-    from lmselect.artifacts import save_config
-
     ckpt = check_checkpoint_dir(path)
     names = resolve_task_names(tasks)
     if not online:  # fail on a missing task file before spending time loading the model
-        from lmselect.eval.tasks import local_task_file
 
         for t in names:
             local_task_file(t, task_data if task_data is not None else TASKS_DIR)
@@ -544,8 +548,6 @@ def evaluate_checkpoint(
 
 
 def _cfg_dict(cfg: EvalConfig) -> dict[str, Any]:
-    from lmselect.config import to_dict
-
     return to_dict(cfg)
 
 

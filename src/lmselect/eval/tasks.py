@@ -25,7 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from lmselect.artifacts import LmselectError
+from lmselect.artifacts import LmselectError, atomic_path, atomic_write_text
+from lmselect.data.readers import iter_json_records
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `lmselect --help` must not import the harness
     from lm_eval.api.task import Task
@@ -232,8 +233,6 @@ def resolve_task_names(tasks: str | Iterable[str] | None) -> list[str]:
 
 def read_local_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Records of a local ``.jsonl`` / ``.jsonl.gz`` task file; bad lines raise ``LmselectError`` naming file:line."""
-    from lmselect.data.readers import iter_json_records
-
     out: list[dict[str, Any]] = []
     for _, rec in iter_json_records(path, what="task file"):
         out.append(rec)
@@ -388,7 +387,6 @@ def export_task_configs(tasks: Sequence[str] | str | None, task_data: str | Path
 
     import yaml
 
-    from lmselect.artifacts import atomic_path, atomic_write_text
 
     names = resolve_task_names(tasks)
     files = {t: local_task_file(t, task_data) for t in names}  # validate every file before writing anything

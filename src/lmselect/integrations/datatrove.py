@@ -32,6 +32,8 @@ from typing import Any, Iterator
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from lmselect.data.readers import record_id
+
 
 def lmselect_adapter(self: Any, data: dict, path: str, id_in_file: int | str) -> dict:
     """A datatrove reader ``adapter`` that gives records lmselect's ids (:data:`lmselect.data.readers.ID_RULE`):
@@ -42,8 +44,6 @@ def lmselect_adapter(self: Any, data: dict, path: str, id_in_file: int | str) ->
 
         JsonlReader("my_corpus/", adapter=lmselect_adapter)
     """
-    from lmselect.data.readers import record_id
-
     raw = data.get(self.id_key)
     out = self._default_adapter(data, path, id_in_file)
     out["id"], _ = record_id(raw, str(path), int(id_in_file))
@@ -87,6 +87,7 @@ class LmselectScorer(PipelineStep):
     def scorer(self) -> Any:
         """The loaded :class:`~lmselect.score.documents.DocumentScorer` (loaded on first use)."""
         if self._scorer is None:
+            # torch: at the first document, not when a datatrove pipeline is built
             from lmselect.score.documents import DocumentScorer
 
             self._scorer = DocumentScorer(self.model_path, self.tokenizer_from, lm_loss=self.lm_loss,

@@ -10,8 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from lmselect.artifacts import LmselectError
+from lmselect.report import plots as F
 from lmselect.report.model import RunData
-from lmselect.report.results import _val_key
+from lmselect.report.results import val_key
 from lmselect.score.sidecar import read_scores
 from lmselect.stats import finite_mean, se_of_mean, standard_error
 
@@ -96,8 +97,6 @@ def _first(d: Any, keys: Sequence[str]) -> list[Any] | None:
 
 def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureEntry]:
     """Draw every figure the run's artifacts allow; append a note for each one skipped."""
-    from lmselect.report import plots as F
-
     out: list[FigureEntry] = []
 
     def attempt(what: str, fn: Any) -> None:
@@ -240,7 +239,7 @@ def make_figures(data: RunData, fig_dir: Path, notes: list[str]) -> list[FigureE
             return
         metrics = [(k, t) for k, t in (("downstream_prob", "9-task P(correct choice)"),
                                         ("downstream_bpb", "9-task bits/byte of the correct answer")) if k in cont]
-        metrics += [(f"val_{k}", f"validation loss ({k})") for k in sorted(vl_keys, key=_val_key)]
+        metrics += [(f"val_{k}", f"validation loss ({k})") for k in sorted(vl_keys, key=val_key)]
         if any_ds:
             metrics.append(("downstream", "9-task average accuracy"))
         else:

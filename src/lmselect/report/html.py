@@ -13,10 +13,18 @@ from typing import Any
 import numpy as np
 
 from lmselect.artifacts import LmselectError, atomic_write_json, atomic_write_text
+from lmselect.data.pool import TokenPool
 from lmselect.provenance import DONE, stale_artifacts
 from lmselect.report.figures import FigureEntry, make_figures
 from lmselect.report.model import RoundData, RunData, collect
-from lmselect.report.results import _rate_table, _table_rows, _task_table, headline_sections, results, results_markdown
+from lmselect.report.results import (
+    headline_sections,
+    per_seed_table,
+    results,
+    results_markdown,
+    selection_rate_table,
+    task_table,
+)
 from lmselect.score.sidecar import read_scores
 
 
@@ -49,7 +57,6 @@ def examples(data: RunData, n: int = 3, max_chars: int = 400, notes: list[str] |
     if data.pool is None:
         notes.append("examples skipped: the run has no pool (RUN/pool or config.yaml pool.path)")
         return []
-    from lmselect.data.pool import TokenPool
 
     try:
         pool = TokenPool(data.pool)
@@ -183,19 +190,19 @@ def render_html(data: RunData, res: dict[str, Any], figs: list[FigureEntry], exs
         if sec["bullets"]:
             parts.append("<ul>" + "".join(f"<li>{_e(b)}</li>" for b in sec["bullets"]) + "</ul>")
     parts.append("<h3>Per seed</h3>")
-    header, rows = _table_rows(res)
+    header, rows = per_seed_table(res)
     if rows:
         parts.append(_html_table(header, rows, mean_rows=True))
     else:
         parts.append("<p>No method rounds found.</p>")
     parts.append("<p class=\"meta\">Final = last round with a complete evaluation; 9-task average uses acc_norm where "
                  "a task reports it, else acc; selection time sums the selection stages over rounds.</p>")
-    rate_table = _rate_table(res)
+    rate_table = selection_rate_table(res)
     if rate_table:
         parts += ["<h3>Selection rate per source (fraction of each source's candidates kept, mean over rounds and "
                   "seeds)</h3>", _html_table(*rate_table)]
     if res["tasks"]:
-        th, tr = _task_table(res)
+        th, tr = task_table(res)
         parts += ["<h3>Per-task accuracy (final round, %, mean over seeds)</h3>", _html_table(th, tr)]
     parts.append(f'<details><summary>results.md</summary><pre class="md">{_e(results_markdown(res))}</pre></details>')
 

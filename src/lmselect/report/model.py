@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmselect.artifacts import MANIFEST, ArtifactError, LmselectError, read_json, read_manifest
+from lmselect.layout import EVAL_RESULTS_FILE, SELECTED_FILE, SUMMARY_FILE, TRAIN_LOG_FILE, WARMUP_MODELS, RunLayout
 from lmselect.log import read_jsonl
 from lmselect.provenance import DONE, is_run_dir, pool_dir, read_run_config, round_dir, stage_status
 
@@ -56,7 +57,7 @@ class RoundData:
 
     @property
     def selected_path(self) -> Path | None:
-        p = self.dir / "selection" / "selected.npy"
+        p = self.dir / "selection" / SELECTED_FILE
         return p if "selection" in self.stage_manifests and p.is_file() else None
 
     def selection_seconds(self) -> float | None:
@@ -124,7 +125,7 @@ def collect(run_dir: str | Path) -> RunData:
                         m = _complete_manifest(rdir / stage)
                         if m is not None:
                             rd.stage_manifests[stage] = m
-                for stage, fname, attr in (("selection", "summary.json", "summary"), ("eval", "results.json", "eval")):
+                for stage, fname, attr in (("selection", SUMMARY_FILE, "summary"), ("eval", EVAL_RESULTS_FILE, "eval")):
                     f = rdir / stage / fname
                     if stage in rd.stage_manifests and f.is_file():
                         try:
@@ -136,10 +137,10 @@ def collect(run_dir: str | Path) -> RunData:
                             setattr(rd, attr, obj)
                         else:
                             notes.append(f"ignored {f}: not a JSON object")
-                rd.train_log = read_jsonl(rdir / "target" / "train_log.jsonl")  # also while training
+                rd.train_log = read_jsonl(rdir / "target" / TRAIN_LOG_FILE)  # also while training
                 rd.bilevel_log = read_jsonl(rdir / "bilevel" / "bilevel_log.jsonl")
                 rounds.setdefault(method, {}).setdefault(seed, {})[r] = rd
-    warm = {w: read_jsonl(run_dir / "warmup" / w / "train_log.jsonl") for w in ("target", "proxy")}
+    warm = {w: read_jsonl(RunLayout(run_dir).warmup(w) / TRAIN_LOG_FILE) for w in WARMUP_MODELS}
     return RunData(
         run_dir=run_dir,
         manifest=_complete_manifest(run_dir) if (run_dir / MANIFEST).is_file() else None,

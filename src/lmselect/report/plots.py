@@ -10,6 +10,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lmselect.artifacts import atomic_path
+from lmselect.select.base import method_color as declared
+
 DPI = 90
 _CYCLE = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#aec7e8"]
 
@@ -18,7 +21,6 @@ def method_color(method: str) -> str:
     """Stable colour per method (same in every figure): the method's declared colour, else one from a cycle."""
     if method == "warmup":
         return "#000000"
-    from lmselect.select.base import method_color as declared
 
     return declared(method) or _CYCLE[sum(map(ord, method)) % len(_CYCLE)]
 
@@ -36,7 +38,6 @@ def _figure(n_panels: int, width: float = 5.0, height: float = 3.4, ncols: int |
 def _save(fig: Any, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from lmselect.artifacts import atomic_path
 
     FigureCanvasAgg(fig)
     fig.tight_layout()

@@ -9,8 +9,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from lmselect.artifacts import atomic_write_json, atomic_write_text
-from lmselect.provenance import DONE
+from lmselect.data.decontam import overlap_report
+from lmselect.data.prefilter import prefilter_report, source_rows
+from lmselect.provenance import DONE, pool_dir
 from lmselect.report.model import RunData, collect
+from lmselect.score.sidecar import read_scores
+from lmselect.select.base import (
+    baseline_names,
+    control_name,
+    known_answer_controls,
+    level_control_name,
+    method_class,
+    method_names,
+)
+from lmselect.select.diagnostics import topk_overlap
 from lmselect.stats import (
     finite_mean,
     min_detectable_effect,
@@ -41,8 +53,6 @@ def _sum_or_none(vals: Sequence[Any]) -> float | None:
 
 
 def _control() -> str:
-    from lmselect.select.base import control_name
-
     return control_name()
 
 
@@ -77,14 +87,14 @@ def metric_order(key: str) -> tuple[int, tuple[int, str], int]:
     if key in ("downstream_prob", "downstream_bpb"):
         return (0, (int(key == "downstream_bpb"), ""), 0)
     if key.startswith("val_"):
-        return (1, _val_key(key.split(".", 1)[1]), int(key.startswith("val_bpb.")))
+        return (1, val_key(key.split(".", 1)[1]), int(key.startswith("val_bpb.")))
     return (2, (0, key), 0)
 
 
 def metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Every metric some row has, in reading order: the continuous downstream metrics, the report-set losses and
     bits per byte (set by set), then downstream accuracy."""
-    sets = sorted({k for r in rows for k in (r.get("val_loss") or {})}, key=_val_key)
+    sets = sorted({k for r in rows for k in (r.get("val_loss") or {})}, key=val_key)
     keys = [k for k, _ in DOWNSTREAM_METRICS[:2]]
     for k in sets:
         keys += [f"val_loss.{k}", f"val_bpb.{k}"]
@@ -174,8 +184,6 @@ def flops_multiple(e: dict[str, Any]) -> float | None:
 def _paired_vs_level_controls(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """control -> its level's methods -> metric -> paired difference, for every registered level control in the
     run (random_tokens: RHO-1 and BLADE against a random mask of the same kept fraction)."""
-    from lmselect.select.base import level_control_name, method_class, method_names
-
     known = set(method_names())
     out: dict[str, dict[str, Any]] = {}
     for level in ("sequence", "token"):
@@ -193,10 +201,8 @@ def _paired_vs_best_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ``{"baseline", "metric", "means", "paired"}``, or {} when none ran. Best = the lowest mean final loss on the
     first report set (LAMBADA in the demo), over the seeds it has; which baseline that is and every baseline's mean
     are recorded, so the choice is visible rather than silent."""
-    from lmselect.select.base import baseline_names
-
     present = [b for b in baseline_names() if any(r["method"] == b for r in rows)]
-    keys = sorted({k for r in rows if r["method"] in present for k in r["val_loss"]}, key=_val_key)
+    keys = sorted({k for r in rows if r["method"] in present for k in r["val_loss"]}, key=val_key)
     if not present or not keys:
         return {}
     metric = keys[0]
@@ -216,8 +222,6 @@ def _best_with_power(best: dict[str, Any], noise: dict[str, dict[str, Any]]) -> 
 
 
 def _known_answer() -> dict[str, str]:
-    from lmselect.select.base import known_answer_controls
-
     return known_answer_controls()
 
 
@@ -367,7 +371,7 @@ def results(data: RunData) -> dict[str, Any]:
                                         (float(tv[ck]), tv.get(ck + "_stderr")))
             rows.append(row)
             mrows.append(row)
-        vl_keys = sorted({k for r in mrows for k in r["val_loss"]}, key=_val_key)
+        vl_keys = sorted({k for r in mrows for k in r["val_loss"]}, key=val_key)
         rates: dict[str, list[float]] = {}
         for _seed, rounds in sorted(seeds.items()):
             for _, rd in sorted(rounds.items()):
@@ -438,9 +442,6 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
     """Per method and round: what the scorer sorts by (selection/diagnostics.json, first seed; plus top-k overlap and
     score rank correlation across seeds) and the solver's own diagnostics (any other stage's diagnostics.json, e.g.
     BLISS's bilevel/, averaged over seeds), with their warnings."""
-    from lmselect.score.sidecar import read_scores
-    from lmselect.select.diagnostics import topk_overlap
-
     out: dict[str, Any] = {}
     for method, seeds in data.rounds.items():
         per_round: dict[str, Any] = {}
@@ -493,9 +494,6 @@ def _diagnostics(data: RunData) -> dict[str, Any]:
 
 def _decontamination(data: RunData) -> dict[str, Any] | None:
     """The pool's n-gram overlap with the protected sets (selection, report, eval tasks), without the per-doc list."""
-    from lmselect.data.decontam import overlap_report
-    from lmselect.provenance import pool_dir
-
     p = pool_dir(data.run_dir)
     if p is None or not (p / "manifest.json").is_file():
         return None
@@ -513,9 +511,6 @@ def _decontamination(data: RunData) -> dict[str, Any] | None:
 
 def _prefilter(data: RunData) -> dict[str, Any] | None:
     """What the pool's heuristic prefilter removed (manifest ``extra.prefilter``), or None without one."""
-    from lmselect.data.prefilter import prefilter_report
-    from lmselect.provenance import pool_dir
-
     p = pool_dir(data.run_dir)
     if p is None or not (p / "manifest.json").is_file():
         return None
@@ -544,7 +539,7 @@ def _eval_curves(data: RunData) -> list[dict[str, Any]]:
     return out
 
 
-def _val_key(k: str) -> tuple[int, str]:
+def val_key(k: str) -> tuple[int, str]:
     return (VAL_LOSS_ORDER.index(k) if k in VAL_LOSS_ORDER else len(VAL_LOSS_ORDER), k)
 
 
@@ -577,8 +572,8 @@ def _fmt_acc(avg: float | None, se: float | None) -> str:
     return f"{100 * avg:.2f} ± {100 * se:.2f}" if se is not None else f"{100 * avg:.2f}"
 
 
-def _table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    vl_keys = sorted({k for r in res["rows"] for k in r["val_loss"]}, key=_val_key)
+def per_seed_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    vl_keys = sorted({k for r in res["rows"] for k in r["val_loss"]}, key=val_key)
     header = ["method", "seed", "rounds", "tokens", *[f"val loss ({k})" for k in vl_keys], "9-task avg ± se (%)",
               "selection time", "config hash"]
     out = []
@@ -610,7 +605,7 @@ def _pm(mean: float | None, sd: float | None, fmt: str = "{:.4f}") -> str:
 def _summary_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Mean ± sd over seeds of the final-round figures, one row per method: the continuous downstream metrics first
     (where evaluated), then the report-set losses and bits per byte, then 9-task accuracy."""
-    vl_keys = sorted({k for m in res["methods"].values() for k in m["val_loss"]}, key=_val_key)
+    vl_keys = sorted({k for m in res["methods"].values() for k in m["val_loss"]}, key=val_key)
     bpb = any(v is not None for m in res["methods"].values() for v in (m.get("val_bpb") or {}).values())
     cont = [k for k in ("downstream_prob", "downstream_bpb")
             if any(m.get(k) is not None for m in res["methods"].values())]
@@ -631,7 +626,7 @@ def _summary_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _paired_label(k: str) -> str:
+def paired_label(k: str) -> str:
     if k.startswith("val_loss."):
         return f"Δ {k[len('val_loss.'):]} loss"
     if k.startswith("val_bpb."):
@@ -685,7 +680,7 @@ def _paired_table(res: dict[str, Any], paired: dict[str, Any] | None = None) -> 
     if not paired:
         return None
     keys = sorted({k for v in paired.values() for k in v}, key=metric_order)
-    header = ["method", *[_paired_label(k) for k in keys]]
+    header = ["method", *[paired_label(k) for k in keys]]
     rows = [[m, *[paired_cell(d.get(k), k) for k in keys]] for m, d in paired.items()]
     return header, rows
 
@@ -694,7 +689,7 @@ def _noise_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | Non
     noise = res.get("noise_floor") or {}
     rows = []
     for k, v in noise.items():
-        rows.append([_paired_label(k)[2:], str(v["control_seeds"]), _unsigned(v["sd_control"], k),
+        rows.append([paired_label(k)[2:], str(v["control_seeds"]), _unsigned(v["sd_control"], k),
                      _unsigned(v["noise"], k), str(v["n_seeds"]), _unsigned(v["mde"], k)])
     if not rows:
         return None
@@ -723,7 +718,7 @@ def _controls_table(res: dict[str, Any]) -> tuple[tuple[list[str], list[list[str
             verdict = "**detected**" if d["detected"] else ("wrong side" if d["wrong_side"] else "not detected")
             row.append(f"{verdict}: {paired_cell(v, k)}")
         rows.append(row)
-        bullets.append(f"{m}: " + (f"detected beyond noise on {', '.join(_paired_label(k)[2:] for k in a['detected_on'])}"
+        bullets.append(f"{m}: " + (f"detected beyond noise on {', '.join(paired_label(k)[2:] for k in a['detected_on'])}"
                                    if a["detected_on"] else "not detected on any metric"))
     pos = [a for a in ka["arms"].values() if a["kind"] == "positive" and a.get("planted_share") is not None]
     if pos and pos[0]["planted_share"] < 0.1:
@@ -733,7 +728,7 @@ def _controls_table(res: dict[str, Any]) -> tuple[tuple[list[str], list[list[str
     if not ka["can_rank"]:
         bullets.append("Neither control is detected beyond noise: nothing at this scale can be ranked (a method's "
                        "\"within noise\" says nothing about whether it helps).")
-    return (["control", "known answer", *[_paired_label(k) for k in keys]], rows), bullets
+    return (["control", "known answer", *[paired_label(k) for k in keys]], rows), bullets
 
 
 def _headroom_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
@@ -753,7 +748,7 @@ def _headroom_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | 
             else:
                 row.append(f"{v['ratio']:+.2f} [unbounded]")
         rows.append(row)
-    return ["method", *[f"share of {hr['positive_control']}'s {_paired_label(k)}" for k in keys]], rows
+    return ["method", *[f"share of {hr['positive_control']}'s {paired_label(k)}" for k in keys]], rows
 
 
 def fmt_flops(x: float | None) -> str:
@@ -778,7 +773,7 @@ def _exposure_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | 
             "epochs over selection", "selection FLOPs (est.)", "FLOPs × plain training", "selection time"], rows
 
 
-def _task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     methods = list(res["tasks"])
     names = sorted({t for m in methods for t in res["tasks"][m]})
     header = ["task", "metric", *methods]
@@ -798,7 +793,7 @@ def _task_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _rate_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+def selection_rate_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     srcs = sorted({s for m in res["methods"].values() for s in m.get("rate_per_source", {})})
     if not srcs:
         return None
@@ -807,7 +802,7 @@ def _rate_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None
     return ["method", *srcs], rows
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
@@ -908,8 +903,6 @@ def headline_sections(res: dict[str, Any]) -> list[dict[str, Any]]:
         [f"warning: {w}" for w in warns])
     pre = res.get("prefilter")
     if pre:
-        from lmselect.data.prefilter import source_rows
-
         add("What the prefilter removed (datatrove heuristic filters, before tokenizing)", pre["summary"] + ".",
             (["source", "documents", "removed", "by filter", "characters kept"], source_rows(pre)),
             [f"{n}: {v['dropped']} removed ({', '.join(f'{k} {c}' for k, c in v['reasons'].items()) or '–'})"
@@ -932,30 +925,30 @@ def results_markdown(res: dict[str, Any]) -> str:
     for sec in headline_sections(res):
         out += [f"## {sec['title']}", "", sec["note"], ""]
         if sec["rows"]:
-            out += [_md_table(sec["header"], sec["rows"]), ""]
+            out += [md_table(sec["header"], sec["rows"]), ""]
         if sec["bullets"]:
             out += [*[f"- {b}" for b in sec["bullets"]], ""]
-    header, rows = _table_rows(res)
-    out += ["## Per seed", "", _md_table(header, rows) if rows else "_no method rounds found_", ""]
+    header, rows = per_seed_table(res)
+    out += ["## Per seed", "", md_table(header, rows) if rows else "_no method rounds found_", ""]
     out += ["Final = last round with a complete evaluation. 9-task average: acc_norm where a task reports it, else "
             "acc; ± standard error (mean rows: standard error of the mean over seeds). Selection time: wall time "
             "of the selection stages (reference, bilevel, influence, scores, selection) summed over rounds.", ""]
-    rate_table = _rate_table(res)
+    rate_table = selection_rate_table(res)
     if rate_table:
         out += ["## Selection rate per source (fraction of each source's candidates kept, mean over rounds and seeds)",
-                "", _md_table(*rate_table), ""]
+                "", md_table(*rate_table), ""]
     if res["tasks"]:
-        th, tr = _task_table(res)
+        th, tr = task_table(res)
         out += ["## Per task (final round, mean over seeds): accuracy (%) ± se; P(correct); bits/byte of the correct "
-                "answer", "", _md_table(th, tr), ""]
+                "answer", "", md_table(th, tr), ""]
     curves = res.get("curves") or []
     if curves:
-        vl = sorted({k for c in curves for k in c["val_loss"]}, key=_val_key)
+        vl = sorted({k for c in curves for k in c["val_loss"]}, key=val_key)
         header = ["method", "seed", "round", "tokens", *[f"val loss ({k})" for k in vl], "9-task avg ± se (%)"]
         rows = [[c["method"], str(c["seed"]), str(c["round"]), fmt_tokens(c["tokens"]),
                  *[_fmt_loss(c["val_loss"].get(k)) for k in vl], _fmt_acc(c["downstream_average"], c["downstream_stderr"])]
                 for c in curves]
-        out += ["## Evaluation vs tokens (each round's decay branch)", "", _md_table(header, rows), ""]
+        out += ["## Evaluation vs tokens (each round's decay branch)", "", md_table(header, rows), ""]
     return "\n".join(out)
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+import lmselect.select as pkg  # this package, for discovery (its __init__ imports nothing)
 from lmselect.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,6 +139,14 @@ class SelectionMethod:
                     and isinstance(v, int) and not isinstance(v, bool) and v < 0:
                 raise ConfigError(f"recipe key '{self.name}.{f.name}': must be >= 0, got {v}")
 
+    def model_contexts(self) -> list[tuple[str, str, int]]:
+        """The models of its own this method builds from its settings, each as ``(recipe key, description, context
+        length)``: the recipe checks that they hold the pool's sequences before any compute (MATES: its influence
+        model when built from ``influence_preset``). A setting that names no usable model raises ``ConfigError``
+        whose ``key`` is that recipe key and whose message is the reason alone (the recipe adds the key and where
+        its value came from). Default: none (the method trains only the proxy / target)."""
+        return []
+
     def data_files(self) -> list[str]:
         """Extra files the method reads (e.g. a reference corpus); the recipe checks them against the report sets."""
         return []
@@ -227,8 +236,6 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    import lmselect.select as pkg
-
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if info.name not in ("base", "cli"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")

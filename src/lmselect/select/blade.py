@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lmselect.artifacts import LmselectError
-from lmselect.config import check_fraction
+from lmselect.config import check_fraction, replace
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
 from lmselect.models.losses import token_ce
 from lmselect.models.util import freeze
@@ -302,8 +302,6 @@ class Blade(SelectionMethod):
             raise LmselectError(f"recipe key 'blade.tau': must be > 0 (or null for never), got {self.cfg.tau}")
 
     def token_selector(self, ctx: RoundContext) -> TokenSelector:
-        from lmselect.config import replace
-
         return BladeSelector(replace(self.cfg, seed=ctx.derived_seed(STREAM_REFERENCE, per_round=False)),
                              ctx.selection_set)
 

@@ -13,7 +13,7 @@ Writes (DESIGN "Selection") ``selected.npy`` (sorted int64 seq ids), ``summary.j
 n_candidates, threshold, 50-bin histograms of candidate and selected scores, per-source candidates/selected/rate),
 ``score_hist.png`` (with the threshold line), ``source_rates.png``, ``config.yaml`` and manifest kind="selection".
 The directory is built in a temporary place and renamed, so it is all or nothing; the same command twice gives a
-byte-identical ``selected.npy``. ``write_selection`` is the writer every selection method of the pipeline uses.
+byte-identical ``selected.npy``. The format and its writer / reader live in ``select/selection.py``.
 """
 
 from __future__ import annotations
@@ -24,33 +24,23 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import yaml
 
 from lmselect.artifacts import (
     LmselectError,
-    Manifest,
-    atomic_path,
-    atomic_save_npy,
-    atomic_write_json,
-    atomic_write_text,
-    check_replaceable,
     parent_ref,
     read_json,
     read_manifest,
-    write_manifest,
 )
 from lmselect.data.records import write_selected_files
+from lmselect.select.selection import SELECTED_RECORDS, write_selection
 from lmselect.select.topk import gumbel_topk, random_fraction, top_fraction
 
 log = logging.getLogger("lmselect.select")
 
 METHODS = ("top", "gumbel", "random")
-SELECTED_RECORDS = "selected.jsonl.gz"  # document selections: the selected records of the scored .jsonl file
-_OWN_FILES = {"selected.npy", "summary.json", "score_hist.png", "source_rates.png", "config.yaml", "manifest.json",
-              SELECTED_RECORDS}
 
 
 @dataclass
@@ -99,86 +89,6 @@ def select_ids(
     if not temperature > 0:
         raise LmselectError(f"--temperature must be > 0 for Gumbel-top-k, got {temperature}")
     return gumbel_topk(cand_ids, scores, fraction, temperature, seed, largest=largest)
-
-
-def _check_out_dir(out: Path) -> None:
-    """Refuse to replace a directory that is not a (possibly incomplete) selection: it may be someone's data."""
-    check_replaceable(out, "selection", _OWN_FILES)
-
-
-def write_selection(
-    out_dir: str | Path,
-    pool: Any,
-    cand_ids: np.ndarray,
-    scores_or_None: np.ndarray | None,
-    selected: np.ndarray,
-    method: str,
-    fraction: float,
-    extra: dict[str, Any] | None = None,
-    parents: list[dict[str, str]] | None = None,
-    *,
-    config: dict[str, Any] | None = None,
-    seed: int | None = None,
-    largest: bool | None = None,
-    plots: bool = True,
-    extra_files: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write a complete selection artifact atomically (all files, then the manifest, then one rename).
-
-    ``scores_or_None`` are aligned with ``cand_ids``; ``largest`` defaults to ``not extra["lowest"]``; ``extra`` is
-    merged into ``summary.json`` and the manifest's ``extra``; ``extra_files(tmp_dir)`` writes further files into
-    the artifact before its manifest (document selections: ``selected.jsonl.gz``). Returns ``out_dir``.
-    """
-    out = Path(out_dir)
-    cand_ids = np.asarray(cand_ids, dtype=np.int64)
-    sel = np.unique(np.asarray(selected, dtype=np.int64))  # sorted, unique
-    if len(sel) != len(np.asarray(selected)):
-        raise LmselectError(f"{out}: selection has duplicate ids")
-    if not np.all(np.isin(sel, cand_ids)):
-        raise LmselectError(f"{out}: selection contains ids that are not candidates")
-    extra = dict(extra or {})
-    if largest is None:
-        largest = not bool(extra.get("lowest", False))
-    if seed is None and extra.get("seed") is not None:
-        seed = int(extra["seed"])
-    from lmselect.select.summary import build_summary, plot_score_hist, plot_source_rates
-
-    summary = build_summary(pool, cand_ids, scores_or_None, sel, method, fraction, largest=largest, extra=extra)
-    cfg = config if config is not None else {"method": method, "fraction": float(fraction), **extra}
-    cfg = json.loads(json.dumps(cfg, default=str))
-    _check_out_dir(out)
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        atomic_save_npy(tmp / "selected.npy", sel)
-        atomic_write_json(tmp / "summary.json", summary)
-        if plots:
-            plot_score_hist(summary, tmp / "score_hist.png")
-            plot_source_rates(summary, tmp / "source_rates.png")
-        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-        if extra_files is not None:
-            extra_files(tmp)
-        write_manifest(
-            tmp,
-            Manifest(
-                kind="selection", config=cfg, seed=seed, parents=list(parents or []),
-                counts={"candidates": int(len(cand_ids)), "selected": int(len(sel))},
-                extra={"method": method, "fraction": float(fraction), "threshold": summary["threshold"],
-                       "largest": bool(largest), "pool": str(getattr(pool, "path", "")), **extra},
-            ),
-        )
-    log.info("selection: %s (%s, %d of %d)", out, method, len(sel), len(cand_ids))
-    return out
-
-
-def read_selection(sel_dir: str | Path) -> np.ndarray:
-    """Selected ids (sorted int64) of a complete selection artifact."""
-    d = Path(sel_dir)
-    read_manifest(d, kind="selection")
-    try:
-        ids = np.load(d / "selected.npy")
-    except (OSError, ValueError) as e:
-        raise LmselectError(f"{d / 'selected.npy'}: unreadable ({str(e).splitlines()[0][:200]})") from None
-    return np.asarray(ids, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------

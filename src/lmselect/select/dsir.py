@@ -48,9 +48,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lmselect.artifacts import is_complete, parent_ref, read_manifest
 from lmselect.context import STREAM_METHOD, FlopContext, RoundContext
 from lmselect.errors import ConfigError, LmselectError
-from lmselect.select.base import Selection, SelectionMethod, register
+from lmselect.select.base import TEXT_SCORER_FILE, Selection, SelectionMethod, register
+from lmselect.select.texts import pool_texts, selection_texts, words
+from lmselect.select.topk import gumbel_topk, top_fraction
 
 EPS = 1e-8  # dsir/hashed_ngram_dsir.py, fit_importance_estimator: np.log(p + 1e-8)
 
@@ -78,8 +81,6 @@ class NgramHasher:
         self._cache: dict[str, int] = {}
 
     def __call__(self, text: str) -> np.ndarray:
-        from lmselect.select.texts import words
-
         w = words(text)
         cache, out = self._cache, []
         for n in self.orders:
@@ -148,7 +149,6 @@ class DsirTextScorer:
     def __init__(self, path: str | Path):
         import json
 
-        from lmselect.select.base import TEXT_SCORER_FILE
 
         p = Path(path)
         for f in (TEXT_SCORER_FILE, "log_ratio.npy"):
@@ -169,7 +169,6 @@ class DsirTextScorer:
 def _save_text_scorer(out: Path, log_ratio: np.ndarray, cfg: DsirConfig, info: dict[str, Any]) -> None:
     import json
 
-    from lmselect.select.base import TEXT_SCORER_FILE
 
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "log_ratio.npy", log_ratio)
@@ -208,11 +207,8 @@ class Dsir(SelectionMethod):
                               key="dsir.min_target_items")
 
     def select(self, ctx: RoundContext) -> Selection:
-        from lmselect.artifacts import is_complete, parent_ref, read_manifest
-        from lmselect.score import read_scores
+        from lmselect.score import read_scores  # torch: discovery imports every method module; keep this one light
         from lmselect.score.sidecar import write_scores
-        from lmselect.select.texts import pool_texts, selection_texts
-        from lmselect.select.topk import gumbel_topk, top_fraction
 
         sdir = ctx.stage_dir("scores")
         if not is_complete(sdir, kind="scores"):

@@ -45,9 +45,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+import lmselect
+from lmselect.artifacts import is_complete, parent_ref, read_manifest
 from lmselect.context import STREAM_METHOD, FlopContext, RoundContext
 from lmselect.errors import ConfigError, LmselectError
-from lmselect.select.base import Selection, SelectionMethod, register
+from lmselect.select.base import TEXT_SCORER_FILE, Selection, SelectionMethod, register
+from lmselect.select.texts import one_line, pool_texts, selection_texts
+from lmselect.select.topk import top_fraction
 
 TARGET, POOL = "__label__target", "__label__pool"
 
@@ -80,8 +84,6 @@ def import_fasttext() -> Any:
 
 
 def _clean(texts: list[str]) -> list[str]:
-    from lmselect.select.texts import one_line
-
     return [one_line(t) for t in texts]
 
 
@@ -146,7 +148,6 @@ def _train_and_predict(d: str, texts: list[str]) -> tuple[np.ndarray, dict[str, 
     import subprocess
     import sys
 
-    import lmselect
 
     with open(os.path.join(d, "predict.txt"), "w", encoding="utf-8") as f:
         f.write("".join(t + "\n" for t in _clean(texts)))
@@ -191,7 +192,6 @@ class FastTextTextScorer:
     def __init__(self, path: str | os.PathLike):
         import json
 
-        from lmselect.select.base import TEXT_SCORER_FILE
 
         self.path = os.fspath(path)
         for f in (TEXT_SCORER_FILE, "train.txt", "args.json"):
@@ -218,7 +218,6 @@ def _save_text_scorer(out: str | os.PathLike, train: str, args: str, probe_texts
                       info: dict[str, Any]) -> None:
     import json
 
-    from lmselect.select.base import TEXT_SCORER_FILE
 
     os.makedirs(out, exist_ok=True)
     for name, text in (("train.txt", train), ("args.json", args)):
@@ -279,11 +278,8 @@ class FastTextFilter(SelectionMethod):
                               key="fasttext.bucket")
 
     def select(self, ctx: RoundContext) -> Selection:
-        from lmselect.artifacts import is_complete, parent_ref, read_manifest
-        from lmselect.score import read_scores
+        from lmselect.score import read_scores  # torch: discovery imports every method module; keep this one light
         from lmselect.score.sidecar import write_scores
-        from lmselect.select.texts import pool_texts, selection_texts
-        from lmselect.select.topk import top_fraction
 
         sdir = ctx.stage_dir("scores")
         if not is_complete(sdir, kind="scores"):

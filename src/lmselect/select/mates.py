@@ -77,21 +77,32 @@ from lmselect.artifacts import (
     atomic_save_npy,
     atomic_write_text,
     is_complete,
+    parent_ref,
     write_manifest,
 )
+from lmselect.config import ConfigError, dump_yaml, replace, to_dict
 from lmselect.context import STREAM_PROBE, STREAM_SELECT, STREAM_TRAIN, FlopContext, RoundContext
+from lmselect.data.valset import validation_loss
 from lmselect.log import track
 from lmselect.models.losses import token_ce
+from lmselect.models.presets import build_model, get_preset
+from lmselect.models.scorer import SequenceScorer
 from lmselect.models.util import attention_implementation
+from lmselect.score import write_scores
 from lmselect.select.base import Selection, SelectionMethod, register
+from lmselect.select.topk import gumbel_topk, random_fraction
 from lmselect.stats import spearman
 from lmselect.train.checkpoint import (
+    load_checkpoint_model,
     load_partial_state,
+    load_training_state,
     rng_state,
     save_partial_state,
     set_rng_state,
     state_fingerprint,
 )
+from lmselect.train.loop import PreemptionGuard, autocast_context, clip_grads, micro_step, resolve_steps
+from lmselect.train.schedules import apply_hparams, build_optimizer, lr_at
 
 logger = logging.getLogger("lmselect.select")
 
@@ -151,8 +162,6 @@ def _opt_hparams(optimizer: torch.optim.Optimizer) -> tuple[bool, dict[nn.Parame
 
 
 def _validation_loss(model: nn.Module, valset: Any, batch_size: int) -> float:
-    from lmselect.data.valset import validation_loss
-
     return validation_loss(model, valset, batch_size=batch_size)
 
 
@@ -169,8 +178,6 @@ def training_optimizer(model: nn.Module, train_cfg: Any, optimizer_state: Any) -
     """The optimizer ``lmselect.train`` builds for a stage with ``train_cfg`` started from a checkpoint whose
     optimizer state dict is ``optimizer_state``: the loop's AdamW groups, the saved moments when
     ``continue_optimizer`` (else fresh ones), then this config's betas / eps / weight decay."""
-    from lmselect.train.schedules import apply_hparams, build_optimizer
-
     opt = build_optimizer(model, train_cfg.optim)
     if train_cfg.continue_optimizer:
         sd = optimizer_state.state_dict() if isinstance(optimizer_state, torch.optim.Optimizer) else optimizer_state
@@ -203,8 +210,6 @@ class _ProbeProgress:
 
     def __enter__(self) -> _ProbeProgress:
         if self.path is not None:
-            from lmselect.train.loop import PreemptionGuard
-
             self._guard = PreemptionGuard().__enter__()
         return self
 
@@ -242,8 +247,6 @@ def probe_step(
 ) -> None:
     """One training step on the batch ``x`` in place, with the training loop's own pieces: its lr setting, loss
     (``micro_step``), clipping (``clip_grads``; None / <= 0 = off) and autocast policy (``dtype``)."""
-    from lmselect.train.loop import autocast_context, clip_grads, micro_step
-
     if lr is not None:
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -360,7 +363,6 @@ def probe_oracle_batched(
     """
     from torch.func import functional_call, grad, vmap
 
-    from lmselect.train.loop import autocast_context
 
     named = dict(model.named_parameters())
     params = {n: p.detach() for n, p in named.items()}
@@ -483,10 +485,6 @@ def train_influence_model(
     a call with the same inputs resumes there and returns what an uninterrupted call returns, bit for bit. The
     caller removes the file once it has saved the finished model.
     """
-    from lmselect.models.presets import build_model
-    from lmselect.models.scorer import SequenceScorer
-    from lmselect.train.loop import PreemptionGuard
-
     n = len(values)
     if n < 4:
         raise LmselectError(f"MATES: need at least 4 probe sequences to fit the influence model, got {n}")
@@ -651,10 +649,6 @@ def run_mates_round(
     module notes). The first ``cfg.n_probe`` of ``probe_ids`` are probed. Returns the selected sequence ids (sorted
     int64). Resumable: finished sub-steps in ``out_dir`` are reused.
     """
-    from lmselect.config import dump_yaml, to_dict
-    from lmselect.models.scorer import SequenceScorer
-    from lmselect.select.topk import gumbel_topk
-
     out = Path(out_dir)
     if is_complete(out, kind="influence"):
         return np.load(out / "selected.npy")
@@ -678,8 +672,6 @@ def run_mates_round(
         model = copy.deepcopy(target_model).to(dev)
         lr, clip, dtype, attn = cfg.probe_lr, cfg.clip_grad_norm, "float32", cfg.probe_attn_implementation
         if train_cfg is not None:  # the round's first training step (module notes)
-            from lmselect.train.loop import resolve_steps
-            from lmselect.train.schedules import lr_at
 
             opt = training_optimizer(model, train_cfg, optimizer_state)
             lr = lr_at(0, train_cfg.optim, resolve_steps(train_cfg, pool.seq_len)) if lr is None else lr
@@ -766,12 +758,6 @@ class Mates(SelectionMethod):
     color = "#ff7f0e"
 
     def select(self, ctx: RoundContext) -> Selection:
-        from lmselect.artifacts import parent_ref
-        from lmselect.config import replace
-        from lmselect.score import write_scores
-        from lmselect.select.topk import random_fraction
-        from lmselect.train.checkpoint import load_checkpoint_model, load_training_state
-
         idir, sdir = ctx.stage_dir("influence"), ctx.stage_dir("scores")
         # Oracle probes start from the current target *with its optimizer state* (METHODS §2 step 1), and a probe
         # step is the first step stage_train takes in this round: its config (lr × lr_scale(r), clipping, AdamW).
@@ -805,6 +791,18 @@ class Mates(SelectionMethod):
             raise LmselectError(f"recipe key 'mates.temperature': must be > 0, got {c.temperature}")
         if c.probe_from not in ("holdout", "candidates"):
             raise LmselectError(f"recipe key 'mates.probe_from': must be holdout or candidates, got {c.probe_from!r}")
+
+    def model_contexts(self) -> list[tuple[str, str, int]]:
+        """The influence model, when it is a fresh ``influence_preset`` rather than a copy of the target (whose
+        context the recipe checks anyway)."""
+        c = self.cfg
+        if c is None or c.influence_init != "preset":
+            return []
+        try:
+            ctx = get_preset(c.influence_preset).max_position_embeddings
+        except LmselectError as e:
+            raise ConfigError(str(e), key="mates.influence_preset") from None
+        return [("mates.influence_preset", f"MATES influence preset '{c.influence_preset}'", ctx)]
 
     def selection_flops(self, f: FlopContext) -> float:
         m, T, r = self.cfg, f.seq_len, f.recipe

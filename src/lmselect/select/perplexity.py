@@ -23,9 +23,11 @@ from typing import Literal
 
 import numpy as np
 
+from lmselect.artifacts import parent_ref
 from lmselect.context import FlopContext, RoundContext
 from lmselect.errors import ConfigError
 from lmselect.select.base import Selection, SelectionMethod, register
+from lmselect.select.topk import top_fraction
 
 
 @dataclass
@@ -61,9 +63,7 @@ class Perplexity(SelectionMethod):
         band_scores(np.zeros(1), self.cfg.band)  # an unknown band names perplexity.band
 
     def select(self, ctx: RoundContext) -> Selection:
-        from lmselect.artifacts import parent_ref
-        from lmselect.score import read_scores, score_pool
-        from lmselect.select.topk import top_fraction
+        from lmselect.score import read_scores, score_pool  # torch: discovery imports every method; keep this light
 
         sdir = ctx.stage_dir("scores")
         proxy = ctx.run.layout.warmup("proxy")

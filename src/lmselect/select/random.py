@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from lmselect.artifacts import LmselectError
+from lmselect.artifacts import LmselectError, parent_ref
 from lmselect.context import STREAM_SELECT, RoundContext
+from lmselect.select import selection as selection_format  # looked up per call: tests replace the writer
 from lmselect.select.base import Selection, SelectionMethod, register
 from lmselect.select.topk import random_fraction
 
@@ -30,12 +31,9 @@ def random_selection(
     parents: list[dict[str, str]] | None = None,
 ) -> Path:
     """Select randomly and write the selection artifact (summary without histogram)."""
-    from lmselect.artifacts import parent_ref
-    from lmselect.select.cli import write_selection
-
     cand = pool.ids(None) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
     sel = select_random(pool, cand, fraction, seed)
-    return write_selection(out_dir, pool, cand, None, sel, "random", fraction, extra={"seed": seed},
+    return selection_format.write_selection(out_dir, pool, cand, None, sel, "random", fraction, extra={"seed": seed},
                            parents=parents if parents is not None else [parent_ref(pool.path)], seed=seed)
 
 

@@ -26,9 +26,12 @@ from typing import Literal
 
 import numpy as np
 
+from lmselect.artifacts import is_complete, parent_ref
+from lmselect.config import replace
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
 from lmselect.errors import ConfigError
 from lmselect.select.base import Selection, SelectionMethod, register
+from lmselect.select.topk import top_fraction
 
 SCORES = {"excess": "ce_general - ce_reference", "loss": "-ce_reference"}
 
@@ -70,12 +73,10 @@ class Reference(SelectionMethod):
         return list(self.cfg.files)
 
     def select(self, ctx: RoundContext) -> Selection:
-        from lmselect.artifacts import is_complete, parent_ref
-        from lmselect.config import replace
+        # torch: discovery imports every method module; keep this one light
         from lmselect.models.losses import mean_token_ce
         from lmselect.score import read_scores, write_scores
         from lmselect.select.rho1 import train_reference
-        from lmselect.select.topk import top_fraction
         from lmselect.train.checkpoint import load_checkpoint_model
 
         sdir, ref_dir, general_dir = ctx.stage_dir("scores"), ctx.seed_dir / "reference", ctx.run.layout.warmup("target")

@@ -38,13 +38,16 @@ import torch
 from torch import nn
 
 from lmselect.artifacts import LmselectError, Manifest, atomic_path, is_complete, read_manifest, write_manifest
-from lmselect.config import check_fraction
+from lmselect.config import check_fraction, dump_yaml, replace, to_dict
 from lmselect.context import STREAM_REFERENCE, FlopContext, RoundContext
+from lmselect.data.tokenizer import tokenizer_fingerprint
+from lmselect.data.valset import ValidationSet, read_texts
 from lmselect.log import Progress
 from lmselect.models.losses import token_ce
 from lmselect.models.util import freeze
 from lmselect.select.base import SelectionMethod, register
 from lmselect.train.checkpoint import (
+    load_checkpoint_model,
     load_partial_state,
     rng_state,
     save_partial_state,
@@ -52,6 +55,7 @@ from lmselect.train.checkpoint import (
     state_fingerprint,
 )
 from lmselect.train.hooks import TokenSelector
+from lmselect.train.loop import PreemptionGuard
 
 # the reference's training state while it trains (inside its directory, which has no manifest until the finished
 # reference replaces the whole directory): saved by the preemption rule, never read as a reference
@@ -147,10 +151,6 @@ def train_reference(
     out_dir = Path(out_dir)
     if is_complete(out_dir, kind="reference"):
         return load_reference(out_dir, device)
-    from lmselect.config import dump_yaml, to_dict
-    from lmselect.data.tokenizer import tokenizer_fingerprint
-    from lmselect.data.valset import ValidationSet, read_texts
-    from lmselect.train.loop import PreemptionGuard
 
     if cfg.files:
         texts = [t for f in cfg.files for t in read_texts(Path(f))]
@@ -398,9 +398,6 @@ class Rho1(SelectionMethod):
         return list(self.cfg.files)
 
     def token_selector(self, ctx: RoundContext) -> TokenSelector:
-        from lmselect.config import replace
-        from lmselect.train.checkpoint import load_checkpoint_model
-
         # The reference starts where the target started (the warm-up checkpoint).
         ref_dir = ctx.seed_dir / "reference"
         init = load_checkpoint_model(ctx.run.layout.warmup("target"), device=ctx.device)

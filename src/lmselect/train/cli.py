@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from lmselect.artifacts import LmselectError, read_manifest
+from lmselect.config import load_config, replace
+from lmselect.data.pool import TokenPool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +59,7 @@ def selection_ids(pool, shard: int | None = None, selection: str | Path | None =
 def preflight(args: argparse.Namespace) -> Any:
     """What ``lmselect train`` checks before any compute: the config (file and overrides), the pool, the checkpoint
     to start from; ``lmselect slurm train`` calls it before writing a script. Returns the TrainConfig."""
-    from lmselect.artifacts import read_manifest
-    from lmselect.config import load_config
-    from lmselect.train.loop import TrainConfig
+    from lmselect.train.loop import TrainConfig  # torch: `lmselect train --help` and slurm's preflight stay light
 
     cfg = load_config(TrainConfig, args.config, getattr(args, "overrides", []))
     read_manifest(args.pool, kind="pool")
@@ -69,8 +69,7 @@ def preflight(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmselect.config import replace
-    from lmselect.data.pool import TokenPool
+    # torch, as in preflight
     from lmselect.train.distributed import cleanup
     from lmselect.train.loop import train
 

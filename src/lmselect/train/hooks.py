@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+from lmselect.config import check_fraction
+
 
 class TokenSelector:
     """Base class: keeps every token (plain training). Subclasses set ``keep_fraction`` and define ``token_scores``."""
@@ -81,8 +83,6 @@ def topk_token_mask(score: torch.Tensor, fraction: float, valid: torch.Tensor | 
     k = max(1, round(fraction · n_valid)) (round half to even, Python's ``round``). Ties are broken by position
     (lower flat index first) so the result is deterministic and equals a brute-force stable sort.
     """
-    from lmselect.config import check_fraction
-
     check_fraction(fraction, "token fraction")
     flat = score.reshape(-1).float()
     if valid is not None:

@@ -8,13 +8,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmselect.artifacts import LmselectError
+from lmselect.artifacts import LmselectError, parent_ref
+from lmselect.config import replace
 from lmselect.context import STREAM_METHOD, STREAM_SCORER_INIT, STREAM_SELECT, FlopContext, RoundContext
 from lmselect.models.scorer import SequenceScorer
+from lmselect.score import read_scores, score_pool
+from lmselect.score.job import forward_scores, resolve_amp_dtype
 from lmselect.select.base import Selection, SelectionMethod, register
 from lmselect.select.bliss.config import BlissConfig, resolve_profile
 from lmselect.select.bliss.round import SCORE_MODEL_DIR, solve_round
 from lmselect.select.bliss.solver import init_score_model
+from lmselect.select.topk import top_fraction
+from lmselect.stats import spearman
+from lmselect.train.checkpoint import load_checkpoint_model
 
 STABILITY_SAMPLE = 1024  # candidates scored by both the previous and the current round's score model
 
@@ -45,12 +51,6 @@ class Bliss(SelectionMethod):
                 raise LmselectError(f"recipe key 'bliss.{key}': must be >= 1, got {getattr(self.cfg, key)}")
 
     def select(self, ctx: RoundContext) -> Selection:
-        from lmselect.artifacts import parent_ref
-        from lmselect.config import replace
-        from lmselect.score import read_scores, score_pool
-        from lmselect.select.topk import top_fraction
-        from lmselect.train.checkpoint import load_checkpoint_model
-
         bdir, sdir = ctx.stage_dir("bilevel"), ctx.stage_dir("scores")
         proxy = load_checkpoint_model(ctx.run.layout.warmup("proxy"), device=ctx.device)
         target = load_checkpoint_model(ctx.prev_target, device=ctx.device)
@@ -80,8 +80,6 @@ class Bliss(SelectionMethod):
         ids, scores = read_scores(sdir)
         diag: dict[str, Any] = {}
         if stab_ids is not None and stab_prev is not None:
-            from lmselect.stats import spearman
-
             diag["rank_stability"] = {"spearman_prev_round": spearman(stab_prev, _aligned(stab_ids, ids, scores)),
                                       "n": int(len(stab_ids)), "scorers": f"round {ctx.round - 1} vs round {ctx.round}"}
         return Selection(top_fraction(ids, scores, ctx.fraction), scores=_aligned(ctx.candidates, ids, scores),
@@ -104,8 +102,6 @@ class Bliss(SelectionMethod):
 def score_sequences(scorer: SequenceScorer, pool: Any, ids: np.ndarray, batch_size: int, device: Any) -> np.ndarray:
     """The score model's scores of pool sequences ``ids`` in memory (for small samples), through the same forward
     (no grad, the device's autocast dtype) as ``score_pool`` uses for the sidecar they are compared with."""
-    from lmselect.score.job import forward_scores, resolve_amp_dtype
-
     dev = torch.device(device) if device is not None else next(scorer.parameters()).device
     amp, was = resolve_amp_dtype(None, dev), scorer.training
     scorer.eval()

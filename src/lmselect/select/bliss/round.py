@@ -25,7 +25,7 @@ from lmselect.artifacts import (
 from lmselect.config import to_dict
 from lmselect.data.tokenizer import as_fingerprint
 from lmselect.data.valset import ValidationSet
-from lmselect.log import MetricLogger, log, read_jsonl
+from lmselect.log import MetricLogger, Progress, log, read_jsonl
 from lmselect.models.scorer import SequenceScorer
 from lmselect.select.bliss.config import (
     FIRST_ORDER_COS,
@@ -209,7 +209,6 @@ def solve_round(
         return [str(x) for x in pool.sources(train_ids[stream.global_rows(k)])]
 
     logger = MetricLogger(out_dir / LOG_FILE if rank == 0 else None, stdout_every=cfg.log_every, prefix="bliss ")
-    from lmselect.log import Progress
 
     bar = Progress(cfg.outer_steps, initial=solver.step, desc="bliss", unit="outer step", enabled=progress and rank == 0)
     last: dict[str, float] = {}
