@@ -301,7 +301,7 @@ def source_variance_share(c: Sequence[float], labels: Sequence[str]) -> float:
         return 0.0
     between = 0.0
     lab = list(labels)
-    for g in set(lab):
+    for g in sorted(set(lab)):  # sorted: a set of strings iterates in a per-process order (hash seed), and float sums follow it
         idx = torch.tensor([i for i, s in enumerate(lab) if s == g])
         between += len(idx) * float((x[idx].mean() - x.mean()) ** 2)
     return between / tot
