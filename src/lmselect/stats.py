@@ -65,7 +65,8 @@ def t975(df: int) -> float:
 
 
 def paired_interval(diffs: Sequence[float | None]) -> dict[str, Any]:
-    """Mean of paired differences with a 95 % t interval; ``within_noise`` when the interval contains 0 (or n < 2)."""
+    """Mean of paired differences with a 95 % t interval; ``within_noise`` when the interval contains 0 (or n < 2, or
+    every difference is the same non-zero value: ``degenerate``, no interval)."""
     d = np.asarray([x for x in diffs if x is not None], dtype=np.float64)
     n = len(d)
     if n == 0:
@@ -74,6 +75,11 @@ def paired_interval(diffs: Sequence[float | None]) -> dict[str, Any]:
     if n < 2:
         return {"n": 1, "mean": mean, "sd": None, "ci95": None, "within_noise": True}
     sd = float(d.std(ddof=1))
+    if mean != 0.0 and sd <= 1e-9 * abs(mean):  # (up to float rounding of the per-seed means)
+        # every seed gave the same Δ: a discrete metric on few items (accuracy on 45 questions moves in steps of one
+        # answer). The t interval then has zero width and would call a one-answer difference certain; it is not
+        # evidence of anything, so no interval and no verdict
+        return {"n": n, "mean": mean, "sd": sd, "ci95": None, "within_noise": True, "degenerate": True}
     half = t975(n - 1) * sd / math.sqrt(n)
     lo, hi = mean - half, mean + half
     return {"n": n, "mean": mean, "sd": sd, "ci95": [lo, hi], "within_noise": bool(lo <= 0.0 <= hi)}

@@ -247,19 +247,22 @@ def make_fake_run(
                 stage_dirs.append(tgt)
                 ev = rd / "eval"
                 ev.mkdir(parents=True, exist_ok=True)
+                # every metric's Δ to random varies a little by seed (* q terms): a Δ equal at every seed is no
+                # evidence (stats.paired_interval)
                 tasks = {}
                 for ti, t in enumerate(TASKS):
-                    acc = 0.40 + q / 5 + 0.01 * r + 0.005 * ti + 0.003 * seed
+                    acc = 0.40 + q / 5 + 0.01 * r + 0.005 * ti + 0.003 * seed * (1 + q)
                     tasks[t] = {"acc": acc, "acc_stderr": 0.02, "acc_norm": acc + 0.01, "acc_norm_stderr": 0.02,
                                 "n": 500}
                 avg = float(np.mean([v["acc_norm"] for v in tasks.values()]))
                 res = {
                     "tokens": new_tokens,
-                    "val_loss": {"lambada": 5.0 - 0.4 * r - q - 0.01 * seed, "clean": 4.0 - 0.3 * r - q},
+                    "val_loss": {"lambada": 5.0 - 0.4 * r - q - 0.01 * seed * (1 + q),
+                                 "clean": 4.0 - 0.3 * r - q - 0.005 * seed * q},
                     "downstream": {"average": avg, "average_stderr": 0.0067, "tasks": tasks,
-                                   "average_prob_correct": 0.30 + q / 10 + 0.01 * r + 0.002 * seed,
+                                   "average_prob_correct": 0.30 + q / 10 + 0.01 * r + 0.002 * seed * (1 + q),
                                    "average_prob_correct_stderr": 0.01,
-                                   "average_bpb": 2.0 - q / 10 - 0.01 * r, "average_bpb_stderr": 0.02},
+                                   "average_bpb": 2.0 - q / 10 - 0.01 * r - 0.002 * seed * q, "average_bpb_stderr": 0.02},
                 }
                 atomic_write_json(ev / "results.json", res)
                 _manifest(ev, "eval", [tgt], seed=seed, timings={"total": 3.0})

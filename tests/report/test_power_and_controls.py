@@ -27,7 +27,7 @@ def _row(method, seed, loss, prob, bpb):
 # random: loss 3.0, 3.1, 3.2 (sd 0.1); the positive control clearly lower, the negative clearly higher; bliss within
 # noise; P(correct) and bits/byte of the correct answer beside
 ROWS = ([_row("random", s, 3.0 + 0.1 * s, 0.30 + 0.01 * s, 2.0) for s in range(3)]
-        + [_row("control_positive", s, 2.5 + 0.1 * s + 0.01 * s * s, 0.40 + 0.01 * s, 1.8) for s in range(3)]
+        + [_row("control_positive", s, 2.5 + 0.1 * s + 0.01 * s * s, 0.40 + 0.012 * s, 1.8) for s in range(3)]
         + [_row("control_negative", s, 3.0 + 0.1 * s + 0.02 * (s % 2), 0.30 + 0.01 * s, 2.0) for s in range(3)]
         + [_row("bliss", s, 2.9 + 0.1 * s + 0.15 * (s % 2), 0.33 + 0.01 * s, 1.9 + 0.01 * s) for s in range(3)])
 

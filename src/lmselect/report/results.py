@@ -663,6 +663,8 @@ def paired_cell(v: dict[str, Any] | None, k: str) -> str:
     if v.get("ci95") is not None:
         lo, hi = (scale * x for x in v["ci95"])
         cell += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+    if v.get("degenerate"):
+        cell += " (every seed the same Δ: no interval)"
     if v.get("ratio_to_noise") is not None:
         cell += f" {v['ratio_to_noise']:+.1f}σ"
     better = (v["mean"] < 0) == (v["better"] == "lower")
