@@ -59,9 +59,14 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def t975(df: int) -> float:
     """The 0.975 quantile of Student's t with ``df`` >= 1 degrees of freedom (3 decimals; 1.96 beyond df 30)."""
+    return _t_quantile(T975, 1.96, df, "t975")
+
+
+def _t_quantile(table: Sequence[float], normal: float, df: int, name: str) -> float:
+    """A quantile from a table for df = 1..len(table), the normal's value beyond."""
     if df < 1:
-        raise LmselectError(f"t975: degrees of freedom must be >= 1, got {df}")
-    return T975[df - 1] if df <= len(T975) else 1.96
+        raise LmselectError(f"{name}: degrees of freedom must be >= 1, got {df}")
+    return table[df - 1] if df <= len(table) else normal
 
 
 def paired_interval(diffs: Sequence[float | None]) -> dict[str, Any]:
@@ -96,9 +101,7 @@ T80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.8
 
 def t80(df: int) -> float:
     """The 0.80 quantile of Student's t with ``df`` >= 1 degrees of freedom (3 decimals; 0.842 beyond df 30)."""
-    if df < 1:
-        raise LmselectError(f"t80: degrees of freedom must be >= 1, got {df}")
-    return T80[df - 1] if df <= len(T80) else 0.842
+    return _t_quantile(T80, 0.842, df, "t80")
 
 
 def noise_floor(control_values: Sequence[float | None]) -> float | None:

@@ -13,20 +13,8 @@ import pytest
 
 from lmselect.artifacts import LmselectError, read_manifest
 from lmselect.cli import main
-from lmselect.data.tokenizer import tokenizer_fingerprint
-from lmselect.models.presets import build_model
-from lmselect.models.scorer import SequenceScorer
 from lmselect.score import DOCUMENTS_FILE, read_documents, read_scores_table
 from lmselect.testing import SAMPLE_TEXT
-
-
-@pytest.fixture()
-def scorer_dir(tmp_path, tiny_tokenizer):
-    lm = build_model("debug", len(tiny_tokenizer), seed=0)
-    d = tmp_path / "scorer"
-    SequenceScorer.from_causal_lm(lm, activation="identity", seed=0).save_pretrained(
-        d, extra={"tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer)})
-    return d
 
 
 def write_docs(path: Path) -> tuple[Path, list[dict]]:

@@ -28,9 +28,6 @@ import pytest
 import zstandard
 
 from lmselect.cli import main
-from lmselect.data.tokenizer import tokenizer_fingerprint
-from lmselect.models.presets import build_model
-from lmselect.models.scorer import SequenceScorer
 from lmselect.score import read_documents
 
 CC = [  # a CC-like shard: string ids, null ids (as in 30 of 70 real CC samples), one numeric id, one missing id
@@ -44,15 +41,6 @@ WIKI = [
     {"id": "wiki-1", "text": "The Danube flows through ten countries before reaching the Black Sea."},
     {"text": "Basalt is a fine-grained volcanic rock formed from rapidly cooled lava."},
 ]
-
-
-@pytest.fixture()
-def scorer_dir(tmp_path, tiny_tokenizer):
-    d = tmp_path / "scorer"
-    SequenceScorer.from_causal_lm(build_model("debug", len(tiny_tokenizer), seed=0), activation="identity",
-                                  seed=0).save_pretrained(d, extra={"tokenizer_fingerprint":
-                                                                    tokenizer_fingerprint(tiny_tokenizer)})
-    return d
 
 
 def _lines(recs: list[dict]) -> bytes:

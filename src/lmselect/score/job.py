@@ -384,6 +384,22 @@ def finalize_job(out_dir: Path, n: int, n_items: int, *, config: dict[str, Any],
     return True
 
 
+def my_parts(shard: tuple[int, int] | None, num_parts: int | None, have: int | None) -> tuple[int, list[int]]:
+    """(number of parts, the parts this process writes): ``shard=(i, n)`` is part ``i`` of ``n`` (under torchrun
+    each rank takes its own slice of it); else under torchrun part ``rank`` of ``world``; else all of ``num_parts``,
+    or of the split an earlier run left (``have``), or one part."""
+    rank, world = rank_world()
+    if shard is not None:
+        i, n = shard
+        if world > 1:  # a cluster-array task run with torchrun: split its part across the ranks
+            i, n = i * world + rank, n * world
+        return n, [i]
+    if world > 1:
+        return world, [rank]
+    n = num_parts or have or 1
+    return n, list(range(n))
+
+
 def run_job(
     model: nn.Module,
     job: ScoreJob,
@@ -411,18 +427,9 @@ def run_job(
         raise LmselectError(f"{out}: exists and is not a directory")
     if out.is_dir() and is_complete(out) and not is_complete(out, "scores"):
         raise LmselectError(f"{out}: holds a '{read_manifest(out).get('kind')}' artifact; choose another --out")
-    rank, world = rank_world()
-    if shard is not None:
-        i, n = shard
-        if world > 1:  # a cluster-array task run with torchrun: split its part across the ranks
-            i, n = i * world + rank, n * world
-        mine = [i]
-    elif world > 1:
-        n, mine = world, [rank]
-    else:
-        n = num_parts or existing_split(out) or 1
-        mine = list(range(n))
+    world = rank_world()[1]
     have = existing_split(out)
+    n, mine = my_parts(shard, num_parts, have)
     if have is not None and have != n and shard is None and world > 1:  # resumed on another number of processes
         raise LmselectError(f"{out}: already split into {have} parts by an earlier run, this run has {world} processes "
                             f"(one part each); rerun with {have} processes (nodes x processes per node) or delete "

@@ -68,6 +68,7 @@ from lmselect.score.job import (
     finalize_job,
     forward_scores,
     model_and_meta,
+    my_parts,
     resolve_amp_dtype,
     torch_device,
 )
@@ -588,18 +589,8 @@ def score_jsonl(
            "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len, "model": meta["path"],
            "score": meta["kind"], "format": 4, "block_lines": BLOCK_LINES,
            "block_bytes": BLOCK_BYTES}
-    rank, world = rank_world()
     have = int(read_json(out / JOB_FILE).get("n_parts", 0)) if (out / JOB_FILE).is_file() else None
-    if shard is not None:
-        i, n = shard
-        if world > 1:  # a cluster-array task run with torchrun: split its shard across the ranks
-            i, n = i * world + rank, n * world
-        mine = [i]
-    elif world > 1:
-        n, mine = world, [rank]
-    else:
-        n = num_parts or have or 1
-        mine = list(range(n))
+    n, mine = my_parts(shard, num_parts, have)
     if have is not None and have != n:
         raise LmselectError(f"{out}: already split into {have} parts, this run asks for {n}; use --num-parts {have} "
                             "(or matching --shard) or a fresh --out")
