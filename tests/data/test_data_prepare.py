@@ -97,6 +97,19 @@ def test_shards_deterministic_from_seed():
         assign_shards(5, 4, 2, seed=0)
 
 
+@pytest.mark.parametrize("n_rows", [9, 103, 100_003])
+def test_shards_are_the_seeded_permutation(n_rows):
+    """The oracle: ``rng.permutation(n)`` (int64), as pools were assigned before the merge shuffled an int32 range
+    in place; the first n_val rows of the permutation are the hold-out, the rest cut into contiguous parts."""
+    for seed in (0, 3):
+        perm = np.random.default_rng(seed).permutation(n_rows)
+        want = np.empty(n_rows, dtype=np.int32)
+        want[perm[:2]] = -1
+        for k, part in enumerate(np.array_split(perm[2:], 3)):
+            want[part] = k
+        assert np.array_equal(assign_shards(n_rows, 3, 2, seed=seed), want)
+
+
 def test_pool_shards_reproducible_and_seeded(tmp_path, corpus, tok_dir):
     p1 = TokenPool(prepare(cfg_for(corpus, tok_dir, seed=3, val_fraction=0.1), tmp_path / "a", progress=False))
     p2 = TokenPool(prepare(cfg_for(corpus, tok_dir, seed=3, val_fraction=0.1), tmp_path / "b", progress=False))

@@ -23,8 +23,9 @@ them ``min(N, cores)`` at a time; ``--task i/N`` runs only rank i, for a Slurm a
 is skipped, so a killed run (or array task) resumes at the task level. The **merge** (one process) reads the parts in
 order in fixed chunks of documents: it concatenates the tokens, packs them into rows of ``seq_len``, assigns shards
 (``prepare.assign_shards``, the same seeded permutation), and streams ``docs.parquet`` (one row group per chunk) and
-the per-row labels -- so its memory does not grow with the corpus, except for 3 small integers per row (shard,
-source, documents; plus the transient permutation, 8 bytes per row). Because every task's output is exactly its slice
+the per-row labels -- so its memory does not grow with the corpus, except for 3 int32 per row (shard, source,
+documents; before them the permutation, 4 bytes per row): 12 bytes per row of ``seq_len`` tokens, 23 MB per billion
+tokens at 512 (2.3 GB at 100B; every buffer else is a constant, see ``MERGE_CHUNK_DOCS``). Because every task's output is exactly its slice
 of the single stream and the merge's chunks are cut at global document positions, the pool is byte-identical for any
 N, one included (the single-process path *is* N = 1, in process).
 
@@ -75,9 +76,13 @@ PLAN = "plan.json"
 PREFILTER_MEMO = "prefilter_memo.json"  # the BPE sample's prefilter decisions (Prefilter.memo_state), for task 0
 PART_MARKER = "part.json"
 AUTO_TASK_BYTES = 32 << 20  # --tasks 0 (auto): at most one task per this many input bytes, and per core
-MERGE_CHUNK_DOCS = 1 << 16  # the merge reads documents in chunks of this many (one docs.parquet row group each)
-SEQ_ROW_GROUP = 1 << 20  # sequences.parquet row-group size
-COPY_BYTES = 64 << 20
+# Every buffer below is a constant, not a share of the corpus: what a task or the merge holds at once. Small enough
+# to be reached by any corpus worth splitting (8,192 documents are ~8M tokens of web text), so that peak memory
+# stops growing early (bench/corpus_scale.py measures it from 25M to 125M tokens).
+PART_ROW_GROUP_DOCS = 1 << 13  # a task's docs.parquet: documents per row group (held as Python objects until written)
+MERGE_CHUNK_DOCS = 1 << 13  # the merge reads documents in chunks of this many (one docs.parquet row group each)
+SEQ_ROW_GROUP = 1 << 20  # sequences.parquet: rows per row group, written one at a time
+COPY_BYTES = 8 << 20  # tokens.bin: bytes per copy through one reused buffer
 ORIGINS_FILE = "doc_origins.parquet"  # per pool document: stream position of its record, edited flag
 
 
@@ -465,7 +470,7 @@ class _DocWriter:
         self.len += list(lens)
         self.index += [d.index for d in batch]
         self.edited += [d.edited for d in batch]
-        if len(self.ids) >= MERGE_CHUNK_DOCS:
+        if len(self.ids) >= PART_ROW_GROUP_DOCS:
             self._flush()
 
     def _flush(self) -> None:
@@ -519,7 +524,10 @@ def assign_shards(n_rows: int, n_shards: int, n_val: int, seed: int) -> np.ndarr
             f"only {n_rows} sequences ({n_val} held out for validation): not enough for {n_shards} shards; "
             "add text, lower --seq-len, --n-shards or the validation hold-out"
         )
-    perm = np.random.default_rng(seed).permutation(n_rows)
+    # = rng.permutation(n_rows) (the same shuffle of arange; tests/data/test_data_prepare.py), in 4 bytes per row, not 8:
+    # with the shard column it is the merge's only per-row memory
+    perm = np.arange(n_rows, dtype=np.int32 if n_rows < 2**31 else np.int64)
+    np.random.default_rng(seed).shuffle(perm)
     shard = np.empty(n_rows, dtype=np.int32)
     shard[perm[:n_val]] = VAL_SHARD
     for k, part in enumerate(np.array_split(perm[n_val:], n_shards)):
@@ -568,15 +576,16 @@ def _doc_chunks(work: Path, parts: Sequence[dict[str, Any]]) -> Iterator[Any]:
 def write_tokens(work: Path, n_tasks: int, dest: Path, nbytes: int) -> None:
     """tokens.bin = the parts' token streams, concatenated, cut at ``nbytes`` (whole rows; the tail is dropped)."""
     left = nbytes
+    buf = memoryview(bytearray(COPY_BYTES))  # one buffer for the whole copy: no allocation per chunk
     with open(dest, "wb") as fout:
         for r in range(n_tasks):
             with open(part_dir(work, r) / "tokens.bin", "rb") as fin:
                 while left > 0:
-                    chunk = fin.read(min(COPY_BYTES, left))
-                    if not chunk:
+                    got = fin.readinto(buf[: min(COPY_BYTES, left)])
+                    if not got:
                         break
-                    fout.write(chunk)
-                    left -= len(chunk)
+                    fout.write(buf[:got])
+                    left -= got
         fout.flush()
         os.fsync(fout.fileno())
 
@@ -679,13 +688,17 @@ def write_index(cfg: Any, work: Path, plan: dict[str, Any], parts: Sequence[dict
             tok_off += int(lens.sum())
     if carry_row >= 0:  # the last row ends exactly where the kept tokens end
         row_src[carry_row] = carry_tok.argmax()
-    seq = pa.table({
-        "seq_id": np.arange(n_rows, dtype=np.int64),
-        "shard": shard,
-        "source": names_arr.take(pa.array(row_src)),
-        "n_docs": row_docs.astype(np.int64),
-    })
-    pq.write_table(seq, tmp / "sequences.parquet", row_group_size=SEQ_ROW_GROUP)
+    seq_schema = pa.schema([("seq_id", pa.int64()), ("shard", pa.int32()), ("source", pa.string()),
+                            ("n_docs", pa.int64())])
+    with pq.ParquetWriter(tmp / "sequences.parquet", seq_schema) as writer:  # one row group at a time
+        for a in range(0, n_rows, SEQ_ROW_GROUP):
+            b = min(a + SEQ_ROW_GROUP, n_rows)
+            writer.write_table(pa.table({
+                "seq_id": np.arange(a, b, dtype=np.int64),
+                "shard": shard[a:b],
+                "source": names_arr.take(pa.array(row_src[a:b])),
+                "n_docs": row_docs[a:b].astype(np.int64),
+            }, schema=seq_schema))
 
     shard_ids = [VAL_SHARD] + list(range(cfg.n_shards)) if n_val else list(range(cfg.n_shards))
     per_shard = {
