@@ -47,7 +47,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -122,17 +122,18 @@ def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
     seq = docs.column("seq_id").to_numpy().astype(np.int64)
     start = docs.column("start").to_numpy().astype(np.int64)
     length = docs.column("length").to_numpy().astype(np.int64)
-    doc_id = np.asarray(docs.column("doc_id").to_pylist(), dtype=object)
-    source = np.asarray(docs.column("source").to_pylist(), dtype=object)
+    import pyarrow as pa
+
     has_doc = "doc" in docs.column_names  # pools prepared since issue 29 number their documents
     dnum = docs.column("doc").to_numpy().astype(np.int64) if has_doc else np.full(len(seq), -1, np.int64)
     order = np.lexsort((start, seq))  # stream order (docs.parquet is written in it; sort to be sure)
-    seq, start, length, doc_id, source, dnum = (seq[order], start[order], length[order], doc_id[order],
-                                                source[order], dnum[order])
+    seq, start, length, dnum = seq[order], start[order], length[order], dnum[order]
     cont = np.zeros(len(seq), dtype=bool)
     if len(seq) > 1 and has_doc:
         cont[1:] = dnum[1:] == dnum[:-1]
-    elif len(seq) > 1:
+    elif len(seq) > 1:  # an older pool: ids compared as Python strings, every span of the segment
+        doc_id = np.asarray(docs.column("doc_id").to_pylist(), dtype=object)[order]
+        source = np.asarray(docs.column("source").to_pylist(), dtype=object)[order]
         cont[1:] = ((doc_id[1:] == doc_id[:-1]) & (source[1:] == source[:-1]) & (seq[1:] == seq[:-1] + 1)
                     & (start[1:] == 0) & (start[:-1] + length[:-1] == seq_len))
     occ = np.cumsum(~cont) - 1  # document occurrence of each span
@@ -151,8 +152,12 @@ def document_pieces(docs: Any, selected: np.ndarray, seq_len: int) -> Pieces:
     ptr = np.append(first, len(k_seq)).astype(np.int64)
     n_spans = np.diff(ptr)
     last = ptr[1:] - 1
+    # ids and sources of the pieces only, taken in arrow: a Python string per span of a 65k-span segment, made and
+    # dropped segment after segment, grew the export's resident memory with the pool (fragmented allocator arenas)
+    rows = pa.array(order[k_glob[first]]) if len(first) else pa.array([], pa.int64())
     return Pieces(
-        doc_id=[str(x) for x in doc_id[keep][first]], source=[str(x) for x in source[keep][first]],
+        doc_id=[str(x) for x in docs.column("doc_id").take(rows).to_pylist()],
+        source=[str(x) for x in docs.column("source").take(rows).to_pylist()],
         span_ptr=ptr, seq=k_seq, start=k_start, length=k_len,
         complete=n_spans == occ_size[k_occ[first]] if len(first) else np.zeros(0, bool),
         ends_document=last_of_occ[keep][last] if len(first) else np.zeros(0, bool),
@@ -293,8 +298,8 @@ def selected_pieces(docs_parquet: Path, selected: np.ndarray, seq_len: int) -> I
             yield document_pieces(seg, selected, seq_len)
 
 
-def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
-                score_of: dict[int, float] | None, originals: _Originals | None = None,
+def _piece_rows(pieces: Pieces, span: Callable[[int, int, int], np.ndarray], tokenizer: Any, eos_id: int,
+                score_of: ScoreLookup | None, originals: _Originals | None = None,
                 text: str = "original", seen: dict[str, int] | None = None) -> Iterator[list[dict[str, Any]]]:
     """Export rows of the pieces, ``_CHUNK`` at a time (texts decoded in one batch per chunk).
 
@@ -309,7 +314,8 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
     offsets mapped through :func:`offset_blocks` when a prefilter edited the document (or when the tokenizer does not
     give the text back exactly). ``edited`` says whether a prefilter changed the document (null for a pool that does
     not record it). ``text="both"`` also writes the text the methods saw (the pool's tokens decoded) as ``pool_text``
-    with ``pool_char_start`` / ``pool_char_end``, its offsets in the document as the pool holds it.
+    with ``pool_char_start`` / ``pool_char_end``, its offsets in the document as the pool holds it. ``span(seq,
+    start, length)`` reads a span's tokens (``TokenPool.span``).
     """
     span_chars: dict[int, int] = {}  # global span index -> decoded length (each span decoded at most once)
     full_text: dict[int, str] = {}  # pool document -> its whole decoded text (edited parts only; the last one)
@@ -318,8 +324,8 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
         a, b = int(pieces.occ_first[p]), int(pieces.all_first[p])
         todo = [i for i in range(a, b) if i not in span_chars]
         if todo:
-            ids = [tokens[pieces.all_seq[i], pieces.all_start[i]: pieces.all_start[i] + pieces.all_length[i]]
-                   .astype(np.int64).tolist() for i in todo]
+            ids = [span(pieces.all_seq[i], pieces.all_start[i], pieces.all_length[i]).astype(np.int64).tolist()
+                   for i in todo]
             for i, t in zip(todo, tokenizer.batch_decode(ids, skip_special_tokens=False,
                                                          clean_up_tokenization_spaces=False)):
                 span_chars[i] = len(t)
@@ -331,8 +337,8 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
             # spans are in stream order, so a document's spans are one run of the sorted all_doc
             idx = range(int(np.searchsorted(pieces.all_doc, doc, "left")),
                         int(np.searchsorted(pieces.all_doc, doc, "right")))
-            toks = np.concatenate([tokens[pieces.all_seq[i], pieces.all_start[i]: pieces.all_start[i]
-                                          + pieces.all_length[i]] for i in idx]).astype(np.int64)
+            toks = np.concatenate([span(pieces.all_seq[i], pieces.all_start[i], pieces.all_length[i])
+                                   for i in idx]).astype(np.int64)
             if len(toks) and toks[-1] == eos_id:
                 toks = toks[:-1]
             full_text[doc] = tokenizer.decode(toks.tolist(), skip_special_tokens=False,
@@ -344,7 +350,7 @@ def _piece_rows(pieces: Pieces, tokens: np.ndarray, tokenizer: Any, eos_id: int,
         ids_batch, rows = [], []
         for p in range(c0, min(c0 + _CHUNK, len(pieces))):
             a, b = pieces.span_ptr[p], pieces.span_ptr[p + 1]
-            toks = np.concatenate([tokens[s, st : st + ln] for s, st, ln in
+            toks = np.concatenate([span(s, st, ln) for s, st, ln in
                                    zip(pieces.seq[a:b], pieces.start[a:b], pieces.length[a:b])]).astype(np.int64)
             if pieces.ends_document[p] and len(toks) and toks[-1] == eos_id:
                 toks = toks[:-1]  # prepare appends EOS to every document; it is not part of the text
@@ -444,7 +450,21 @@ def _selection_pool(sel_dir: Path, man: dict[str, Any], pool_arg: str | Path | N
     return pool
 
 
-def _selection_scores(man: dict[str, Any]) -> dict[int, float] | None:
+class ScoreLookup:
+    """seq_id -> score of a scores sidecar, as two sorted arrays: 12 bytes per scored sequence where a dict of
+    Python numbers takes ~100 (a sidecar may score the whole pool); of a repeated id the last score counts."""
+
+    def __init__(self, ids: np.ndarray, scores: np.ndarray):
+        order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+        self.ids = np.asarray(ids, dtype=np.int64)[order]
+        self.scores = np.asarray(scores, dtype=np.float64)[order]
+
+    def get(self, seq_id: int, default: float = float("nan")) -> float:
+        i = int(np.searchsorted(self.ids, seq_id, side="right")) - 1
+        return float(self.scores[i]) if i >= 0 and self.ids[i] == seq_id else default
+
+
+def _selection_scores(man: dict[str, Any]) -> ScoreLookup | None:
     """seq_id -> score from the scores sidecar the selection was made from (None when it has none)."""
     from lmselect.score import read_scores  # torch (the score package): export runs without it
 
@@ -452,7 +472,7 @@ def _selection_scores(man: dict[str, Any]) -> dict[int, float] | None:
     if not refs or not is_complete(refs[0]["path"], "scores"):
         return None
     ids, scores = read_scores(refs[0]["path"])
-    return dict(zip(ids.tolist(), scores.astype(np.float64).tolist()))
+    return ScoreLookup(ids, scores)
 
 
 def _check_text(text: str) -> dict[str, str]:
@@ -494,7 +514,7 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
     dtype = token_dtype(pool.vocab_size)
     with open(tmp / TOKENS_FILE, "wb") as f:
         for c0 in range(0, len(selected), 8192):
-            f.write(np.ascontiguousarray(pool.tokens[selected[c0 : c0 + 8192]], dtype=dtype.newbyteorder("<")).tobytes())
+            f.write(np.ascontiguousarray(pool.rows(selected[c0 : c0 + 8192]), dtype=dtype.newbyteorder("<")).tobytes())
     atomic_save_npy(tmp / SEQ_IDS_FILE, selected)
     tokens_meta = {
         "file": TOKENS_FILE, "dtype": dtype.name, "byte_order": "little", "seq_len": pool.seq_len,
@@ -526,7 +546,7 @@ def _export_into(sel_dir: Path, tmp: Path, fmt: str, pool_arg: str | Path | None
     def rows() -> Iterator[list[dict[str, Any]]]:
         tok = pool.load_tokenizer()
         for pieces in selected_pieces(pool.path / "docs.parquet", selected, pool.seq_len):
-            yield from _piece_rows(pieces, pool.tokens, tok, pool.eos_id, score_of, originals, text, seen)
+            yield from _piece_rows(pieces, pool.span, tok, pool.eos_id, score_of, originals, text, seen)
             complete[0] += int(pieces.complete.sum())  # after the rows: a piece cut by the dropped tail is not
 
     n_rows = _write_documents(tmp / DOCUMENT_FILES[fmt], fmt, rows(), score_of is not None, text)

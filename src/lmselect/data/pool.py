@@ -49,6 +49,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
+def _read_exactly(f: Any, buf: memoryview, path: Path) -> None:
+    """Fill ``buf`` from the raw file ``f`` (a raw read may return less than asked); a short file is an error."""
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise ArtifactError(f"{path}: ends early (read {got} of {len(buf)} bytes at offset "
+                                f"{f.tell() - got}); the file is truncated — {_REBUILD}")
+        got += n
+
+
 class TokenPool:
     """Read-only view of a complete pool directory."""
 
@@ -72,7 +83,7 @@ class TokenPool:
             raise ArtifactError(f"{tb}: size does not match the manifest ({self.n_sequences} x {self.seq_len})")
         verify_checksums(self.path, self.manifest, fix_hint=_REBUILD)  # the cheap, sampled check (~1 MiB read)
         self.tokens = np.memmap(tb, dtype=self.dtype, mode="r", shape=(self.n_sequences, self.seq_len))
-        seqs = pq.read_table(self.path / "sequences.parquet")
+        seqs = pq.read_table(self.path / "sequences.parquet", columns=["shard", "source", "n_docs"])  # seq_id = row
         self.shard: np.ndarray = seqs.column("shard").to_numpy().astype(np.int32)
         # codes through arrow's dictionary encoding: no Python string per sequence (memory flat in the pool's size)
         enc = seqs.column("source").combine_chunks().dictionary_encode()
@@ -98,12 +109,43 @@ class TokenPool:
         codes = self.source_code if ids is None else self.source_code[np.asarray(ids)]
         return names[codes]
 
+    def rows(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of ``tokens.bin``, ``[len(ids), seq_len]`` in the pool's dtype, read from the file; a run of
+        consecutive ids is one read (sorted ids read fastest).
+
+        Why not through the memmap (``self.tokens``): on a fault the kernel maps the cached pages around the one
+        asked for too (fault-around, 64 KiB), so a process that reads a few scattered rows -- export's selection,
+        a scoring shard -- ends up with most of the file in its resident set, growing with the pool. Reads hold
+        only what they return."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.seq_len), dtype=self.dtype)
+        if not len(ids):
+            return out
+        if ids.min() < 0 or ids.max() >= self.n_sequences:
+            raise ArtifactError(f"{self.path / TOKENS}: sequence ids out of range (the pool has {self.n_sequences})")
+        row = self.seq_len * self.dtype.itemsize
+        cuts = np.flatnonzero(np.diff(ids) != 1) + 1
+        with open(self.path / TOKENS, "rb", buffering=0) as f:
+            for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+                f.seek(int(ids[a]) * row)
+                _read_exactly(f, memoryview(out[a:b]).cast("B"), self.path / TOKENS)
+        return out
+
+    def span(self, seq_id: int, start: int, length: int) -> np.ndarray:
+        """Tokens ``start:start + length`` of sequence ``seq_id`` (one document's span), read from the file as
+        :meth:`rows` does."""
+        out = np.empty(max(0, min(int(length), self.seq_len - int(start))), dtype=self.dtype)
+        with open(self.path / TOKENS, "rb", buffering=0) as f:
+            f.seek((int(seq_id) * self.seq_len + int(start)) * self.dtype.itemsize)
+            _read_exactly(f, memoryview(out).cast("B"), self.path / TOKENS)
+        return out
+
     def batch(self, ids: Sequence[int] | np.ndarray) -> Any:
         """LongTensor [len(ids), seq_len] of the given sequences (sorted reads are faster on disk)."""
         import torch
 
         ids = np.asarray(ids, dtype=np.int64)
-        arr = np.asarray(self.tokens[ids], dtype=np.int64)
+        arr = self.rows(ids).astype(np.int64)
         # one max over the batch is cheap next to a forward pass, and turns a deep "index out of range in self" of the
         # embedding into a message naming the pool and the sequence
         if arr.size and int(arr.max()) >= self.vocab_size:

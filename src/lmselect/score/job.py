@@ -199,15 +199,6 @@ def forward_scores(
     return s.float().cpu().numpy().reshape(-1)
 
 
-def _read_rows(tokens: np.ndarray, ids: np.ndarray) -> torch.Tensor:
-    """Rows of the memmap as LongTensor; a contiguous id range is read as one slice (sequential I/O)."""
-    if len(ids) and int(ids[-1]) - int(ids[0]) + 1 == len(ids) and np.all(np.diff(ids) == 1):
-        arr = np.asarray(tokens[int(ids[0]) : int(ids[-1]) + 1], dtype=np.int64)
-    else:
-        arr = np.asarray(tokens[ids], dtype=np.int64)
-    return torch.from_numpy(arr)
-
-
 Fetch = Callable[[np.ndarray], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
@@ -537,10 +528,9 @@ def score_pool(
     check_vocab(meta, pool.tokenizer_fingerprint, pool.vocab_size, str(pool.path), trust=trust_tokenizer)
     if meta.get("max_positions") and pool.seq_len > int(meta["max_positions"]):
         raise LmselectError(f"{pool.path}: seq_len {pool.seq_len} exceeds the model's {meta['max_positions']} positions")
-    tokens = pool.tokens
     job = ScoreJob(
         items=ids,
-        fetch=lambda b: (_read_rows(tokens, b), None),
+        fetch=lambda b: (torch.from_numpy(pool.rows(b).astype(np.int64)), None),  # read, not mapped (TokenPool.rows)
         key={"input": "pool", "pool_uuid": pool.manifest.get("uuid"), "ids_sha": _ids_digest(ids),
              "n_ids": int(len(ids)), "model": meta["path"], "score": meta["kind"]},
     )
