@@ -232,3 +232,19 @@ def test_segments_give_the_export_of_the_whole_table(tmp_path, corpus_pool, monk
     a = gzip.decompress((tmp_path / "whole" / "documents.jsonl.gz").read_bytes())
     assert a and a == gzip.decompress((tmp_path / "seg" / "documents.jsonl.gz").read_bytes())
     assert read_manifest(tmp_path / "seg")["counts"] == read_manifest(tmp_path / "whole")["counts"]
+
+
+def test_score_lookup_is_the_dict_it_replaces():
+    """export's seq_id -> score lookup (sorted arrays) answers as dict(zip(ids, scores)) did: the last score of a
+    repeated id, NaN (the default) for an id without one."""
+    from lmselect.export import ScoreLookup
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, 40)
+    scores = rng.random(40).astype(np.float32)
+    want = dict(zip(ids.tolist(), scores.astype(np.float64).tolist()))
+    look = ScoreLookup(ids, scores)
+    for s in range(-1, 52):
+        got, exp = look.get(s), want.get(s, float("nan"))
+        assert (np.isnan(got) and np.isnan(exp)) or got == exp, s
+    assert np.isnan(ScoreLookup(np.zeros(0, np.int64), np.zeros(0)).get(3))
