@@ -66,13 +66,10 @@ def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     1.34 -> 1.47 GB over 190 batches and kept going (25M -> 125M-token pools: +43 %); pinned, 1.29 GB flat. Blocks
     from mmap go back to the OS when freed."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc is not None and libc.mallopt(-3, int(nbytes)))  # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators do not do this
+    try:  # the symbols already loaded into this process (libc among them): no library search at start-up
+        return bool(ctypes.CDLL(None).mallopt(-3, int(nbytes)))  # -3: M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):  # no mallopt (macOS): its allocator does not do this
         return False
 
 

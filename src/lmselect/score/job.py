@@ -530,7 +530,7 @@ def score_pool(
         raise LmselectError(f"{pool.path}: seq_len {pool.seq_len} exceeds the model's {meta['max_positions']} positions")
     job = ScoreJob(
         items=ids,
-        fetch=lambda b: (torch.from_numpy(pool.rows(b).astype(np.int64)), None),  # read, not mapped (TokenPool.rows)
+        fetch=lambda b: (pool.batch(b), None),  # read from the file, not the memmap (TokenPool.rows)
         key={"input": "pool", "pool_uuid": pool.manifest.get("uuid"), "ids_sha": _ids_digest(ids),
              "n_ids": int(len(ids)), "model": meta["path"], "score": meta["kind"]},
     )
